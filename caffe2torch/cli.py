@@ -1,0 +1,168 @@
+"""The `caffe2torch` command line: convert, verify, inspect and fold-bn."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from caffe2torch.errors import CaffeError
+
+EXIT_MISMATCH = 1
+EXIT_USAGE = 2
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> None:
+    click.echo(f"caffe2torch: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _parse_shape(text: str | None):
+    """'1,3,512,1024' for a single input, or 'data=1,3,512,1024;im_info=1,3'."""
+    if not text:
+        return None
+    try:
+        if "=" in text:
+            shapes = {}
+            for part in text.split(";"):
+                name, dims = part.split("=", 1)
+                shapes[name.strip()] = tuple(int(d) for d in dims.replace("x", ",").split(","))
+            return shapes
+        return tuple(int(d) for d in text.replace("x", ",").split(","))
+    except ValueError:
+        raise CaffeError(f"--input-shape {text!r}: expected comma-separated integers like 1,3,1025,2049") from None
+
+
+def _warn(message: str) -> None:
+    click.echo(f"caffe2torch: warning: {message}", err=True)
+
+
+class _Group(click.Group):
+    """Turns our own errors into one line on stderr instead of a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CaffeError as error:
+            _fail(str(error))
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="caffe2torch")
+def main() -> None:
+    """Convert Caffe models to PyTorch and prove them equal to Caffe."""
+
+
+model_argument = click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+prototxt_option = click.option("--prototxt", type=click.Path(dir_okay=False, path_type=Path),
+                               help="Deploy net definition (default: the one the manifest names, or the net stored in the caffemodel).")
+shape_option = click.option("--input-shape", metavar="SHAPE",
+                            help="Override the input shape, e.g. 1,3,1025,2049 (or name=shape;name=shape).")
+
+
+@main.command()
+@model_argument
+@prototxt_option
+@shape_option
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output folder (default: beside MODEL, named after it).")
+@click.option("--no-verify", is_flag=True, help="Accept a file whose md5 differs from the manifest's for its name.")
+def convert(model: Path, prototxt: Path | None, input_shape: str | None, output: Path | None, no_verify: bool) -> None:
+    """Convert MODEL (.caffemodel or .caffemodel.h5) into a PyTorch model folder."""
+    from caffe2torch.convert import convert as run_convert
+    from caffe2torch.export import save
+
+    conversion = run_convert(model, prototxt, _parse_shape(input_shape), verify_md5=not no_verify, on_warning=_warn)
+    if conversion.release is not None:
+        click.echo(f"md5 {conversion.md5}: known release {conversion.release.name}")
+    else:
+        click.echo(f"md5 {conversion.md5}")
+    name = model.name
+    for suffix in (".h5", ".caffemodel"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    folder = output or model.with_name(name + "_torch")
+    meta = {"source": model.name, "md5": conversion.md5,
+            "prototxt": str(conversion.prototxt_path) if conversion.prototxt_path else "(stored in the caffemodel)",
+            "release": conversion.release.name if conversion.release else None}
+    save(conversion.net, conversion.definition, conversion.trained, folder, meta)
+    net = conversion.net
+    click.echo(f"converted {len(net.steps)} layers; inputs {_shapes(net.input_shapes)}; outputs {', '.join(net.outputs)}")
+    click.echo(f"wrote {folder}/  (load with: net = caffe2torch.load({str(folder)!r}))")
+
+
+def _shapes(shapes) -> str:
+    return ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in shapes.items())
+
+
+@main.command()
+@model_argument
+@prototxt_option
+@click.option("--reference", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Reference .ref.h5 written from real Caffe.")
+@click.option("--isolated", is_flag=True, help="Feed each layer Caffe's values of its bottoms.")
+@click.option("--tolerance", type=float, help="Relative L2 tolerance (default 5e-4 free-running, 1e-5 isolated).")
+@click.option("--no-verify", is_flag=True, help="Accept a file whose md5 differs from the manifest's.")
+def verify(model: Path, prototxt: Path | None, reference: Path, isolated: bool, tolerance: float | None, no_verify: bool) -> None:
+    """Run MODEL on the reference input and compare every recorded layer with Caffe's outputs."""
+    from caffe2torch.convert import convert as run_convert
+    from caffe2torch.verify import (FREE_TOLERANCE, ISOLATED_TOLERANCE, format_report, read_reference,
+                                    verify_free_running, verify_isolated)
+
+    ref = read_reference(reference)
+    if prototxt is None and ref.prototxt:
+        candidate = reference.parent / ref.prototxt
+        if candidate.is_file():
+            prototxt = candidate
+    shapes = {name: value.shape for name, value in ref.inputs.items()}
+    conversion = run_convert(model, prototxt, shapes, verify_md5=not no_verify, on_warning=_warn)
+    tolerance = tolerance if tolerance is not None else (ISOLATED_TOLERANCE if isolated else FREE_TOLERANCE)
+    mode = "isolated" if isolated else "free-running"
+    report = (verify_isolated if isolated else verify_free_running)(conversion.net, ref, tolerance)
+    for line in format_report(report, tolerance, mode):
+        click.echo(line)
+    sys.exit(0 if report.ok and not report.unchecked else EXIT_MISMATCH)
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@prototxt_option
+@shape_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def inspect(file: Path, prototxt: Path | None, input_shape: str | None, as_json: bool) -> None:
+    """List the layers of FILE (.caffemodel, .caffemodel.h5 or .prototxt) with shapes and parameter counts."""
+    from caffe2torch.inspect import describe
+
+    info = describe(file, prototxt, _parse_shape(input_shape))
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{'layer':<34} {'type':<13} {'bottoms':<30} {'tops':<30} {'output shape':<20} {'params':>10}")
+    for layer in info["layers"]:
+        shapes = "; ".join("x".join(map(str, s)) for s in layer["top_shapes"])
+        click.echo(f"{layer['name']:<34} {layer['type']:<13} {','.join(layer['bottoms']):<30} "
+                   f"{','.join(layer['tops']):<30} {shapes:<20} {layer['parameters']:>10}")
+    click.echo(f"{len(info['layers'])} layers, {info['parameters']} parameters; inputs {info['inputs']}")
+    if info.get("md5"):
+        release = f" (known release {info['release']})" if info.get("release") else ""
+        click.echo(f"md5 {info['md5']}{release}")
+
+
+@main.command("fold-bn")
+@model_argument
+@prototxt_option
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--no-verify", is_flag=True, help="Accept a file whose md5 differs from the manifest's.")
+def fold_bn(model: Path, prototxt: Path | None, output: Path, no_verify: bool) -> None:
+    """Fold BN / BatchNorm(+Scale) into the preceding convolutions; write a caffemodel, prototxt and PyTorch folder."""
+    from caffe2torch.fold import fold_files
+
+    written = fold_files(model, prototxt, output, verify_md5=not no_verify, on_warning=_warn)
+    for line in written:
+        click.echo(line)
+
+
+if __name__ == "__main__":
+    main()

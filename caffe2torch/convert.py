@@ -1,0 +1,88 @@
+"""From files to a CaffeNet: pick the net definition, check the release md5, copy weights by layer name."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from caffe2torch import manifest
+from caffe2torch.errors import CaffeError
+from caffe2torch.model import CaffeNet, from_net_parameter
+from caffe2torch.read import read_prototxt, read_weights
+from proto import caffe_pb2
+
+
+@dataclass
+class Conversion:
+    """A converted net and what is known of where it came from."""
+
+    net: CaffeNet
+    definition: caffe_pb2.NetParameter
+    weights_path: Path | None
+    prototxt_path: Path | None
+    md5: str | None
+    release: object | None
+    trained: dict
+    warnings: list[str] = field(default_factory=list)
+
+
+def _definition_for(weights_path: Path | None, stored: caffe_pb2.NetParameter | None,
+                    prototxt: Path | None, release) -> tuple[caffe_pb2.NetParameter, Path | None]:
+    if prototxt is not None:
+        return read_prototxt(prototxt), prototxt
+    if release is not None and release.prototxt:
+        deploy = manifest.deploy_prototxt_path(release)
+        return read_prototxt(deploy), deploy
+    if stored is not None:
+        definition = caffe_pb2.NetParameter()
+        definition.CopyFrom(stored)
+        for layer in definition.layer:
+            del layer.blobs[:]
+        if not definition.input and not any(layer.type == "Input" for layer in definition.layer):
+            raise CaffeError(
+                f"{weights_path}: the stored net declares no input (it is a training net); give the deploy file with --prototxt"
+            )
+        return definition, None
+    raise CaffeError(f"{weights_path}: HDF5 weights carry no net definition; give one with --prototxt")
+
+
+def convert(weights: str | os.PathLike | None, prototxt: str | os.PathLike | None = None,
+            input_shape: Sequence[int] | dict | None = None, verify_md5: bool = True,
+            on_warning: Callable[[str], None] | None = None) -> Conversion:
+    """Build the PyTorch net for `weights` (.caffemodel or .caffemodel.h5), optionally with a deploy prototxt.
+
+    With no weights, the prototxt alone gives a net with no trained parameters (only for
+    parameter-free nets; layers that need blobs raise).
+    """
+    weights_path = Path(weights) if weights is not None else None
+    prototxt_path = Path(prototxt) if prototxt is not None else None
+    collected: list[str] = []
+
+    def warn(message: str) -> None:
+        collected.append(message)
+        if on_warning is not None:
+            on_warning(message)
+
+    md5 = release = None
+    trained: dict = {}
+    stored = None
+    if weights_path is not None:
+        if not weights_path.is_file():
+            raise CaffeError(f"{weights_path}: no such file")
+        md5 = manifest.md5_file(weights_path)
+        release = manifest.check_release(weights_path, md5, verify=verify_md5)
+        trained, stored = read_weights(weights_path)
+    elif prototxt_path is None:
+        raise CaffeError("give a caffemodel, a prototxt, or both")
+    definition, prototxt_path = _definition_for(weights_path, stored, prototxt_path, release)
+    source = str(prototxt_path or weights_path)
+    net = from_net_parameter(definition, trained, source, input_shape, warn)
+    if weights_path is not None:
+        unused = getattr(net, "unused_weights", [])
+        if unused and len(unused) == len(trained):
+            raise CaffeError(
+                f"{weights_path}: none of its {len(trained)} weighted layers match a layer name of {source}"
+            )
+    return Conversion(net, definition, weights_path, prototxt_path, md5, release, trained, collected)

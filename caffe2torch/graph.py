@@ -1,0 +1,174 @@
+"""The TEST-phase layer list of a net: inputs with shapes, then layers with their bottom and top blob names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from caffe2torch.errors import CaffeError
+from proto import caffe_pb2
+
+Shape = tuple[int, ...]
+
+# Layer types that only feed or score training: a deploy conversion has no use for them.
+_TRAINING_ONLY = {
+    "Data", "ImageData", "HDF5Data", "WindowData", "MemoryData", "DummyData", "ImageSegData",
+    "SoftmaxWithLoss", "EuclideanLoss", "HingeLoss", "InfogainLoss", "SigmoidCrossEntropyLoss",
+    "MultinomialLogisticLoss", "ContrastiveLoss", "Accuracy", "Silence", "HDF5Output",
+}
+
+
+@dataclass
+class Layer:
+    """One TEST-phase layer: its parameters and the blob names it reads and writes."""
+
+    name: str
+    type: str
+    bottoms: list[str]
+    tops: list[str]
+    param: caffe_pb2.LayerParameter
+
+
+@dataclass
+class NetGraph:
+    name: str
+    inputs: dict[str, Shape]
+    layers: list[Layer] = field(default_factory=list)
+
+
+def _rule_matches(rule: caffe_pb2.NetStateRule, state: caffe_pb2.NetState) -> bool:
+    """Caffe's Net::StateMeetsRule."""
+    if rule.HasField("phase") and rule.phase != state.phase:
+        return False
+    if rule.HasField("min_level") and state.level < rule.min_level:
+        return False
+    if rule.HasField("max_level") and state.level > rule.max_level:
+        return False
+    stages = set(state.stage)
+    if any(stage not in stages for stage in rule.stage):
+        return False
+    if any(stage in stages for stage in rule.not_stage):
+        return False
+    return True
+
+
+def included(layer: caffe_pb2.LayerParameter, state: caffe_pb2.NetState) -> bool:
+    """Caffe's Net::FilterNet for one layer: include rules if any, else exclude rules."""
+    if layer.include and layer.exclude:
+        raise CaffeError(f"layer {layer.name!r}: specifies both include and exclude rules")
+    if layer.HasField("phase") and layer.phase != state.phase:
+        return False
+    if layer.include:
+        return any(_rule_matches(rule, state) for rule in layer.include)
+    return not any(_rule_matches(rule, state) for rule in layer.exclude)
+
+
+def _declared_inputs(net: caffe_pb2.NetParameter, source: str) -> dict[str, Shape]:
+    """Inputs from `input` with `input_shape` (one per input) or legacy `input_dim` (four per input)."""
+    names = list(net.input)
+    if net.input_shape and net.input_dim:
+        raise CaffeError(f"{source}: gives both input_shape and input_dim")
+    if net.input_shape:
+        if len(net.input_shape) != len(names):
+            raise CaffeError(f"{source}: {len(names)} inputs but {len(net.input_shape)} input_shape entries")
+        shapes = [tuple(int(d) for d in s.dim) for s in net.input_shape]
+    elif net.input_dim:
+        if len(net.input_dim) != 4 * len(names):
+            raise CaffeError(f"{source}: {len(names)} inputs need {4 * len(names)} input_dim values, got {len(net.input_dim)}")
+        dims = [int(d) for d in net.input_dim]
+        shapes = [tuple(dims[4 * i : 4 * i + 4]) for i in range(len(names))]
+    elif names:
+        shapes = [()] * len(names)
+    else:
+        shapes = []
+    return dict(zip(names, shapes))
+
+
+def build_graph(
+    net: caffe_pb2.NetParameter,
+    source: str = "<net>",
+    input_shapes: Mapping[str, Sequence[int]] | Sequence[int] | None = None,
+    phase: int = caffe_pb2.TEST,
+) -> NetGraph:
+    """Filter the net for `phase`, resolve inputs (declared, `Input` layers, overrides) and check the wiring.
+
+    `input_shapes` overrides declared shapes: a mapping by input name, or one shape for a net with
+    a single input (e.g. batch 1 for a deploy file written for batch 10).
+    """
+    state = caffe_pb2.NetState()
+    state.CopyFrom(net.state)
+    state.phase = phase
+    inputs = _declared_inputs(net, source)
+    graph = NetGraph(name=net.name, inputs={})
+    graph.inputs.update(inputs)
+    available = set(inputs)
+
+    for param in net.layer:
+        if not included(param, state):
+            continue
+        if param.type == "Input":
+            shapes = [tuple(int(d) for d in s.dim) for s in param.input_param.shape]
+            if len(shapes) not in (1, len(param.top)):
+                raise CaffeError(f"layer {param.name!r} (Input): {len(param.top)} tops but {len(shapes)} shapes")
+            for index, top in enumerate(param.top):
+                graph.inputs[top] = shapes[0] if len(shapes) == 1 else shapes[index]
+                available.add(top)
+            continue
+        if param.type in _TRAINING_ONLY:
+            raise CaffeError(
+                f"layer {param.name!r}: type {param.type!r} is active in the TEST phase but only makes sense "
+                "for training; convert a deploy prototxt (--prototxt) instead"
+            )
+        for bottom in param.bottom:
+            if bottom not in available:
+                raise CaffeError(f"layer {param.name!r} ({param.type}): bottom {bottom!r} is not produced by any earlier layer or input")
+        available.update(param.top)
+        graph.layers.append(Layer(param.name, param.type, list(param.bottom), list(param.top), param))
+
+    _apply_overrides(graph, input_shapes, source)
+    for name, shape in graph.inputs.items():
+        if not shape:
+            raise CaffeError(f"{source}: input {name!r} has no shape; give one with --input-shape")
+        if any(d <= 0 for d in shape):
+            raise CaffeError(f"{source}: input {name!r} has a non-positive dimension in shape {shape}")
+    names = [layer.name for layer in graph.layers]
+    duplicates = {name for name in names if names.count(name) > 1}
+    if duplicates:
+        raise CaffeError(f"{source}: duplicate layer names {sorted(duplicates)}")
+    return graph
+
+
+def _apply_overrides(graph: NetGraph, overrides, source: str) -> None:
+    if overrides is None:
+        return
+    if not isinstance(overrides, Mapping):
+        if len(graph.inputs) != 1:
+            raise CaffeError(f"{source}: the net has {len(graph.inputs)} inputs; name the one to reshape")
+        overrides = {next(iter(graph.inputs)): overrides}
+    for name, shape in overrides.items():
+        if name not in graph.inputs:
+            raise CaffeError(f"{source}: no input named {name!r} (inputs: {', '.join(graph.inputs)})")
+        graph.inputs[name] = tuple(int(d) for d in shape)
+
+
+def consumers(graph: NetGraph) -> dict[str, int]:
+    """How many later layers read each blob (in-place writers count as readers)."""
+    counts: dict[str, int] = {}
+    for layer in graph.layers:
+        for bottom in layer.bottoms:
+            counts[bottom] = counts.get(bottom, 0) + 1
+    return counts
+
+
+def output_blobs(graph: NetGraph) -> list[str]:
+    """Caffe's net outputs: blobs written and never read afterwards, in order of their last write."""
+    last_read: dict[str, int] = {}
+    last_write: dict[str, int] = {}
+    for index, layer in enumerate(graph.layers):
+        for bottom in layer.bottoms:
+            last_read[bottom] = index
+        for top in layer.tops:
+            last_write[top] = index
+    # An in-place layer reads and writes its blob at the same index: still an output if nothing reads it later.
+    outputs = [blob for blob, index in last_write.items() if last_read.get(blob, -1) <= index]
+    return sorted(outputs, key=lambda blob: last_write[blob])

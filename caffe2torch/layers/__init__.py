@@ -1,0 +1,16 @@
+"""Layer converters, one module per family; importing this package registers them all."""
+
+from caffe2torch.layers.registry import CONVERTERS, Converted, Shape, convert_layer, converter, supported_types
+
+# Each family module registers its converters on import.
+from caffe2torch.layers import (  # noqa: F401,E402
+    activation,
+    convolution,
+    elementwise,
+    interp,
+    normalization,
+    pooling,
+    shape,
+)
+
+__all__ = ["CONVERTERS", "Converted", "Shape", "convert_layer", "converter", "supported_types"]

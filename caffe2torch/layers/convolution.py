@@ -1,0 +1,228 @@
+"""Converters for Convolution, Deconvolution and InnerProduct, with Caffe's parameter and shape rules."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from caffe2torch.errors import CaffeError
+from caffe2torch.layers.registry import (
+    Converted,
+    Shape,
+    canonical_axis,
+    converter,
+    expect_blobs,
+    expect_bottoms,
+    expect_shape,
+)
+
+_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_DECONV_FUNCTIONS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def fit_blob(layer, what: str, blob: np.ndarray, expected: Sequence[int]) -> torch.Tensor:
+    """A parameter blob as a float32 tensor of the shape the layer needs.
+
+    Caffe's own loader (Blob::ShapeEquals) also accepts a blob written with the legacy
+    num/channels/height/width dims when those equal the needed shape padded on the left
+    with 1s to four axes (V1 models store a bias of C values as 1x1x1xC), so we do too.
+    """
+    expected = tuple(int(d) for d in expected)
+    actual = tuple(blob.shape)
+    legacy = (1,) * (4 - len(expected)) + expected if len(expected) <= 4 else None
+    if actual != expected and not (len(actual) == 4 and actual == legacy):
+        expect_shape(layer, what, actual, expected)
+    return torch.from_numpy(np.ascontiguousarray(blob, dtype=np.float32).reshape(expected).copy())
+
+
+def _per_axis(layer, values: Sequence[int], name: str, num_spatial: int, default: int | None) -> list[int]:
+    """Caffe's rule for repeated kernel_size/pad/stride/dilation: once for all axes or once per axis."""
+    if len(values) == 0 and default is not None:
+        return [default] * num_spatial
+    if len(values) == 1:
+        return [int(values[0])] * num_spatial
+    if len(values) == num_spatial and num_spatial > 0:
+        return [int(v) for v in values]
+    raise CaffeError(
+        f"layer {layer.name!r} ({layer.type}): {name} must be given once or once per spatial axis "
+        f"(given {len(values)} times; {num_spatial} spatial axes)"
+    )
+
+
+def _hw_or_repeated(layer, param, name: str, num_spatial: int, default: int | None) -> list[int]:
+    """Either the `<name>_h`/`<name>_w` pair (2-D only) or the repeated field `<name>` (kernel: kernel_size)."""
+    repeated_name = "kernel_size" if name == "kernel" else name
+    repeated = list(getattr(param, repeated_name))
+    if param.HasField(f"{name}_h") or param.HasField(f"{name}_w"):
+        if num_spatial != 2:
+            raise CaffeError(f"layer {layer.name!r} ({layer.type}): {name}_h and {name}_w need a 2-D convolution")
+        if repeated:
+            raise CaffeError(
+                f"layer {layer.name!r} ({layer.type}): give either {repeated_name} or {name}_h/{name}_w, not both"
+            )
+        return [int(getattr(param, f"{name}_h")), int(getattr(param, f"{name}_w"))]
+    return _per_axis(layer, repeated, repeated_name, num_spatial, default)
+
+
+class _ConvGeometry:
+    """Kernel, stride, pad, dilation and channel layout of a (de)convolution, checked as Caffe does."""
+
+    def __init__(self, layer, inputs: Sequence[Shape]) -> None:
+        param = layer.convolution_param
+        if not inputs:
+            raise CaffeError(f"layer {layer.name!r} ({layer.type}): needs at least one bottom")
+        shape = tuple(inputs[0])
+        for other in inputs[1:]:
+            if tuple(other) != shape:
+                raise CaffeError(
+                    f"layer {layer.name!r} ({layer.type}): all bottoms must have the same shape, "
+                    f"got {shape} and {tuple(other)}"
+                )
+        self.axis = canonical_axis(layer, param.axis, len(shape))
+        self.num_spatial = len(shape) - self.axis - 1
+        if self.num_spatial not in _CONV_FUNCTIONS:
+            raise CaffeError(
+                f"layer {layer.name!r} ({layer.type}): {self.num_spatial} spatial axes after axis {self.axis} "
+                f"of a {shape} blob; only 1 to 3 are supported"
+            )
+        self.kernel = _hw_or_repeated(layer, param, "kernel", self.num_spatial, None)
+        self.stride = _hw_or_repeated(layer, param, "stride", self.num_spatial, 1)
+        self.pad = _hw_or_repeated(layer, param, "pad", self.num_spatial, 0)
+        self.dilation = _per_axis(layer, list(param.dilation), "dilation", self.num_spatial, 1)
+        for name, values, low in (("kernel size", self.kernel, 1), ("stride", self.stride, 1), ("dilation", self.dilation, 1)):
+            if min(values) < low:
+                raise CaffeError(f"layer {layer.name!r} ({layer.type}): {name} must be positive, got {values}")
+        self.channels = shape[self.axis]
+        self.num_output = int(param.num_output)
+        self.group = int(param.group)
+        if self.num_output <= 0:
+            raise CaffeError(f"layer {layer.name!r} ({layer.type}): num_output must be positive")
+        if self.group <= 0 or self.channels % self.group or self.num_output % self.group:
+            raise CaffeError(
+                f"layer {layer.name!r} ({layer.type}): group {self.group} must divide both the input channels "
+                f"({self.channels}) and num_output ({self.num_output})"
+            )
+        self.bias_term = bool(param.bias_term)
+        self.shape = shape
+
+    def extents(self) -> list[int]:
+        return [d * (k - 1) + 1 for d, k in zip(self.dilation, self.kernel)]
+
+
+class CaffeConvolution(nn.Module):
+    """Caffe Convolution: cross-correlation over the axes after `axis`, the axes before it act as batch."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, axis: int, stride: list[int],
+                 pad: list[int], dilation: list[int], group: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias) if bias is not None else None
+        self.axis, self.stride, self.pad, self.dilation, self.group = axis, stride, pad, dilation, group
+
+    def _one(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[: self.axis]
+        y = _CONV_FUNCTIONS[len(self.stride)](
+            x.reshape((-1,) + tuple(x.shape[self.axis:])), self.weight, self.bias,
+            self.stride, self.pad, self.dilation, self.group,
+        )
+        return y.reshape(tuple(lead) + tuple(y.shape[1:]))
+
+    def forward(self, *bottoms: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        tops = tuple(self._one(x) for x in bottoms)
+        return tops[0] if len(tops) == 1 else tops
+
+
+class CaffeDeconvolution(CaffeConvolution):
+    """Caffe Deconvolution: transposed convolution whose full output is cropped by `pad` on each side.
+
+    Cropping after an unpadded transposed convolution is what Caffe's col2im does and works
+    for every pad Caffe accepts, also those PyTorch's own `padding` argument would refuse.
+    """
+
+    def _one(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[: self.axis]
+        y = _DECONV_FUNCTIONS[len(self.stride)](
+            x.reshape((-1,) + tuple(x.shape[self.axis:])), self.weight, self.bias,
+            self.stride, 0, 0, self.group, self.dilation,
+        )
+        crop = (slice(None), slice(None)) + tuple(slice(p, y.shape[2 + i] - p) for i, p in enumerate(self.pad))
+        y = y[crop]
+        return y.reshape(tuple(lead) + tuple(y.shape[1:]))
+
+
+def _conv_blobs(layer, blobs: Sequence[np.ndarray], geometry: _ConvGeometry, weight_shape: list[int]):
+    expect_blobs(layer, blobs, 1 + geometry.bias_term)
+    weight = fit_blob(layer, "weight blob", blobs[0], weight_shape)
+    bias = fit_blob(layer, "bias blob", blobs[1], [geometry.num_output]) if geometry.bias_term else None
+    return weight, bias
+
+
+@converter("Convolution")
+def convert_convolution(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> Converted:
+    g = _ConvGeometry(layer, inputs)
+    out_spatial = []
+    for size, pad, extent, stride in zip(g.shape[g.axis + 1:], g.pad, g.extents(), g.stride):
+        if size + 2 * pad < extent:
+            raise CaffeError(
+                f"layer {layer.name!r} (Convolution): kernel extent {extent} exceeds the padded input "
+                f"size {size} + 2*{pad}"
+            )
+        out_spatial.append((size + 2 * pad - extent) // stride + 1)
+    weight, bias = _conv_blobs(layer, blobs, g, [g.num_output, g.channels // g.group] + g.kernel)
+    module = CaffeConvolution(weight, bias, g.axis, g.stride, g.pad, g.dilation, g.group)
+    top = tuple(g.shape[: g.axis]) + (g.num_output,) + tuple(out_spatial)
+    return Converted(module, [top] * len(inputs))
+
+
+@converter("Deconvolution")
+def convert_deconvolution(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> Converted:
+    g = _ConvGeometry(layer, inputs)
+    out_spatial = [
+        stride * (size - 1) + extent - 2 * pad
+        for size, pad, extent, stride in zip(g.shape[g.axis + 1:], g.pad, g.extents(), g.stride)
+    ]
+    if min(out_spatial) <= 0:
+        raise CaffeError(f"layer {layer.name!r} (Deconvolution): output size {out_spatial} is not positive")
+    weight, bias = _conv_blobs(layer, blobs, g, [g.channels, g.num_output // g.group] + g.kernel)
+    module = CaffeDeconvolution(weight, bias, g.axis, g.stride, g.pad, g.dilation, g.group)
+    top = tuple(g.shape[: g.axis]) + (g.num_output,) + tuple(out_spatial)
+    return Converted(module, [top] * len(inputs))
+
+
+class CaffeInnerProduct(nn.Module):
+    """Caffe InnerProduct: flattens the axes from `axis` on; weight [N, K] (or [K, N] with transpose)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, axis: int, transpose: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias) if bias is not None else None
+        self.axis, self.transpose = axis, transpose
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(tuple(x.shape[: self.axis]) + (-1,))
+        if self.transpose:
+            y = flat @ self.weight
+            return y + self.bias if self.bias is not None else y
+        return F.linear(flat, self.weight, self.bias)
+
+
+@converter("InnerProduct")
+def convert_inner_product(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> Converted:
+    expect_bottoms(layer, inputs, 1)
+    param = layer.inner_product_param
+    shape = tuple(inputs[0])
+    axis = canonical_axis(layer, param.axis, len(shape))
+    num_output = int(param.num_output)
+    if num_output <= 0:
+        raise CaffeError(f"layer {layer.name!r} (InnerProduct): num_output must be positive")
+    k = int(np.prod(shape[axis:], dtype=np.int64))
+    expect_blobs(layer, blobs, 1 + bool(param.bias_term))
+    weight_shape = [k, num_output] if param.transpose else [num_output, k]
+    weight = fit_blob(layer, "weight blob", blobs[0], weight_shape)
+    bias = fit_blob(layer, "bias blob", blobs[1], [num_output]) if param.bias_term else None
+    module = CaffeInnerProduct(weight, bias, axis, bool(param.transpose))
+    return Converted(module, [shape[:axis] + (num_output,)])

@@ -1,0 +1,343 @@
+"""Converters for Caffe's data-movement layers: Concat, Slice, Split, Flatten, Reshape, Crop, ArgMax."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from caffe2torch.errors import CaffeError
+from caffe2torch.layers.registry import (
+    Converted,
+    Shape,
+    canonical_axis,
+    converter,
+    expect_blobs,
+    expect_bottoms,
+)
+
+
+def _fail(layer, message: str) -> CaffeError:
+    return CaffeError(f"layer {layer.name!r} ({layer.type}): {message}")
+
+
+def _single_bottom(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Shape:
+    expect_bottoms(layer, inputs, 1)
+    expect_blobs(layer, blobs, 0)
+    return tuple(inputs[0])
+
+
+class Concat(nn.Module):
+    def __init__(self, axis: int) -> None:
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, *bottoms: torch.Tensor) -> torch.Tensor:
+        if len(bottoms) == 1:
+            return bottoms[0]
+        return torch.cat(bottoms, dim=self.axis)
+
+    def extra_repr(self) -> str:
+        return f"axis={self.axis}"
+
+
+@converter("Concat")
+def convert_concat(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    expect_blobs(layer, blobs, 0)
+    if not inputs:
+        raise _fail(layer, "needs at least 1 bottom")
+    param = layer.concat_param
+    first = tuple(inputs[0])
+    if param.HasField("axis") and param.HasField("concat_dim"):
+        raise _fail(layer, "either axis or concat_dim should be specified, not both")
+    if param.HasField("concat_dim"):
+        # The legacy field is unsigned: no counting from the end.
+        axis = param.concat_dim
+        if axis >= len(first):
+            raise _fail(layer, f"concat_dim {axis} out of range for a {len(first)}-axis blob")
+    else:
+        axis = canonical_axis(layer, param.axis, len(first))
+    top = list(first)
+    for index, shape in enumerate(inputs[1:], start=1):
+        shape = tuple(shape)
+        if len(shape) != len(first) or any(a != b for j, (a, b) in enumerate(zip(shape, first)) if j != axis):
+            raise _fail(layer, f"bottom {index} has shape {shape}, bottom 0 has {first}: all axes but {axis} must agree")
+        top[axis] += shape[axis]
+    return Converted(Concat(axis), [tuple(top)])
+
+
+class Slice(nn.Module):
+    """Cut one axis into consecutive pieces of fixed sizes, one per top."""
+
+    def __init__(self, axis: int, sizes: Sequence[int]) -> None:
+        super().__init__()
+        self.axis = axis
+        self.sizes = [int(s) for s in sizes]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if len(self.sizes) == 1:
+            return x
+        return tuple(torch.split(x, self.sizes, dim=self.axis))
+
+    def extra_repr(self) -> str:
+        return f"axis={self.axis}, sizes={self.sizes}"
+
+
+@converter("Slice")
+def convert_slice(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    shape = _single_bottom(layer, inputs, blobs)
+    param = layer.slice_param
+    num_tops = len(layer.top)
+    if num_tops < 1:
+        raise _fail(layer, "needs at least 1 top")
+    if param.HasField("axis") and param.HasField("slice_dim"):
+        raise _fail(layer, "either axis or slice_dim should be specified, not both")
+    if param.HasField("slice_dim"):
+        axis = param.slice_dim
+        if axis >= len(shape):
+            raise _fail(layer, f"slice_dim {axis} out of range for a {len(shape)}-axis blob")
+    else:
+        axis = canonical_axis(layer, param.axis, len(shape))
+    length = shape[axis]
+    points = list(param.slice_point)
+    if points:
+        if len(points) != num_tops - 1:
+            raise _fail(layer, f"{len(points)} slice_point values for {num_tops} tops (need {num_tops - 1})")
+        if num_tops > length:
+            raise _fail(layer, f"{num_tops} tops cannot slice axis {axis} of size {length}")
+        sizes, previous = [], 0
+        for point in points:
+            if point <= previous:
+                raise _fail(layer, f"slice_point values must increase strictly and be positive, got {points}")
+            sizes.append(point - previous)
+            previous = point
+        if previous > length:
+            raise _fail(layer, f"slice_point {previous} lies beyond axis {axis} of size {length}")
+        sizes.append(length - previous)
+    else:
+        if length % num_tops:
+            raise _fail(layer, f"{num_tops} tops do not evenly divide axis {axis} of size {length}")
+        sizes = [length // num_tops] * num_tops
+    tops = [shape[:axis] + (size,) + shape[axis + 1 :] for size in sizes]
+    return Converted(Slice(axis, sizes), tops)
+
+
+class Split(nn.Module):
+    """Every top is the bottom itself (Caffe shares the data)."""
+
+    def __init__(self, num_tops: int) -> None:
+        super().__init__()
+        self.num_tops = num_tops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if self.num_tops == 1:
+            return x
+        return (x,) * self.num_tops
+
+    def extra_repr(self) -> str:
+        return f"num_tops={self.num_tops}"
+
+
+@converter("Split")
+def convert_split(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    shape = _single_bottom(layer, inputs, blobs)
+    num_tops = len(layer.top)
+    if num_tops < 1:
+        raise _fail(layer, "needs at least 1 top")
+    return Converted(Split(num_tops), [shape] * num_tops)
+
+
+class Flatten(nn.Module):
+    """Merge axes start..end into one (end = start - 1 inserts an axis of size 1, as Caffe allows)."""
+
+    def __init__(self, start_axis: int, end_axis: int) -> None:
+        super().__init__()
+        self.start_axis, self.end_axis = start_axis, end_axis
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = tuple(x.shape)
+        merged = math.prod(shape[self.start_axis : self.end_axis + 1])
+        return x.reshape(shape[: self.start_axis] + (merged,) + shape[self.end_axis + 1 :])
+
+    def extra_repr(self) -> str:
+        return f"start_axis={self.start_axis}, end_axis={self.end_axis}"
+
+
+@converter("Flatten")
+def convert_flatten(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    shape = _single_bottom(layer, inputs, blobs)
+    start = canonical_axis(layer, layer.flatten_param.axis, len(shape))
+    end = canonical_axis(layer, layer.flatten_param.end_axis, len(shape))
+    if end + 1 < start:
+        raise _fail(layer, f"end_axis {layer.flatten_param.end_axis} lies before axis {layer.flatten_param.axis}")
+    top = shape[:start] + (math.prod(shape[start : end + 1]),) + shape[end + 1 :]
+    return Converted(Flatten(start, end), [top])
+
+
+class Reshape(nn.Module):
+    """Caffe Reshape: replace axes [start, end) by `dims`, where 0 copies the bottom's axis and -1 is inferred."""
+
+    def __init__(self, start_axis: int, end_axis: int, dims: Sequence[int]) -> None:
+        super().__init__()
+        self.start_axis, self.end_axis = start_axis, end_axis
+        self.dims = [int(d) for d in dims]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = tuple(x.shape)
+        new_dims = tuple(shape[self.start_axis + i] if d == 0 else d for i, d in enumerate(self.dims))
+        return x.reshape(shape[: self.start_axis] + new_dims + shape[self.end_axis :])
+
+    def extra_repr(self) -> str:
+        return f"start_axis={self.start_axis}, end_axis={self.end_axis}, dims={self.dims}"
+
+
+@converter("Reshape")
+def convert_reshape(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    shape = _single_bottom(layer, inputs, blobs)
+    param = layer.reshape_param
+    rank = len(shape)
+    dims = list(param.shape.dim)
+    start = param.axis if param.axis >= 0 else rank + param.axis + 1
+    if not 0 <= start <= rank:
+        raise _fail(layer, f"axis {param.axis} out of range for a {rank}-axis blob")
+    if param.num_axes < -1:
+        raise _fail(layer, f"num_axes must be >= 0, or -1 for all, got {param.num_axes}")
+    end = rank if param.num_axes == -1 else start + param.num_axes
+    if end > rank:
+        raise _fail(layer, f"axis + num_axes = {end} is out of range for a {rank}-axis blob")
+    if dims.count(-1) > 1:
+        raise _fail(layer, f"shape {dims} has more than one -1")
+    if any(d < -1 for d in dims):
+        raise _fail(layer, f"shape {dims} has a negative dimension other than -1")
+    resolved = []
+    for i, d in enumerate(dims):
+        if d == 0:
+            if start + i >= rank:
+                raise _fail(layer, f"shape {dims} has a 0 at position {i} but the bottom has no axis {start + i} to copy")
+            d = shape[start + i]
+        resolved.append(d)
+    count = math.prod(shape)
+    if -1 in resolved:
+        known = math.prod(d for d in resolved if d != -1) * math.prod(shape[:start]) * math.prod(shape[end:])
+        if known == 0 or count % known:
+            raise _fail(layer, f"bottom count {count} is not divisible by the product of the given dimensions ({known})")
+        resolved[resolved.index(-1)] = count // known
+    top = shape[:start] + tuple(resolved) + shape[end:]
+    if math.prod(top) != count:
+        raise _fail(layer, f"output shape {top} has {math.prod(top)} elements, bottom {shape} has {count}")
+    return Converted(Reshape(start, end, dims), [top])
+
+
+class Crop(nn.Module):
+    """Upstream Caffe Crop: axes from `start_axis` on take the reference bottom's sizes, starting at `offsets`."""
+
+    def __init__(self, start_axis: int, offsets: Sequence[int]) -> None:
+        super().__init__()
+        self.start_axis = start_axis
+        self.offsets = [int(o) for o in offsets]
+
+    def forward(self, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        index = [slice(None)] * x.dim()
+        for axis in range(self.start_axis, x.dim()):
+            offset = self.offsets[axis - self.start_axis]
+            index[axis] = slice(offset, offset + reference.shape[axis])
+        return x[tuple(index)]
+
+    def extra_repr(self) -> str:
+        return f"start_axis={self.start_axis}, offsets={self.offsets}"
+
+
+@converter("Crop")
+def convert_crop(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    expect_bottoms(layer, inputs, 2)
+    expect_blobs(layer, blobs, 0)
+    shape, reference = tuple(inputs[0]), tuple(inputs[1])
+    rank = len(shape)
+    param = layer.crop_param
+    start = canonical_axis(layer, param.axis, rank)
+    given = list(param.offset)
+    cropped = rank - start
+    if len(given) > 1 and len(given) != cropped:
+        raise _fail(layer, f"{len(given)} offsets for {cropped} cropped axes (axis {start} on): give one or one per axis")
+    if len(reference) < rank:
+        raise _fail(layer, f"reference bottom shape {reference} has fewer axes than the data {shape}")
+    offsets = given * cropped if len(given) == 1 else (given or [0] * cropped)
+    top = list(shape)
+    for axis, offset in zip(range(start, rank), offsets):
+        if shape[axis] - offset < reference[axis]:
+            raise _fail(
+                layer,
+                f"crop of axis {axis} is out of bounds: size {reference[axis]} at offset {offset} "
+                f"does not fit in {shape[axis]}",
+            )
+        top[axis] = reference[axis]
+    return Converted(Crop(start, offsets), [tuple(top)])
+
+
+def caffe_topk(x: torch.Tensor, k: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Largest k along `dim` in Caffe's order: by value descending, ties by the larger index first.
+
+    Caffe partial-sorts (value, index) pairs with std::greater. Reversing the axis and sorting
+    stably puts, among equal values, the larger original index first.
+    """
+    size = x.shape[dim]
+    flipped = x.flip(dim)
+    if k == 1:
+        # argmax returns the first maximum, i.e. the last one of the unflipped axis.
+        position = torch.argmax(flipped, dim=dim, keepdim=True)
+        values = torch.gather(flipped, dim, position)
+    else:
+        values, position = torch.sort(flipped, dim=dim, descending=True, stable=True)
+        values, position = values.narrow(dim, 0, k), position.narrow(dim, 0, k)
+    return values, (size - 1) - position
+
+
+class ArgMax(nn.Module):
+    """Caffe ArgMax: float indices (and/or values) of the top_k largest entries.
+
+    Without an axis the search runs over all axes but the first, giving shape (N, 1 or 2, top_k, 1, ...).
+    """
+
+    def __init__(self, top_k: int, out_max_val: bool, axis: int | None, top_shape: Sequence[int]) -> None:
+        super().__init__()
+        self.top_k, self.out_max_val, self.axis = top_k, out_max_val, axis
+        self.top_tail = tuple(int(d) for d in top_shape[1:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.axis is not None:
+            values, indices = caffe_topk(x, self.top_k, self.axis)
+            return values if self.out_max_val else indices.to(x.dtype)
+        flat = x.reshape(x.shape[0], -1)
+        values, indices = caffe_topk(flat, self.top_k, 1)
+        parts = [indices.to(x.dtype), values] if self.out_max_val else [indices.to(x.dtype)]
+        return torch.stack(parts, dim=1).reshape((x.shape[0],) + self.top_tail)
+
+    def extra_repr(self) -> str:
+        return f"top_k={self.top_k}, out_max_val={self.out_max_val}, axis={self.axis}"
+
+
+@converter("ArgMax")
+def convert_argmax(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    shape = _single_bottom(layer, inputs, blobs)
+    param = layer.argmax_param
+    top_k = param.top_k
+    if top_k < 1:
+        raise _fail(layer, f"top_k must be at least 1, got {top_k}")
+    if not shape:
+        raise _fail(layer, "bottom has no axes")
+    if param.HasField("axis"):
+        axis = canonical_axis(layer, param.axis, len(shape))
+        if top_k > shape[axis]:
+            raise _fail(layer, f"top_k {top_k} exceeds the size {shape[axis]} of axis {axis}")
+        top = shape[:axis] + (top_k,) + shape[axis + 1 :]
+        return Converted(ArgMax(top_k, param.out_max_val, axis, top), [top])
+    per_item = math.prod(shape[1:])
+    if top_k > per_item:
+        raise _fail(layer, f"top_k {top_k} exceeds the {per_item} values per item")
+    top_list = [1] * max(len(shape), 3)
+    top_list[0], top_list[1], top_list[2] = shape[0], 2 if param.out_max_val else 1, top_k
+    top = tuple(top_list)
+    return Converted(ArgMax(top_k, param.out_max_val, None, top), [top])

@@ -1,0 +1,260 @@
+"""Read Caffe files (text prototxt, binary caffemodel, HDF5 weights) into NetParameter and NumPy blobs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from caffe2torch.errors import CaffeError
+from proto import caffe_pb2
+
+# V1LayerParameter.LayerType -> the type string Caffe's UpgradeV1LayerType gives it.
+_V1_TYPE_NAMES = {
+    "NONE": "",
+    "ABSVAL": "AbsVal",
+    "ACCURACY": "Accuracy",
+    "ARGMAX": "ArgMax",
+    "BNLL": "BNLL",
+    "CONCAT": "Concat",
+    "CONTRASTIVE_LOSS": "ContrastiveLoss",
+    "CONVOLUTION": "Convolution",
+    "DECONVOLUTION": "Deconvolution",
+    "DATA": "Data",
+    "DROPOUT": "Dropout",
+    "DUMMY_DATA": "DummyData",
+    "EUCLIDEAN_LOSS": "EuclideanLoss",
+    "ELTWISE": "Eltwise",
+    "EXP": "Exp",
+    "FLATTEN": "Flatten",
+    "HDF5_DATA": "HDF5Data",
+    "HDF5_OUTPUT": "HDF5Output",
+    "HINGE_LOSS": "HingeLoss",
+    "IM2COL": "Im2col",
+    "IMAGE_DATA": "ImageData",
+    "INFOGAIN_LOSS": "InfogainLoss",
+    "INNER_PRODUCT": "InnerProduct",
+    "LRN": "LRN",
+    "MEMORY_DATA": "MemoryData",
+    "MULTINOMIAL_LOGISTIC_LOSS": "MultinomialLogisticLoss",
+    "MVN": "MVN",
+    "POOLING": "Pooling",
+    "POWER": "Power",
+    "RELU": "ReLU",
+    "SIGMOID": "Sigmoid",
+    "SIGMOID_CROSS_ENTROPY_LOSS": "SigmoidCrossEntropyLoss",
+    "SILENCE": "Silence",
+    "SOFTMAX": "Softmax",
+    "SOFTMAX_LOSS": "SoftmaxWithLoss",
+    "SPLIT": "Split",
+    "SLICE": "Slice",
+    "TANH": "TanH",
+    "WINDOW_DATA": "WindowData",
+    "THRESHOLD": "Threshold",
+}
+
+
+def _is_repeated(descriptor) -> bool:
+    # protobuf 7 dropped FieldDescriptor.label in favour of is_repeated; older runtimes lack the latter.
+    repeated = getattr(descriptor, "is_repeated", None)
+    if repeated is not None:
+        return bool(repeated)
+    return descriptor.label == descriptor.LABEL_REPEATED
+
+
+def _upgrade_v1(net: caffe_pb2.NetParameter, source: str) -> caffe_pb2.NetParameter:
+    """Caffe's UpgradeV1Net: move `layers` (V1) into `layer` with string types and the same parameters."""
+    if not net.layers:
+        return net
+    if net.layer:
+        raise CaffeError(f"{source}: mixes V1 'layers' and current 'layer' definitions")
+    upgraded = caffe_pb2.NetParameter()
+    upgraded.CopyFrom(net)
+    del upgraded.layers[:]
+    target_fields = caffe_pb2.LayerParameter.DESCRIPTOR.fields_by_name
+    for old in net.layers:
+        new = upgraded.layer.add()
+        type_name = caffe_pb2.V1LayerParameter.LayerType.Name(old.type)
+        new.type = _V1_TYPE_NAMES.get(type_name, type_name)
+        for descriptor, value in old.ListFields():
+            name = descriptor.name
+            if name == "type" or name not in target_fields:
+                continue
+            target = getattr(new, name)
+            if _is_repeated(descriptor):
+                if descriptor.message_type is not None:
+                    for item in value:
+                        target.add().CopyFrom(item)
+                else:
+                    target.extend(value)
+            elif descriptor.message_type is not None:
+                target.CopyFrom(value)
+            else:
+                setattr(new, name, value)
+    return upgraded
+
+
+def _read_bytes(path: str | os.PathLike) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise CaffeError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise CaffeError(f"{path}: is a directory, expected a file") from None
+    except OSError as error:
+        raise CaffeError(f"{path}: cannot read ({error.strerror})") from None
+
+
+def read_prototxt(path: str | os.PathLike) -> caffe_pb2.NetParameter:
+    """Parse a text-format net definition; syntax errors name file, line and column."""
+    data = _read_bytes(path)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise CaffeError(f"{path}: not a text prototxt (byte {error.start} is not UTF-8)") from None
+    return parse_prototxt(text, str(path))
+
+
+def parse_prototxt(text: str, source: str = "<prototxt>") -> caffe_pb2.NetParameter:
+    from google.protobuf import text_format
+
+    net = caffe_pb2.NetParameter()
+    try:
+        text_format.Parse(text, net)
+    except text_format.ParseError as error:
+        line, column = error.GetLine(), error.GetColumn()
+        message = str(error)
+        # The runtime prefixes "line:column : "; keep only the reason after it.
+        if " : " in message:
+            message = message.split(" : ", 1)[1]
+        if line is not None:
+            raise CaffeError(f"{source}:{line}:{column}: {message}") from None
+        raise CaffeError(f"{source}: {message}") from None
+    return _upgrade_v1(net, source)
+
+
+def read_caffemodel(path: str | os.PathLike) -> caffe_pb2.NetParameter:
+    """Parse a binary NetParameter (current or V1 format); garbage and truncation give a CaffeError."""
+    return parse_caffemodel(_read_bytes(path), str(path))
+
+
+def parse_caffemodel(data: bytes, source: str = "<caffemodel>") -> caffe_pb2.NetParameter:
+    from google.protobuf.message import DecodeError
+
+    net = caffe_pb2.NetParameter()
+    try:
+        net.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as error:
+        raise CaffeError(f"{source}: not a valid caffemodel (protobuf decoding failed: {error})") from None
+    except Exception as error:  # noqa: BLE001 - any runtime's decoder failure is a bad file, not a bug of ours
+        raise CaffeError(f"{source}: not a valid caffemodel ({type(error).__name__}: {error})") from None
+    if not net.layer and not net.layers:
+        raise CaffeError(f"{source}: not a valid caffemodel (it holds no layers)")
+    net = _upgrade_v1(net, source)
+    for layer in net.layer:
+        for index, blob in enumerate(layer.blobs):
+            blob_shape(blob, f"{source}: layer {layer.name!r} blob {index}")
+    return net
+
+
+def blob_shape(blob: caffe_pb2.BlobProto, where: str) -> tuple[int, ...]:
+    """The blob's shape: `shape`, else legacy num/channels/height/width, else 1-D from the data length."""
+    count = len(blob.data) or len(blob.double_data)
+    if blob.HasField("shape"):
+        shape = tuple(int(d) for d in blob.shape.dim)
+    elif any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
+        shape = (blob.num, blob.channels, blob.height, blob.width)
+    else:
+        shape = (count,)
+    if any(d < 0 for d in shape):
+        raise CaffeError(f"{where}: negative dimension in shape {shape}")
+    expected = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if expected != count:
+        raise CaffeError(f"{where}: shape {shape} needs {expected} values, the file holds {count}")
+    return shape
+
+
+def blob_to_array(blob: caffe_pb2.BlobProto, where: str = "blob") -> np.ndarray:
+    shape = blob_shape(blob, where)
+    if len(blob.data):
+        values = np.asarray(blob.data, dtype=np.float32)
+    else:
+        values = np.asarray(blob.double_data, dtype=np.float64).astype(np.float32)
+    return values.reshape(shape)
+
+
+def read_caffemodel_h5(path: str | os.PathLike) -> dict[str, list[np.ndarray]]:
+    """Caffe's HDF5 weights (Net::ToHDF5): group /data/<layer name>/<i> per parameter blob."""
+    import h5py
+
+    if not Path(path).is_file():
+        raise CaffeError(f"{path}: no such file")
+    try:
+        with h5py.File(path, "r") as file:
+            if "data" not in file:
+                raise CaffeError(f"{path}: not a Caffe HDF5 weights file (no /data group)")
+            weights: dict[str, list[np.ndarray]] = {}
+            for layer_name, group in file["data"].items():
+                indices = sorted(group.keys(), key=lambda key: int(key) if key.isdigit() else -1)
+                if any(not key.isdigit() for key in indices):
+                    raise CaffeError(f"{path}: layer {layer_name!r} has non-numeric blob names {indices}")
+                weights[layer_name] = [np.asarray(group[key][()], dtype=np.float32) for key in indices]
+            return weights
+    except CaffeError:
+        raise
+    except Exception as error:  # noqa: BLE001 - h5py raises many types for a corrupt file
+        raise CaffeError(f"{path}: not a readable HDF5 file ({error})") from None
+
+
+def _legacy_canonical(layer_type: str, index: int, array: np.ndarray) -> np.ndarray:
+    """Legacy 4-D blobs (num/channels/height/width) in the shape a current layer expects.
+
+    Caffe accepts a legacy blob when its four dims equal the last four of the target shape; the
+    only targets of lower rank in V1-era nets are InnerProduct weights and the biases.
+    """
+    if array.ndim != 4:
+        return array
+    if index == 1 and layer_type in ("Convolution", "Deconvolution", "InnerProduct") and array.shape[:3] == (1, 1, 1):
+        return array.reshape(array.shape[3])
+    if index == 0 and layer_type == "InnerProduct" and array.shape[:2] == (1, 1):
+        return array.reshape(array.shape[2:])
+    return array
+
+
+def trained_blobs(net: caffe_pb2.NetParameter, source: str) -> dict[str, list[np.ndarray]]:
+    """Parameter blobs of a binary NetParameter, keyed by layer name (as CopyTrainedLayersFrom matches them)."""
+    weights: dict[str, list[np.ndarray]] = {}
+    for layer in net.layer:
+        if not layer.blobs:
+            continue
+        arrays = []
+        for index, blob in enumerate(layer.blobs):
+            array = blob_to_array(blob, f"{source}: layer {layer.name!r} blob {index}")
+            if not blob.HasField("shape"):
+                array = _legacy_canonical(layer.type, index, array)
+            arrays.append(array)
+        weights[layer.name] = arrays
+    return weights
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, list[np.ndarray]], caffe_pb2.NetParameter | None]:
+    """Weights by layer name from a .caffemodel or .caffemodel.h5, with the stored net when there is one."""
+    path = Path(path)
+    if path.suffix in (".h5", ".hdf5"):
+        return read_caffemodel_h5(path), None
+    net = read_caffemodel(path)
+    return trained_blobs(net, str(path)), net
+
+
+def read_net_definition(path: str | os.PathLike) -> caffe_pb2.NetParameter:
+    """A net definition from a prototxt, or the architecture stored in a binary caffemodel."""
+    path = Path(path)
+    if path.suffix == ".caffemodel":
+        net = read_caffemodel(path)
+        stripped = caffe_pb2.NetParameter()
+        stripped.CopyFrom(net)
+        for layer in stripped.layer:
+            del layer.blobs[:]
+        return stripped
+    return read_prototxt(path)

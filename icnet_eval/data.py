@@ -1,0 +1,215 @@
+"""Evaluation lists (`IMAGE [LABEL]` per line), image and label decoding, and the authors' input preprocessing."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from caffe2torch.errors import CaffeError
+from icnet_eval.imresize import matlab_imresize
+
+DEFAULT_INPUT_SIZE = (1025, 2049)
+# eval_all.m's means, subtracted in single precision from the uint8 image as eval_sub.m does.
+MEAN_RGB = (123.68, 116.779, 103.939)
+MEAN_BGR = np.array(MEAN_RGB[::-1], dtype=np.float32)
+TRAIN_IDS_TAG = "gtFine_labelTrainIds"
+LABEL_IDS_TAG = "gtFine_labelIds"
+IMAGE_TAG = "leftImg8bit"
+
+
+@dataclass(frozen=True)
+class ListEntry:
+    """One line of an evaluation list, with its files resolved against the data root."""
+
+    list_path: Path
+    line: int
+    image: Path
+    label: Path | None
+    # The label named in the list is missing and its *_labelIds.png sibling is read instead.
+    label_is_label_ids: bool = False
+
+    @property
+    def where(self) -> str:
+        return f"{self.list_path} line {self.line}"
+
+    @property
+    def output_stem(self) -> str:
+        """eval_sub.m's output name: the image file name without its extension."""
+        return self.image.stem
+
+    @property
+    def label_prediction_name(self) -> str:
+        """eval_acc.m's prediction name: the label file name with gtFine_labelTrainIds -> leftImg8bit."""
+        if self.label is None:
+            raise CaffeError(f"{self.where}: no label file on this line")
+        name = self.label.name
+        if self.label_is_label_ids:
+            name = name.replace(LABEL_IDS_TAG, TRAIN_IDS_TAG)
+        return name.replace(TRAIN_IDS_TAG, IMAGE_TAG)
+
+
+def _label_ids_sibling(label: Path) -> Path | None:
+    """The *_labelIds.png beside a missing *_labelTrainIds.png, when there is one."""
+    if TRAIN_IDS_TAG not in label.name:
+        return None
+    sibling = label.with_name(label.name.replace(TRAIN_IDS_TAG, LABEL_IDS_TAG))
+    return sibling if sibling.is_file() else None
+
+
+def parse_list(list_path: str | os.PathLike, data_root: str | os.PathLike, need_images: bool = True,
+               need_labels: bool = False) -> list[ListEntry]:
+    """Read an `IMAGE [LABEL]` list; every error names the list line. Paths are relative to `data_root`."""
+    list_path, data_root = Path(list_path), Path(data_root)
+    if not data_root.is_dir():
+        raise CaffeError(f"--data-root {data_root}: no such folder")
+    try:
+        text = list_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CaffeError(f"--list {list_path}: no such file") from None
+    except IsADirectoryError:
+        raise CaffeError(f"--list {list_path}: is a folder, expected a text file") from None
+    except UnicodeDecodeError as error:
+        raise CaffeError(f"--list {list_path}: not a text file (byte {error.start} is not UTF-8)") from None
+    except OSError as error:
+        raise CaffeError(f"--list {list_path}: cannot read ({error.strerror})") from None
+
+    entries: list[ListEntry] = []
+    stems: dict[str, int] = {}
+    for number, raw_line in enumerate(text.splitlines(), start=1):
+        fields = raw_line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        where = f"{list_path} line {number}"
+        if len(fields) > 2:
+            raise CaffeError(f"{where}: expected 'IMAGE [LABEL]', found {len(fields)} fields")
+        image = data_root / fields[0]
+        if need_images and not image.is_file():
+            raise CaffeError(f"{where}: image {image} does not exist")
+        label = data_root / fields[1] if len(fields) == 2 else None
+        from_label_ids = False
+        if label is None and need_labels:
+            raise CaffeError(f"{where}: no label file on this line; scoring needs 'IMAGE LABEL' lines")
+        if label is not None and not label.is_file():
+            sibling = _label_ids_sibling(label)
+            if sibling is None:
+                raise CaffeError(f"{where}: label {label} does not exist")
+            label, from_label_ids = sibling, True
+        if entries and (label is None) != (entries[0].label is None):
+            raise CaffeError(f"{where}: has {'no' if label is None else 'a'} label but line {entries[0].line} "
+                             f"{'has one' if label is None else 'has none'}; give labels on every line or on none")
+        entry = ListEntry(list_path, number, image, label, from_label_ids)
+        if need_images:
+            if entry.output_stem in stems:
+                raise CaffeError(f"{where}: image name {image.name} repeats line {stems[entry.output_stem]}; "
+                                 "the predictions would overwrite each other")
+            stems[entry.output_stem] = number
+        entries.append(entry)
+    if not entries:
+        raise CaffeError(f"--list {list_path}: no images listed (the list is empty)")
+    return entries
+
+
+def _read_bytes(path: Path, what: str, entry: ListEntry) -> np.ndarray:
+    try:
+        return np.fromfile(path, dtype=np.uint8)
+    except OSError as error:
+        raise CaffeError(f"{entry.where}: cannot read {what} {path} ({error.strerror or error})") from None
+
+
+def read_image_bgr(entry: ListEntry) -> np.ndarray:
+    """The image as H x W x 3 uint8 in OpenCV's BGR order, without EXIF rotation (MATLAB's imread ignores it)."""
+    data = _read_bytes(entry.image, "image", entry)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
+    if image is None:
+        raise CaffeError(f"{entry.where}: image {entry.image} is not a readable image file")
+    return image
+
+
+def read_gray_png(path: Path, what: str, entry: ListEntry) -> np.ndarray | None:
+    """A single-channel 8-bit PNG as H x W uint8; None when it cannot be decoded."""
+    data = _read_bytes(path, what, entry)
+    array = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if array is None:
+        return None
+    if array.ndim != 2 or array.dtype != np.uint8:
+        raise CaffeError(f"{entry.where}: {what} {path} must be a one-channel 8-bit PNG, it is "
+                         f"{array.shape[2] if array.ndim == 3 else 1}-channel {array.dtype}")
+    return array
+
+
+def read_label_train_ids(entry: ListEntry) -> np.ndarray:
+    """The label as trainIds (255 = ignore); a *_labelIds.png stand-in is mapped with the official table."""
+    from icnet_eval.cityscapes import label_ids_to_train_ids
+
+    assert entry.label is not None
+    label = read_gray_png(entry.label, "label", entry)
+    if label is None:
+        raise CaffeError(f"{entry.where}: label {entry.label} is not a readable PNG file")
+    return label_ids_to_train_ids(label) if entry.label_is_label_ids else label
+
+
+def preprocess(image_bgr: np.ndarray, input_size: tuple[int, int]) -> torch.Tensor:
+    """eval_sub.m's input: uint8 MATLAB bilinear resize, single(img) - mean, BGR; as a 3 x H x W tensor.
+
+    The resize treats channels independently and the mean is per channel, so working in
+    OpenCV's BGR order gives the same bits as resizing RGB and reordering afterwards.
+    """
+    resized = matlab_imresize(image_bgr, input_size)
+    normalised = resized.astype(np.float32) - MEAN_BGR
+    return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))
+
+
+class EvaluationDataset(Dataset):
+    """Decodes and preprocesses one list entry per item; user errors travel back as a message, not an exception.
+
+    `existing_prediction(entry, image_size)` may return the trainId prediction already on disk
+    (resume): the item then carries it instead of a network input.
+    """
+
+    def __init__(self, entries: Sequence[ListEntry], input_size: tuple[int, int],
+                 existing_prediction: Callable[[ListEntry, tuple[int, int]], np.ndarray | None] | None = None):
+        self.entries = list(entries)
+        self.input_size = input_size
+        self.existing_prediction = existing_prediction
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        entry = self.entries[index]
+        item: dict[str, Any] = {"index": index, "entry": entry, "input": None, "label": None,
+                                "prediction": None, "image_size": None, "error": None}
+        try:
+            image = read_image_bgr(entry)
+            item["image_size"] = image_size = image.shape[:2]
+            if entry.label is not None:
+                label = read_label_train_ids(entry)
+                if label.shape != image_size:
+                    raise CaffeError(f"{entry.where}: label {entry.label} is {label.shape[0]}x{label.shape[1]} "
+                                     f"but image {entry.image} is {image_size[0]}x{image_size[1]}")
+                item["label"] = label
+            if self.existing_prediction is not None:
+                item["prediction"] = self.existing_prediction(entry, image_size)
+            if item["prediction"] is None:
+                item["input"] = preprocess(image, self.input_size)
+        except CaffeError as error:
+            item["error"] = str(error)
+        return item
+
+
+def _keep_list(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return batch
+
+
+def make_loader(dataset: EvaluationDataset, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
+    """Batches in list order; `workers` processes decode and resize while the network runs."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      collate_fn=_keep_list, pin_memory=pin_memory and workers > 0,
+                      prefetch_factor=2 if workers > 0 else None, persistent_workers=False)

@@ -1,0 +1,143 @@
+"""The caffe2torch command line: convert, load, verify, inspect, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import caffe2torch
+from caffe2torch.cli import main
+from caffe2torch.verify import read_reference
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result
+
+
+def _assert_one_line_error(result):
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = [line for line in result.output.splitlines() if line.startswith("caffe2torch: error")]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+
+
+def test_convert_writes_a_folder_that_plain_torch_loads(reference_dir, tmp_path):
+    units = reference_dir / "units"
+    model = tmp_path / "unit_inplace_chain.caffemodel"
+    shutil.copy(units / "unit_inplace_chain.caffemodel", model)
+    result = run("convert", model, "--prototxt", units / "unit_inplace_chain.prototxt")
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "unit_inplace_chain_torch"
+    assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "model.py", "net.prototxt", "weights.pt"]
+    # Weights are plain tensors: loadable without executing pickled code.
+    tensors = torch.load(folder / "weights.pt", weights_only=True)
+    assert set(tensors) == {"conv1", "conv1_bn", "conv2", "conv2_bn", "conv2_scale"}
+    net = caffe2torch.load(folder)
+    reference = read_reference(units / "unit_inplace_chain.ref.h5")
+    with torch.no_grad():
+        out = net(torch.from_numpy(reference.inputs["data"]))
+        blobs = net.blobs(torch.from_numpy(reference.inputs["data"]))
+    final = reference.layers[-1].values[0].data
+    np.testing.assert_allclose(out.numpy(), final, rtol=1e-5, atol=1e-6)
+    # In-place blobs hold the value after the last layer that writes them.
+    relu_record = next(layer for layer in reference.layers if layer.name == "conv1_relu")
+    np.testing.assert_allclose(blobs["conv1"].numpy(), relu_record.values[0].data, rtol=1e-5, atol=1e-6)
+    source = (folder / "model.py").read_text()
+    assert "conv1 = layer['conv1_relu'](conv1)  # ReLU" in source
+
+
+def test_generated_source_runs_like_the_net(reference_dir, tmp_path):
+    units = reference_dir / "units"
+    folder = tmp_path / "out"
+    result = run("convert", units / "unit_eltwise_concat.caffemodel", "--input-shape", "a=1,3,7,9;b=1,3,7,9", "-o", folder)
+    assert result.exit_code == 0, result.output
+    namespace: dict = {}
+    exec(compile((folder / "model.py").read_text(), "model.py", "exec"), namespace)
+    net = namespace["Net"].load(folder)
+    plain = caffe2torch.load(folder)
+    a, b = torch.randn(1, 3, 7, 9), torch.randn(1, 3, 7, 9)
+    for ours, theirs in zip(net(a, b), plain(a, b)):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_verify_exit_codes(reference_dir, tmp_path):
+    units = reference_dir / "units"
+    # The reference names its prototxt, which lies beside it.
+    ok = run("verify", units / "unit_conv_basic.caffemodel", "--reference", units / "unit_conv_basic.ref.h5",
+             "--tolerance", "1e-5")
+    assert ok.exit_code == 0, ok.output
+    assert ok.output.strip().splitlines()[-1].startswith("7/7 layers within tolerance")
+    broken = tmp_path / "unit_conv_basic.caffemodel.h5"
+    shutil.copy(units / "unit_conv_basic.caffemodel.h5", broken)
+    with h5py.File(broken, "r+") as file:
+        file["data/conv_k3_s2/0"][0, 0, 0, 0] += 0.5
+    bad = run("verify", broken, "--prototxt", units / "unit_conv_basic.prototxt",
+              "--reference", units / "unit_conv_basic.ref.h5")
+    assert bad.exit_code == 1, bad.output
+    assert "conv_k3_s2" in bad.output and "MISMATCH" in bad.output
+    missing = run("verify", units / "unit_conv_basic.caffemodel", "--reference", tmp_path / "none.h5")
+    assert missing.exit_code == 2
+    _assert_one_line_error(missing)
+
+
+def test_inspect_json(reference_dir):
+    result = run("inspect", reference_dir / "units" / "unit_conv_basic.caffemodel", "--input-shape", "1,3,13,17", "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    # The stored net includes the Split layers Caffe inserted itself.
+    assert info["layers"][0]["name"] == "data_input_0_split"
+    first = next(layer for layer in info["layers"] if layer["name"] == "conv_k3_p1")
+    assert first["name"] == "conv_k3_p1" and first["top_shapes"] == [[1, 5, 13, 17]]
+    assert first["parameters"] == 5 * 3 * 3 * 3 + 5
+    assert info["parameters"] == sum(layer["parameters"] for layer in info["layers"])
+    assert len(info["md5"]) == 32
+
+
+@pytest.mark.parametrize("content", [b"", b"\x0a\x05garbage-bytes-not-a-net", b"\x00" * 64])
+def test_bad_caffemodel_leaves_nothing_behind(tmp_path, content):
+    model = tmp_path / "broken.caffemodel"
+    model.write_bytes(content)
+    result = run("convert", model)
+    _assert_one_line_error(result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.caffemodel"]
+
+
+def test_unknown_layer_type_and_bad_shape(reference_dir, tmp_path):
+    units = reference_dir / "units"
+    text = (units / "unit_conv_basic.prototxt").read_text().replace('type: "ReLU"', 'type: "Swish42"')
+    prototxt = tmp_path / "net.prototxt"
+    prototxt.write_text(text)
+    result = run("convert", units / "unit_conv_basic.caffemodel", "--prototxt", prototxt, "-o", tmp_path / "o")
+    _assert_one_line_error(result)
+    assert "Swish42" in result.output and "supported" in result.output
+    text = (units / "unit_conv_basic.prototxt").read_text().replace("num_output: 5", "num_output: 6", 1)
+    prototxt.write_text(text)
+    result = run("convert", units / "unit_conv_basic.caffemodel", "--prototxt", prototxt, "-o", tmp_path / "o")
+    _assert_one_line_error(result)
+    assert "conv_k3_p1" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_release_name_with_wrong_md5_is_refused(reference_dir, tmp_path):
+    fake = tmp_path / "icnet_cityscapes_train_30k.caffemodel"
+    shutil.copy(reference_dir / "icnet_merged_1025x2049.caffemodel", fake)
+    result = run("convert", fake, "-o", tmp_path / "out")
+    _assert_one_line_error(result)
+    assert "md5" in result.output and "--no-verify" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_input_shape_override(reference_dir, tmp_path):
+    result = run("inspect", reference_dir / "units" / "unit_conv_basic.caffemodel", "--input-shape", "2,3,9,9", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["inputs"] == {"data": [2, 3, 9, 9]}
+    bad = run("inspect", reference_dir / "units" / "unit_conv_basic.caffemodel", "--input-shape", "a,b")
+    _assert_one_line_error(bad)

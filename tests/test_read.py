@@ -1,0 +1,147 @@
+"""Readers and graph building: formats, phases, inputs, weight matching and the errors users see."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from caffe2torch.errors import CaffeError
+from caffe2torch.graph import build_graph, output_blobs
+from caffe2torch.read import (blob_to_array, parse_caffemodel, parse_prototxt, read_caffemodel,
+                              read_caffemodel_h5, read_prototxt, trained_blobs)
+from proto import caffe_pb2
+
+
+def test_prototxt_syntax_error_names_file_line_and_column(tmp_path):
+    path = tmp_path / "bad.prototxt"
+    path.write_text('name: "x"\nlayer {\n  name: "a"\n  type: "ReLU"\n  bogus_field: 3\n}\n')
+    with pytest.raises(CaffeError, match=r"bad\.prototxt:5:\d+: .*bogus_field"):
+        read_prototxt(path)
+
+
+def test_missing_file_is_one_clear_error(tmp_path):
+    with pytest.raises(CaffeError, match="no such file"):
+        read_prototxt(tmp_path / "absent.prototxt")
+    with pytest.raises(CaffeError, match="no such file"):
+        read_caffemodel(tmp_path / "absent.caffemodel")
+
+
+def test_blob_shape_forms():
+    blob = caffe_pb2.BlobProto()
+    blob.shape.dim.extend([2, 3])
+    blob.data.extend(range(6))
+    assert blob_to_array(blob).shape == (2, 3)
+    legacy = caffe_pb2.BlobProto(num=1, channels=2, height=1, width=3)
+    legacy.data.extend(range(6))
+    assert blob_to_array(legacy).shape == (1, 2, 1, 3)
+    # A scalar written with no shape at all (e.g. a shared PReLU slope): the size comes from the data.
+    scalar = caffe_pb2.BlobProto()
+    scalar.data.append(0.25)
+    np.testing.assert_array_equal(blob_to_array(scalar), np.array([0.25], dtype=np.float32))
+    doubles = caffe_pb2.BlobProto()
+    doubles.double_data.extend([1.5, 2.5])
+    assert blob_to_array(doubles).dtype == np.float32
+    wrong = caffe_pb2.BlobProto()
+    wrong.shape.dim.extend([4])
+    wrong.data.extend([1, 2])
+    with pytest.raises(CaffeError, match=r"shape \(4,\) needs 4 values, the file holds 2"):
+        blob_to_array(wrong, "layer 'x' blob 0")
+
+
+def test_phase_filtering_and_declared_inputs(reference_dir):
+    graph = build_graph(read_prototxt(reference_dir / "units" / "unit_phase_filter.prototxt"))
+    assert [layer.name for layer in graph.layers] == ["conv1", "relu_test_only", "power_not_train", "conv2"]
+    assert graph.inputs == {"data": (1, 3, 9, 11)}
+    legacy = build_graph(read_prototxt(reference_dir / "icnet_cityscapes.prototxt"), input_shapes=(1, 3, 257, 513))
+    assert legacy.inputs == {"data": (1, 3, 257, 513)}
+
+
+def test_input_layer_and_rules():
+    net = parse_prototxt('''
+        layer { name: "in" type: "Input" top: "a" top: "b" input_param { shape { dim: 1 dim: 2 } shape { dim: 3 } } }
+        layer { name: "train" type: "ReLU" bottom: "a" top: "a" include { phase: TRAIN } }
+        layer { name: "staged" type: "ReLU" bottom: "a" top: "c" include { stage: "deploy" } }
+        layer { name: "leveled" type: "ReLU" bottom: "a" top: "d" exclude { max_level: -1 } }
+    ''')
+    graph = build_graph(net)
+    assert graph.inputs == {"a": (1, 2), "b": (3,)}
+    assert [layer.name for layer in graph.layers] == ["leveled"]
+    assert output_blobs(graph) == ["d"]
+
+
+def test_in_place_output_and_unknown_bottom():
+    net = parse_prototxt('''
+        input: "x" input_shape { dim: 1 dim: 2 }
+        layer { name: "r" type: "ReLU" bottom: "x" top: "x" }
+    ''')
+    assert output_blobs(build_graph(net)) == ["x"]
+    broken = parse_prototxt('''
+        input: "x" input_shape { dim: 1 dim: 2 }
+        layer { name: "r" type: "ReLU" bottom: "y" top: "z" }
+    ''')
+    with pytest.raises(CaffeError, match="layer 'r' \\(ReLU\\): bottom 'y' is not produced"):
+        build_graph(broken)
+
+
+def test_legacy_v1_caffemodel_upgrades_to_the_same_blobs_as_its_h5(reference_dir):
+    units = reference_dir / "units"
+    net = read_caffemodel(units / "unit_legacy_v1.caffemodel")
+    assert [layer.type for layer in net.layer][:3] == ["Convolution", "ReLU", "Pooling"]
+    from_binary = trained_blobs(net, "v1")
+    from_h5 = read_caffemodel_h5(units / "unit_legacy_v1.caffemodel.h5")
+    assert set(from_binary) == {name for name, blobs in from_h5.items() if blobs}
+    for name, blobs in from_binary.items():
+        for ours, theirs in zip(blobs, from_h5[name]):
+            assert ours.shape == theirs.shape, name
+            np.testing.assert_array_equal(ours, theirs)
+
+
+def test_garbage_and_empty_caffemodels(tmp_path):
+    with pytest.raises(CaffeError, match="not a valid caffemodel"):
+        parse_caffemodel(b"\xff\xff\xff\xff garbage", "g.caffemodel")
+    with pytest.raises(CaffeError, match="holds no layers"):
+        parse_caffemodel(b"", "empty.caffemodel")
+    path = tmp_path / "weights.caffemodel.h5"
+    path.write_bytes(b"not hdf5 at all")
+    with pytest.raises(CaffeError, match="not a readable HDF5 file"):
+        read_caffemodel_h5(path)
+
+
+@pytest.fixture(scope="module")
+def unit_caffemodel_bytes() -> bytes:
+    from tests.conftest import REFERENCE_DIR
+
+    path = REFERENCE_DIR / "units" / "unit_inplace_chain.caffemodel"
+    if not path.is_file():
+        pytest.skip(f"Caffe reference data not found at {REFERENCE_DIR}")
+    return path.read_bytes()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_caffemodels_only_raise_our_error(unit_caffemodel_bytes, data):
+    """Truncations and byte flips of a real caffemodel either read (and convert) or raise CaffeError."""
+    from caffe2torch.model import from_net_parameter
+
+    raw = bytearray(unit_caffemodel_bytes)
+    cut = data.draw(st.integers(0, len(raw)))
+    raw = raw[:cut]
+    for _ in range(data.draw(st.integers(0, 4))):
+        if raw:
+            position = data.draw(st.integers(0, len(raw) - 1))
+            raw[position] = data.draw(st.integers(0, 255))
+    try:
+        net = parse_caffemodel(bytes(raw), "fuzz.caffemodel")
+        from_net_parameter(net, trained_blobs(net, "fuzz"), "fuzz", on_warning=lambda _: None)
+    except CaffeError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_fuzzed_prototxt_only_raises_our_error(text):
+    try:
+        parse_prototxt(text, "fuzz.prototxt")
+    except CaffeError:
+        pass
