@@ -53,8 +53,7 @@ def convert(weights: str | os.PathLike | None, prototxt: str | os.PathLike | Non
             on_warning: Callable[[str], None] | None = None) -> Conversion:
     """Build the PyTorch net for `weights` (.caffemodel or .caffemodel.h5), optionally with a deploy prototxt.
 
-    With no weights, the prototxt alone gives a net with no trained parameters (only for
-    parameter-free nets; layers that need blobs raise).
+    With no weights, the prototxt alone gives the structure with zero-filled parameter blobs.
     """
     weights_path = Path(weights) if weights is not None else None
     prototxt_path = Path(prototxt) if prototxt is not None else None
@@ -78,7 +77,8 @@ def convert(weights: str | os.PathLike | None, prototxt: str | os.PathLike | Non
         raise CaffeError("give a caffemodel, a prototxt, or both")
     definition, prototxt_path = _definition_for(weights_path, stored, prototxt_path, release)
     source = str(prototxt_path or weights_path)
-    net = from_net_parameter(definition, trained, source, input_shape, warn)
+    # A prototxt alone shows the structure: layers get zero-filled blobs of Caffe's shapes.
+    net = from_net_parameter(definition, trained, source, input_shape, warn, fill_missing=weights_path is None)
     if weights_path is not None:
         unused = getattr(net, "unused_weights", [])
         if unused and len(unused) == len(trained):

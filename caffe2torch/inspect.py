@@ -17,7 +17,9 @@ def describe(file: Path, prototxt: Path | None = None, input_shape=None) -> dict
     net = conversion.net
     layers = []
     for step in net.steps:
-        blobs = conversion.trained.get(step.name, [])
+        blobs = conversion.trained.get(step.name)
+        if blobs is None:  # a prototxt alone: count what Caffe would allocate
+            blobs = [t.numpy() for t in net.layer(step.name).state_dict().values()]
         layers.append({
             "name": step.name,
             "type": step.type,

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from caffe2torch.errors import CaffeError
+from caffe2torch.fill import placeholder_blobs
 from caffe2torch.graph import Layer, NetGraph, build_graph, output_blobs
 from caffe2torch.layers import convert_layer
 from proto import caffe_pb2
@@ -96,14 +97,26 @@ def _check_shapes(layer: Layer, converted_shapes: Sequence[Shape]) -> None:
 
 
 def assemble(graph: NetGraph, weights: Mapping[str, Sequence[np.ndarray]],
-             on_warning: Callable[[str], None] | None = None) -> CaffeNet:
-    """Convert each TEST-phase layer with the trained blobs of the layer of the same name."""
+             on_warning: Callable[[str], None] | None = None, fill_missing: bool = False) -> CaffeNet:
+    """Convert each TEST-phase layer with the trained blobs of the layer of the same name.
+
+    `fill_missing` gives layers without trained blobs zero-filled ones of Caffe's shapes (for
+    looking at a structure, not for use).
+    """
     shapes: dict[str, Shape] = dict(graph.inputs)
     modules: dict[str, nn.Module] = {}
     steps: list[Step] = []
     for layer in graph.layers:
         bottoms = [shapes[b] for b in layer.bottoms]
-        converted = convert_layer(layer.param, bottoms, list(weights.get(layer.name, [])))
+        blobs = list(weights.get(layer.name, []))
+        if not blobs and fill_missing:
+            blobs = placeholder_blobs(layer.param, bottoms)
+        try:
+            converted = convert_layer(layer.param, bottoms, blobs)
+        except CaffeError as error:
+            if weights and layer.name not in weights and "parameter blobs" in str(error):
+                raise CaffeError(f"{error} (the weights hold no layer named {layer.name!r})") from None
+            raise
         _check_shapes(layer, converted.top_shapes)
         for message in converted.warnings:
             text = f"layer {layer.name!r} ({layer.type}): {message}"
@@ -126,6 +139,6 @@ def assemble(graph: NetGraph, weights: Mapping[str, Sequence[np.ndarray]],
 
 def from_net_parameter(net: caffe_pb2.NetParameter, weights: Mapping[str, Sequence[np.ndarray]],
                        source: str = "<net>", input_shapes=None,
-                       on_warning: Callable[[str], None] | None = None) -> CaffeNet:
+                       on_warning: Callable[[str], None] | None = None, fill_missing: bool = False) -> CaffeNet:
     graph = build_graph(net, source, input_shapes)
-    return assemble(graph, weights, on_warning)
+    return assemble(graph, weights, on_warning, fill_missing)
