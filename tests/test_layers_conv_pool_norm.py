@@ -1,4 +1,4 @@
-"""Convolution, Pooling, normalization and Interp converters against real Caffe outputs and Caffe's formulas as loops."""
+"""Convolution, Pooling, normalization and Interp converters against Caffe's outputs and its formulas as loops."""
 
 from __future__ import annotations
 
@@ -82,8 +82,10 @@ def test_empty_pooling_windows_are_caffe_sentinels(reference_dir) -> None:
     """Stride 3 > kernel 2 on 12 rows: Caffe's 5th window row lies wholly outside the image."""
     with h5py.File(reference_dir / "units" / "unit_pool_empty_window.ref.h5", "r") as ref:
         x = ref["input"]["data"][()]
-    max_top, = run(layer_from_text('name: "m" type: "Pooling" pooling_param { pool: MAX kernel_size: 2 stride: 3 }'), [x])
-    ave_top, = run(layer_from_text('name: "a" type: "Pooling" pooling_param { pool: AVE kernel_size: 2 stride: 3 }'), [x])
+    max_top, = run(layer_from_text('name: "m" type: "Pooling" pooling_param { pool: MAX kernel_size: 2 stride: 3 }'),
+                   [x])
+    ave_top, = run(layer_from_text('name: "a" type: "Pooling" pooling_param { pool: AVE kernel_size: 2 stride: 3 }'),
+                   [x])
     assert max_top.shape == ave_top.shape == (1, 2, 5, 4)
     assert (max_top[:, :, 4, :] == -FLT_MAX).all() and (max_top[:, :, :4, :] > -FLT_MAX).all()
     assert np.isnan(ave_top[:, :, 4, :]).all() and not np.isnan(ave_top[:, :, :4, :]).any()
@@ -243,6 +245,23 @@ def test_interp_is_bit_exact_with_caffe_loops(params, out) -> None:
     np.testing.assert_array_equal(top, interp_loops(x, pad_beg, eff, out))
 
 
+def test_icnet_interp_layers_are_bit_exact(reference_dir) -> None:
+    """The 257x513 ICNet file keeps the Interp inputs but only samples of the outputs: match them exactly."""
+    net = text_format.Parse((reference_dir / "icnet_merged_257x513.prototxt").read_text(), caffe_pb2.NetParameter())
+    layers = {layer.name: layer for layer in net.layer}
+    with h5py.File(reference_dir / "icnet_merged_257x513.ref.h5", "r") as ref:
+        records = {ref["layers"][key].attrs["name"]: ref["layers"][key]["0"] for key in ref["layers"]}
+        for name in ["conv5_3_pool1_interp", "conv5_3_pool2_interp", "conv5_3_pool3_interp",
+                     "conv5_3_pool6_interp", "conv6_interp"]:
+            layer = layers[name]
+            top, = run(layer, [records[layer.bottom[0]]["data"][()]])
+            record = records[name]
+            np.testing.assert_array_equal(top.reshape(-1)[record["sample_index"][()]], record["sample_value"][()],
+                                          err_msg=name)
+            assert (top.min(), top.max()) == (record.attrs["min"], record.attrs["max"]), name
+        np.testing.assert_array_equal(top[0].argmax(0), ref["final"]["argmax"][()])
+
+
 def test_interp_tables_keep_float32_ratio() -> None:
     """1025 -> 2049 style: ratio (n-1)/(m-1) rounded to float32, product in float32, +1 clamped."""
     index, next_index, near, far = interp_axis(257, 1025)
@@ -273,7 +292,8 @@ def test_convolution_forms_axis_and_several_bottoms() -> None:
     tops = run(repeated, [x, x[::-1].copy()], [weight, bias])
     np.testing.assert_array_equal(tops[0][0], reference)
     np.testing.assert_array_equal(tops[1][1], reference)
-    k1 = layer_from_text('name: "c" type: "Convolution" convolution_param { num_output: 1 kernel_size: 1 bias_term: false }')
+    k1 = layer_from_text('name: "c" type: "Convolution" '
+                         'convolution_param { num_output: 1 kernel_size: 1 bias_term: false }')
     top, = run(k1, [x[0]], [np.full((1, 3, 1, 1), 2, np.float32)])
     np.testing.assert_allclose(top[:, 0], 2 * x[0].sum(1), rtol=1e-6)
 
@@ -283,7 +303,8 @@ def test_inner_product_transpose_and_axis() -> None:
     x = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
     weight, bias = rng.standard_normal((6, 20)).astype(np.float32), rng.standard_normal(6).astype(np.float32)
     plain = layer_from_text('name: "f" type: "InnerProduct" inner_product_param { num_output: 6 axis: -2 }')
-    flipped = layer_from_text('name: "f" type: "InnerProduct" inner_product_param { num_output: 6 axis: 2 transpose: true }')
+    flipped = layer_from_text('name: "f" type: "InnerProduct" '
+                              'inner_product_param { num_output: 6 axis: 2 transpose: true }')
     top, = run(plain, [x], [weight, bias])
     assert top.shape == (2, 3, 6)
     np.testing.assert_allclose(top, x.reshape(2, 3, 20) @ weight.T + bias, rtol=1e-5, atol=1e-5)

@@ -93,8 +93,8 @@ class _ConvGeometry:
         self.stride = _hw_or_repeated(layer, param, "stride", self.num_spatial, 1)
         self.pad = _hw_or_repeated(layer, param, "pad", self.num_spatial, 0)
         self.dilation = _per_axis(layer, list(param.dilation), "dilation", self.num_spatial, 1)
-        for name, values, low in (("kernel size", self.kernel, 1), ("stride", self.stride, 1), ("dilation", self.dilation, 1)):
-            if min(values) < low:
+        for name, values in (("kernel size", self.kernel), ("stride", self.stride), ("dilation", self.dilation)):
+            if min(values) < 1:
                 raise CaffeError(f"layer {layer.name!r} ({layer.type}): {name} must be positive, got {values}")
         self.channels = shape[self.axis]
         self.num_output = int(param.num_output)

@@ -68,7 +68,8 @@ def _pad_or_crop(x: torch.Tensor, pads: tuple[int, int, int, int], value: float)
     return x if not any(pads) else F.pad(x, pads, value=value)
 
 
-def caffe_pool2d(x: torch.Tensor, method: str, geometry: PoolGeometry, divisor: torch.Tensor | None = None) -> torch.Tensor:
+def caffe_pool2d(x: torch.Tensor, method: str, geometry: PoolGeometry,
+                 divisor: torch.Tensor | None = None) -> torch.Tensor:
     """Pool an NCHW tensor exactly as Caffe's CPU PoolingLayer (MAX or AVE)."""
     pads = geometry.edge_pads()
     if method == MAX:
@@ -81,7 +82,7 @@ def caffe_pool2d(x: torch.Tensor, method: str, geometry: PoolGeometry, divisor: 
         divisor = geometry.divisor().to(x.device)
     # Zero padding does not change a float sum, so this is Caffe's sum over the clipped window.
     sums = F.avg_pool2d(_pad_or_crop(x, pads, 0.0), geometry.kernel, geometry.stride, divisor_override=1)
-    return sums / divisor
+    return sums.div_(divisor)
 
 
 class CaffePooling(nn.Module):
@@ -90,7 +91,8 @@ class CaffePooling(nn.Module):
     def __init__(self, method: str, kernel: tuple[int, int] | None, stride: tuple[int, int],
                  pad: tuple[int, int], floor: bool, input_size: tuple[int, int], name: str = "") -> None:
         super().__init__()
-        self.method, self.kernel, self.stride, self.pad, self.floor, self.name = method, kernel, stride, pad, floor, name
+        self.method, self.kernel, self.stride, self.pad = method, kernel, stride, pad
+        self.floor, self.name = floor, name
         self.geometry = self.geometry_for(input_size)
         if method == AVE:
             self.register_buffer("divisor", self.geometry.divisor(), persistent=False)
@@ -100,7 +102,8 @@ class CaffePooling(nn.Module):
     def geometry_for(self, size: tuple[int, int]) -> PoolGeometry:
         kernel = self.kernel if self.kernel is not None else tuple(size)  # global pooling
         clip = any(self.pad)
-        out = tuple(pooled_size(n, k, s, p, clip, self.floor) for n, k, s, p in zip(size, kernel, self.stride, self.pad))
+        out = tuple(pooled_size(n, k, s, p, clip, self.floor)
+                    for n, k, s, p in zip(size, kernel, self.stride, self.pad))
         if min(out) <= 0 or any(clip and (o - 1) * s >= n + p for o, s, n, p in zip(out, self.stride, size, self.pad)):
             raise CaffeError(
                 f"layer {self.name!r} (Pooling): kernel {kernel}, stride {self.stride}, pad {self.pad} "
