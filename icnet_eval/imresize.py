@@ -245,7 +245,7 @@ def matlab_imresize_torch(tensor: torch.Tensor, size: tuple[int, int], method: s
     lead = tensor.shape[:-2]
     volume = tensor.reshape(-1, *tensor.shape[-2:])
     if volume.device.type == "cpu":
-        resized = torch.from_numpy(_resize_chw_numpy(np.ascontiguousarray(volume.numpy()), out_hw, method))
+        resized = torch.from_numpy(_resize_chw_numpy(np.ascontiguousarray(volume.detach().numpy()), out_hw, method))
     else:
         resized = _resize_chw_torch_ops(volume, out_hw, method)
     return resized.reshape(*lead, *out_hw)
