@@ -23,6 +23,8 @@ OFFICIAL_INPUT_SIZE = (1025, 2049)
 BN_EPS = 1e-5
 # RMS of a mean-subtracted Cityscapes-like image: the first convolutions' statistics are set for it.
 INPUT_RMS = 50.0
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 @dataclass
@@ -213,6 +215,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(data)
+        os.chmod(temp_name, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the permissions open() would
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)

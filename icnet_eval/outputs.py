@@ -1,0 +1,150 @@
+"""Prediction PNGs on disk: names, atomic writes, and the completeness check a resumed run relies on."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from caffe2torch.errors import CaffeError
+from icnet_eval.cityscapes import LABEL_ID_TO_TRAIN_ID, NUM_CLASSES, colorize, train_ids_to_label_ids
+from icnet_eval.data import IMAGE_TAG, ListEntry
+from icnet_eval.model import write_atomic
+
+FORMATS = ("trainids", "labelids")
+RUN_FILE = "icnet-eval-run.json"
+REPORT_FILE = "report.json"
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def prepare_out_dir(out: Path) -> Path:
+    """Create --out (refusing a file in its place) and check it can be written."""
+    if out.exists() and not out.is_dir():
+        raise CaffeError(f"--out {out}: is a file, expected a folder for the predictions")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CaffeError(f"--out {out}: cannot create the folder ({error.strerror or error})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise CaffeError(f"--out {out}: the folder is not writable")
+    return out
+
+
+def server_name(entry: ListEntry) -> str:
+    """The Cityscapes benchmark server's file name: <city>_<seq>_<frame>_leftImg8bit.png."""
+    stem = entry.output_stem
+    return f"{stem}.png" if stem.endswith(f"_{IMAGE_TAG}") else f"{stem}_{IMAGE_TAG}.png"
+
+
+def _encode_png(array: np.ndarray, path: Path) -> bytes:
+    ok, encoded = cv2.imencode(".png", array)
+    if not ok:
+        raise CaffeError(f"{path}: PNG encoding failed")
+    return encoded.tobytes()
+
+
+class OutputStore:
+    """Where one run's PNGs go; picklable so DataLoader workers can run the resume check."""
+
+    def __init__(self, out: Path, output_format: str = "trainids", resume: bool = True) -> None:
+        if output_format not in FORMATS:
+            raise CaffeError(f"--format {output_format}: expected one of {', '.join(FORMATS)}")
+        self.out, self.output_format, self.resume = Path(out), output_format, resume
+        self.main_kind = "gray" if output_format == "trainids" else "labelids"
+
+    def paths(self, entry: ListEntry) -> dict[str, Path]:
+        """The files written for `entry`: the id image first, then the colour image."""
+        if self.output_format == "trainids":
+            main = self.out / "gray" / f"{entry.output_stem}.png"
+        else:
+            main = self.out / "labelids" / server_name(entry)
+        return {self.main_kind: main, "color": self.out / "color" / f"{entry.output_stem}.png"}
+
+    def make_folders(self) -> None:
+        for kind in (self.main_kind, "color"):
+            (self.out / kind).mkdir(parents=True, exist_ok=True)
+
+    def any_exists(self, entries: list[ListEntry]) -> bool:
+        return any(path.exists() for entry in entries for path in self.paths(entry).values())
+
+    def write(self, entry: ListEntry, train_ids: np.ndarray) -> None:
+        """Write the id PNG and the colour PNG, each through a temporary file and a rename."""
+        paths = self.paths(entry)
+        ids = train_ids if self.output_format == "trainids" else train_ids_to_label_ids(train_ids)
+        for kind, array in ((self.main_kind, ids), ("color", np.ascontiguousarray(colorize(train_ids)[..., ::-1]))):
+            try:
+                write_atomic(paths[kind], _encode_png(array, paths[kind]))
+            except OSError as error:
+                raise CaffeError(f"{paths[kind]}: cannot write ({error.strerror or error})") from None
+
+    @staticmethod
+    def _decode_complete(path: Path, flags: int) -> np.ndarray | None:
+        """The decoded PNG, or None when it is missing, cut short or unreadable."""
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        if not data.endswith(_PNG_END):  # interrupted copy or a foreign partial file: checked before decoding
+            return None
+        return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
+
+    def existing_prediction(self, entry: ListEntry, image_size: tuple[int, int]) -> np.ndarray | None:
+        """The trainIds of a finished earlier prediction for `entry`, or None if it must be (re)computed.
+
+        Finished means: every file present and complete, of the image's size, the ids valid and the
+        colour image equal to the ids' colours.
+        """
+        if not self.resume:
+            return None
+        paths = self.paths(entry)
+        ids = self._decode_complete(paths[self.main_kind], cv2.IMREAD_UNCHANGED)
+        if ids is None or ids.ndim != 2 or ids.dtype != np.uint8 or ids.shape != tuple(image_size):
+            return None
+        if self.output_format == "trainids":
+            train_ids = ids
+            if train_ids.max(initial=0) >= NUM_CLASSES:
+                return None
+        else:
+            train_ids = LABEL_ID_TO_TRAIN_ID[ids]
+            if (train_ids == 255).any():
+                return None
+        color = self._decode_complete(paths["color"], cv2.IMREAD_COLOR)
+        if color is None or not np.array_equal(color[..., ::-1], colorize(train_ids)):
+            return None
+        return train_ids
+
+
+def check_run_file(out: Path, fingerprint: dict, store: OutputStore, entries: list[ListEntry]) -> None:
+    """Refuse to mix predictions of different settings in one --out; record this run's settings otherwise.
+
+    The run file is written before the first prediction, so predictions without one were not made by
+    this tool (or not with these settings) and are not silently taken over.
+    """
+    run_file = out / RUN_FILE
+    if store.resume:
+        if run_file.exists():
+            try:
+                recorded = json.loads(run_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                recorded = {}
+            if not isinstance(recorded, dict):
+                recorded = {}
+            changed = [key for key in fingerprint if recorded.get(key) != fingerprint[key]]
+            if changed:
+                key = changed[0]
+                raise CaffeError(
+                    f"--out {out}: holds predictions made with another {key} ({recorded.get(key)!r}, now "
+                    f"{fingerprint[key]!r}); use another --out, or --redo to replace them"
+                )
+        elif store.any_exists(entries):
+            raise CaffeError(f"--out {out}: holds predictions not recorded in {RUN_FILE} (made by another tool "
+                             "or version); use another --out, or --redo to replace them")
+    else:
+        # Replaced outputs go first: were this run interrupted, none of them could pass for its own.
+        for entry in entries:
+            for path in store.paths(entry).values():
+                path.unlink(missing_ok=True)
+    write_atomic(run_file, (json.dumps(fingerprint, indent=2, sort_keys=True) + "\n").encode())

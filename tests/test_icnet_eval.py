@@ -1,0 +1,389 @@
+"""Tests of the icnet-eval pipeline: demo, eval_acc.m scoring, resume, torch.distributed sharding, bad input, labelIds."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from caffe2torch.errors import CaffeError
+from caffe2torch.manifest import load_manifest, md5_file
+from icnet_eval.cityscapes import LABEL_ID_TO_TRAIN_ID, TRAIN_ID_TO_LABEL_ID
+from icnet_eval.cli import main
+from icnet_eval.data import MEAN_RGB, ListEntry, parse_list, preprocess
+from icnet_eval.demo import street_scene
+from icnet_eval.evaluate import class_probabilities, predict_train_ids
+from icnet_eval.imresize import matlab_imresize
+from icnet_eval.model import write_untrained_caffemodel
+from icnet_eval.netdef import icnet_prototxt
+from icnet_eval.outputs import server_name
+
+REPO = Path(__file__).resolve().parents[1]
+# Smallest 2:1 ICNet input whose conv5_3 map (7x13) still allows the 6x6 pyramid bins: fast on a CPU.
+SMALL_INPUT = ("193", "385")
+IMAGE_SIZE = (64, 128)
+STEMS = [f"city_{i:06d}_000019" for i in range(3)]
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), array)
+
+
+def read_gray(path: Path) -> np.ndarray:
+    return cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, spinning OpenMP threads make these tests 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    return write_untrained_caffemodel(tmp_path_factory.mktemp("model") / "icnet_untrained.caffemodel", seed=1)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """Three small street scenes in Cityscapes layout; the list is root/val.txt."""
+    root = tmp_path_factory.mktemp("cityscapes")
+    lines = []
+    for seed, stem in enumerate(STEMS):
+        image, label = street_scene(seed + 10, IMAGE_SIZE)
+        image_rel = f"leftImg8bit/val/city/{stem}_leftImg8bit.png"
+        label_rel = f"gtFine/val/city/{stem}_gtFine_labelTrainIds.png"
+        write_png(root / image_rel, image[..., ::-1])
+        write_png(root / label_rel, label)
+        lines.append(f"{image_rel} {label_rel}")
+    (root / "val.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def eval_args(root: Path, weights: Path, out: Path, *extra: str, list_name: str = "val.txt") -> list[str]:
+    return ["--list", str(root / list_name), "--data-root", str(root), "--weights", str(weights), "--out", str(out),
+            "--input-size", *SMALL_INPUT, "--device", "cpu", "--workers", "0", *extra]
+
+
+def run_cli(args: list[str]):
+    return CliRunner().invoke(main, args)
+
+
+def scores(report: dict) -> dict:
+    """Everything a report holds except what legitimately changes between runs."""
+    return {key: value for key, value in report.items() if key not in ("options", "timing")}
+
+
+def load_report(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, dataset, weights) -> Path:
+    """One uninterrupted single-process run: the reference the other runs must equal."""
+    out = tmp_path_factory.mktemp("baseline")
+    result = run_cli(eval_args(dataset, weights, out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_baseline_report_and_outputs(baseline):
+    report = load_report(baseline)
+    assert report["images"] == 3
+    assert len(report["class_iou"]) == len(report["class_accuracy"]) == len(report["classes"]) == 19
+    assert report["classes"][0] == "road" and report["classes"][18] == "bicycle"
+    assert report["miou"] == pytest.approx(np.mean(report["class_iou"]), rel=1e-12)
+    assert report["options"]["input_size"] == [193, 385] and report["options"]["resize"] == "matlab"
+    for stem in STEMS:
+        gray = read_gray(baseline / "gray" / f"{stem}_leftImg8bit.png")
+        color = cv2.imread(str(baseline / "color" / f"{stem}_leftImg8bit.png"))
+        assert gray.shape == IMAGE_SIZE and gray.dtype == np.uint8 and gray.max() < 19
+        assert color.shape == (*IMAGE_SIZE, 3)
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    root = tmp_path / "demo"
+    result = run_cli(["demo", "--dir", str(root), "--images", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "UNTRAINED" in result.stdout
+    release = load_manifest().releases[0]
+    assert release.md5 in result.stdout and release.name in result.stdout
+    report = load_report(root / "results")
+    assert report["images"] == 2 and report["options"]["input_size"] == [257, 513]
+    assert len(report["class_iou"]) == 19 and 0.0 <= report["miou"] <= 100.0
+    gray = read_gray(root / "results" / "gray" / "demo_000001_000019_leftImg8bit.png")
+    assert gray.shape == (256, 512) and gray.max() < 19
+    # several classes predicted: the untrained weights are scaled to keep the logits varied
+    assert len(np.unique(gray)) >= 3
+    # the weights are a real, deterministic caffemodel
+    again = write_untrained_caffemodel(tmp_path / "again.caffemodel")
+    assert md5_file(again) == md5_file(root / "model" / "icnet_untrained_demo.caffemodel")
+
+
+def eval_acc_reference(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, float]:
+    """eval_acc.m written out independently: uint8 +1 saturation, hist bins centred on 0..19, eps per image."""
+    edges = np.concatenate([[-np.inf], np.arange(19) + 0.5, [np.inf]])
+    intersection, union = np.zeros(19), np.zeros(19)
+    correct = labelled = 0
+    for pred, label in pairs:
+        anno = np.minimum(label.astype(np.int64) + 1, 255)
+        anno[anno == 255] = 0
+        pred = np.minimum(pred.astype(np.int64) + 1, 255)
+        correct += np.sum((pred == anno) & (anno > 0))
+        labelled += np.sum(anno > 0)
+        pred = pred * (anno > 0)
+        inter = np.histogram(pred * (pred == anno), edges)[0][1:]
+        area_pred = np.histogram(pred, edges)[0][1:]
+        area_label = np.histogram(anno, edges)[0][1:]
+        intersection += inter
+        union += np.finfo(np.float64).eps + (area_pred + area_label - inter)
+    return 100 * intersection / union, 100 * correct / labelled
+
+
+def test_score_equals_independent_eval_acc(tmp_path):
+    rng = np.random.default_rng(5)
+    lines, pairs = [], []
+    for index in range(4):
+        stem = f"c_{index:06d}_000019"
+        label = rng.integers(0, 19, (20, 30)).astype(np.uint8)
+        label[rng.random(label.shape) < 0.1] = 255
+        label[0, :3] = 254  # saturates to 255 in eval_acc.m: ignored too
+        pred = np.where(rng.random(label.shape) < 0.6, label, rng.integers(0, 19, label.shape)).astype(np.uint8)
+        pred[1, :5] = [19, 200, 255, 18, 0]  # values above 18 count as the last class (hist rule)
+        label_rel = f"gtFine/val/c/{stem}_gtFine_labelTrainIds.png"
+        if index == 3:  # only the labelIds file exists: mapped with the official table
+            write_png(tmp_path / label_rel.replace("labelTrainIds", "labelIds"),
+                      np.array(list(TRAIN_ID_TO_LABEL_ID) + [0] * 237, dtype=np.uint8)[label])
+        else:
+            write_png(tmp_path / label_rel, label)
+        if index == 2:  # half-size prediction: eval_acc.m resizes it with 'nearest' (pixel doubling here)
+            small = pred[::2, ::2]
+            pred = np.repeat(np.repeat(small, 2, axis=0), 2, axis=1)
+            write_png(tmp_path / "pred" / f"{stem}_leftImg8bit.png", small)
+        else:
+            write_png(tmp_path / "pred" / f"{stem}_leftImg8bit.png", pred)
+        lines.append(f"leftImg8bit/val/c/{stem}_leftImg8bit.png {label_rel}")
+        pairs.append((pred, label))
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    json_path = tmp_path / "scores.json"
+    result = run_cli(["score", "--list", str(tmp_path / "list.txt"), "--data-root", str(tmp_path),
+                      "--pred-dir", str(tmp_path / "pred"), "--json", str(json_path)])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("labelIds") == 1  # said once
+    report = json.loads(json_path.read_text())
+    class_iou, pixel_accuracy = eval_acc_reference(pairs)
+    np.testing.assert_allclose(report["class_iou"], class_iou, rtol=1e-12, atol=0)
+    assert report["miou"] == pytest.approx(np.mean(class_iou), rel=1e-12)
+    assert report["pixel_accuracy"] == pytest.approx(pixel_accuracy, rel=1e-12)
+    assert report["images"] == 4
+
+
+def test_resume_after_interruption_gives_the_same_report(tmp_path, baseline, dataset, weights):
+    out = tmp_path / "out"
+    shutil.copytree(baseline, out)
+    (out / "report.json").unlink()
+    (out / "gray" / f"{STEMS[0]}_leftImg8bit.png").unlink()
+    color = out / "color" / f"{STEMS[1]}_leftImg8bit.png"
+    color.write_bytes(color.read_bytes()[:100])  # a file cut short
+    result = run_cli(eval_args(dataset, weights, out, "--workers", "1"))
+    assert result.exit_code == 0, result.output
+    report = load_report(out)
+    assert scores(report) == scores(load_report(baseline))
+    assert report["timing"]["images_resumed"] == 1 and report["timing"]["images_inferred"] == 2
+    for kind in ("gray", "color"):
+        for stem in STEMS:
+            name = f"{stem}_leftImg8bit.png"
+            assert (out / kind / name).read_bytes() == (baseline / kind / name).read_bytes()
+
+
+def test_resume_refuses_outputs_of_other_settings(tmp_path, baseline, dataset, weights):
+    out = tmp_path / "out"
+    shutil.copytree(baseline, out)
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    args = eval_args(dataset, weights, out)
+    args[args.index("--input-size") + 1:args.index("--input-size") + 3] = ["225", "449"]
+    result = run_cli(args)
+    assert result.exit_code != 0
+    assert result.stderr.strip().count("\n") == 0 and "input_size" in result.stderr
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+    result = run_cli(args + ["--redo"])
+    assert result.exit_code == 0, result.output
+    report = load_report(out)
+    assert report["options"]["input_size"] == [225, 449] and report["timing"]["images_inferred"] == 3
+
+
+def test_two_processes_give_the_same_report(tmp_path, baseline, dataset, weights):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "icnet_eval.cli", *eval_args(dataset, weights, out)]
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = load_report(out)
+    assert report["options"]["world_size"] == 2
+    assert scores(report) == scores(load_report(baseline))
+    for stem in STEMS:
+        name = f"{stem}_leftImg8bit.png"
+        assert np.array_equal(read_gray(out / "gray" / name), read_gray(baseline / "gray" / name))
+
+
+def test_labelids_format_writes_server_files(tmp_path, baseline, dataset, weights):
+    out = tmp_path / "out"
+    result = run_cli(eval_args(dataset, weights, out, "--format", "labelids"))
+    assert result.exit_code == 0, result.output
+    assert scores(load_report(out)) == scores(load_report(baseline))
+    assert sorted(path.name for path in (out / "labelids").iterdir()) == [f"{s}_leftImg8bit.png" for s in STEMS]
+    for stem in STEMS:
+        label_ids = read_gray(out / "labelids" / f"{stem}_leftImg8bit.png")
+        assert set(np.unique(label_ids)) <= set(TRAIN_ID_TO_LABEL_ID)
+        train_ids = read_gray(baseline / "gray" / f"{stem}_leftImg8bit.png")
+        assert np.array_equal(LABEL_ID_TO_TRAIN_ID[label_ids], train_ids)
+    plain = ListEntry(Path("l.txt"), 1, Path("images/frame7.jpg"), None)
+    assert server_name(plain) == "frame7_leftImg8bit.png"
+
+
+def _case_missing_image(root: Path, setup: Path) -> tuple[list[str], str]:
+    lines = (root / "val.txt").read_text().splitlines()
+    lines.insert(1, "leftImg8bit/val/city/gone_leftImg8bit.png")
+    (setup / "list.txt").write_text("\n".join(lines))
+    return ["--list", str(setup / "list.txt")], "line 2: image"
+
+
+def _case_label_size(root: Path, setup: Path) -> tuple[list[str], str]:
+    write_png(setup / "small_label.png", np.zeros((32, 64), dtype=np.uint8))
+    image = root / f"leftImg8bit/val/city/{STEMS[0]}_leftImg8bit.png"
+    (setup / "list.txt").write_text(f"{image} {setup / 'small_label.png'}\n")
+    return ["--list", str(setup / "list.txt")], "line 1: label"
+
+
+def _case_unreadable_image(root: Path, setup: Path) -> tuple[list[str], str]:
+    (setup / "broken_leftImg8bit.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (setup / "list.txt").write_text(f"\n{setup / 'broken_leftImg8bit.png'}\n")
+    return ["--list", str(setup / "list.txt")], "line 2: image"
+
+
+def _case_empty_list(root: Path, setup: Path) -> tuple[list[str], str]:
+    (setup / "list.txt").write_text("\n  \n")
+    return ["--list", str(setup / "list.txt")], "empty"
+
+
+def _case_md5_mismatch(root: Path, setup: Path, weights: Path) -> tuple[list[str], str]:
+    renamed = setup / "icnet_cityscapes_train_30k.caffemodel"
+    shutil.copy(weights, renamed)
+    return ["--weights", str(renamed)], "md5"
+
+
+@pytest.mark.parametrize("case", ["missing_image", "label_size", "unreadable_image", "empty_list",
+                                  "md5_mismatch", "out_is_file"])
+def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, dataset, weights, case):
+    out = tmp_path / "out"
+    setup = tmp_path / "setup"
+    setup.mkdir()
+    args = eval_args(dataset, weights, out)
+    if case == "out_is_file":
+        out.write_text("precious")
+        expected, override = "is a file", []
+    elif case == "md5_mismatch":
+        override, expected = _case_md5_mismatch(dataset, setup, weights)
+    else:
+        override, expected = globals()[f"_case_{case}"](dataset, setup)
+    for flag, value in zip(override[::2], override[1::2]):
+        args[args.index(flag) + 1] = value
+    result = run_cli(args)
+    assert result.exit_code != 0
+    message = result.stderr.strip()
+    assert "\n" not in message and message.startswith("icnet-eval: error:"), message
+    assert expected in message
+    if case == "out_is_file":
+        assert out.read_text() == "precious"
+        assert str(out) in message
+    else:
+        assert not (out / "report.json").exists()
+    if case in ("missing_image", "label_size", "unreadable_image"):
+        assert "list.txt" in message
+
+
+def test_list_parsing_errors_name_the_line(tmp_path, dataset):
+    image = f"leftImg8bit/val/city/{STEMS[0]}_leftImg8bit.png"
+    label = f"gtFine/val/city/{STEMS[0]}_gtFine_labelTrainIds.png"
+    cases = {
+        f"{image} {label}\n{image}\n": "line 2: has no label",
+        f"{image} {label} extra\n": "line 1: expected 'IMAGE [LABEL]'",
+        f"{image} {label}\n\n{image} {label}\n": "line 3: image name",
+    }
+    for text, expected in cases.items():
+        (tmp_path / "list.txt").write_text(text)
+        with pytest.raises(CaffeError, match=re.escape(expected)):
+            parse_list(tmp_path / "list.txt", dataset)
+    (tmp_path / "list.txt").write_text(f"# comment\n{image} {label}\n")
+    (entry,) = parse_list(tmp_path / "list.txt", dataset)
+    assert entry.line == 2 and entry.label_prediction_name == f"{STEMS[0]}_leftImg8bit.png"
+
+
+def test_preprocess_is_eval_sub_input():
+    """MATLAB resize of the RGB image, single(img) - mean, then BGR: the BGR shortcut gives the same bits."""
+    rgb, _ = street_scene(3, (40, 70))
+    expected = matlab_imresize(rgb, (33, 65)).astype(np.float32) - np.array(MEAN_RGB, dtype=np.float32)
+    got = preprocess(np.ascontiguousarray(rgb[..., ::-1]), (33, 65))
+    assert got.dtype == torch.float32 and got.shape == (3, 33, 65)
+    assert np.array_equal(got.numpy(), expected[..., ::-1].transpose(2, 0, 1))
+
+
+def test_softmax_resize_argmax_rules():
+    logits = torch.zeros(19, 4, 6)
+    logits[3] = 2.0
+    logits[5] = 2.0  # tie with class 3: the lowest class wins, as MATLAB's max
+    assert (predict_train_ids(logits, (4, 6)) == 3).all()
+    # no max subtraction: exp(100) overflows, inf/inf is NaN, and MATLAB's max skips NaN -> class 0
+    logits[7, 0, 0] = 100.0
+    assert torch.isnan(class_probabilities(logits)[7, 0, 0])
+    assert predict_train_ids(logits, (4, 6))[0, 0] == 0
+    # a real case against NumPy: float32 softmax, MATLAB bilinear shrink, first maximum
+    rng = np.random.default_rng(0)
+    values = rng.normal(0, 2, (19, 17, 33)).astype(np.float32)
+    scores = np.exp(values)
+    probs = scores / np.add.reduce(scores, axis=0, dtype=np.float32)
+    expected = matlab_imresize(probs.transpose(1, 2, 0), (11, 21)).argmax(axis=2)
+    assert np.array_equal(predict_train_ids(torch.from_numpy(values), (11, 21)), expected)
+
+
+def test_prototxt_and_time_commands(tmp_path):
+    result = run_cli(["prototxt", "--height", "257", "--width", "513", "-o", str(tmp_path / "net.prototxt")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "net.prototxt").read_text() == icnet_prototxt(257, 513, False)
+    result = run_cli(["time", "--input-size", *SMALL_INPUT, "--iterations", "2", "--warmup", "0", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "33.00 ms" in result.stdout and "fps" in result.stdout and "1x3x193x385" in result.stdout
+
+
+def test_generated_net_reproduces_caffe_argmax(reference_dir):
+    """--input-size path: the generated 257x513 definition with Caffe-written weights gives Caffe's argmax."""
+    import h5py
+
+    from icnet_eval.evaluate import numerics
+    from icnet_eval.model import load_model
+
+    model = load_model(reference_dir / "icnet_merged_1025x2049.caffemodel", None, (257, 513))
+    assert model.definition == "generated ICNet 257x513 (BN merged)" and model.release is None
+    with h5py.File(reference_dir / "icnet_merged_257x513.ref.h5", "r") as ref:
+        inputs, caffe_argmax = torch.from_numpy(ref["input/data"][()]), ref["final/argmax"][()]
+    with torch.inference_mode(), numerics(torch.device("cpu")):
+        ours = model.net(inputs)[0].argmax(0).numpy()
+    # float32 rounding differs from Caffe's BLAS: only near-ties may flip
+    assert np.mean(ours == caffe_argmax) > 0.9999
+    bn_model = load_model(reference_dir / "icnet_bnnomerge_1025x2049.caffemodel", None, (257, 513))
+    assert bn_model.definition == "generated ICNet 257x513 (separate BN)"
