@@ -68,5 +68,23 @@ def placeholder_blobs(layer, shapes: Sequence[Shape]) -> list[np.ndarray]:
     if kind == "PReLU":
         channels = 1 if layer.prelu_param.channel_shared else _channels(layer, shapes)
         return [np.full(channels, 0.25, np.float32)]
-    # Scale and Bias fill themselves from their fillers; every other type has no parameters.
+    if kind in ("Scale", "Bias") and len(shapes) == 1:
+        return _scale_bias_placeholders(layer, shapes[0])
+    # Every other type has no parameters.
     return []
+
+
+def _scale_bias_placeholders(layer, shape: Shape) -> list[np.ndarray]:
+    """Scale and Bias fill themselves from constant fillers; a random filler gets gamma 1 / beta 0 here."""
+    param = layer.scale_param if layer.type == "Scale" else layer.bias_param
+    fillers = [("filler", param.filler)]
+    if layer.type == "Scale" and param.bias_term:
+        fillers.append(("bias_filler", param.bias_filler))
+    if all(not param.HasField(name) or filler.type == "constant" for name, filler in fillers):
+        return []
+    rank = len(shape)
+    axis = param.axis % rank if -rank <= param.axis < rank else param.axis  # the converter reports a bad axis
+    blob = tuple(shape[axis:]) if param.num_axes == -1 else tuple(shape[axis:axis + param.num_axes])
+    if layer.type == "Bias":
+        return [np.zeros(blob, np.float32)]
+    return [np.ones(blob, np.float32)] + ([np.zeros(blob, np.float32)] if param.bias_term else [])

@@ -14,7 +14,7 @@ Shape = tuple[int, ...]
 _TRAINING_ONLY = {
     "Data", "ImageData", "HDF5Data", "WindowData", "MemoryData", "DummyData", "ImageSegData",
     "SoftmaxWithLoss", "EuclideanLoss", "HingeLoss", "InfogainLoss", "SigmoidCrossEntropyLoss",
-    "MultinomialLogisticLoss", "ContrastiveLoss", "Accuracy", "Silence", "HDF5Output",
+    "MultinomialLogisticLoss", "ContrastiveLoss", "Accuracy", "HDF5Output",
 }
 
 
@@ -34,6 +34,8 @@ class NetGraph:
     name: str
     inputs: dict[str, Shape]
     layers: list[Layer] = field(default_factory=list)
+    # Blobs a Silence layer consumed, with the number of layers before it: they are no net outputs.
+    silenced: dict[str, int] = field(default_factory=dict)
 
 
 def _rule_matches(rule: caffe_pb2.NetStateRule, state: caffe_pb2.NetState) -> bool:
@@ -114,6 +116,15 @@ def build_graph(
                 graph.inputs[top] = shapes[0] if len(shapes) == 1 else shapes[index]
                 available.add(top)
             continue
+        if param.type == "Silence":
+            # Silence computes nothing; it only marks its bottoms as used, so it needs no module.
+            missing = [bottom for bottom in param.bottom if bottom not in available]
+            if missing:
+                raise CaffeError(f"layer {param.name!r} (Silence): bottoms {missing} are not produced by any earlier layer or input")
+            if param.top:
+                raise CaffeError(f"layer {param.name!r} (Silence): takes no tops, got {list(param.top)}")
+            graph.silenced.update({bottom: len(graph.layers) for bottom in param.bottom})
+            continue
         if param.type in _TRAINING_ONLY:
             raise CaffeError(
                 f"layer {param.name!r}: type {param.type!r} is active in the TEST phase but only makes sense "
@@ -169,6 +180,8 @@ def output_blobs(graph: NetGraph) -> list[str]:
             last_read[bottom] = index
         for top in layer.tops:
             last_write[top] = index
+    for blob, position in graph.silenced.items():
+        last_read[blob] = max(last_read.get(blob, -1), position)
     # An in-place layer reads and writes its blob at the same index: still an output if nothing reads it later.
     outputs = [blob for blob, index in last_write.items() if last_read.get(blob, -1) <= index]
     return sorted(outputs, key=lambda blob: last_write[blob])

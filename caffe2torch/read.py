@@ -55,6 +55,11 @@ _V1_TYPE_NAMES = {
 }
 
 
+# V1LayerParameter list fields -> the ParamSpec field each entry becomes (as Caffe's UpgradeV1LayerParameter).
+_V1_PARAM_SPEC_FIELDS = {"param": "name", "blob_share_mode": "share_mode", "blobs_lr": "lr_mult",
+                         "weight_decay": "decay_mult"}
+
+
 def _is_repeated(descriptor) -> bool:
     # protobuf 7 dropped FieldDescriptor.label in favour of is_repeated; older runtimes lack the latter.
     repeated = getattr(descriptor, "is_repeated", None)
@@ -79,6 +84,13 @@ def _upgrade_v1(net: caffe_pb2.NetParameter, source: str) -> caffe_pb2.NetParame
         new.type = _V1_TYPE_NAMES.get(type_name, type_name)
         for descriptor, value in old.ListFields():
             name = descriptor.name
+            if name in _V1_PARAM_SPEC_FIELDS:
+                # V1 keeps per-blob settings in parallel lists; the current format has one ParamSpec per blob.
+                for index, item in enumerate(value):
+                    while len(new.param) <= index:
+                        new.param.add()
+                    setattr(new.param[index], _V1_PARAM_SPEC_FIELDS[name], item)
+                continue
             if name == "type" or name not in target_fields:
                 continue
             target = getattr(new, name)
@@ -139,6 +151,32 @@ def read_caffemodel(path: str | os.PathLike) -> caffe_pb2.NetParameter:
     return parse_caffemodel(_read_bytes(path), str(path))
 
 
+# Upstream BVLC numbers these params 143-148, which our schema gives to the fork's params (see
+# caffe.proto). In a binary written by upstream Caffe they therefore decode into the fork's
+# message; the fork has none of these layer types, so the type says which one was meant.
+_UPSTREAM_PARAMS = {
+    "Input": ("interp_param", "input_param"),
+    "Crop": ("seg_accuracy_param", "crop_param"),
+    "Parameter": ("mat_write_param", "parameter_param"),
+    "Recurrent": ("dense_crf_param", "recurrent_param"),
+    "RNN": ("dense_crf_param", "recurrent_param"),
+    "LSTM": ("dense_crf_param", "recurrent_param"),
+    "Swish": ("domain_transform_param", "swish_param"),
+    "Clip": ("adaptive_bias_channel_param", "clip_param"),
+}
+
+
+def _recover_upstream_params(net: caffe_pb2.NetParameter) -> None:
+    """Re-read an upstream layer's param from the fork message it decoded into (same wire bytes)."""
+    for layer in net.layer:
+        names = _UPSTREAM_PARAMS.get(layer.type)
+        if names is None or not layer.HasField(names[0]) or layer.HasField(names[1]):
+            continue
+        wire = getattr(layer, names[0]).SerializePartialToString(deterministic=True)
+        getattr(layer, names[1]).ParseFromString(wire)
+        layer.ClearField(names[0])
+
+
 def parse_caffemodel(data: bytes, source: str = "<caffemodel>") -> caffe_pb2.NetParameter:
     from google.protobuf.message import DecodeError
 
@@ -152,6 +190,7 @@ def parse_caffemodel(data: bytes, source: str = "<caffemodel>") -> caffe_pb2.Net
     if not net.layer and not net.layers:
         raise CaffeError(f"{source}: not a valid caffemodel (it holds no layers)")
     net = _upgrade_v1(net, source)
+    _recover_upstream_params(net)
     for layer in net.layer:
         for index, blob in enumerate(layer.blobs):
             blob_shape(blob, f"{source}: layer {layer.name!r} blob {index}")
@@ -184,6 +223,26 @@ def blob_to_array(blob: caffe_pb2.BlobProto, where: str = "blob") -> np.ndarray:
     return values.reshape(shape)
 
 
+def _collect_h5_layers(path, layer_name: str, group, weights: dict[str, list[np.ndarray]]) -> None:
+    """Blobs of one layer group; a '/' in a layer name made HDF5 nest the group inside another one.
+
+    Caffe's H5Gcreate succeeds for "conv1/bn" when the group "conv1" exists (the layer "conv1"
+    came first), so "conv1" may hold both its own blobs "0", "1" and the group "bn".
+    """
+    import h5py
+
+    numeric = sorted((key for key in group.keys() if key.isdigit()), key=int)
+    nested = [key for key in group.keys() if not key.isdigit()]
+    for key in nested:
+        if not isinstance(group[key], h5py.Group):
+            raise CaffeError(f"{path}: layer {layer_name!r} has a non-numeric blob name {key!r}")
+        _collect_h5_layers(path, f"{layer_name}/{key}", group[key], weights)
+    if any(not isinstance(group[key], h5py.Dataset) for key in numeric):
+        raise CaffeError(f"{path}: layer {layer_name!r} holds a group where blob datasets belong")
+    if numeric or not nested:  # a group of nested layers only is no layer itself
+        weights[layer_name] = [np.asarray(group[key][()], dtype=np.float32) for key in numeric]
+
+
 def read_caffemodel_h5(path: str | os.PathLike) -> dict[str, list[np.ndarray]]:
     """Caffe's HDF5 weights (Net::ToHDF5): group /data/<layer name>/<i> per parameter blob."""
     import h5py
@@ -196,10 +255,7 @@ def read_caffemodel_h5(path: str | os.PathLike) -> dict[str, list[np.ndarray]]:
                 raise CaffeError(f"{path}: not a Caffe HDF5 weights file (no /data group)")
             weights: dict[str, list[np.ndarray]] = {}
             for layer_name, group in file["data"].items():
-                indices = sorted(group.keys(), key=lambda key: int(key) if key.isdigit() else -1)
-                if any(not key.isdigit() for key in indices):
-                    raise CaffeError(f"{path}: layer {layer_name!r} has non-numeric blob names {indices}")
-                weights[layer_name] = [np.asarray(group[key][()], dtype=np.float32) for key in indices]
+                _collect_h5_layers(path, layer_name, group, weights)
             return weights
     except CaffeError:
         raise
