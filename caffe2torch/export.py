@@ -75,9 +75,10 @@ def generate_source(net: CaffeNet, origin: str) -> str:
         tops = ", ".join(names[t] for t in step.tops)
         if len(step.tops) > 1:
             tops = f"({tops})"
-        lines.append(f"        {tops} = layer[{module_key(step.name)!r}]({bottoms})  # {step.type}")
+        call = f"layer[{module_key(step.name)!r}]({bottoms})  # {step.type}"
+        lines.append(f"        {tops} = {call}" if step.tops else f"        {call}")
     outputs = ", ".join(names[o] for o in net.outputs)
-    lines.append(f"        return {outputs}")
+    lines.append(f"        return {outputs or 'None'}")
     return "\n".join(lines) + "\n"
 
 
