@@ -36,10 +36,7 @@ def _definition_for(weights_path: Path | None, stored: caffe_pb2.NetParameter | 
         deploy = manifest.deploy_prototxt_path(release)
         return read_prototxt(deploy), deploy
     if stored is not None:
-        definition = caffe_pb2.NetParameter()
-        definition.CopyFrom(stored)
-        for layer in definition.layer:
-            del layer.blobs[:]
+        definition = stored
         if not definition.input and not any(layer.type == "Input" for layer in definition.layer):
             raise CaffeError(
                 f"{weights_path}: the stored net declares no input (it is a training net); give the deploy file with --prototxt"

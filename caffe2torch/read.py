@@ -295,22 +295,39 @@ def trained_blobs(net: caffe_pb2.NetParameter, source: str) -> dict[str, list[np
 
 
 def read_weights(path: str | os.PathLike) -> tuple[dict[str, list[np.ndarray]], caffe_pb2.NetParameter | None]:
-    """Weights by layer name from a .caffemodel or .caffemodel.h5, with the stored net when there is one."""
+    """Weights by layer name from a .caffemodel or .caffemodel.h5, with the stored net (blobs removed) when there is one."""
     path = Path(path)
     if path.suffix in (".h5", ".hdf5"):
         return read_caffemodel_h5(path), None
     net = read_caffemodel(path)
-    return trained_blobs(net, str(path)), net
+    weights = trained_blobs(net, str(path))
+    return weights, without_blobs(net)
+
+
+def without_blobs(net: caffe_pb2.NetParameter) -> caffe_pb2.NetParameter:
+    """The net definition alone, in a new message so the parsed weights are freed with `net`.
+
+    The blobs are cleared from `net` itself first (it is not used afterwards), so no layer's
+    weights are ever copied.
+    """
+    stripped = caffe_pb2.NetParameter()
+    for descriptor, value in net.ListFields():
+        if descriptor.name not in ("layer", "layers"):
+            if _is_repeated(descriptor):
+                getattr(stripped, descriptor.name).extend(value)
+            elif descriptor.message_type is not None:
+                getattr(stripped, descriptor.name).CopyFrom(value)
+            else:
+                setattr(stripped, descriptor.name, value)
+    for layer in net.layer:
+        del layer.blobs[:]
+        stripped.layer.add().CopyFrom(layer)
+    return stripped
 
 
 def read_net_definition(path: str | os.PathLike) -> caffe_pb2.NetParameter:
     """A net definition from a prototxt, or the architecture stored in a binary caffemodel."""
     path = Path(path)
     if path.suffix == ".caffemodel":
-        net = read_caffemodel(path)
-        stripped = caffe_pb2.NetParameter()
-        stripped.CopyFrom(net)
-        for layer in stripped.layer:
-            del layer.blobs[:]
-        return stripped
+        return without_blobs(read_caffemodel(path))
     return read_prototxt(path)

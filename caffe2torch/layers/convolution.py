@@ -36,7 +36,9 @@ def fit_blob(layer, what: str, blob: np.ndarray, expected: Sequence[int]) -> tor
     legacy = (1,) * (4 - len(expected)) + expected if len(expected) <= 4 else None
     if actual != expected and not (len(actual) == 4 and actual == legacy):
         expect_shape(layer, what, actual, expected)
-    return torch.from_numpy(np.ascontiguousarray(blob, dtype=np.float32).reshape(expected).copy())
+    array = np.ascontiguousarray(blob, dtype=np.float32).reshape(expected)
+    # Share the reader's array (no second copy of the weights) unless it is read-only.
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
 def _per_axis(layer, values: Sequence[int], name: str, num_spatial: int, default: int | None) -> list[int]:
