@@ -105,8 +105,17 @@ def _shapes(shapes) -> str:
 @click.option("--isolated", is_flag=True, help="Feed each layer Caffe's values of its bottoms.")
 @click.option("--tolerance", type=float, help="Relative L2 tolerance (default 5e-4 free-running, 1e-5 isolated).")
 @click.option("--no-verify", is_flag=True, help="Accept a file whose md5 differs from the manifest's.")
-def verify(model: Path, prototxt: Path | None, reference: Path, isolated: bool, tolerance: float | None, no_verify: bool) -> None:
+@click.option("--fast", is_flag=True, help="Check the fast inference path (caffe2torch.fast: BN folded, channels_last); "
+              "pre-norm records of folded convolutions are listed apart.")
+def verify(model: Path, prototxt: Path | None, reference: Path, isolated: bool, tolerance: float | None, no_verify: bool,
+           fast: bool) -> None:
     """Run MODEL on the reference input and compare every recorded layer with Caffe's outputs."""
+    if fast:
+        if isolated:
+            raise CaffeError("--fast checks the optimised net free-running; it cannot be combined with --isolated")
+        from caffe2torch.fast import enable_huge_pages
+
+        enable_huge_pages()  # before torch allocates anything large
     from caffe2torch.convert import convert as run_convert
     from caffe2torch.verify import (FREE_TOLERANCE, ISOLATED_TOLERANCE, format_report, read_reference,
                                     verify_free_running, verify_isolated)
@@ -120,7 +129,14 @@ def verify(model: Path, prototxt: Path | None, reference: Path, isolated: bool, 
     conversion = run_convert(model, prototxt, shapes, verify_md5=not no_verify, on_warning=_warn)
     tolerance = tolerance if tolerance is not None else (ISOLATED_TOLERANCE if isolated else FREE_TOLERANCE)
     mode = "isolated" if isolated else "free-running"
-    report = (verify_isolated if isolated else verify_free_running)(conversion.net, ref, tolerance)
+    if fast:
+        from caffe2torch.fast import optimize
+        from caffe2torch.verify import verify_fast
+
+        mode = "free-running, fast path"
+        report = verify_fast(optimize(conversion.net), ref, tolerance)
+    else:
+        report = (verify_isolated if isolated else verify_free_running)(conversion.net, ref, tolerance)
     for line in format_report(report, tolerance, mode):
         click.echo(line)
     sys.exit(0 if report.ok and not report.unchecked else EXIT_MISMATCH)

@@ -161,6 +161,9 @@ class Report:
         return self.passed == len(self.comparisons) and self.argmax_ok and not self.unchecked_fail
 
     unchecked_fail: bool = False
+    # Fast path only: records whose values the optimised net never makes (pre-norm outputs of folded
+    # convolutions); neither passes nor failures.
+    folded: list[str] = field(default_factory=list)
 
 
 def _match_records(net: CaffeNet, reference: Reference) -> list[tuple[Step, LayerRecord]]:
@@ -270,6 +273,8 @@ def format_report(report: Report, tolerance: float, mode: str) -> list[str]:
         lines.append(f"{c.layer:<32} {c.type:<13} {c.top:<28} {values:>9} {c.max_abs:>10.3g} {c.rel_l2:>10.3g}  {status}{note}")
     for entry in report.unchecked:
         lines.append(f"unchecked: {entry}")
+    for entry in report.folded:
+        lines.append(f"folded: {entry}")
     if report.argmax_agreement is not None:
         lines.append(f"final argmax: {100 * report.argmax_agreement:.4f}% of positions identical "
                      f"(need {100 * ARGMAX_AGREEMENT:.2f}%) {'ok' if report.argmax_ok else 'MISMATCH'}")
@@ -279,5 +284,49 @@ def format_report(report: Report, tolerance: float, mode: str) -> list[str]:
     summary = f"{report.passed}/{report.total} layers within tolerance ({mode}, rel L2 <= {tolerance:g})"
     if report.unchecked:
         summary += f"; {len(report.unchecked)} could not be checked"
+    if report.folded:
+        summary += f"; {len(report.folded)} pre-BN records folded away (not compared)"
     lines.append(summary)
     return lines
+
+
+# ---------------------------------------------------------------- fast path (caffe2torch.fast)
+
+def verify_fast(net, reference: Reference, tolerance: float = FREE_TOLERANCE) -> Report:
+    """Free-running check of a `caffe2torch.fast.FastNet`.
+
+    A removed norm (or Scale) layer whose output a folded convolution now makes is compared with
+    that convolution's output; the records the fast net no longer makes (the convolution's pre-norm
+    output, a BatchNorm's output before its folded Scale) are listed in `report.folded`.
+    """
+    steps = {step.name: step for step in net.steps}
+    folded_away = set(net.folded_away)
+    report = Report()
+    by_step: dict[str, list[LayerRecord]] = {}
+    for record in reference.layers:
+        if record.name in folded_away:
+            into = net.folded.get(record.name, record.name)
+            what = "pre-norm output" if into == record.name else "output before the folded Scale"
+            report.folded.append(f"{record.name} ({record.type}): {what}, not made by the fast path "
+                                 f"(convolution {into!r} gives the normalised one)")
+            continue
+        step = steps.get(net.stands_for.get(record.name, record.name))
+        if step is None:
+            raise CaffeError(f"{reference.path}: recorded layer {record.name!r} is not in the optimised net")
+        if list(step.tops) != record.tops:
+            raise CaffeError(f"{reference.path}: layer {record.name!r} writes {record.tops}, the optimised "
+                             f"step {step.name!r} {list(step.tops)}")
+        by_step.setdefault(step.name, []).append(record)
+    argmax_step = net.stands_for.get(reference.argmax_source, reference.argmax_source)
+    last_output: dict[str, torch.Tensor] = {}
+
+    def after_layer(step: Step, tops) -> None:
+        for record in by_step.get(step.name, []):
+            report.comparisons.extend(_compare_tops(step, record, tops, tolerance))
+        if step.name == argmax_step:
+            last_output["argmax"] = tops[0]
+
+    with torch.inference_mode():
+        net.run(**_input_tensors(net, reference), after_layer=after_layer)
+    _check_argmax(report, reference, last_output.get("argmax"))
+    return report
