@@ -94,6 +94,9 @@ def save(net: CaffeNet, definition, blobs, folder: str | os.PathLike, meta: dict
     parent = folder.parent
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         (staging / DEFINITION).write_text(text_format.MessageToString(definition))
         used = {step.name for step in net.steps}

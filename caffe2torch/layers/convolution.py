@@ -126,6 +126,10 @@ class CaffeConvolution(nn.Module):
         self.axis, self.stride, self.pad, self.dilation, self.group = axis, stride, pad, dilation, group
 
     def _one(self, x: torch.Tensor) -> torch.Tensor:
+        if self.axis == 1:
+            # The usual N x C x spatial layout: no reshape, which would hide a channels_last layout from oneDNN.
+            return _CONV_FUNCTIONS[len(self.stride)](x, self.weight, self.bias, self.stride, self.pad,
+                                                     self.dilation, self.group)
         lead = x.shape[: self.axis]
         y = _CONV_FUNCTIONS[len(self.stride)](
             x.reshape((-1,) + tuple(x.shape[self.axis:])), self.weight, self.bias,
