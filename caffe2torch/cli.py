@@ -47,6 +47,9 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except CaffeError as error:
             _fail(str(error))
+        except OSError as error:  # the file system refused: a path the user gave
+            where = f"{error.filename}: " if error.filename else ""
+            _fail(f"{where}{error.strerror or error}")
         except KeyboardInterrupt:
             _fail("interrupted", 130)
 
@@ -103,7 +106,7 @@ def _shapes(shapes) -> str:
 @prototxt_option
 @click.option("--reference", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Reference .ref.h5 written from real Caffe.")
 @click.option("--isolated", is_flag=True, help="Feed each layer Caffe's values of its bottoms.")
-@click.option("--tolerance", type=float, help="Relative L2 tolerance (default 5e-4 free-running, 1e-5 isolated).")
+@click.option("--tolerance", type=click.FloatRange(min=0.0), help="Relative L2 tolerance (default 5e-4 free-running, 1e-5 isolated).")
 @click.option("--no-verify", is_flag=True, help="Accept a file whose md5 differs from the manifest's.")
 @click.option("--fast", is_flag=True, help="Check the fast inference path (caffe2torch.fast: BN folded, channels_last); "
               "pre-norm records of folded convolutions are listed apart.")
@@ -169,13 +172,15 @@ def inspect(file: Path, prototxt: Path | None, input_shape: str | None, as_json:
 @main.command("fold-bn")
 @model_argument
 @prototxt_option
+@shape_option
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--no-verify", is_flag=True, help="Accept a file whose md5 differs from the manifest's.")
-def fold_bn(model: Path, prototxt: Path | None, output: Path, no_verify: bool) -> None:
+def fold_bn(model: Path, prototxt: Path | None, input_shape: str | None, output: Path, no_verify: bool) -> None:
     """Fold BN / BatchNorm(+Scale) into the preceding convolutions; write a caffemodel, prototxt and PyTorch folder."""
     from caffe2torch.fold import fold_files
 
-    written = fold_files(model, prototxt, output, verify_md5=not no_verify, on_warning=_warn)
+    written = fold_files(model, prototxt, output, verify_md5=not no_verify, on_warning=_warn,
+                         input_shape=_parse_shape(input_shape))
     for line in written:
         click.echo(line)
 

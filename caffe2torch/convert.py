@@ -74,12 +74,8 @@ def convert(weights: str | os.PathLike | None, prototxt: str | os.PathLike | Non
         raise CaffeError("give a caffemodel, a prototxt, or both")
     definition, prototxt_path = _definition_for(weights_path, stored, prototxt_path, release)
     source = str(prototxt_path or weights_path)
+    if trained and not set(trained) & {layer.name for layer in definition.layer}:
+        raise CaffeError(f"{weights_path}: none of its {len(trained)} weighted layers match a layer name of {source}")
     # A prototxt alone shows the structure: layers get zero-filled blobs of Caffe's shapes.
     net = from_net_parameter(definition, trained, source, input_shape, warn, fill_missing=weights_path is None)
-    if weights_path is not None:
-        unused = getattr(net, "unused_weights", [])
-        if unused and len(unused) == len(trained):
-            raise CaffeError(
-                f"{weights_path}: none of its {len(trained)} weighted layers match a layer name of {source}"
-            )
     return Conversion(net, definition, weights_path, prototxt_path, md5, release, trained, collected)

@@ -88,9 +88,12 @@ def save(net: CaffeNet, definition, blobs, folder: str | os.PathLike, meta: dict
     The weights are Caffe's parameter blobs by layer name, as tensors (loadable with
     `torch.load(..., weights_only=True)`); loading runs the same converters on them.
     """
-    folder = Path(folder)
+    folder = Path(folder).absolute()
     if folder.exists() and not folder.is_dir():
         raise CaffeError(f"{folder}: exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / META).is_file():
+        # Only a folder we wrote ourselves is replaced; anything else may be the user's data.
+        raise CaffeError(f"{folder}: exists and is not a caffe2torch output folder; choose another -o")
     parent = folder.parent
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=parent))
@@ -127,7 +130,10 @@ def load(folder: str | os.PathLike, map_location: str | torch.device = "cpu") ->
         if not (folder / required).is_file():
             raise CaffeError(f"{folder}: not a caffe2torch folder (missing {required})")
     definition = read_prototxt(folder / DEFINITION)
-    meta = json.loads((folder / META).read_text())
+    try:
+        meta = json.loads((folder / META).read_text())
+    except (ValueError, OSError) as error:
+        raise CaffeError(f"{folder / META}: cannot be read ({error})") from None
     inputs = {name: tuple(shape) for name, shape in meta.get("inputs", {}).items()} or None
     try:
         tensors = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)

@@ -307,6 +307,11 @@ class FastNet(nn.Module):
         missing = [name for name in self.input_names if name not in blobs]
         if missing:
             raise TypeError(f"{self.name or 'net'} takes inputs {self.input_names}; missing {missing}")
+        for name, shape in self.input_shapes.items():
+            # Lean kernels fix Interp and pooling sizes at optimisation time; another size needs its own net.
+            if tuple(blobs[name].shape[1:]) != tuple(shape[1:]):
+                raise ValueError(f"input {name!r} has shape {tuple(blobs[name].shape)}; this optimised net was built "
+                                 f"for {tuple(shape)}: convert and optimize() again for the new size")
         if self.options.channels_last:
             blobs = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in blobs.items()}
         layers = self.layers

@@ -310,7 +310,8 @@ def _stem(model: Path) -> str:
 
 
 def fold_files(model: str | os.PathLike, prototxt: str | os.PathLike | None, output_dir: str | os.PathLike,
-               verify_md5: bool = True, on_warning: Callable[[str], None] | None = None) -> list[str]:
+               verify_md5: bool = True, on_warning: Callable[[str], None] | None = None,
+               input_shape=None) -> list[str]:
     """Fold MODEL's norm layers; write <stem>_folded.prototxt, .caffemodel and the _torch folder; return report lines."""
     from caffe2torch.convert import convert
     from caffe2torch.export import save
@@ -319,11 +320,11 @@ def fold_files(model: str | os.PathLike, prototxt: str | os.PathLike | None, out
     model, output_dir = Path(model), Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise CaffeError(f"{output_dir}: exists and is not a folder")
-    conversion = convert(model, prototxt, None, verify_md5=verify_md5, on_warning=on_warning)
+    conversion = convert(model, prototxt, input_shape, verify_md5=verify_md5, on_warning=on_warning)
     definition, blobs, folded = fold_net(conversion.definition, conversion.trained)
     source = f"{conversion.prototxt_path or model} (folded)"
     # The folded net repeats the original's warnings, which were shown already.
-    net = from_net_parameter(definition, blobs, source, None, on_warning=lambda _: None)
+    net = from_net_parameter(definition, blobs, source, conversion.net.input_shapes, on_warning=lambda _: None)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     stem = _stem(model)

@@ -58,8 +58,6 @@ def included(layer: caffe_pb2.LayerParameter, state: caffe_pb2.NetState) -> bool
     """Caffe's Net::FilterNet for one layer: include rules if any, else exclude rules."""
     if layer.include and layer.exclude:
         raise CaffeError(f"layer {layer.name!r}: specifies both include and exclude rules")
-    if layer.HasField("phase") and layer.phase != state.phase:
-        return False
     if layer.include:
         return any(_rule_matches(rule, state) for rule in layer.include)
     return not any(_rule_matches(rule, state) for rule in layer.exclude)
@@ -162,17 +160,8 @@ def _apply_overrides(graph: NetGraph, overrides, source: str) -> None:
         graph.inputs[name] = tuple(int(d) for d in shape)
 
 
-def consumers(graph: NetGraph) -> dict[str, int]:
-    """How many later layers read each blob (in-place writers count as readers)."""
-    counts: dict[str, int] = {}
-    for layer in graph.layers:
-        for bottom in layer.bottoms:
-            counts[bottom] = counts.get(bottom, 0) + 1
-    return counts
-
-
 def output_blobs(graph: NetGraph) -> list[str]:
-    """Caffe's net outputs: blobs written and never read afterwards, in order of their last write."""
+    """Caffe's net outputs: blobs written and never read afterwards, sorted by name (Caffe keeps them in a std::set)."""
     last_read: dict[str, int] = {}
     last_write: dict[str, int] = {}
     for index, layer in enumerate(graph.layers):
@@ -184,4 +173,4 @@ def output_blobs(graph: NetGraph) -> list[str]:
         last_read[blob] = max(last_read.get(blob, -1), position)
     # An in-place layer reads and writes its blob at the same index: still an output if nothing reads it later.
     outputs = [blob for blob, index in last_write.items() if last_read.get(blob, -1) <= index]
-    return sorted(outputs, key=lambda blob: last_write[blob])
+    return sorted(outputs)

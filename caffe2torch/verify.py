@@ -158,9 +158,8 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return self.passed == len(self.comparisons) and self.argmax_ok and not self.unchecked_fail
+        return self.passed == len(self.comparisons) and self.argmax_ok and not self.unchecked
 
-    unchecked_fail: bool = False
     # Fast path only: records whose values the optimised net never makes (pre-norm outputs of folded
     # convolutions); neither passes nor failures.
     folded: list[str] = field(default_factory=list)
@@ -236,12 +235,15 @@ def _check_argmax(report: Report, reference: Reference, output: torch.Tensor | N
 def verify_isolated(net: CaffeNet, reference: Reference, tolerance: float = ISOLATED_TOLERANCE) -> Report:
     """Feed each layer the reference values of its bottoms, so an error shows at the layer that makes it.
 
-    A top whose full tensor is not stored is rebuilt by running our layer on reference bottoms
-    (and checked at the stored samples); a layer whose bottoms cannot be had is listed as unchecked.
+    A top whose full tensor is not stored is rebuilt by our layer (and checked at the stored
+    samples) when that cannot carry error forward: the layer has no parameters (ReLU, Eltwise,
+    Interp, MAX pooling, ...) or it reads stored tensors only (e.g. `data_sub1`, a Scale of the
+    input). A layer whose bottoms cannot be had this way is listed as unchecked, never passed.
     """
     pairs = _match_records(net, reference)
     report = Report()
     available: dict[str, torch.Tensor | None] = dict(_input_tensors(net, reference))
+    stored_blobs = set(available)  # values that are Caffe's own, not rebuilt by us
     with torch.inference_mode():
         for step, record in pairs:
             bottoms = [available.get(b) for b in step.bottoms]
@@ -251,12 +253,18 @@ def verify_isolated(net: CaffeNet, reference: Reference, tolerance: float = ISOL
                 for top, stored in zip(record.tops, record.values):
                     available[top] = torch.from_numpy(stored.data.copy()) if stored.data is not None else None
                 continue
-            result = net.layer(step.name)(*bottoms)
+            module = net.layer(step.name)
+            result = module(*bottoms)
             tops = result if isinstance(result, tuple) else (result,)
             report.comparisons.extend(_compare_tops(step, record, tops, tolerance))
+            rebuildable = not module.state_dict() or all(b in stored_blobs for b in step.bottoms)
             for top, value, stored in zip(record.tops, tops, record.values):
-                # Stored tensors feed later layers; a top only sampled is rebuilt from reference bottoms.
-                available[top] = torch.from_numpy(stored.data.copy()) if stored.data is not None else value
+                if stored.data is not None:
+                    available[top] = torch.from_numpy(stored.data.copy())
+                    stored_blobs.add(top)
+                else:
+                    available[top] = value if rebuildable else None
+                    stored_blobs.discard(top)
             if reference.argmax_source == step.name:
                 _check_argmax(report, reference, tops[0])
     if reference.final_argmax is not None and report.argmax_agreement is None:

@@ -141,3 +141,52 @@ def test_input_shape_override(reference_dir, tmp_path):
     assert json.loads(result.output)["inputs"] == {"data": [2, 3, 9, 9]}
     bad = run("inspect", reference_dir / "units" / "unit_conv_basic.caffemodel", "--input-shape", "a,b")
     _assert_one_line_error(bad)
+
+
+def test_exp_warning_names_the_layer_once(reference_dir, tmp_path):
+    units = reference_dir / "units"
+    result = run("convert", units / "unit_power_exp_log.caffemodel", "--prototxt", units / "unit_power_exp_log.prototxt",
+                 "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("caffe2torch: warning")]
+    assert any("layer 'exp_e_shift' (Exp): base -1 (e)" in line for line in warnings), warnings
+    assert all(line.count("layer '") == 1 for line in warnings), warnings
+
+
+def test_existing_user_folder_is_never_replaced(reference_dir, tmp_path):
+    units = reference_dir / "units"
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("precious")
+    result = run("convert", units / "unit_conv_basic.caffemodel", "--prototxt", units / "unit_conv_basic.prototxt", "-o", folder)
+    _assert_one_line_error(result)
+    assert (folder / "thesis.txt").read_text() == "precious"
+    # A folder written by caffe2torch itself is replaced atomically.
+    out = tmp_path / "out"
+    for _ in range(2):
+        result = run("convert", units / "unit_conv_basic.caffemodel", "--prototxt", units / "unit_conv_basic.prototxt", "-o", out)
+        assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "out"]
+
+
+def test_output_path_errors_are_one_line(reference_dir, tmp_path):
+    units = reference_dir / "units"
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = run("convert", units / "unit_conv_basic.caffemodel", "--prototxt", units / "unit_conv_basic.prototxt",
+                 "-o", blocker / "sub")
+    _assert_one_line_error(result)
+    assert result.exit_code == 2
+
+
+def test_net_outputs_in_caffes_order():
+    from caffe2torch.graph import build_graph, output_blobs
+    from caffe2torch.read import parse_prototxt
+
+    net = parse_prototxt('''
+        input: "x" input_shape { dim: 1 dim: 2 }
+        layer { name: "a" type: "ReLU" bottom: "x" top: "zeta" }
+        layer { name: "b" type: "TanH" bottom: "x" top: "alpha" }
+    ''')
+    # Caffe collects outputs in a std::set<string>: by name, not by position.
+    assert output_blobs(build_graph(net)) == ["alpha", "zeta"]

@@ -318,12 +318,12 @@ def convert_exp(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> 
         if shift.is_integer():
             outer_scale = -1.0 if shift % 2 else 1.0
             warnings.append(
-                f"layer {layer.name!r} (Exp): base -1 (e) with shift {shift:.7g}: Caffe (this fork) uses "
+                f"base -1 (e) with shift {shift:.7g}: Caffe (this fork) uses "
                 f"pow(-1, shift) = {outer_scale:g} as the outer factor instead of e^shift; reproduced as Caffe computes it"
             )
         else:
             warnings.append(
-                f"layer {layer.name!r} (Exp): base -1 (e) with non-zero shift {shift:.7g}: Caffe (this fork) computes "
+                f"base -1 (e) with non-zero shift {shift:.7g}: Caffe (this fork) computes "
                 f"the outer factor as pow(-1, shift) = NaN and multiplies by it with cblas_sscal, which in OpenBLAS "
                 f"writes 0; the output is all zeros (mathematically it would be NaN, intended e^(shift + scale*x)); "
                 f"reproduced as zeros"

@@ -63,7 +63,7 @@ def convert_batch_norm(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> C
     if not blobs:
         # Caffe's initial blobs are all zero; the scale factor 0 then means mean 0 and variance 0.
         blobs = [np.zeros(channels, np.float32), np.zeros(channels, np.float32), np.zeros(1, np.float32)]
-        warnings.append(f"layer {layer.name!r} (BatchNorm) has no weights; using Caffe's zero statistics")
+        warnings.append("has no weights; using Caffe's zero statistics")
     expect_blobs(layer, blobs, 3)
     module = CaffeBatchNorm(
         fit_blob(layer, "mean blob", blobs[0], [channels]),
@@ -193,7 +193,7 @@ def convert_scale(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> Conver
         ]
         if param.bias_term:
             blobs.append(_filled(layer, "bias", param.bias_filler, param.HasField("bias_filler"), 0.0, bias_shape))
-        warnings.append(f"layer {layer.name!r} (Scale) has no weights; using its constant fillers")
+        warnings.append("has no weights; using its constant fillers")
     expect_blobs(layer, blobs, wanted)
     scale = None if two_bottoms else fit_blob(layer, "scale blob", blobs[0], scale_shape)
     scale_axis = _broadcast_axis(layer, shape, scale_shape, param.axis, "scale")
@@ -218,7 +218,7 @@ def convert_bias(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> Convert
     bias_shape = _blob_shape(layer, shape, param.axis, param.num_axes)
     if not blobs:
         blobs = [_filled(layer, "bias", param.filler, param.HasField("filler"), 0.0, bias_shape)]
-        warnings.append(f"layer {layer.name!r} (Bias) has no weights; using its constant filler")
+        warnings.append("has no weights; using its constant filler")
     expect_blobs(layer, blobs, 1)
     bias = fit_blob(layer, "bias blob", blobs[0], bias_shape)
     axis = _broadcast_axis(layer, shape, bias_shape, param.axis, "bias")
