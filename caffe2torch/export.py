@@ -17,6 +17,7 @@ from google.protobuf import text_format
 from caffe2torch.errors import CaffeError
 from caffe2torch.model import CaffeNet, from_net_parameter, module_key
 from caffe2torch.read import read_prototxt
+from caffe2torch.write import current_umask
 
 DEFINITION = "net.prototxt"
 WEIGHTS = "weights.pt"
@@ -97,9 +98,7 @@ def save(net: CaffeNet, definition, blobs, folder: str | os.PathLike, meta: dict
     parent = folder.parent
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the result is an ordinary folder
     try:
         (staging / DEFINITION).write_text(text_format.MessageToString(definition))
         used = {step.name for step in net.steps}

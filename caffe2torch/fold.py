@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Protocol, Sequence
@@ -14,6 +13,7 @@ from numpy.typing import ArrayLike
 
 from caffe2torch.errors import CaffeError
 from caffe2torch.graph import included
+from caffe2torch.write import with_blobs, write_atomic
 from proto import caffe_pb2
 
 CONV_TYPES = ("Convolution", "Deconvolution")
@@ -251,56 +251,6 @@ def fold_net(definition: caffe_pb2.NetParameter, blobs: Mapping[str, Sequence[np
 
 # ---------------------------------------------------------------- files
 
-def with_blobs(definition: caffe_pb2.NetParameter, blobs: Mapping[str, Sequence[np.ndarray]]) -> caffe_pb2.NetParameter:
-    """A binary-caffemodel NetParameter: the definition with each layer's blobs (with `shape`), as Net::ToProto."""
-    net = caffe_pb2.NetParameter()
-    net.CopyFrom(definition)
-    for layer in net.layer:
-        del layer.blobs[:]
-        for array in blobs.get(layer.name, []):
-            blob = layer.blobs.add()
-            blob.shape.dim.extend(int(d) for d in np.shape(array))
-            blob.MergeFromString(_packed_floats(_BLOB_DATA_FIELD, array))
-    return net
-
-
-_BLOB_DATA_FIELD = 5  # BlobProto.data: repeated float, packed
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _packed_floats(field: int, array: np.ndarray) -> bytes:
-    """The wire form of a packed float field; protobuf's extend() would convert value by value (seconds for ICNet)."""
-    payload = np.ascontiguousarray(array, dtype="<f4").tobytes()
-    return _varint(field << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write beside the target and rename, so a reader never sees half a file."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
 def _stem(model: Path) -> str:
     name = model.name
     for suffix in (".h5", ".hdf5", ".caffemodel"):
@@ -331,8 +281,8 @@ def fold_files(model: str | os.PathLike, prototxt: str | os.PathLike | None, out
     prototxt_out = output_dir / f"{stem}_folded.prototxt"
     caffemodel_out = output_dir / f"{stem}_folded.caffemodel"
     folder_out = output_dir / f"{stem}_folded_torch"
-    _write_atomic(prototxt_out, text_format.MessageToString(definition).encode())
-    _write_atomic(caffemodel_out, with_blobs(definition, blobs).SerializeToString())
+    write_atomic(prototxt_out, text_format.MessageToString(definition).encode())
+    write_atomic(caffemodel_out, with_blobs(definition, blobs).SerializeToString())
     meta = {"source": model.name, "md5": conversion.md5, "folded": folded,
             "prototxt": str(conversion.prototxt_path) if conversion.prototxt_path else "(stored in the caffemodel)",
             "release": conversion.release.name if conversion.release else None}

@@ -126,7 +126,7 @@ def score(list_path: Path, data_root: Path, pred_dir: Path, json_path: Path | No
 @click.option("-o", "--output", type=_path(), help="Write to this file instead of stdout.")
 def prototxt(height: int, width: int, bn: bool, output: Path | None) -> None:
     """Print the ICNet deploy prototxt for an input of HEIGHT x WIDTH."""
-    from icnet_eval.model import write_atomic
+    from caffe2torch.write import write_atomic
     from icnet_eval.netdef import icnet_prototxt
 
     text = icnet_prototxt(height, width, bn)

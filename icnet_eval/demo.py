@@ -10,7 +10,8 @@ import numpy as np
 
 from caffe2torch.manifest import load_manifest
 from icnet_eval.cityscapes import CLASS_NAMES
-from icnet_eval.model import write_atomic, write_untrained_caffemodel
+from caffe2torch.write import write_atomic
+from icnet_eval.model import write_untrained_caffemodel
 
 DEMO_IMAGE_SIZE = (256, 512)
 DEMO_INPUT_SIZE = (257, 513)  # the official 1025x2049 scaled by 1/4: the net keeps its 2:1 geometry

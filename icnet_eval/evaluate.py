@@ -20,7 +20,8 @@ from icnet_eval.cityscapes import CLASS_NAMES
 from icnet_eval.data import EvaluationDataset, ListEntry, make_loader, parse_list
 from icnet_eval.imresize import fast_resize, matlab_imresize_torch
 from icnet_eval.metrics import ConfusionCounts
-from icnet_eval.model import LoadedModel, load_model, write_atomic
+from caffe2torch.write import write_atomic
+from icnet_eval.model import LoadedModel, load_model
 from icnet_eval.outputs import REPORT_FILE, OutputStore, check_run_file, prepare_out_dir
 
 

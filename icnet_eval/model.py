@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -16,6 +15,7 @@ from caffe2torch import manifest
 from caffe2torch.errors import CaffeError
 from caffe2torch.model import from_net_parameter
 from caffe2torch.read import read_weights
+from caffe2torch.write import with_blobs, write_atomic
 from icnet_eval.netdef import NUM_CLASSES, icnet_net
 from proto import caffe_pb2
 
@@ -23,8 +23,6 @@ OFFICIAL_INPUT_SIZE = (1025, 2049)
 BN_EPS = 1e-5
 # RMS of a mean-subtracted Cityscapes-like image: the first convolutions' statistics are set for it.
 INPUT_RMS = 50.0
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 @dataclass
@@ -183,51 +181,12 @@ def untrained_weights(bn: bool, seed: int = 0) -> dict[str, list[np.ndarray]]:
     return weights
 
 
-def _packed_floats(array: np.ndarray) -> bytes:
-    """BlobProto field 5 (`repeated float data [packed]`) encoded directly: much faster than extending the field."""
-    payload = np.ascontiguousarray(array, dtype="<f4").tobytes()
-    length, varint = len(payload), bytearray()
-    while True:
-        byte = length & 0x7F
-        length >>= 7
-        varint.append(byte | (0x80 if length else 0))
-        if not length:
-            break
-    return b"\x2a" + bytes(varint) + payload
-
-
-def caffemodel_bytes(net_param: caffe_pb2.NetParameter, weights: Mapping[str, list[np.ndarray]]) -> bytes:
-    """A binary caffemodel as Caffe's Net::ToProto writes it: the net definition with the blobs in each layer."""
-    model = caffe_pb2.NetParameter()
-    model.CopyFrom(net_param)
-    for layer in model.layer:
-        for array in weights.get(layer.name, []):
-            blob = layer.blobs.add()
-            blob.shape.dim.extend(array.shape)
-            blob.MergeFromString(_packed_floats(array))
-    return model.SerializeToString()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.chmod(temp_name, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the permissions open() would
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
 def write_untrained_caffemodel(path: str | os.PathLike, bn: bool = False, seed: int = 0) -> Path:
     """Write `untrained_weights` as a real .caffemodel (definition at 1025x2049, as the official files)."""
     path = Path(path)
     net_param = icnet_net(*OFFICIAL_INPUT_SIZE, bn=bn)
     net_param.name = "ICNet_untrained_demo"
-    write_atomic(path, caffemodel_bytes(net_param, untrained_weights(bn, seed)))
+    write_atomic(path, with_blobs(net_param, untrained_weights(bn, seed)).SerializeToString())
     return path
 
 

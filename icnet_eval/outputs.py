@@ -12,7 +12,7 @@ import numpy as np
 from caffe2torch.errors import CaffeError
 from icnet_eval.cityscapes import LABEL_ID_TO_TRAIN_ID, NUM_CLASSES, colorize, train_ids_to_label_ids
 from icnet_eval.data import IMAGE_TAG, ListEntry
-from icnet_eval.model import write_atomic
+from caffe2torch.write import write_atomic
 
 FORMATS = ("trainids", "labelids")
 RUN_FILE = "icnet-eval-run.json"
