@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import h5py
-import numpy as np
 import torch
 
 from caffe2torch.convert import convert
