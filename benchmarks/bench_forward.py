@@ -132,7 +132,7 @@ def main_table(args) -> None:
         fast = optimize(net)
         report = verify_fast(fast, reference)
         parity = (f"{report.passed}/{len(report.comparisons)} records ok, argmax {100 * report.argmax_agreement:.3f}%"
-                  + (f", {len(report.folded)} pre-BN records folded away" if report.folded else "")
+                  + (f", {len(report.folded)} pre-BN/pre-ReLU records not made" if report.folded else "")
                   + ("" if report.ok else " **FAIL**"))
         inputs = _inputs(net, reference)
         models = {"plain": net, "fast": fast}

@@ -6,6 +6,8 @@ adds the allocator lever. Exact mode stays float32; what changes against `CaffeN
 
 * Records of folded layers: the convolution's pre-norm output (and a BatchNorm's output before
   its folded Scale) no longer exist; the last folded layer's output is the convolution's.
+* Fused ReLUs (lever `fuse_relu`): a ReLU in place right after a convolution runs inside
+  oneDNN's convolution, so that convolution's pre-activation output is not made either.
 * Blobs: `run()` keeps only the net outputs (every other blob is freed after its last reader);
   `after_layer` still sees every remaining layer's tops as they are made, but a later in-place
   ReLU/SUM may overwrite them, so copy what you keep. Outputs are channels_last-strided when
@@ -51,6 +53,9 @@ class FastOptions:
     fast_kernels: bool = True
     in_place: bool = True
     free_dead: bool = True
+    # A ReLU that follows a convolution in place runs inside oneDNN's convolution (one pass less
+    # over the tensor); the convolution's pre-activation record is then no longer made.
+    fuse_relu: bool = True
     # torch.compile (inductor) of the whole forward: faster again, but about a minute of compiling
     # on 2 cores at the first call of each input shape; `run()` (and so verify) stays eager.
     compile: bool = False
@@ -113,8 +118,9 @@ class FastConv2d(nn.Module):
     """conv2d on the bottom as it is: CaffeConvolution's batch-flattening reshape gives an N=1
     channels_last tensor a batch stride oneDNN does not take as channels_last (8x slower)."""
 
-    def __init__(self, conv: CaffeConvolution, channels_last: bool) -> None:
+    def __init__(self, conv: CaffeConvolution, channels_last: bool, relu: bool = False) -> None:
         super().__init__()
+        self.relu = relu
         # Own copies in the wanted layout: the CaffeNet optimised from must stay as it was.
         memory = torch.channels_last if channels_last else torch.contiguous_format
         self.register_buffer("weight", conv.weight.detach().clone(memory_format=memory))
@@ -122,7 +128,12 @@ class FastConv2d(nn.Module):
         self.stride, self.pad, self.dilation, self.group = tuple(conv.stride), tuple(conv.pad), tuple(conv.dilation), conv.group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.pad, self.dilation, self.group)
+        if not self.relu:
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.pad, self.dilation, self.group)
+        if x.device.type == "cpu" and torch.backends.mkldnn.enabled and hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
+            return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, list(self.pad), list(self.stride),
+                                                           list(self.dilation), self.group, "relu", [], "")
+        return torch.relu_(F.conv2d(x, self.weight, self.bias, self.stride, self.pad, self.dilation, self.group))
 
 
 class FastMaxPool(nn.Module):
@@ -257,6 +268,7 @@ class FastNet(nn.Module):
         modules = {step.name: net.layer(step.name) for step in net.steps}
         plan = _fold_steps(list(net.steps), modules) if options.fold else _Plan(list(net.steps), modules)
         self.steps, self.folded, self.stands_for, self.folded_away = plan.steps, plan.folded, plan.stands_for, plan.folded_away
+        self.fused_relu = self._relu_fusions(plan.modules) if options.fuse_relu and options.fast_kernels else {}
         producers = _producers(self.steps)
         fast = {step.name: self._lean(index, step, plan.modules[step.name], producers[index])
                 for index, step in enumerate(self.steps)}
@@ -278,10 +290,27 @@ class FastNet(nn.Module):
         # Overwriting a bottom under another name leaves that name stale: fine only once it is freed.
         return bottom in step.tops or self.options.free_dead and bottom not in self.outputs
 
+    @staticmethod
+    def _fusable_conv(step: Step, module: nn.Module) -> bool:
+        return type(module) is CaffeConvolution and module.axis == 1 and len(module.stride) == 2 \
+            and len(step.bottoms) == 1 and len(step.top_shapes[0]) == 4
+
+    def _relu_fusions(self, modules: Mapping[str, nn.Module]) -> dict[str, str]:
+        """Convolution step -> the plain ReLU right after it, in place on its top."""
+        fusions = {}
+        for conv, relu in zip(self.steps, self.steps[1:]):
+            module = modules[relu.name]
+            if self._fusable_conv(conv, modules[conv.name]) and isinstance(module, ReLU) \
+                    and module.negative_slope == 0.0 and relu.bottoms == relu.tops == conv.tops:
+                fusions[conv.name] = relu.name
+        return fusions
+
     def _lean(self, index: int, step: Step, module: nn.Module, producers: Mapping[str, str | None]) -> nn.Module:
-        if type(module) is CaffeConvolution and module.axis == 1 and len(module.stride) == 2 \
-                and len(step.bottoms) == 1 and len(step.top_shapes[0]) == 4:
-            return FastConv2d(module, self.options.channels_last)  # same arithmetic; without it channels_last gains nothing
+        if self._fusable_conv(step, module):
+            # Same arithmetic; without it channels_last gains nothing.
+            return FastConv2d(module, self.options.channels_last, relu=step.name in self.fused_relu)
+        if step.name in self.fused_relu.values():
+            return nn.Identity()  # its convolution applied it
         if not self.options.fast_kernels:
             return module
         if isinstance(module, CaffeInterp) and len(module.out_size) == 2:

@@ -293,7 +293,7 @@ def format_report(report: Report, tolerance: float, mode: str) -> list[str]:
     if report.unchecked:
         summary += f"; {len(report.unchecked)} could not be checked"
     if report.folded:
-        summary += f"; {len(report.folded)} pre-BN records folded away (not compared)"
+        summary += f"; {len(report.folded)} pre-BN/pre-ReLU records folded away (not compared)"
     lines.append(summary)
     return lines
 
@@ -309,6 +309,7 @@ def verify_fast(net, reference: Reference, tolerance: float = FREE_TOLERANCE) ->
     """
     steps = {step.name: step for step in net.steps}
     folded_away = set(net.folded_away)
+    fused_relu = getattr(net, "fused_relu", {})
     report = Report()
     by_step: dict[str, list[LayerRecord]] = {}
     for record in reference.layers:
@@ -319,6 +320,10 @@ def verify_fast(net, reference: Reference, tolerance: float = FREE_TOLERANCE) ->
                                  f"(convolution {into!r} gives the normalised one)")
             continue
         step = steps.get(net.stands_for.get(record.name, record.name))
+        if step is not None and step.name in fused_relu:
+            report.folded.append(f"{record.name} ({record.type}): output before the ReLU {fused_relu[step.name]!r} "
+                                 f"that the fast path fuses into convolution {step.name!r}")
+            continue
         if step is None:
             raise CaffeError(f"{reference.path}: recorded layer {record.name!r} is not in the optimised net")
         if list(step.tops) != record.tops:

@@ -129,13 +129,19 @@ def test_unit_inplace_chain_folded_equals_unfolded(reference_dir):
 def test_fast_path_on_unit_chain_lists_folded_records(reference_dir):
     units = reference_dir / "units"
     conversion = convert(units / "unit_inplace_chain.caffemodel", units / "unit_inplace_chain.prototxt")
-    fast = optimize(conversion.net)
-    report = verify_fast(fast, read_reference(units / "unit_inplace_chain.ref.h5"), tolerance=1e-5)
+    reference = read_reference(units / "unit_inplace_chain.ref.h5")
+    fast = optimize(conversion.net, fuse_relu=False)
+    report = verify_fast(fast, reference, tolerance=1e-5)
     assert report.ok and report.passed == 6 and not report.unchecked
     assert [entry.split(" ")[0] for entry in report.folded] == ["conv1", "conv2", "conv2_bn"]
-    assert format_report(report, 1e-5, "fast")[-1].endswith("; 3 pre-BN records folded away (not compared)")
+    assert format_report(report, 1e-5, "fast")[-1].endswith("; 3 pre-BN/pre-ReLU records folded away (not compared)")
     # The record of a removed norm layer is checked against the convolution it went into.
     assert {c.layer for c in report.comparisons} >= {"conv1_bn", "conv2_scale"}
+    # With the ReLU fused into the convolution (the default), the pre-ReLU records are not made either.
+    fused = verify_fast(optimize(conversion.net), reference, tolerance=1e-5)
+    assert fused.ok and fused.passed == 4 and not fused.unchecked
+    assert [entry.split(" ")[0] for entry in fused.folded] == ["conv1", "conv1_bn", "conv2", "conv2_bn", "conv2_scale"]
+    assert {c.layer for c in fused.comparisons} == {"conv1_relu", "conv2_relu", "conv2_drop", "sum"}
 
 
 def test_cli_fold_bn_and_verify_fast(reference_dir, tmp_path):
@@ -151,8 +157,8 @@ def test_cli_fold_bn_and_verify_fast(reference_dir, tmp_path):
     result = runner.invoke(main, ["verify", str(model), "--prototxt", str(prototxt),
                                   "--reference", str(units / "unit_inplace_chain.ref.h5"), "--fast"])
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines()[-1].startswith("6/6 layers within tolerance (free-running, fast path")
-    assert "3 pre-BN records folded away" in result.output.splitlines()[-1]
+    assert result.output.splitlines()[-1].startswith("4/4 layers within tolerance (free-running, fast path")
+    assert "5 pre-BN/pre-ReLU records folded away" in result.output.splitlines()[-1]
 
 
 # ---------------------------------------------------------------- ICNet
@@ -231,7 +237,10 @@ def test_icnet_fast_path_small_reference(reference_dir):
     reference = read_reference(reference_dir / "icnet_merged_257x513.ref.h5")
     conversion = convert(reference_dir / "icnet_merged_1025x2049.caffemodel",
                          reference_dir / "icnet_merged_257x513.prototxt")
-    report = verify_fast(optimize(conversion.net), reference)
-    failures = [(c.layer, c.rel_l2) for c in report.comparisons if not c.ok]
-    assert not failures and len(report.comparisons) == len(reference.layers) and not report.folded
-    assert report.argmax_agreement >= 0.9995
+    for fuse_relu, not_made in ((False, 0), (True, 39)):
+        report = verify_fast(optimize(conversion.net, fuse_relu=fuse_relu), reference)
+        failures = [(c.layer, c.rel_l2) for c in report.comparisons if not c.ok]
+        assert not failures and report.argmax_agreement >= 0.9995
+        # Every record is compared, except the convolutions' pre-ReLU outputs once the ReLU is fused.
+        assert len(report.folded) == not_made
+        assert len(report.comparisons) == len(reference.layers) - not_made
