@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from caffe2torch.errors import CaffeError
+from caffe2torch.write import weights_stem
 
 EXIT_MISMATCH = 1
 EXIT_USAGE = 2
@@ -83,11 +84,7 @@ def convert(model: Path, prototxt: Path | None, input_shape: str | None, output:
         click.echo(f"md5 {conversion.md5}: known release {conversion.release.name}")
     else:
         click.echo(f"md5 {conversion.md5}")
-    name = model.name
-    for suffix in (".h5", ".caffemodel"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    folder = output or model.with_name(name + "_torch")
+    folder = output or model.with_name(weights_stem(model) + "_torch")
     meta = {"source": model.name, "md5": conversion.md5,
             "prototxt": str(conversion.prototxt_path) if conversion.prototxt_path else "(stored in the caffemodel)",
             "release": conversion.release.name if conversion.release else None}

@@ -13,7 +13,7 @@ from numpy.typing import ArrayLike
 
 from caffe2torch.errors import CaffeError
 from caffe2torch.graph import included
-from caffe2torch.write import with_blobs, write_atomic
+from caffe2torch.write import weights_stem, with_blobs, write_atomic
 from proto import caffe_pb2
 
 CONV_TYPES = ("Convolution", "Deconvolution")
@@ -251,14 +251,6 @@ def fold_net(definition: caffe_pb2.NetParameter, blobs: Mapping[str, Sequence[np
 
 # ---------------------------------------------------------------- files
 
-def _stem(model: Path) -> str:
-    name = model.name
-    for suffix in (".h5", ".hdf5", ".caffemodel"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    return name
-
-
 def fold_files(model: str | os.PathLike, prototxt: str | os.PathLike | None, output_dir: str | os.PathLike,
                verify_md5: bool = True, on_warning: Callable[[str], None] | None = None,
                input_shape=None) -> list[str]:
@@ -277,7 +269,7 @@ def fold_files(model: str | os.PathLike, prototxt: str | os.PathLike | None, out
     net = from_net_parameter(definition, blobs, source, conversion.net.input_shapes, on_warning=lambda _: None)
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    stem = _stem(model)
+    stem = weights_stem(model)
     prototxt_out = output_dir / f"{stem}_folded.prototxt"
     caffemodel_out = output_dir / f"{stem}_folded.caffemodel"
     folder_out = output_dir / f"{stem}_folded_torch"

@@ -20,6 +20,15 @@ def current_umask() -> int:
     return mask
 
 
+def weights_stem(model: str | os.PathLike) -> str:
+    """A weights file's name without .caffemodel / .h5 / .hdf5, to name what is written from it."""
+    name = Path(model).name
+    for suffix in (".h5", ".hdf5", ".caffemodel"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name
+
+
 def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write beside the target and rename, so a reader never sees half a file."""
     path = Path(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -147,7 +148,8 @@ def prototxt(height: int, width: int, bn: bool, output: Path | None) -> None:
 @click.option("--warmup", type=int, default=10, show_default=True)
 @click.option("--fast", is_flag=True, help="Allow TF32 and oneDNN (as --fast-resize runs do).")
 @click.option("--no-verify", is_flag=True)
-def time_command(weights, prototxt, input_size, device, iterations, warmup, fast, no_verify) -> None:
+@click.option("--json", "json_path", type=_path(dir_okay=False), help="Also write the figures as JSON (for BENCHMARKS.md).")
+def time_command(weights, prototxt, input_size, device, iterations, warmup, fast, no_verify, json_path) -> None:
     """Time the forward pass (no pre/post-processing) and compare it with the paper's 33 ms."""
     from icnet_eval.evaluate import numerics, resolve_device
     from icnet_eval.model import OFFICIAL_INPUT_SIZE, load_model, untrained_model
@@ -164,6 +166,11 @@ def time_command(weights, prototxt, input_size, device, iterations, warmup, fast
     with numerics(torch_device, exact=not fast):
         result = time_forward(model, torch_device, iterations, warmup)
     click.echo(format_timing(result, model.definition))
+    if json_path is not None:
+        from caffe2torch.write import write_atomic
+
+        record = dict(result.as_dict(), definition=model.definition, fast=fast)
+        write_atomic(json_path, (json.dumps(record, indent=2) + "\n").encode())
 
 
 @main.command()

@@ -365,9 +365,13 @@ def test_prototxt_and_time_commands(tmp_path):
     result = run_cli(["prototxt", "--height", "257", "--width", "513", "-o", str(tmp_path / "net.prototxt")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "net.prototxt").read_text() == icnet_prototxt(257, 513, False)
-    result = run_cli(["time", "--input-size", *SMALL_INPUT, "--iterations", "2", "--warmup", "0", "--device", "cpu"])
+    result = run_cli(["time", "--input-size", *SMALL_INPUT, "--iterations", "2", "--warmup", "0", "--device", "cpu",
+                      "--json", str(tmp_path / "time.json")])
     assert result.exit_code == 0, result.output
     assert "33.00 ms" in result.stdout and "fps" in result.stdout and "1x3x193x385" in result.stdout
+    record = json.loads((tmp_path / "time.json").read_text())
+    assert record["iterations"] == 2 and record["device"] == "cpu" and record["paper_ms"] == 33.0
+    assert record["median_ms"] > 0 and record["fps"] == pytest.approx(1000 / record["median_ms"])
 
 
 def test_generated_net_reproduces_caffe_argmax(reference_dir):
