@@ -310,18 +310,10 @@ def without_blobs(net: caffe_pb2.NetParameter) -> caffe_pb2.NetParameter:
     The blobs are cleared from `net` itself first (it is not used afterwards), so no layer's
     weights are ever copied.
     """
-    stripped = caffe_pb2.NetParameter()
-    for descriptor, value in net.ListFields():
-        if descriptor.name not in ("layer", "layers"):
-            if _is_repeated(descriptor):
-                getattr(stripped, descriptor.name).extend(value)
-            elif descriptor.message_type is not None:
-                getattr(stripped, descriptor.name).CopyFrom(value)
-            else:
-                setattr(stripped, descriptor.name, value)
     for layer in net.layer:
         del layer.blobs[:]
-        stripped.layer.add().CopyFrom(layer)
+    stripped = caffe_pb2.NetParameter()
+    stripped.CopyFrom(net)
     return stripped
 
 

@@ -199,22 +199,26 @@ def _compare_tops(step: Step, record: LayerRecord, tops, tolerance: float) -> It
 
 def verify_free_running(net: CaffeNet, reference: Reference, tolerance: float = FREE_TOLERANCE) -> Report:
     """Run the net on the stored input, each layer on our own outputs, and compare after every layer."""
-    pairs = _match_records(net, reference)
-    by_name = {step.name: record for step, record in pairs}
     report = Report()
+    by_step = {step.name: [record] for step, record in _match_records(net, reference)}
+    _compare_while_running(net, reference, by_step, reference.argmax_source, tolerance, report)
+    return report
+
+
+def _compare_while_running(net, reference: Reference, by_step: dict[str, list[LayerRecord]],
+                           argmax_step: str | None, tolerance: float, report: Report) -> None:
+    """Run `net` on the stored input, comparing each step's tops with the records mapped to it."""
     last_output: dict[str, torch.Tensor] = {}
 
     def after_layer(step: Step, tops) -> None:
-        record = by_name.get(step.name)
-        if record is not None:
+        for record in by_step.get(step.name, []):
             report.comparisons.extend(_compare_tops(step, record, tops, tolerance))
-            if reference.argmax_source == step.name:
-                last_output["argmax"] = tops[0]
+        if step.name == argmax_step:
+            last_output["argmax"] = tops[0]
 
     with torch.inference_mode():
         net.run(**_input_tensors(net, reference), after_layer=after_layer)
     _check_argmax(report, reference, last_output.get("argmax"))
-    return report
 
 
 def _check_argmax(report: Report, reference: Reference, output: torch.Tensor | None) -> None:
@@ -331,15 +335,5 @@ def verify_fast(net, reference: Reference, tolerance: float = FREE_TOLERANCE) ->
                              f"step {step.name!r} {list(step.tops)}")
         by_step.setdefault(step.name, []).append(record)
     argmax_step = net.stands_for.get(reference.argmax_source, reference.argmax_source)
-    last_output: dict[str, torch.Tensor] = {}
-
-    def after_layer(step: Step, tops) -> None:
-        for record in by_step.get(step.name, []):
-            report.comparisons.extend(_compare_tops(step, record, tops, tolerance))
-        if step.name == argmax_step:
-            last_output["argmax"] = tops[0]
-
-    with torch.inference_mode():
-        net.run(**_input_tensors(net, reference), after_layer=after_layer)
-    _check_argmax(report, reference, last_output.get("argmax"))
+    _compare_while_running(net, reference, by_step, argmax_step, tolerance, report)
     return report
