@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 
 from caffe2torch import manifest
 from caffe2torch.errors import CaffeError
-from caffe2torch.model import CaffeNet, from_net_parameter
+from caffe2torch.model import CaffeNet, from_net_parameter, unmatched_weights
 from caffe2torch.read import read_prototxt, read_weights
 from proto import caffe_pb2
 
@@ -74,8 +74,7 @@ def convert(weights: str | os.PathLike | None, prototxt: str | os.PathLike | Non
         raise CaffeError("give a caffemodel, a prototxt, or both")
     definition, prototxt_path = _definition_for(weights_path, stored, prototxt_path, release)
     source = str(prototxt_path or weights_path)
-    if trained and not set(trained) & {layer.name for layer in definition.layer}:
-        raise CaffeError(f"{weights_path}: none of its {len(trained)} weighted layers match a layer name of {source}")
+    unmatched_weights(definition, trained, str(weights_path), source)
     # A prototxt alone shows the structure: layers get zero-filled blobs of Caffe's shapes.
     net = from_net_parameter(definition, trained, source, input_shape, warn, fill_missing=weights_path is None)
     return Conversion(net, definition, weights_path, prototxt_path, md5, release, trained, collected)

@@ -131,10 +131,21 @@ def assemble(graph: NetGraph, weights: Mapping[str, Sequence[np.ndarray]],
         modules[layer.name] = converted.module
         steps.append(Step(layer.name, layer.type, tuple(layer.bottoms), tuple(layer.tops),
                           tuple(shapes[top] for top in layer.tops)))
-    unused = sorted(set(weights) - {layer.name for layer in graph.layers})
     net = CaffeNet(graph.name, graph.inputs, steps, modules, shapes, output_blobs(graph))
-    net.unused_weights = unused
     return net.eval()
+
+
+def unmatched_weights(definition: caffe_pb2.NetParameter, weights: Mapping[str, Sequence[np.ndarray]],
+                      weights_source: str, definition_source: str) -> list[str]:
+    """Weighted layers of the weights file that the definition does not have (Caffe ignores them).
+
+    None matching at all means the wrong file: that is an error, raised before any conversion.
+    """
+    unmatched = sorted(set(weights) - {layer.name for layer in definition.layer})
+    if weights and len(unmatched) == len(weights):
+        raise CaffeError(f"{weights_source}: none of its {len(weights)} weighted layers match a layer name of "
+                         f"{definition_source}")
+    return unmatched
 
 
 def from_net_parameter(net: caffe_pb2.NetParameter, weights: Mapping[str, Sequence[np.ndarray]],

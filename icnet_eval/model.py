@@ -13,7 +13,7 @@ import torch
 
 from caffe2torch import manifest
 from caffe2torch.errors import CaffeError
-from caffe2torch.model import from_net_parameter
+from caffe2torch.model import from_net_parameter, unmatched_weights
 from caffe2torch.read import read_weights
 from caffe2torch.write import with_blobs, write_atomic
 from icnet_eval.netdef import NUM_CLASSES, icnet_net
@@ -67,14 +67,12 @@ def _check_output(net: torch.nn.Module, source: str) -> None:
 
 
 def generated_net(height: int, width: int, weights: Mapping[str, list[np.ndarray]], bn: bool,
-                  on_warning: Callable[[str], None] | None = None) -> tuple[torch.nn.Module, caffe_pb2.NetParameter, str]:
+                  on_warning: Callable[[str], None] | None = None, weights_source: str = "the weights") -> tuple[torch.nn.Module, caffe_pb2.NetParameter, str]:
     """ICNet built from `netdef` for HxW with the given weights by layer name."""
     net_param = icnet_net(height, width, bn)
     source = f"generated ICNet {height}x{width} ({'separate BN' if bn else 'BN merged'})"
+    unused = unmatched_weights(net_param, weights, weights_source, source)
     net = from_net_parameter(net_param, weights, source, None, on_warning)
-    unused = getattr(net, "unused_weights", [])
-    if weights and unused and len(unused) == len(weights):
-        raise CaffeError(f"{source}: none of the {len(weights)} weighted layers of the weights file is an ICNet layer")
     if unused and on_warning is not None:
         on_warning(f"{len(unused)} layers of the weights file are not in ICNet and are ignored: {', '.join(unused[:5])}")
     return net, net_param, source
@@ -91,7 +89,6 @@ def load_model(weights: str | os.PathLike | None, prototxt: str | os.PathLike | 
       separate BN layers as the weights have them (the manifest's `bn_merged` for a release).
     """
     from caffe2torch.convert import convert
-    from caffe2torch.read import read_prototxt
 
     if weights is None:
         raise CaffeError("--weights is required (a .caffemodel; run `icnet-eval demo` to try the tool without one)")
@@ -104,7 +101,7 @@ def load_model(weights: str | os.PathLike | None, prototxt: str | os.PathLike | 
         net, source = conversion.net, str(prototxt)
         _check_output(net, source)
         return LoadedModel(net, _input_size_of(net, source), weights_path, conversion.md5, conversion.release,
-                           f"prototxt {prototxt}", _definition_md5(read_prototxt(prototxt)))
+                           f"prototxt {prototxt}", _definition_md5(conversion.definition))
     md5 = manifest.md5_file(weights_path)
     release = manifest.check_release(weights_path, md5, verify=verify_md5)
     if release is not None and input_size in (None, OFFICIAL_INPUT_SIZE):
@@ -116,7 +113,7 @@ def load_model(weights: str | os.PathLike | None, prototxt: str | os.PathLike | 
     trained, stored = read_weights(weights_path)
     bn = (not release.bn_merged) if release is not None else weights_have_bn(trained, stored)
     height, width = input_size or OFFICIAL_INPUT_SIZE
-    net, net_param, source = generated_net(height, width, trained, bn, on_warning)
+    net, net_param, source = generated_net(height, width, trained, bn, on_warning, str(weights_path))
     _check_output(net, source)
     return LoadedModel(net, (height, width), weights_path, md5, release, source, _definition_md5(net_param))
 
