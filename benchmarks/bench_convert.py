@@ -39,7 +39,7 @@ def measure_memory() -> dict:
     """Run in a child process: RSS growth of one conversion over the imported libraries."""
     sys.path.insert(0, str(REPO))
     import torch  # noqa: F401 - imported first so that it does not count
-    from caffe2torch.convert import convert
+    from caffe2torch.conversion import convert
 
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     baseline = _status_kib("VmRSS")
@@ -53,7 +53,7 @@ def measure_memory() -> dict:
 def measure_time(runs: int) -> tuple[float, list[float]]:
     sys.path.insert(0, str(REPO))
     import torch  # noqa: F401
-    from caffe2torch.convert import convert
+    from caffe2torch.conversion import convert
 
     times = []
     for _ in range(runs + 1):

@@ -62,7 +62,7 @@ def _setup(no_huge_pages: bool, warm_compile_cache: bool) -> None:
 
 
 def _load(net_key: str):
-    from caffe2torch.convert import convert
+    from caffe2torch.conversion import convert
     from caffe2torch.verify import read_reference
 
     stem, prototxt, _ = NETS[net_key]

@@ -17,7 +17,7 @@ from pathlib import Path
 import h5py
 import torch
 
-from caffe2torch.convert import convert
+from caffe2torch.conversion import convert
 from icnet_eval.evaluate import predict_train_ids
 from icnet_eval.metrics import ConfusionCounts
 

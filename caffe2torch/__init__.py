@@ -1,19 +1,47 @@
-"""caffe2torch: read Caffe models and rebuild them in PyTorch with Caffe's exact numerics."""
+"""caffe2torch: read Caffe models and rebuild them as native PyTorch models with Caffe's exact numerics."""
 
 from caffe2torch.errors import CaffeError
 
-__all__ = ["CaffeError", "convert", "load"]
+__all__ = ["CaffeError", "blobs", "convert", "freeze_batchnorm", "load", "net_info", "save"]
 
 
-def convert(weights, prototxt=None, input_shape=None, verify_md5: bool = True):
-    """Convert a .caffemodel / .caffemodel.h5 (and optional deploy prototxt) into a CaffeNet."""
-    from caffe2torch.convert import convert as _convert
+def convert(weights=None, prototxt=None, input_shape=None, verify_md5: bool = True):
+    """Convert a .caffemodel / .caffemodel.h5 (and optional deploy prototxt) into a torch.fx.GraphModule."""
+    from caffe2torch.conversion import convert as _convert
 
     return _convert(weights, prototxt, input_shape, verify_md5).net
 
 
 def load(folder, map_location="cpu"):
-    """Load a folder written by `caffe2torch convert`."""
-    from caffe2torch.export import load as _load
+    """Load a folder written by `caffe2torch convert` (or `save`)."""
+    from caffe2torch.folder import load as _load
 
     return _load(folder, map_location)
+
+
+def save(net, folder, force: bool = False):
+    """Write a converted (possibly fine-tuned) net as a folder: definition, state_dict, standalone model.py."""
+    from caffe2torch.folder import save_net
+
+    return save_net(net, folder, force=force)
+
+
+def blobs(net, *inputs, **named_inputs):
+    """Every blob of a converted net by its Caffe name, after one forward on the inputs."""
+    from caffe2torch.model import blobs as _blobs
+
+    return _blobs(net, *inputs, **named_inputs)
+
+
+def net_info(net):
+    """The Caffe facts of a converted net: input and output blob names, blob shapes, definition."""
+    from caffe2torch.model import net_info as _net_info
+
+    return _net_info(net)
+
+
+def freeze_batchnorm(net):
+    """Keep every BatchNorm of `net` on its stored statistics, also after `net.train()` (for fine-tuning)."""
+    from caffe2torch.passes import freeze_batchnorm as _freeze
+
+    return _freeze(net)

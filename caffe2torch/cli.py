@@ -61,11 +61,19 @@ def main() -> None:
     """Convert Caffe models to PyTorch and prove them equal to Caffe."""
 
 
-model_argument = click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+model_argument = click.argument("model", type=click.Path(path_type=Path))
 prototxt_option = click.option("--prototxt", type=click.Path(dir_okay=False, path_type=Path),
                                help="Deploy net definition (default: the one the manifest names, or the net stored in the caffemodel).")
 shape_option = click.option("--input-shape", metavar="SHAPE",
                             help="Override the input shape, e.g. 1,3,1025,2049 (or name=shape;name=shape).")
+
+
+force_option = click.option("--force", is_flag=True,
+                            help="Replace an earlier caffe2torch output in the output folder (never anything else).")
+
+
+def _note(message: str) -> None:
+    click.echo(f"caffe2torch: note: {message}", err=True)
 
 
 @main.command()
@@ -74,24 +82,34 @@ shape_option = click.option("--input-shape", metavar="SHAPE",
 @shape_option
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output folder (default: beside MODEL, named after it).")
 @click.option("--no-verify", is_flag=True, help="Accept a file whose md5 differs from the manifest's for its name.")
-def convert(model: Path, prototxt: Path | None, input_shape: str | None, output: Path | None, no_verify: bool) -> None:
-    """Convert MODEL (.caffemodel or .caffemodel.h5) into a PyTorch model folder."""
-    from caffe2torch.convert import convert as run_convert
-    from caffe2torch.export import save
+@force_option
+def convert(model: Path, prototxt: Path | None, input_shape: str | None, output: Path | None, no_verify: bool,
+            force: bool) -> None:
+    """Convert MODEL (.caffemodel or .caffemodel.h5) into a PyTorch model folder.
 
+    The folder holds model.py (standalone PyTorch source), weights.pt (its state_dict),
+    net.prototxt (the definition) and meta.json; load it with caffe2torch.load(folder) or
+    model.py's load().
+    """
+    from caffe2torch.conversion import convert as run_convert
+    from caffe2torch.folder import check_target, save_net
+
+    folder = output or model.with_name(weights_stem(model) + "_torch")
+    check_target(folder.absolute(), force)  # before the work, so a refusal costs nothing
     conversion = run_convert(model, prototxt, _parse_shape(input_shape), verify_md5=not no_verify, on_warning=_warn)
+    for note in conversion.notes:
+        _note(note)
     if conversion.release is not None:
         click.echo(f"md5 {conversion.md5}: known release {conversion.release.name}")
     else:
         click.echo(f"md5 {conversion.md5}")
-    folder = output or model.with_name(weights_stem(model) + "_torch")
     meta = {"source": model.name, "md5": conversion.md5,
             "prototxt": str(conversion.prototxt_path) if conversion.prototxt_path else "(stored in the caffemodel)",
             "release": conversion.release.name if conversion.release else None}
-    save(conversion.net, conversion.definition, conversion.trained, folder, meta)
-    net = conversion.net
-    click.echo(f"converted {len(net.steps)} layers; inputs {_shapes(net.input_shapes)}; outputs {', '.join(net.outputs)}")
-    click.echo(f"wrote {folder}/  (load with: net = caffe2torch.load({str(folder)!r}))")
+    save_net(conversion.net, folder, meta, force=force)
+    info = conversion.net.meta["caffe"]
+    click.echo(f"converted {len(info.modules)} layers; inputs {_shapes(info.inputs)}; outputs {', '.join(info.outputs)}")
+    click.echo(f"wrote {folder}/  (load with: net = caffe2torch.load({str(folder)!r}), or model.py's load())")
 
 
 def _shapes(shapes) -> str:
@@ -105,45 +123,101 @@ def _shapes(shapes) -> str:
 @click.option("--isolated", is_flag=True, help="Feed each layer Caffe's values of its bottoms.")
 @click.option("--tolerance", type=click.FloatRange(min=0.0), help="Relative L2 tolerance (default 5e-4 free-running, 1e-5 isolated).")
 @click.option("--no-verify", is_flag=True, help="Accept a file whose md5 differs from the manifest's.")
-@click.option("--fast", is_flag=True, help="Check the fast inference path (caffe2torch.fast: BN folded, channels_last); "
-              "pre-norm records of folded convolutions are listed apart.")
+@click.option("--fast", is_flag=True, help="Check the fast inference graph (caffe2torch.fast.optimize: BN folded, ReLU fused, "
+              "channels_last); records it no longer makes are listed apart.")
+@click.option("--device", default="cpu", show_default=True, help="Where to run the net (cpu, cuda, cuda:1, ...).")
 def verify(model: Path, prototxt: Path | None, reference: Path, isolated: bool, tolerance: float | None, no_verify: bool,
-           fast: bool) -> None:
-    """Run MODEL on the reference input and compare every recorded layer with Caffe's outputs."""
+           fast: bool, device: str) -> None:
+    """Run MODEL on the reference input and compare every recorded layer with Caffe's outputs.
+
+    MODEL is a .caffemodel / .caffemodel.h5 or a folder written by `caffe2torch convert`.
+    """
     if fast:
         if isolated:
             raise CaffeError("--fast checks the optimised net free-running; it cannot be combined with --isolated")
         from caffe2torch.fast import enable_huge_pages
 
         enable_huge_pages()  # before torch allocates anything large
-    from caffe2torch.convert import convert as run_convert
     from caffe2torch.verify import (FREE_TOLERANCE, ISOLATED_TOLERANCE, format_report, read_reference,
                                     verify_free_running, verify_isolated)
 
+    target = _device(device)
     ref = read_reference(reference)
-    if prototxt is None and ref.prototxt:
-        candidate = reference.parent / ref.prototxt
-        if candidate.is_file():
-            prototxt = candidate
-    shapes = {name: value.shape for name, value in ref.inputs.items()}
-    conversion = run_convert(model, prototxt, shapes, verify_md5=not no_verify, on_warning=_warn)
+    if model.is_dir():
+        from caffe2torch.folder import load
+
+        if prototxt is not None:
+            raise CaffeError("--prototxt does not apply to a converted folder (it holds its definition)")
+        net = load(model)
+    else:
+        if prototxt is None and ref.prototxt:
+            candidate = reference.parent / ref.prototxt
+            if candidate.is_file():
+                prototxt = candidate
+        shapes = {name: value.shape for name, value in ref.inputs.items()}
+        conversion = _convert_quietly(model, prototxt, shapes, not no_verify)
+        net = conversion.net
+    net = net.to(target)
     tolerance = tolerance if tolerance is not None else (ISOLATED_TOLERANCE if isolated else FREE_TOLERANCE)
     mode = "isolated" if isolated else "free-running"
     if fast:
         from caffe2torch.fast import optimize
-        from caffe2torch.verify import verify_fast
 
         mode = "free-running, fast path"
-        report = verify_fast(optimize(conversion.net), ref, tolerance)
-    else:
-        report = (verify_isolated if isolated else verify_free_running)(conversion.net, ref, tolerance)
+        net = optimize(net)
+    if target.type != "cpu":
+        mode += f", {target}"
+    with _numerics(target):
+        report = (verify_isolated if isolated else verify_free_running)(net, ref, tolerance, device=target)
     for line in format_report(report, tolerance, mode):
         click.echo(line)
     sys.exit(0 if report.ok else EXIT_MISMATCH)
 
 
+def _convert_quietly(model: Path, prototxt: Path | None, shapes, verify_md5: bool):
+    from caffe2torch.conversion import convert as run_convert
+
+    return run_convert(model, prototxt, shapes, verify_md5=verify_md5, on_warning=_warn)
+
+
+def _device(name: str):
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as error:
+        raise CaffeError(f"--device {name}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CaffeError(f"--device {name}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda") and not getattr(torch, device.type, None):
+        raise CaffeError(f"--device {name}: this torch has no {device.type} backend")
+    return device
+
+
+def _numerics(device):
+    """Parity is checked in full float32: no TF32 on a GPU (it rounds matmul inputs to 10 bits)."""
+    import contextlib
+
+    import torch
+
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def exact():
+        matmul = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
+                yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = matmul
+
+    return exact()
+
+
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("file", type=click.Path(path_type=Path))
 @prototxt_option
 @shape_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -172,14 +246,56 @@ def inspect(file: Path, prototxt: Path | None, input_shape: str | None, as_json:
 @shape_option
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--no-verify", is_flag=True, help="Accept a file whose md5 differs from the manifest's.")
-def fold_bn(model: Path, prototxt: Path | None, input_shape: str | None, output: Path, no_verify: bool) -> None:
+@force_option
+def fold_bn(model: Path, prototxt: Path | None, input_shape: str | None, output: Path, no_verify: bool,
+            force: bool) -> None:
     """Fold BN / BatchNorm(+Scale) into the preceding convolutions; write a caffemodel, prototxt and PyTorch folder."""
     from caffe2torch.fold import fold_files
 
     written = fold_files(model, prototxt, output, verify_md5=not no_verify, on_warning=_warn,
-                         input_shape=_parse_shape(input_shape))
+                         input_shape=_parse_shape(input_shape), force=force)
     for line in written:
         click.echo(line)
+
+
+@main.command()
+@model_argument
+@prototxt_option
+@shape_option
+@click.option("--format", "fmt", required=True, type=click.Choice(["onnx", "pt2", "torchscript", "safetensors"]),
+              help="onnx (checked in onnxruntime), pt2 (torch.export), torchscript (jit.trace) or safetensors (state_dict).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="File to write.")
+@click.option("--no-verify", is_flag=True, help="Accept a file whose md5 differs from the manifest's.")
+@click.option("--tolerance", type=click.FloatRange(min=0.0), default=1e-4, show_default=True,
+              help="Largest error allowed, relative to the largest output magnitude.")
+def export(model: Path, prototxt: Path | None, input_shape: str | None, fmt: str, output: Path, no_verify: bool,
+           tolerance: float) -> None:
+    """Export MODEL (a caffemodel or a converted folder) and check the file against the PyTorch net.
+
+    The written file is run (onnxruntime, the loaded program, or the net with the file's
+    tensors) on reference-style inputs; a mismatch deletes it and exits 1 naming the layer type
+    to blame. ONNX inputs and outputs are named after the Caffe blobs.
+    """
+    from caffe2torch.export import ExportMismatch
+    from caffe2torch.export import export as run_export
+
+    if model.is_dir():
+        from caffe2torch.folder import load
+
+        if prototxt is not None or input_shape is not None:
+            raise CaffeError("--prototxt and --input-shape do not apply to a converted folder")
+        net = load(model)
+    else:
+        conversion = _convert_quietly(model, prototxt, _parse_shape(input_shape), not no_verify)
+        for note in conversion.notes:
+            _note(note)
+        net = conversion.net
+    try:
+        check = run_export(net, fmt, output, tolerance)
+    except ExportMismatch as error:
+        _fail(str(error), EXIT_MISMATCH)
+    click.echo(f"wrote {check.path} ({fmt}); checked against the PyTorch net: max abs error {check.max_abs:.3g}, "
+               f"relative {check.max_rel:.3g} (tolerance {tolerance:g})")
 
 
 if __name__ == "__main__":

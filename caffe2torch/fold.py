@@ -13,7 +13,7 @@ from numpy.typing import ArrayLike
 
 from caffe2torch.errors import CaffeError
 from caffe2torch.graph import included
-from caffe2torch.write import weights_stem, with_blobs, write_atomic
+from caffe2torch.write import weights_stem, with_blobs
 from proto import caffe_pb2
 
 CONV_TYPES = ("Convolution", "Deconvolution")
@@ -253,43 +253,41 @@ def fold_net(definition: caffe_pb2.NetParameter, blobs: Mapping[str, Sequence[np
 
 def fold_files(model: str | os.PathLike, prototxt: str | os.PathLike | None, output_dir: str | os.PathLike,
                verify_md5: bool = True, on_warning: Callable[[str], None] | None = None,
-               input_shape=None) -> list[str]:
-    """Fold MODEL's norm layers; write <stem>_folded.prototxt, .caffemodel and the _torch folder; return report lines."""
-    from caffe2torch.convert import convert
-    from caffe2torch.export import save
+               input_shape=None, force: bool = False) -> list[str]:
+    """Fold MODEL's norm layers into OUTPUT: a converted folder of the folded net that also holds
+    <stem>_folded.prototxt and <stem>_folded.caffemodel; returns report lines."""
+    from caffe2torch.conversion import convert
+    from caffe2torch.folder import check_target, save_net
     from caffe2torch.model import from_net_parameter
 
     model, output_dir = Path(model), Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise CaffeError(f"{output_dir}: exists and is not a folder")
+    check_target(output_dir.absolute(), force)
     conversion = convert(model, prototxt, input_shape, verify_md5=verify_md5, on_warning=on_warning)
     definition, blobs, folded = fold_net(conversion.definition, conversion.trained)
     source = f"{conversion.prototxt_path or model} (folded)"
+    info = conversion.net.meta["caffe"]
     # The folded net repeats the original's warnings, which were shown already.
-    net = from_net_parameter(definition, blobs, source, conversion.net.input_shapes, on_warning=lambda _: None)
+    net = from_net_parameter(definition, blobs, source, info.inputs, on_warning=lambda _: None)
 
-    output_dir.mkdir(parents=True, exist_ok=True)
     stem = weights_stem(model)
-    prototxt_out = output_dir / f"{stem}_folded.prototxt"
-    caffemodel_out = output_dir / f"{stem}_folded.caffemodel"
-    folder_out = output_dir / f"{stem}_folded_torch"
-    write_atomic(prototxt_out, text_format.MessageToString(definition).encode())
-    write_atomic(caffemodel_out, with_blobs(definition, blobs).SerializeToString())
+    prototxt_name, caffemodel_name = f"{stem}_folded.prototxt", f"{stem}_folded.caffemodel"
+    extra = {prototxt_name: text_format.MessageToString(definition).encode(),
+             caffemodel_name: with_blobs(definition, blobs).SerializeToString()}
     meta = {"source": model.name, "md5": conversion.md5, "folded": folded,
             "prototxt": str(conversion.prototxt_path) if conversion.prototxt_path else "(stored in the caffemodel)",
             "release": conversion.release.name if conversion.release else None}
-    save(net, definition, blobs, folder_out, meta)
+    save_net(net, output_dir, meta, force=force, extra=extra)
 
     kinds: dict[str, int] = {}
-    types = {step.name: step.type for step in conversion.net.steps}
+    types = {layer.name: layer.type for layer in conversion.definition.layer}
     for name in folded:
         kinds[types[name]] = kinds.get(types[name], 0) + 1
     detail = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))
     lines = [f"folded {len(folded)} layers ({detail or 'none'}) into {len(set(folded.values()))} convolutions"]
-    kept = [s.name for s in net.steps if s.type in NORM_TYPES]
+    kept = [layer.name for layer in definition.layer if layer.type in NORM_TYPES]
     if kept:
         lines.append(f"left {len(kept)} norm layers unfolded (output shared, no convolution before them, "
                      f"or unusual parameters): {', '.join(kept[:10])}{' ...' if len(kept) > 10 else ''}")
-    lines += [f"wrote {prototxt_out}", f"wrote {caffemodel_out}",
-              f"wrote {folder_out}/  (load with: net = caffe2torch.load({str(folder_out)!r}))"]
+    lines += [f"wrote {output_dir / prototxt_name}", f"wrote {output_dir / caffemodel_name}",
+              f"wrote {output_dir}/  (load the folded net with: net = caffe2torch.load({str(output_dir)!r}))"]
     return lines

@@ -1,112 +1,144 @@
-"""The converted network: a plain nn.Module that runs Caffe's layers in order and names every blob as Caffe does."""
+"""The converted net: a torch.fx GraphModule of torch modules, one call per Caffe layer, named after it.
+
+Each layer's call node carries `node.meta["caffe"]` (a `LayerCall`: Caffe's layer name, type,
+bottom and top blob names), and `net.meta["caffe"]` holds what the net as a whole needs
+(`NetInfo`: input and output blobs, every blob's shape, the TEST-phase definition). `run_layers`
+replays the graph and hands every layer's tops to a callback (what `verify` compares).
+"""
 
 from __future__ import annotations
 
+import keyword
+import operator
+import re
 import warnings as warnings_module
-from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 
 from caffe2torch.errors import CaffeError
 from caffe2torch.fill import placeholder_blobs
-from caffe2torch.graph import Layer, NetGraph, build_graph, output_blobs
+from caffe2torch.graph import NetGraph, build_graph, output_blobs
 from caffe2torch.layers import convert_layer
 from proto import caffe_pb2
 
 Shape = tuple[int, ...]
+META_KEY = "caffe"
 
 
 @dataclass(frozen=True)
-class Step:
-    """One layer call: which module, which blobs it reads, which it writes."""
+class LayerCall:
+    """What one call node computes in Caffe's terms.
 
-    name: str
+    `layer` is the Caffe layer whose output the node makes; `absorbed` lists layers a pass
+    merged into this call (e.g. the convolution and BN a folded BN chain started from), whose
+    own outputs no longer exist.
+    """
+
+    layer: str
     type: str
     bottoms: tuple[str, ...]
     tops: tuple[str, ...]
-    top_shapes: tuple[Shape, ...] = ()
+    absorbed: tuple[str, ...] = ()
 
 
-def module_key(layer_name: str) -> str:
-    """Caffe layer names may hold '.', which nn.Module names cannot."""
-    return layer_name.replace(".", "\u2024") if layer_name else "_"
+@dataclass
+class NetInfo:
+    """The Caffe facts of a converted net: blob names and shapes and the definition it came from."""
 
-
-class CaffeNet(nn.Module):
-    """Caffe's forward pass in PyTorch.
-
-    `net(x)` returns the net's output blob (or a tuple of them, in Caffe's order); `net.blobs(x)`
-    returns every blob by its Caffe name, holding for in-place layers the value after the last
-    layer that writes it.
-    """
-
-    def __init__(self, name: str, inputs: Mapping[str, Shape], steps: Sequence[Step],
-                 modules: Mapping[str, nn.Module], shapes: Mapping[str, Shape], outputs: Sequence[str]):
-        super().__init__()
-        self.name = name
-        self.input_shapes = dict(inputs)
-        self.steps = list(steps)
-        self.layers = nn.ModuleDict({module_key(step.name): modules[step.name] for step in steps})
-        self.blob_shapes = dict(shapes)
-        self.outputs = list(outputs)
+    name: str
+    inputs: dict[str, Shape]
+    outputs: list[str]
+    blob_shapes: dict[str, Shape]
+    definition: caffe_pb2.NetParameter
+    modules: dict[str, str] = field(default_factory=dict)  # Caffe layer name -> module name
+    source: str = ""
 
     @property
     def input_names(self) -> list[str]:
-        return list(self.input_shapes)
-
-    def layer(self, name: str) -> nn.Module:
-        return self.layers[module_key(name)]
-
-    def _bind_inputs(self, args: Sequence[torch.Tensor], kwargs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        blobs = dict(zip(self.input_names, args))
-        blobs.update(kwargs)
-        missing = [name for name in self.input_names if name not in blobs]
-        if missing or len(args) > len(self.input_names):
-            raise TypeError(f"{self.name or 'net'} takes inputs {self.input_names}; missing {missing}")
-        return blobs
-
-    def run(self, *args: torch.Tensor, after_layer: Callable[[Step, tuple[torch.Tensor, ...]], None] | None = None,
-            **kwargs: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Run every layer; `after_layer(step, tops)` sees each layer's outputs right after it runs."""
-        blobs = self._bind_inputs(args, kwargs)
-        for step in self.steps:
-            result = self.layers[module_key(step.name)](*(blobs[b] for b in step.bottoms))
-            tops = result if isinstance(result, tuple) else (result,)
-            for top, value in zip(step.tops, tops):
-                blobs[top] = value
-            if after_layer is not None:
-                after_layer(step, tops)
-        return blobs
-
-    def blobs(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.run(*args, **kwargs)
-
-    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor):
-        blobs = self.run(*args, **kwargs)
-        if len(self.outputs) == 1:
-            return blobs[self.outputs[0]]
-        return tuple(blobs[name] for name in self.outputs)
+        return list(self.inputs)
 
 
-def _check_shapes(layer: Layer, converted_shapes: Sequence[Shape]) -> None:
+# Names a module may not take: attributes of every GraphModule, and words generated code uses.
+_RESERVED = set(dir(fx.GraphModule)) | {"self", "torch", "nn", "F", "math", "Path", "load", "meta", "graph", "code"}
+
+
+def python_names(names: Sequence[str], reserved: set[str] = frozenset(), prefix: str = "layer") -> list[str]:
+    """A distinct, safe Python identifier for each name, in order (Caffe's names stay as data).
+
+    ASCII letters, digits and '_' only, no leading digit, no leading double underscore (Python
+    would mangle it inside a class), no keyword, nothing in `reserved`; clashes get _2, _3, ...
+    """
+    taken = set(reserved) | _RESERVED
+    result = []
+    for name in names:
+        base = re.sub(r"[^0-9A-Za-z_]", "_", name).lstrip("_") or prefix
+        if base[0].isdigit() or keyword.iskeyword(base) or keyword.issoftkeyword(base):
+            base = f"{prefix}_{base}"
+        candidate, suffix = base, 1
+        while candidate in taken:
+            suffix += 1
+            candidate = f"{base}_{suffix}"
+        taken.add(candidate)
+        result.append(candidate)
+    return result
+
+
+def _check_shapes(layer, converted_shapes: Sequence[Shape]) -> None:
     if len(converted_shapes) != len(layer.tops):
         raise CaffeError(f"layer {layer.name!r} ({layer.type}): makes {len(converted_shapes)} tops, the net names {len(layer.tops)}")
 
 
+def _warn(on_warning: Callable[[str], None] | None, text: str) -> None:
+    if on_warning is not None:
+        on_warning(text)
+    else:
+        warnings_module.warn(text, stacklevel=3)
+
+
+def _shape_text(shape: Shape) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def _input_check(graph: fx.Graph, node: fx.Node, blob: str, shape: Shape, net_name: str) -> None:
+    """An assertion node: a wrong input size fails with the shape the net was converted for.
+
+    Axis 0 (the batch) is free; every other size is fixed at conversion (pooling windows,
+    Interp tables and the like are computed for it).
+    """
+    fixed = tuple(shape[1:]) if len(shape) > 1 else tuple(shape)
+    size = graph.call_method("size", (node,))
+    tail = graph.call_function(operator.getitem, (size, slice(1, None))) if len(shape) > 1 else size
+    same = graph.call_function(operator.eq, (tail, fixed))
+    wanted = "N" + "".join(f"x{d}" for d in fixed) if len(shape) > 1 else _shape_text(shape)
+    message = (f"{net_name or 'the net'}: input {blob!r} must have shape {wanted}; it was converted for "
+               f"{_shape_text(shape)} (convert again with --input-shape for another size)")
+    graph.call_function(torch._assert, (same, message))
+
+
 def assemble(graph: NetGraph, weights: Mapping[str, Sequence[np.ndarray]],
-             on_warning: Callable[[str], None] | None = None, fill_missing: bool = False) -> CaffeNet:
+             on_warning: Callable[[str], None] | None = None, fill_missing: bool = False,
+             definition: caffe_pb2.NetParameter | None = None, source: str = "") -> fx.GraphModule:
     """Convert each TEST-phase layer with the trained blobs of the layer of the same name.
 
     `fill_missing` gives layers without trained blobs zero-filled ones of Caffe's shapes (for
-    looking at a structure, not for use).
+    looking at a structure, or to be overwritten by a state_dict).
     """
     shapes: dict[str, Shape] = dict(graph.inputs)
+    names = python_names([layer.name for layer in graph.layers])
+    fx_graph = fx.Graph()
+    current: dict[str, fx.Node] = {}
+    for blob, input_name in zip(graph.inputs, python_names(list(graph.inputs), set(names), prefix="input")):
+        current[blob] = fx_graph.placeholder(input_name)
+        current[blob].meta["caffe_blob"] = blob
+    for blob, shape in graph.inputs.items():
+        _input_check(fx_graph, current[blob], blob, shape, graph.name)
+
     modules: dict[str, nn.Module] = {}
-    steps: list[Step] = []
-    for layer in graph.layers:
+    for layer, module_name in zip(graph.layers, names):
         bottoms = [shapes[b] for b in layer.bottoms]
         blobs = list(weights.get(layer.name, []))
         if not blobs and fill_missing:
@@ -119,20 +151,115 @@ def assemble(graph: NetGraph, weights: Mapping[str, Sequence[np.ndarray]],
             raise
         _check_shapes(layer, converted.top_shapes)
         for message in converted.warnings:
-            text = f"layer {layer.name!r} ({layer.type}): {message}"
-            if on_warning is not None:
-                on_warning(text)
-            else:
-                warnings_module.warn(text, stacklevel=2)
+            _warn(on_warning, f"layer {layer.name!r} ({layer.type}): {message}")
         for top, shape in zip(layer.tops, converted.top_shapes):
             if any(d <= 0 for d in shape):
                 raise CaffeError(f"layer {layer.name!r} ({layer.type}): top {top!r} would have shape {tuple(shape)}")
+        modules[module_name] = converted.module
+        if converted.per_bottom:
+            calls = [((bottom,), (top,)) for bottom, top in zip(layer.bottoms, layer.tops)]
+        else:
+            calls = [(tuple(layer.bottoms), tuple(layer.tops))]
+        results = []
+        for call_bottoms, call_tops in calls:
+            node = fx_graph.call_module(module_name, tuple(current[b] for b in call_bottoms))
+            node.meta[META_KEY] = LayerCall(layer.name, layer.type, call_bottoms, call_tops)
+            if len(call_tops) == 1:
+                results.append((call_tops[0], node))
+                continue
+            for index, top in enumerate(call_tops):
+                item = fx_graph.create_node("call_function", operator.getitem, (node, index),
+                                            name=python_names([top], prefix="blob")[0])
+                results.append((top, item))
+        for (top, node), shape in zip(results, converted.top_shapes):
+            node.meta["caffe_blob"] = top
+            current[top] = node
             shapes[top] = tuple(int(d) for d in shape)
-        modules[layer.name] = converted.module
-        steps.append(Step(layer.name, layer.type, tuple(layer.bottoms), tuple(layer.tops),
-                          tuple(shapes[top] for top in layer.tops)))
-    net = CaffeNet(graph.name, graph.inputs, steps, modules, shapes, output_blobs(graph))
+
+    outputs = output_blobs(graph)
+    if len(outputs) == 1:
+        fx_graph.output(current[outputs[0]])
+    else:
+        fx_graph.output(tuple(current[name] for name in outputs) if outputs else None)
+    net = fx.GraphModule(modules, fx_graph, class_name="CaffeNet")
+    if definition is None:
+        definition = caffe_pb2.NetParameter(name=graph.name)
+    net.meta[META_KEY] = NetInfo(graph.name, dict(graph.inputs), outputs, shapes, definition,
+                                 dict(zip((layer.name for layer in graph.layers), names)), source)
     return net.eval()
+
+
+def net_info(net: nn.Module) -> NetInfo:
+    """The Caffe facts of a converted net; a clear error for any other module."""
+    meta = getattr(net, "meta", None)
+    info = meta.get(META_KEY) if isinstance(meta, dict) else None
+    if not isinstance(info, NetInfo):
+        raise CaffeError(f"{type(net).__name__} is not a net converted by caffe2torch (no Caffe information)")
+    return info
+
+
+def layer_calls(net: fx.GraphModule) -> Iterator[tuple[fx.Node, LayerCall]]:
+    """Every call node of a Caffe layer, in graph order."""
+    for node in net.graph.nodes:
+        call = node.meta.get(META_KEY)
+        if node.op == "call_module" and isinstance(call, LayerCall):
+            yield node, call
+
+
+def layer_module(net: fx.GraphModule, layer: str) -> nn.Module:
+    """The module that computes Caffe layer `layer`."""
+    for node, call in layer_calls(net):
+        if call.layer == layer:
+            return net.get_submodule(node.target)
+    raise CaffeError(f"the net has no layer named {layer!r}")
+
+
+def bind_inputs(net: fx.GraphModule, args: Sequence[torch.Tensor], kwargs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Positional inputs in the net's order from positional and Caffe-named arguments."""
+    names = net_info(net).input_names
+    values = dict(zip(names, args))
+    values.update(kwargs)
+    missing = [name for name in names if name not in values]
+    unknown = [name for name in values if name not in names]
+    if missing or unknown or len(args) > len(names):
+        raise TypeError(f"the net takes inputs {names}; missing {missing}, unknown {unknown}")
+    return [values[name] for name in names]
+
+
+class _LayerRunner(fx.Interpreter):
+    """Runs the graph node by node and shows every layer call's tops to a callback."""
+
+    def __init__(self, net: fx.GraphModule, after_layer: Callable[[LayerCall, tuple[torch.Tensor, ...]], None]):
+        super().__init__(net)
+        self.after_layer = after_layer
+
+    def run_node(self, node: fx.Node):
+        result = super().run_node(node)
+        call = node.meta.get(META_KEY)
+        if node.op == "call_module" and isinstance(call, LayerCall):
+            self.after_layer(call, result if isinstance(result, tuple) else (result,))
+        return result
+
+
+def run_layers(net: fx.GraphModule, *args: torch.Tensor,
+               after_layer: Callable[[LayerCall, tuple[torch.Tensor, ...]], None], **kwargs: torch.Tensor):
+    """Run the net; `after_layer(call, tops)` sees each layer call's outputs as it is made.
+
+    Returns what the net returns. The tops are the layer's own outputs at that point: for Caffe's
+    in-place chains (conv -> BN -> ReLU on one blob) each layer's values, as Caffe records them.
+    """
+    return _LayerRunner(net, after_layer).run(*bind_inputs(net, args, kwargs))
+
+
+def blobs(net: fx.GraphModule, *args: torch.Tensor, **kwargs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every blob by its Caffe name, holding for in-place layers the value after the last layer that writes it."""
+    values = dict(zip(net_info(net).input_names, bind_inputs(net, args, kwargs)))
+
+    def keep(call: LayerCall, tops: tuple[torch.Tensor, ...]) -> None:
+        values.update(zip(call.tops, tops))
+
+    run_layers(net, *values.values(), after_layer=keep)
+    return values
 
 
 def unmatched_weights(definition: caffe_pb2.NetParameter, weights: Mapping[str, Sequence[np.ndarray]],
@@ -150,6 +277,6 @@ def unmatched_weights(definition: caffe_pb2.NetParameter, weights: Mapping[str, 
 
 def from_net_parameter(net: caffe_pb2.NetParameter, weights: Mapping[str, Sequence[np.ndarray]],
                        source: str = "<net>", input_shapes=None,
-                       on_warning: Callable[[str], None] | None = None, fill_missing: bool = False) -> CaffeNet:
+                       on_warning: Callable[[str], None] | None = None, fill_missing: bool = False) -> fx.GraphModule:
     graph = build_graph(net, source, input_shapes)
-    return assemble(graph, weights, on_warning, fill_missing)
+    return assemble(graph, weights, on_warning, fill_missing, definition=net, source=source)

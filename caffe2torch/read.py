@@ -177,17 +177,33 @@ def _recover_upstream_params(net: caffe_pb2.NetParameter) -> None:
         layer.ClearField(names[0])
 
 
+TEXT_PROTOTXT = "this is a text prototxt: pass it with --prototxt (or use inspect)"
+
+
+def _is_text_net(data: bytes) -> bool:
+    """Whether the bytes are a text-format net definition (what a user may give in place of weights)."""
+    try:
+        parse_prototxt(data.decode("utf-8"))
+    except (UnicodeDecodeError, CaffeError):
+        return False
+    return True
+
+
 def parse_caffemodel(data: bytes, source: str = "<caffemodel>") -> caffe_pb2.NetParameter:
     from google.protobuf.message import DecodeError
 
     net = caffe_pb2.NetParameter()
     try:
         net.ParseFromString(data)
-    except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as error:
-        raise CaffeError(f"{source}: not a valid caffemodel (protobuf decoding failed: {error})") from None
     except Exception as error:  # noqa: BLE001 - any runtime's decoder failure is a bad file, not a bug of ours
-        raise CaffeError(f"{source}: not a valid caffemodel ({type(error).__name__}: {error})") from None
+        if _is_text_net(data):
+            raise CaffeError(f"{source}: {TEXT_PROTOTXT}") from None
+        reason = str(error) if isinstance(error, (DecodeError, RuntimeError, ValueError, UnicodeDecodeError)) \
+            else f"{type(error).__name__}: {error}"
+        raise CaffeError(f"{source}: not a valid caffemodel (protobuf decoding failed: {reason})") from None
     if not net.layer and not net.layers:
+        if data and _is_text_net(data):
+            raise CaffeError(f"{source}: {TEXT_PROTOTXT}")
         raise CaffeError(f"{source}: not a valid caffemodel (it holds no layers)")
     net = _upgrade_v1(net, source)
     _recover_upstream_params(net)
@@ -297,6 +313,8 @@ def trained_blobs(net: caffe_pb2.NetParameter, source: str) -> dict[str, list[np
 def read_weights(path: str | os.PathLike) -> tuple[dict[str, list[np.ndarray]], caffe_pb2.NetParameter | None]:
     """Weights by layer name from a .caffemodel or .caffemodel.h5, with the stored net (blobs removed) when there is one."""
     path = Path(path)
+    if path.suffix in (".prototxt", ".pbtxt"):
+        raise CaffeError(f"{path}: {TEXT_PROTOTXT}")
     if path.suffix in (".h5", ".hdf5"):
         return read_caffemodel_h5(path), None
     net = read_caffemodel(path)

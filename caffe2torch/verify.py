@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
+from torch import fx
 
 from caffe2torch.errors import CaffeError
-from caffe2torch.model import CaffeNet, Step
+from caffe2torch.model import LayerCall, layer_calls, net_info, run_layers
 
 FLT_MAX = float(np.finfo(np.float32).max)
 FREE_TOLERANCE = 5e-4
@@ -117,7 +117,13 @@ def compare(ours: np.ndarray, record: TopRecord, tolerance: float) -> tuple[floa
     if record.data is not None:
         theirs, mine = record.data.reshape(-1), ours.reshape(-1)
     else:
+        if record.sample_index.shape != record.sample_value.shape:
+            return math.inf, math.inf, 0, False, "the reference's sample indices and values differ in count"
+        if record.sample_index.size and not (0 <= record.sample_index.min() and record.sample_index.max() < ours.size):
+            return math.inf, math.inf, 0, False, "the reference's sample indices lie outside the tensor"
         theirs, mine = record.sample_value, ours.reshape(-1)[record.sample_index]
+    if theirs.size == 0 and ours.size:
+        return math.inf, math.inf, 0, False, "the reference stores no values of this top"
     mine = mine.astype(np.float64)
     theirs = theirs.astype(np.float64)
     special_theirs = np.isnan(theirs) | (theirs <= -FLT_MAX)
@@ -158,67 +164,86 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return self.passed == len(self.comparisons) and self.argmax_ok and not self.unchecked
+        """All compared tops within tolerance, at least one compared, nothing left unchecked."""
+        return bool(self.comparisons) and self.passed == len(self.comparisons) and self.argmax_ok and not self.unchecked
 
-    # Fast path only: records whose values the optimised net never makes (pre-norm outputs of folded
-    # convolutions); neither passes nor failures.
+    # Optimised graphs only: records whose values the net no longer makes (pre-norm outputs of
+    # folded convolutions, pre-ReLU outputs of fused ones); neither passes nor failures.
     folded: list[str] = field(default_factory=list)
 
 
-def _match_records(net: CaffeNet, reference: Reference) -> list[tuple[Step, LayerRecord]]:
-    steps = {step.name: step for step in net.steps}
-    pairs = []
+def _records_to_check(net: fx.GraphModule, reference: Reference, report: Report) -> dict[str, LayerRecord]:
+    """Reference records by layer name, each matched to the calls of that layer in the net.
+
+    A record of a layer a pass merged away (e.g. a convolution's pre-BN output once BN is folded
+    into it) is listed in `report.folded` instead; any other record the net lacks is an error.
+    """
+    tops_of: dict[str, list[str]] = {}
+    absorbed: dict[str, str] = {}
+    for _, call in layer_calls(net):
+        tops_of.setdefault(call.layer, []).extend(call.tops)
+        for name in call.absorbed:
+            absorbed[name] = call.layer
+    records = {}
     for record in reference.layers:
-        step = steps.get(record.name)
-        if step is None:
+        if record.name not in tops_of and record.name in absorbed:
+            report.folded.append(f"{record.name} ({record.type}): merged into the call that makes "
+                                 f"{absorbed[record.name]!r}; its own output is not made")
+            continue
+        if record.name not in tops_of:
             raise CaffeError(f"{reference.path}: recorded layer {record.name!r} is not in the converted net")
-        if list(step.tops) != record.tops:
-            raise CaffeError(f"{reference.path}: layer {record.name!r} writes {list(step.tops)}, the reference {record.tops}")
-        pairs.append((step, record))
-    return pairs
+        if tops_of[record.name] != record.tops:
+            raise CaffeError(f"{reference.path}: layer {record.name!r} writes {tops_of[record.name]}, "
+                             f"the reference {record.tops}")
+        records[record.name] = record
+    if not records:
+        raise CaffeError(f"{reference.path}: no recorded layer matches a layer of the net, nothing to compare")
+    return records
 
 
-def _input_tensors(net: CaffeNet, reference: Reference) -> dict[str, torch.Tensor]:
+def _input_tensors(net: fx.GraphModule, reference: Reference, device: torch.device | str = "cpu"
+                   ) -> dict[str, torch.Tensor]:
     tensors = {}
-    for name in net.input_names:
+    for name, shape in net_info(net).inputs.items():
         if name not in reference.inputs:
             raise CaffeError(f"{reference.path}: no stored input {name!r}")
         value = reference.inputs[name]
-        if tuple(value.shape) != tuple(net.input_shapes[name]):
-            raise CaffeError(f"{reference.path}: input {name!r} has shape {value.shape}, the net expects {net.input_shapes[name]}")
-        tensors[name] = torch.from_numpy(value.copy())
+        if tuple(value.shape) != tuple(shape):
+            raise CaffeError(f"{reference.path}: input {name!r} has shape {value.shape}, the net expects {shape}")
+        tensors[name] = torch.from_numpy(value.copy()).to(device)
     return tensors
 
 
-def _compare_tops(step: Step, record: LayerRecord, tops, tolerance: float) -> Iterator[Comparison]:
-    for top, value, stored in zip(record.tops, tops, record.values):
-        ours = value.detach().float().cpu().numpy()
-        max_abs, rel, count, ok, note = compare(ours, stored, tolerance)
-        yield Comparison(record.name, record.type, top, max_abs, rel, count, stored.data is not None, ok, note)
+def _compare_top(record: LayerRecord, top: str, value: torch.Tensor, tolerance: float) -> Comparison:
+    stored = record.values[record.tops.index(top)]
+    ours = value.detach().float().cpu().numpy()
+    max_abs, rel, count, ok, note = compare(ours, stored, tolerance)
+    return Comparison(record.name, record.type, top, max_abs, rel, count, stored.data is not None, ok, note)
 
 
-def verify_free_running(net: CaffeNet, reference: Reference, tolerance: float = FREE_TOLERANCE) -> Report:
-    """Run the net on the stored input, each layer on our own outputs, and compare after every layer."""
+def verify_free_running(net: fx.GraphModule, reference: Reference, tolerance: float = FREE_TOLERANCE,
+                        device: torch.device | str = "cpu") -> Report:
+    """Run the net on the stored input, each layer on our own outputs, and compare after every layer.
+
+    Works on any graph a pass made from a converted net too (`caffe2torch.fast`): records of
+    layers merged into another call are listed apart, never counted as passes.
+    """
     report = Report()
-    by_step = {step.name: [record] for step, record in _match_records(net, reference)}
-    _compare_while_running(net, reference, by_step, reference.argmax_source, tolerance, report)
-    return report
+    records = _records_to_check(net, reference, report)
+    argmax_output: dict[str, torch.Tensor] = {}
 
-
-def _compare_while_running(net, reference: Reference, by_step: dict[str, list[LayerRecord]],
-                           argmax_step: str | None, tolerance: float, report: Report) -> None:
-    """Run `net` on the stored input, comparing each step's tops with the records mapped to it."""
-    last_output: dict[str, torch.Tensor] = {}
-
-    def after_layer(step: Step, tops) -> None:
-        for record in by_step.get(step.name, []):
-            report.comparisons.extend(_compare_tops(step, record, tops, tolerance))
-        if step.name == argmax_step:
-            last_output["argmax"] = tops[0]
+    def after_layer(call: LayerCall, tops) -> None:
+        record = records.get(call.layer)
+        if record is not None:
+            # Compare at once: a later in-place layer of an optimised graph may overwrite these values.
+            report.comparisons.extend(_compare_top(record, top, value, tolerance) for top, value in zip(call.tops, tops))
+        if call.layer == reference.argmax_source:
+            argmax_output["argmax"] = tops[0].detach().clone()
 
     with torch.inference_mode():
-        net.run(**_input_tensors(net, reference), after_layer=after_layer)
-    _check_argmax(report, reference, last_output.get("argmax"))
+        run_layers(net, **_input_tensors(net, reference, device), after_layer=after_layer)
+    _check_argmax(report, reference, argmax_output.get("argmax"))
+    return report
 
 
 def _check_argmax(report: Report, reference: Reference, output: torch.Tensor | None) -> None:
@@ -228,7 +253,7 @@ def _check_argmax(report: Report, reference: Reference, output: torch.Tensor | N
         report.argmax_ok = False
         report.argmax_agreement = 0.0
         return
-    ours = output[0].argmax(dim=0).cpu().numpy()  # first maximum: ties to the lowest class
+    ours = output[0].float().argmax(dim=0).cpu().numpy()  # first maximum: ties to the lowest class
     if ours.shape != reference.final_argmax.shape:
         report.argmax_ok, report.argmax_agreement = False, 0.0
         return
@@ -236,7 +261,8 @@ def _check_argmax(report: Report, reference: Reference, output: torch.Tensor | N
     report.argmax_ok = report.argmax_agreement >= ARGMAX_AGREEMENT
 
 
-def verify_isolated(net: CaffeNet, reference: Reference, tolerance: float = ISOLATED_TOLERANCE) -> Report:
+def verify_isolated(net: fx.GraphModule, reference: Reference, tolerance: float = ISOLATED_TOLERANCE,
+                    device: torch.device | str = "cpu") -> Report:
     """Feed each layer the reference values of its bottoms, so an error shows at the layer that makes it.
 
     A top whose full tensor is not stored is rebuilt by our layer (and checked at the stored
@@ -244,33 +270,47 @@ def verify_isolated(net: CaffeNet, reference: Reference, tolerance: float = ISOL
     Interp, MAX pooling, ...) or it reads stored tensors only (e.g. `data_sub1`, a Scale of the
     input). A layer whose bottoms cannot be had this way is listed as unchecked, never passed.
     """
-    pairs = _match_records(net, reference)
     report = Report()
-    available: dict[str, torch.Tensor | None] = dict(_input_tensors(net, reference))
+    records = _records_to_check(net, reference, report)
+    if report.folded:
+        raise CaffeError("--isolated needs the converted net itself, not an optimised graph")
+    calls: dict[str, list[tuple[fx.Node, LayerCall]]] = {}
+    for node, call in layer_calls(net):
+        calls.setdefault(call.layer, []).append((node, call))
+    available: dict[str, torch.Tensor | None] = dict(_input_tensors(net, reference, device))
     stored_blobs = set(available)  # values that are Caffe's own, not rebuilt by us
+
+    def stored_value(stored: TopRecord) -> torch.Tensor | None:
+        return torch.from_numpy(stored.data.copy()).to(device) if stored.data is not None else None
+
     with torch.inference_mode():
-        for step, record in pairs:
-            bottoms = [available.get(b) for b in step.bottoms]
-            if any(b is None for b in bottoms):
-                missing = [b for b, v in zip(step.bottoms, bottoms) if v is None]
+        for record in reference.layers:
+            if record.name not in records:
+                continue
+            layer_bottoms = [b for _, call in calls[record.name] for b in call.bottoms]
+            missing = [b for b in layer_bottoms if available.get(b) is None]
+            if missing:
                 report.unchecked.append(f"{record.name} ({record.type}): no reference for bottom(s) {', '.join(missing)}")
                 for top, stored in zip(record.tops, record.values):
-                    available[top] = torch.from_numpy(stored.data.copy()) if stored.data is not None else None
+                    available[top] = stored_value(stored)
                 continue
-            module = net.layer(step.name)
-            result = module(*bottoms)
-            tops = result if isinstance(result, tuple) else (result,)
-            report.comparisons.extend(_compare_tops(step, record, tops, tolerance))
-            rebuildable = not module.state_dict() or all(b in stored_blobs for b in step.bottoms)
-            for top, value, stored in zip(record.tops, tops, record.values):
+            results: dict[str, torch.Tensor] = {}
+            rebuildable = True
+            for node, call in calls[record.name]:
+                module = net.get_submodule(node.target)
+                rebuildable = rebuildable and (not module.state_dict() or all(b in stored_blobs for b in call.bottoms))
+                result = module(*(available[b] for b in call.bottoms))
+                results.update(zip(call.tops, result if isinstance(result, tuple) else (result,)))
+            report.comparisons.extend(_compare_top(record, top, results[top], tolerance) for top in record.tops)
+            for top, stored in zip(record.tops, record.values):
                 if stored.data is not None:
-                    available[top] = torch.from_numpy(stored.data.copy())
+                    available[top] = stored_value(stored)
                     stored_blobs.add(top)
                 else:
-                    available[top] = value if rebuildable else None
+                    available[top] = results[top] if rebuildable else None
                     stored_blobs.discard(top)
-            if reference.argmax_source == step.name:
-                _check_argmax(report, reference, tops[0])
+            if reference.argmax_source == record.name:
+                _check_argmax(report, reference, results[record.tops[0]])
     if reference.final_argmax is not None and report.argmax_agreement is None:
         _check_argmax(report, reference, None)
     return report
@@ -300,40 +340,3 @@ def format_report(report: Report, tolerance: float, mode: str) -> list[str]:
         summary += f"; {len(report.folded)} pre-BN/pre-ReLU records folded away (not compared)"
     lines.append(summary)
     return lines
-
-
-# ---------------------------------------------------------------- fast path (caffe2torch.fast)
-
-def verify_fast(net, reference: Reference, tolerance: float = FREE_TOLERANCE) -> Report:
-    """Free-running check of a `caffe2torch.fast.FastNet`.
-
-    A removed norm (or Scale) layer whose output a folded convolution now makes is compared with
-    that convolution's output; the records the fast net no longer makes (the convolution's pre-norm
-    output, a BatchNorm's output before its folded Scale) are listed in `report.folded`.
-    """
-    steps = {step.name: step for step in net.steps}
-    folded_away = set(net.folded_away)
-    fused_relu = getattr(net, "fused_relu", {})
-    report = Report()
-    by_step: dict[str, list[LayerRecord]] = {}
-    for record in reference.layers:
-        if record.name in folded_away:
-            into = net.folded.get(record.name, record.name)
-            what = "pre-norm output" if into == record.name else "output before the folded Scale"
-            report.folded.append(f"{record.name} ({record.type}): {what}, not made by the fast path "
-                                 f"(convolution {into!r} gives the normalised one)")
-            continue
-        step = steps.get(net.stands_for.get(record.name, record.name))
-        if step is not None and step.name in fused_relu:
-            report.folded.append(f"{record.name} ({record.type}): output before the ReLU {fused_relu[step.name]!r} "
-                                 f"that the fast path fuses into convolution {step.name!r}")
-            continue
-        if step is None:
-            raise CaffeError(f"{reference.path}: recorded layer {record.name!r} is not in the optimised net")
-        if list(step.tops) != record.tops:
-            raise CaffeError(f"{reference.path}: layer {record.name!r} writes {record.tops}, the optimised "
-                             f"step {step.name!r} {list(step.tops)}")
-        by_step.setdefault(step.name, []).append(record)
-    argmax_step = net.stands_for.get(reference.argmax_source, reference.argmax_source)
-    _compare_while_running(net, reference, by_step, argmax_step, tolerance, report)
-    return report

@@ -13,7 +13,7 @@ import torch
 
 from caffe2torch import manifest
 from caffe2torch.errors import CaffeError
-from caffe2torch.model import from_net_parameter, unmatched_weights
+from caffe2torch.model import from_net_parameter, net_info, unmatched_weights
 from caffe2torch.read import read_weights
 from caffe2torch.write import with_blobs, write_atomic
 from icnet_eval.netdef import NUM_CLASSES, icnet_net
@@ -50,17 +50,18 @@ def weights_have_bn(weights: Mapping[str, list[np.ndarray]], stored: caffe_pb2.N
 
 
 def _input_size_of(net: torch.nn.Module, source: str) -> tuple[int, int]:
-    shapes = list(getattr(net, "input_shapes", {}).values())
+    shapes = list(net_info(net).inputs.values())
     if len(shapes) != 1 or len(shapes[0]) != 4 or shapes[0][1] != 3:
         raise CaffeError(f"{source}: ICNet evaluation needs one 1x3xHxW input, the net declares {shapes}")
     return int(shapes[0][2]), int(shapes[0][3])
 
 
 def _check_output(net: torch.nn.Module, source: str) -> None:
-    outputs = getattr(net, "outputs", [])
+    info = net_info(net)
+    outputs = info.outputs
     if len(outputs) != 1:
         raise CaffeError(f"{source}: the net has {len(outputs)} output blobs {outputs}; ICNet has one score blob")
-    shape = net.blob_shapes[outputs[0]]
+    shape = info.blob_shapes[outputs[0]]
     if len(shape) != 4 or shape[1] != NUM_CLASSES:
         raise CaffeError(f"{source}: output blob {outputs[0]!r} has shape {tuple(shape)}; "
                          f"expected 1x{NUM_CLASSES}xHxW Cityscapes scores")
@@ -88,7 +89,7 @@ def load_model(weights: str | os.PathLike | None, prototxt: str | os.PathLike | 
     * otherwise the ICNet definition generated for `input_size` (default 1025x2049), with or without
       separate BN layers as the weights have them (the manifest's `bn_merged` for a release).
     """
-    from caffe2torch.convert import convert
+    from caffe2torch.conversion import convert
 
     if weights is None:
         raise CaffeError("--weights is required (a .caffemodel; run `icnet-eval demo` to try the tool without one)")

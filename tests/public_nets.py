@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 from google.protobuf import text_format
 
-from caffe2torch.convert import convert
+from caffe2torch.inspect import describe
 from proto import caffe_pb2
 
 # ---------------------------------------------------------------- prototxt generators
@@ -242,20 +242,19 @@ layers { name: "prob" type: SOFTMAX bottom: "ip2" top: "prob" include { phase: T
 def random_blobs(prototxt_path, seed=0) -> dict[str, list[np.ndarray]]:
     """Blobs of Caffe's shapes (as the prototxt-only conversion allocates them) filled with random values."""
     rng = np.random.default_rng(seed)
-    net = convert(None, prototxt_path, on_warning=lambda _: None).net
     weights = {}
-    for step in net.steps:
-        shapes = [tuple(t.shape) for t in net.layer(step.name).state_dict().values()]
-        if step.type == "BatchNorm":  # mean*s, var*s, s as Caffe stores them
+    for layer in describe(prototxt_path)["layers"]:
+        shapes = [tuple(s) for s in layer["blob_shapes"]]
+        if layer["type"] == "BatchNorm":  # mean*s, var*s, s as Caffe stores them
             c, s = shapes[0][0], rng.uniform(0.5, 2.0)
             blobs = [rng.normal(0, 0.1, c) * s, rng.uniform(0.5, 1.5, c) * s, np.array([s])]
-        elif step.type == "Scale":
+        elif layer["type"] == "Scale":
             blobs = [rng.uniform(0.5, 1.5, shapes[0]), rng.normal(0, 0.1, shapes[1])]
         else:
             fan_in = [max(1, int(np.prod(s[1:]))) for s in shapes]
             blobs = [rng.normal(0, np.sqrt(2.0 / f) if len(s) > 1 else 0.1, s) for s, f in zip(shapes, fan_in)]
         if blobs:
-            weights[step.name] = [b.astype(np.float32) for b in blobs]
+            weights[layer["name"]] = [b.astype(np.float32) for b in blobs]
     return weights
 
 

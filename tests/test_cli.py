@@ -37,21 +37,25 @@ def test_convert_writes_a_folder_that_plain_torch_loads(reference_dir, tmp_path)
     assert result.exit_code == 0, result.output
     folder = tmp_path / "unit_inplace_chain_torch"
     assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "model.py", "net.prototxt", "weights.pt"]
-    # Weights are plain tensors: loadable without executing pickled code.
-    tensors = torch.load(folder / "weights.pt", weights_only=True)
-    assert set(tensors) == {"conv1", "conv1_bn", "conv2", "conv2_bn", "conv2_scale"}
+    # The weights are a state_dict: loadable without executing pickled code, keys after the Caffe layers.
+    state = torch.load(folder / "weights.pt", weights_only=True)
+    assert set(state) == {"conv1.weight", "conv1_bn.weight", "conv1_bn.bias", "conv1_bn.running_mean",
+                          "conv1_bn.running_var", "conv1_bn.num_batches_tracked", "conv2.weight", "conv2.bias",
+                          "conv2_bn.running_mean", "conv2_bn.running_var", "conv2_bn.num_batches_tracked",
+                          "conv2_scale.weight", "conv2_scale.bias"}
     net = caffe2torch.load(folder)
     reference = read_reference(units / "unit_inplace_chain.ref.h5")
     with torch.no_grad():
         out = net(torch.from_numpy(reference.inputs["data"]))
-        blobs = net.blobs(torch.from_numpy(reference.inputs["data"]))
+        blobs = caffe2torch.blobs(net, torch.from_numpy(reference.inputs["data"]))
     final = reference.layers[-1].values[0].data
     np.testing.assert_allclose(out.numpy(), final, rtol=1e-5, atol=1e-6)
     # In-place blobs hold the value after the last layer that writes them.
     relu_record = next(layer for layer in reference.layers if layer.name == "conv1_relu")
     np.testing.assert_allclose(blobs["conv1"].numpy(), relu_record.values[0].data, rtol=1e-5, atol=1e-6)
     source = (folder / "model.py").read_text()
-    assert "conv1 = layer['conv1_relu'](conv1)  # ReLU" in source
+    assert "self.conv1 = nn.Conv2d(3, 4, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1)" in source
+    assert "conv1 = self.conv1_relu(conv1)  # 'conv1_relu' (ReLU)" in source
 
 
 def test_generated_source_runs_like_the_net(reference_dir, tmp_path):
@@ -59,9 +63,9 @@ def test_generated_source_runs_like_the_net(reference_dir, tmp_path):
     folder = tmp_path / "out"
     result = run("convert", units / "unit_eltwise_concat.caffemodel", "--input-shape", "a=1,3,7,9;b=1,3,7,9", "-o", folder)
     assert result.exit_code == 0, result.output
-    namespace: dict = {}
+    namespace: dict = {"__file__": str(folder / "model.py")}
     exec(compile((folder / "model.py").read_text(), "model.py", "exec"), namespace)
-    net = namespace["Net"].load(folder)
+    net = namespace["load"]()
     plain = caffe2torch.load(folder)
     a, b = torch.randn(1, 3, 7, 9), torch.randn(1, 3, 7, 9)
     for ours, theirs in zip(net(a, b), plain(a, b)):
@@ -88,17 +92,22 @@ def test_verify_exit_codes(reference_dir, tmp_path):
     _assert_one_line_error(missing)
 
 
-def test_inspect_json(reference_dir):
+def test_inspect_json(reference_dir, tmp_path):
     result = run("inspect", reference_dir / "units" / "unit_conv_basic.caffemodel", "--input-shape", "1,3,13,17", "--json")
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)
-    # The stored net includes the Split layers Caffe inserted itself.
-    assert info["layers"][0]["name"] == "data_input_0_split"
-    first = next(layer for layer in info["layers"] if layer["name"] == "conv_k3_p1")
+    # unit_conv_basic.prototxt lies beside the caffemodel: that definition is used.
+    assert info["prototxt"].endswith("unit_conv_basic.prototxt")
+    first = info["layers"][0]
     assert first["name"] == "conv_k3_p1" and first["top_shapes"] == [[1, 5, 13, 17]]
     assert first["parameters"] == 5 * 3 * 3 * 3 + 5
     assert info["parameters"] == sum(layer["parameters"] for layer in info["layers"])
     assert len(info["md5"]) == 32
+    # Alone, the caffemodel gives its stored net, with the Split layers Caffe inserted itself.
+    alone = tmp_path / "unit_conv_basic.caffemodel"
+    shutil.copy(reference_dir / "units" / "unit_conv_basic.caffemodel", alone)
+    info = json.loads(run("inspect", alone, "--input-shape", "1,3,13,17", "--json").output)
+    assert info["prototxt"] is None and info["layers"][0]["name"] == "data_input_0_split"
 
 
 @pytest.mark.parametrize("content", [b"", b"\x0a\x05garbage-bytes-not-a-net", b"\x00" * 64])
@@ -155,18 +164,28 @@ def test_exp_warning_names_the_layer_once(reference_dir, tmp_path):
 
 def test_existing_user_folder_is_never_replaced(reference_dir, tmp_path):
     units = reference_dir / "units"
+    convert = ("convert", units / "unit_conv_basic.caffemodel", "--prototxt", units / "unit_conv_basic.prototxt", "-o")
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "thesis.txt").write_text("precious")
-    result = run("convert", units / "unit_conv_basic.caffemodel", "--prototxt", units / "unit_conv_basic.prototxt", "-o", folder)
-    _assert_one_line_error(result)
-    assert (folder / "thesis.txt").read_text() == "precious"
-    # A folder written by caffe2torch itself is replaced atomically.
+    for extra in ((), ("--force",)):
+        result = run(*convert, folder, *extra)
+        _assert_one_line_error(result)
+        assert "not a caffe2torch output" in result.output
+        assert sorted(p.name for p in folder.iterdir()) == ["thesis.txt"]
+    # Our own earlier output is replaced only with --force, atomically.
     out = tmp_path / "out"
-    for _ in range(2):
-        result = run("convert", units / "unit_conv_basic.caffemodel", "--prototxt", units / "unit_conv_basic.prototxt", "-o", out)
-        assert result.exit_code == 0, result.output
+    assert run(*convert, out).exit_code == 0
+    again = run(*convert, out)
+    _assert_one_line_error(again)
+    assert "--force" in again.output
+    assert run(*convert, out, "--force").exit_code == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "out"]
+    # A file added to our output makes it the user's folder: never replaced.
+    (out / "notes.txt").write_text("mine now")
+    result = run(*convert, out, "--force")
+    _assert_one_line_error(result)
+    assert "notes.txt" in result.output and (out / "notes.txt").exists()
 
 
 def test_output_path_errors_are_one_line(reference_dir, tmp_path):

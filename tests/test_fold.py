@@ -9,13 +9,14 @@ from click.testing import CliRunner
 from google.protobuf import text_format
 
 from caffe2torch.cli import main
-from caffe2torch.convert import convert
-from caffe2torch.export import load
+from caffe2torch.conversion import convert
 from caffe2torch.fast import optimize
 from caffe2torch.fold import fold_files, fold_net
-from caffe2torch.model import from_net_parameter
+from caffe2torch.folder import load
+from caffe2torch.model import blobs as net_blobs
+from caffe2torch.model import from_net_parameter, layer_calls, layer_module, run_layers
 from caffe2torch.read import parse_prototxt, read_net_definition, read_prototxt, read_weights
-from caffe2torch.verify import format_report, read_reference, verify_fast
+from caffe2torch.verify import format_report, read_reference, verify_free_running
 
 SMALL = (257, 513)  # the smallest usual size whose conv5_3 map (9x17) still pools into 6 bins
 
@@ -27,7 +28,17 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def _run(definition, blobs, x: np.ndarray) -> dict[str, torch.Tensor]:
     net = from_net_parameter(definition, blobs, on_warning=lambda _: None)
     with torch.inference_mode():
-        return net.blobs(torch.from_numpy(x))
+        return net_blobs(net, torch.from_numpy(x))
+
+
+def _folds(fast) -> dict[str, str]:
+    """Removed layer -> the convolution it went into, read off an optimised graph's bookkeeping."""
+    folded = {}
+    for _, call in layer_calls(fast):
+        if call.absorbed:
+            conv, *members = list(call.absorbed) + [call.layer]
+            folded.update({member: conv for member in members})
+    return folded
 
 
 # ---------------------------------------------------------------- small synthetic nets
@@ -93,8 +104,8 @@ def test_fold_net_synthetic_chains():
     layout = {name: (t.stride(), t.data_ptr()) for name, t in net.state_dict().items()}
     fast = optimize(net)
     assert {name: (t.stride(), t.data_ptr()) for name, t in net.state_dict().items()} == layout
-    assert fast.folded == folded
-    assert [step.name for step in fast.steps] == ["conv", "deconv", "zero_stats", "shared", "s_bn", "s_relu", "sum"]
+    assert _folds(fast) == folded
+    assert [node.target for node, _ in layer_calls(fast)] == ["conv", "deconv", "zero_stats", "shared", "s_bn", "s_relu", "sum"]
     assert _rel(fast(torch.from_numpy(x)), before["out"]) < 1e-6
 
 
@@ -131,14 +142,14 @@ def test_fast_path_on_unit_chain_lists_folded_records(reference_dir):
     conversion = convert(units / "unit_inplace_chain.caffemodel", units / "unit_inplace_chain.prototxt")
     reference = read_reference(units / "unit_inplace_chain.ref.h5")
     fast = optimize(conversion.net, fuse_relu=False)
-    report = verify_fast(fast, reference, tolerance=1e-5)
+    report = verify_free_running(fast, reference, tolerance=1e-5)
     assert report.ok and report.passed == 6 and not report.unchecked
     assert [entry.split(" ")[0] for entry in report.folded] == ["conv1", "conv2", "conv2_bn"]
     assert format_report(report, 1e-5, "fast")[-1].endswith("; 3 pre-BN/pre-ReLU records folded away (not compared)")
     # The record of a removed norm layer is checked against the convolution it went into.
     assert {c.layer for c in report.comparisons} >= {"conv1_bn", "conv2_scale"}
     # With the ReLU fused into the convolution (the default), the pre-ReLU records are not made either.
-    fused = verify_fast(optimize(conversion.net), reference, tolerance=1e-5)
+    fused = verify_free_running(optimize(conversion.net), reference, tolerance=1e-5)
     assert fused.ok and fused.passed == 4 and not fused.unchecked
     assert [entry.split(" ")[0] for entry in fused.folded] == ["conv1", "conv1_bn", "conv2", "conv2_bn", "conv2_scale"]
     assert {c.layer for c in fused.comparisons} == {"conv1_relu", "conv2_relu", "conv2_drop", "sum"}
@@ -152,8 +163,11 @@ def test_cli_fold_bn_and_verify_fast(reference_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "folded 3 layers (1 BN, 1 BatchNorm, 1 Scale) into 2 convolutions" in result.output
     written = sorted(p.name for p in tmp_path.iterdir())
-    assert written == ["unit_inplace_chain_folded.caffemodel", "unit_inplace_chain_folded.prototxt",
-                       "unit_inplace_chain_folded_torch"]
+    assert written == ["meta.json", "model.py", "net.prototxt", "unit_inplace_chain_folded.caffemodel",
+                       "unit_inplace_chain_folded.prototxt", "weights.pt"]
+    # The folder is a converted folder of the folded net.
+    assert [call.type for _, call in layer_calls(load(tmp_path))] == ["Convolution", "ReLU", "Convolution", "ReLU",
+                                                                     "Dropout", "Eltwise"]
     result = runner.invoke(main, ["verify", str(model), "--prototxt", str(prototxt),
                                   "--reference", str(units / "unit_inplace_chain.ref.h5"), "--fast"])
     assert result.exit_code == 0, result.output
@@ -180,15 +194,16 @@ def icnet_small(reference_dir):
     current: dict[str, torch.Tensor] = {"data": x}
     conv_inputs, normalised = {}, {}
 
-    def after_layer(step, tops):
-        if step.name in folded.values():
-            conv_inputs[step.name] = current[step.bottoms[0]]
-        if step.name in folded:
-            normalised[folded[step.name]] = tops[0]
-        current.update(zip(step.tops, tops))
+    def after_layer(call, tops):
+        if call.layer in folded.values():
+            conv_inputs[call.layer] = current[call.bottoms[0]]
+        if call.layer in folded:
+            normalised[folded[call.layer]] = tops[0]
+        current.update(zip(call.tops, tops))
 
     with torch.inference_mode():
-        before = unfolded.run(x, after_layer=after_layer)["conv6_cls"]
+        run_layers(unfolded, x, after_layer=after_layer)
+        before = current["conv6_cls"]
         after = _run(folded_definition, folded_blobs, x.numpy())["conv6_cls"]
     return dict(definition=folded_definition, blobs=folded_blobs, folded=folded, x=x, before=before, after=after,
                 conv_inputs=conv_inputs, normalised=normalised)
@@ -203,7 +218,7 @@ def test_icnet_bnnomerge_folded_equals_unfolded(icnet_small):
         for conv, x in icnet_small["conv_inputs"].items():
             # Each folded convolution alone equals convolution + BN to float32 rounding (sums of
             # up to 1024*9 products: a few 1e-7, 1e-6 at most here).
-            assert _rel(net.layer(conv)(x), icnet_small["normalised"][conv]) < 5e-6, conv
+            assert _rel(layer_module(net, conv)(x), icnet_small["normalised"][conv]) < 5e-6, conv
     # End to end, 60 layers amplify rounding differences: running the same unfolded net with
     # channels_last convolutions alone moves conv6_cls by 3.5e-5, so 1e-5 would test float32 noise.
     assert _rel(icnet_small["after"], icnet_small["before"]) < 1e-4
@@ -229,8 +244,10 @@ def test_icnet_fold_files_reread(reference_dir, tmp_path, icnet_small):
     output = _run(icnet_small["definition"], reread, icnet_small["x"].numpy())["conv6_cls"]
     assert torch.equal(output, icnet_small["after"])
 
-    torch_folder = load(tmp_path / "icnet_bnnomerge_1025x2049_folded_torch")
-    assert len(torch_folder.steps) == 156 and not [s for s in torch_folder.steps if s.type == "BN"]
+    torch_folder = load(tmp_path)
+    calls = [call for _, call in layer_calls(torch_folder)]
+    assert len(calls) == 156 and not [call for call in calls if call.type == "BN"]
+    assert not [m for m in torch_folder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
 
 
 def test_icnet_fast_path_small_reference(reference_dir):
@@ -238,7 +255,7 @@ def test_icnet_fast_path_small_reference(reference_dir):
     conversion = convert(reference_dir / "icnet_merged_1025x2049.caffemodel",
                          reference_dir / "icnet_merged_257x513.prototxt")
     for fuse_relu, not_made in ((False, 0), (True, 39)):
-        report = verify_fast(optimize(conversion.net, fuse_relu=fuse_relu), reference)
+        report = verify_free_running(optimize(conversion.net, fuse_relu=fuse_relu), reference)
         failures = [(c.layer, c.rel_l2) for c in report.comparisons if not c.ok]
         assert not failures and report.argmax_agreement >= 0.9995
         # Every record is compared, except the convolutions' pre-ReLU outputs once the ReLU is fused.

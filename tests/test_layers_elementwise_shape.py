@@ -158,10 +158,12 @@ def test_power_with_zero_power_or_scale_fills_a_constant() -> None:
     np.testing.assert_array_equal(y.numpy(), np.full_like(x, 8.0))
 
 
-def test_relu_keeps_caffes_nan_for_minus_infinity() -> None:
+def test_relu_is_torchs_relu() -> None:
+    """nn.ReLU / nn.LeakyReLU; the one documented difference: Caffe's ReLU(-inf) is NaN (0 * -inf), torch's 0."""
     x = np.array([[-np.inf, -1.0, 0.0, 2.0, np.inf]], dtype=np.float32)
-    _, y = _run('name: "r" type: "ReLU"', x)
-    np.testing.assert_array_equal(y.numpy(), np.array([[np.nan, 0.0, 0.0, 2.0, np.inf]], dtype=np.float32))
+    converted, y = _run('name: "r" type: "ReLU"', x)
+    assert type(converted.module) is torch.nn.ReLU
+    np.testing.assert_array_equal(y.numpy(), np.array([[0.0, 0.0, 0.0, 2.0, np.inf]], dtype=np.float32))
     _, y = _run('name: "r" type: "ReLU" relu_param { negative_slope: 0.5 }', x[:, 1:4])
     np.testing.assert_array_equal(y.numpy(), np.array([[-0.5, 0.0, 2.0]], dtype=np.float32))
 
@@ -170,7 +172,8 @@ def test_prelu_state_dict_carries_the_slopes() -> None:
     x = -np.ones((1, 3, 1, 2), dtype=np.float32)
     converted, y = _run('name: "p" type: "PReLU"', x, blobs=[np.array([0.1, 0.2, 0.3], dtype=np.float32)])
     np.testing.assert_allclose(y.numpy()[0, :, 0, 0], [-0.1, -0.2, -0.3], rtol=1e-7)
-    assert torch.equal(converted.module.state_dict()["slope"], torch.tensor([0.1, 0.2, 0.3]))
+    assert isinstance(converted.module, torch.nn.PReLU)
+    assert torch.equal(converted.module.state_dict()["weight"], torch.tensor([0.1, 0.2, 0.3]))
 
 
 def test_eltwise_max_follows_caffes_comparisons() -> None:

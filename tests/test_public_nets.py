@@ -10,8 +10,10 @@ import torch
 from click.testing import CliRunner
 
 from caffe2torch.cli import main
-from caffe2torch.convert import convert
+from caffe2torch.conversion import convert
 from caffe2torch.inspect import describe
+from caffe2torch.model import blobs as net_blobs
+from caffe2torch.model import layer_calls, layer_module, net_info
 from tests.public_nets import (L, LENET_V1, MOBILENET_BLOCKS, alexnet, conv, fcn32s, googlenet, inception,
                                input_layer, lenet_train_test, mobilenet, np_conv, np_forward, pool, fc, random_blobs,
                                relu, resnet, squeezenet, write_caffemodel, write_caffemodel_h5)
@@ -53,8 +55,8 @@ SHAPES = {  # blob -> Caffe's shape, derived by hand: conv floor((n + 2p - k)/s)
 def test_prototxt_alone_gives_caffe_shapes(tmp_path, name):
     generate, expected = SHAPES[name]
     net = convert(None, _save(tmp_path, name, generate()), on_warning=lambda _: None).net
-    assert {blob: net.blob_shapes[blob] for blob in expected} == expected
-    assert net.outputs == (["score"] if name == "fcn32s" else ["prob"])
+    assert {blob: net_info(net).blob_shapes[blob] for blob in expected} == expected
+    assert net_info(net).outputs == (["score"] if name == "fcn32s" else ["prob"])
 
 
 def bn_total(c):  # BatchNorm mean, variance, scale factor + Scale gamma, beta
@@ -134,13 +136,13 @@ def test_random_weights_match_numpy_forward(tmp_path, name, form):
     model = tmp_path / f"{name}.{form}"
     (write_caffemodel_h5 if form.endswith("h5") else write_caffemodel)(text, weights, model)
     net = convert(model, prototxt).net
-    shape = net.input_shapes["data"]
+    shape = net_info(net).inputs["data"]
     x = np.random.default_rng(1).uniform(-2, 2, shape).astype(np.float32)
     with torch.no_grad():
-        got = net.blobs(torch.from_numpy(x))
+        got = net_blobs(net, torch.from_numpy(x))
     want = np_forward(text, weights, {"data": x})
-    assert set(net.outputs) <= set(want)
-    for blob in net.blob_shapes:
+    assert set(net_info(net).outputs) <= set(want)
+    for blob in net_info(net).blob_shapes:
         assert tuple(got[blob].shape) == want[blob].shape, blob
         scale = np.abs(want[blob]).max() + 1e-6
         np.testing.assert_allclose(got[blob].double().numpy(), want[blob], rtol=0, atol=2e-5 * scale, err_msg=blob)
@@ -155,8 +157,8 @@ def test_v1_lenet_with_param_names_and_legacy_blob_dims(tmp_path):
     x = np.random.default_rng(2).uniform(-2, 2, (2, 1, 28, 28)).astype(np.float32)
     want = np_forward(text, weights, {"data": x})["prob"]
     for prototxt in (_save(tmp_path, "lenet_v1", LENET_V1), None):  # None: the net stored in the caffemodel
-        net = convert(model, prototxt).net
-        assert [step.type for step in net.steps] == ["Convolution", "Pooling", "Convolution", "Pooling",
+        net = convert(model, prototxt, find_prototxt=False).net
+        assert [call.type for _, call in layer_calls(net)] == ["Convolution", "Pooling", "Convolution", "Pooling",
                                                      "InnerProduct", "ReLU", "InnerProduct", "Softmax"]
         with torch.no_grad():
             np.testing.assert_allclose(net(torch.from_numpy(x)).numpy(), want, rtol=0, atol=1e-6)
@@ -176,7 +178,7 @@ def test_inplace_layers_after_a_split_leave_the_other_readers_alone(tmp_path):
     x = torch.from_numpy(np.random.default_rng(4).uniform(-2, 2, (1, 2, 5, 5)).astype(np.float32))
     x_before = x.clone()
     with torch.no_grad():
-        first, again = net.blobs(x), net.blobs(x)
+        first, again = net_blobs(net, x), net_blobs(net, x)
     w, b = (a.astype(np.float64) for a in weights["conv"])
     conv_np = np_conv(x_before.double().numpy(), w, b, 1, 1, 1)
     gamma, beta = (a.astype(np.float64)[None, :, None, None] for a in weights["copy_scale"])
@@ -187,7 +189,7 @@ def test_inplace_layers_after_a_split_leave_the_other_readers_alone(tmp_path):
         np.testing.assert_allclose(blobs["flat"].numpy(), conv_np.reshape(1, -1), atol=1e-5)
         np.testing.assert_allclose(blobs["sum"].numpy(), conv_np + copy_np, atol=1e-5)
     assert torch.equal(x, x_before)  # the caller's input is never written
-    assert net.outputs == ["flat", "sum"]
+    assert net_info(net).outputs == ["flat", "sum"]
 
 
 def test_cli_converts_h5_weights_with_a_deploy_prototxt(tmp_path):
@@ -213,9 +215,9 @@ def test_upstream_caffemodel_alone_keeps_its_input_and_crop_params(tmp_path):
     weights = random_blobs(_save(tmp_path, "fcn", text), seed=9)
     model = tmp_path / "fcn.caffemodel"
     write_caffemodel(text, weights, model, upstream=True)
-    net = convert(model).net  # the net stored in the caffemodel is the definition
-    assert net.input_shapes == {"data": (1, 3, 32, 32)}
-    assert net.layer("score").offsets == [19, 19]
+    net = convert(model, find_prototxt=False).net  # the net stored in the caffemodel is the definition
+    assert net_info(net).inputs == {"data": (1, 3, 32, 32)}
+    assert layer_module(net, "score").offsets == (19, 19)
     x = np.random.default_rng(8).uniform(-2, 2, (1, 3, 32, 32)).astype(np.float32)
     with torch.no_grad():
         got = net(torch.from_numpy(x)).numpy()
@@ -229,8 +231,8 @@ def test_silence_consumes_blobs_without_a_module(tmp_path):
     text += L("halves", "Slice", "data", ["kept", "dropped"], "slice_param { axis: 1 }")
     text += L("silence", "Silence", ["dropped", "label"], ()) + relu("relu", "kept")
     net = convert(None, _save(tmp_path, "silence", text)).net
-    assert [step.name for step in net.steps] == ["halves", "relu"]
-    assert net.outputs == ["kept"]
+    assert [call.layer for _, call in layer_calls(net)] == ["halves", "relu"]
+    assert net_info(net).outputs == ["kept"]
     x = torch.arange(-18.0, 18.0).reshape(1, 4, 3, 3)
     with torch.no_grad():
         assert torch.equal(net(x, torch.zeros(1)), torch.relu(x[:, :2]))

@@ -6,22 +6,24 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from caffe2torch.errors import CaffeError
 from caffe2torch.layers.registry import (
     Converted,
     Shape,
+    assign,
     canonical_axis,
     converter,
     expect_blobs,
     expect_bottoms,
     expect_shape,
+    on_meta,
 )
+from caffe2torch.modules import BatchAxes, InnerProduct
 
-_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_DECONV_FUNCTIONS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_CONV_MODULES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_DECONV_MODULES = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
 
 def fit_blob(layer, what: str, blob: np.ndarray, expected: Sequence[int]) -> torch.Tensor:
@@ -86,7 +88,7 @@ class _ConvGeometry:
                 )
         self.axis = canonical_axis(layer, param.axis, len(shape))
         self.num_spatial = len(shape) - self.axis - 1
-        if self.num_spatial not in _CONV_FUNCTIONS:
+        if self.num_spatial not in _CONV_MODULES:
             raise CaffeError(
                 f"layer {layer.name!r} ({layer.type}): {self.num_spatial} spatial axes after axis {self.axis} "
                 f"of a {shape} blob; only 1 to 3 are supported"
@@ -115,60 +117,24 @@ class _ConvGeometry:
         return [d * (k - 1) + 1 for d, k in zip(self.dilation, self.kernel)]
 
 
-class CaffeConvolution(nn.Module):
-    """Caffe Convolution: cross-correlation over the axes after `axis`, the axes before it act as batch."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, axis: int, stride: list[int],
-                 pad: list[int], dilation: list[int], group: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(weight)
-        self.bias = nn.Parameter(bias) if bias is not None else None
-        self.axis, self.stride, self.pad, self.dilation, self.group = axis, stride, pad, dilation, group
-
-    def _one(self, x: torch.Tensor) -> torch.Tensor:
-        if self.axis == 1:
-            # The usual N x C x spatial layout: no reshape, which would hide a channels_last layout from oneDNN.
-            return _CONV_FUNCTIONS[len(self.stride)](x, self.weight, self.bias, self.stride, self.pad,
-                                                     self.dilation, self.group)
-        lead = x.shape[: self.axis]
-        y = _CONV_FUNCTIONS[len(self.stride)](
-            x.reshape((-1,) + tuple(x.shape[self.axis:])), self.weight, self.bias,
-            self.stride, self.pad, self.dilation, self.group,
-        )
-        return y.reshape(tuple(lead) + tuple(y.shape[1:]))
-
-    def forward(self, *bottoms: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        tops = tuple(self._one(x) for x in bottoms)
-        return tops[0] if len(tops) == 1 else tops
-
-
-class CaffeDeconvolution(CaffeConvolution):
-    """Caffe Deconvolution: transposed convolution whose full output is cropped by `pad` on each side.
-
-    Cropping after an unpadded transposed convolution is what Caffe's col2im does and works
-    for every pad Caffe accepts, also those PyTorch's own `padding` argument would refuse.
-    """
-
-    def _one(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[: self.axis]
-        y = _DECONV_FUNCTIONS[len(self.stride)](
-            x.reshape((-1,) + tuple(x.shape[self.axis:])), self.weight, self.bias,
-            self.stride, 0, 0, self.group, self.dilation,
-        )
-        crop = (slice(None), slice(None)) + tuple(slice(p, y.shape[2 + i] - p) for i, p in enumerate(self.pad))
-        y = y[crop]
-        return y.reshape(tuple(lead) + tuple(y.shape[1:]))
-
-
-def _conv_blobs(layer, blobs: Sequence[np.ndarray], geometry: _ConvGeometry, weight_shape: list[int]):
-    expect_blobs(layer, blobs, 1 + geometry.bias_term)
+def _conv_module(layer, blobs: Sequence[np.ndarray], g: _ConvGeometry, transposed: bool) -> nn.Module:
+    """nn.ConvNd / nn.ConvTransposeNd with Caffe's weights; axes before `axis` folded into the batch."""
+    if transposed:  # Caffe's deconvolution weights are [in, out/group, k...], as PyTorch's
+        weight_shape, factory = [g.channels, g.num_output // g.group] + g.kernel, _DECONV_MODULES[g.num_spatial]
+    else:
+        weight_shape, factory = [g.num_output, g.channels // g.group] + g.kernel, _CONV_MODULES[g.num_spatial]
+    expect_blobs(layer, blobs, 1 + g.bias_term)
     weight = fit_blob(layer, "weight blob", blobs[0], weight_shape)
-    bias = fit_blob(layer, "bias blob", blobs[1], [geometry.num_output]) if geometry.bias_term else None
-    return weight, bias
+    bias = fit_blob(layer, "bias blob", blobs[1], [g.num_output]) if g.bias_term else None
+    conv = on_meta(factory, g.channels, g.num_output, tuple(g.kernel), stride=tuple(g.stride), padding=tuple(g.pad),
+                   dilation=tuple(g.dilation), groups=g.group, bias=g.bias_term)
+    assign(conv, weight=weight, bias=bias)
+    return conv if g.axis == 1 else BatchAxes(conv, g.axis, g.shape[: g.axis])
 
 
 @converter("Convolution")
 def convert_convolution(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> Converted:
+    """Cross-correlation as torch's; out = floor((H + 2p - (d(k-1)+1)) / s) + 1; each bottom its own top."""
     g = _ConvGeometry(layer, inputs)
     out_spatial = []
     for size, pad, extent, stride in zip(g.shape[g.axis + 1:], g.pad, g.extents(), g.stride):
@@ -178,14 +144,13 @@ def convert_convolution(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> 
                 f"size {size} + 2*{pad}"
             )
         out_spatial.append((size + 2 * pad - extent) // stride + 1)
-    weight, bias = _conv_blobs(layer, blobs, g, [g.num_output, g.channels // g.group] + g.kernel)
-    module = CaffeConvolution(weight, bias, g.axis, g.stride, g.pad, g.dilation, g.group)
     top = tuple(g.shape[: g.axis]) + (g.num_output,) + tuple(out_spatial)
-    return Converted(module, [top] * len(inputs))
+    return Converted(_conv_module(layer, blobs, g, transposed=False), [top] * len(inputs), per_bottom=True)
 
 
 @converter("Deconvolution")
 def convert_deconvolution(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> Converted:
+    """Transposed convolution: out = s(H-1) + d(k-1) + 1 - 2p, which is torch's rule too."""
     g = _ConvGeometry(layer, inputs)
     out_spatial = [
         stride * (size - 1) + extent - 2 * pad
@@ -193,31 +158,13 @@ def convert_deconvolution(layer, inputs: list[Shape], blobs: list[np.ndarray]) -
     ]
     if min(out_spatial) <= 0:
         raise CaffeError(f"layer {layer.name!r} (Deconvolution): output size {out_spatial} is not positive")
-    weight, bias = _conv_blobs(layer, blobs, g, [g.channels, g.num_output // g.group] + g.kernel)
-    module = CaffeDeconvolution(weight, bias, g.axis, g.stride, g.pad, g.dilation, g.group)
     top = tuple(g.shape[: g.axis]) + (g.num_output,) + tuple(out_spatial)
-    return Converted(module, [top] * len(inputs))
-
-
-class CaffeInnerProduct(nn.Module):
-    """Caffe InnerProduct: flattens the axes from `axis` on; weight [N, K] (or [K, N] with transpose)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, axis: int, transpose: bool) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(weight)
-        self.bias = nn.Parameter(bias) if bias is not None else None
-        self.axis, self.transpose = axis, transpose
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(tuple(x.shape[: self.axis]) + (-1,))
-        if self.transpose:
-            y = flat @ self.weight
-            return y + self.bias if self.bias is not None else y
-        return F.linear(flat, self.weight, self.bias)
+    return Converted(_conv_module(layer, blobs, g, transposed=True), [top] * len(inputs), per_bottom=True)
 
 
 @converter("InnerProduct")
 def convert_inner_product(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> Converted:
+    """nn.Linear on the axes from `axis` on, flattened; weight [N, K] (stored [K, N] with `transpose`)."""
     expect_bottoms(layer, inputs, 1)
     param = layer.inner_product_param
     shape = tuple(inputs[0])
@@ -227,8 +174,13 @@ def convert_inner_product(layer, inputs: list[Shape], blobs: list[np.ndarray]) -
         raise CaffeError(f"layer {layer.name!r} (InnerProduct): num_output must be positive")
     k = int(np.prod(shape[axis:], dtype=np.int64))
     expect_blobs(layer, blobs, 1 + bool(param.bias_term))
-    weight_shape = [k, num_output] if param.transpose else [num_output, k]
-    weight = fit_blob(layer, "weight blob", blobs[0], weight_shape)
+    if param.transpose:
+        weight = fit_blob(layer, "weight blob", blobs[0], [k, num_output]).t().contiguous()
+    else:
+        weight = fit_blob(layer, "weight blob", blobs[0], [num_output, k])
     bias = fit_blob(layer, "bias blob", blobs[1], [num_output]) if param.bias_term else None
-    module = CaffeInnerProduct(weight, bias, axis, bool(param.transpose))
-    return Converted(module, [shape[:axis] + (num_output,)])
+    if axis == len(shape) - 1:
+        linear = on_meta(nn.Linear, k, num_output, bias=bool(param.bias_term))
+    else:
+        linear = on_meta(InnerProduct, k, num_output, bias=bool(param.bias_term), axis=axis)
+    return Converted(assign(linear, weight=weight, bias=bias), [shape[:axis] + (num_output,)])

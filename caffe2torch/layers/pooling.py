@@ -2,120 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 from caffe2torch.errors import CaffeError
 from caffe2torch.layers.registry import Converted, Shape, converter, expect_blobs, expect_bottoms
+from caffe2torch.modules import Pool2d, caffe_pooled_size
 from proto import caffe_pb2
 
-FLT_MAX = float(np.finfo(np.float32).max)
 MAX, AVE = "MAX", "AVE"
-
-
-def pooled_size(size: int, kernel: int, stride: int, pad: int, clip: bool, floor: bool = False) -> int:
-    """Caffe's output size: ceil((size + 2 pad - kernel) / stride) + 1, then the padding clip.
-
-    The clip (drop the last window if it starts at or beyond `size + pad`) runs on both axes
-    whenever either axis is padded, exactly as PoolingLayer::Reshape does it; without padding a
-    window may lie wholly outside the image (MAX gives -FLT_MAX there, AVE gives NaN).
-    """
-    span = size + 2 * pad - kernel
-    out = (span // stride if floor else -(-span // stride)) + 1
-    if clip and (out - 1) * stride >= size + pad:
-        out -= 1
-    return out
-
-
-@dataclass(frozen=True)
-class PoolGeometry:
-    """Window layout of one pooling layer on one input size (all ints, cheap to recompute)."""
-
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    pad: tuple[int, int]
-    out: tuple[int, int]
-    size: tuple[int, int]
-
-    def edge_pads(self) -> tuple[int, int, int, int]:
-        """F.pad amounts (left, right, top, bottom) giving exactly the rows/cols the windows span.
-
-        The windows start at -pad and end at (out-1)*stride + kernel - pad; a negative amount
-        at the far edge crops rows that no window reaches.
-        """
-        (ph, pw), (kh, kw), (sh, sw), (oh, ow), (h, w) = self.pad, self.kernel, self.stride, self.out, self.size
-        return pw, (ow - 1) * sw + kw - pw - w, ph, (oh - 1) * sh + kh - ph - h
-
-    def divisor(self) -> torch.Tensor:
-        """Caffe's AVE divisor per output position, from the unclipped window start.
-
-        Padded positions count, the part of a window beyond size + pad does not; an empty
-        window gives 0 or a negative count (so Caffe's 0/0 = NaN, 0/negative = -0 follow).
-        """
-        per_axis = []
-        for k, s, p, o, n in zip(self.kernel, self.stride, self.pad, self.out, self.size):
-            start = np.arange(o, dtype=np.int64) * s - p
-            per_axis.append(np.minimum(start + k, n + p) - start)
-        counts = per_axis[0][:, None] * per_axis[1][None, :]
-        return torch.from_numpy(counts.astype(np.float32))
-
-
-def _pad_or_crop(x: torch.Tensor, pads: tuple[int, int, int, int], value: float) -> torch.Tensor:
-    return x if not any(pads) else F.pad(x, pads, value=value)
-
-
-def caffe_pool2d(x: torch.Tensor, method: str, geometry: PoolGeometry,
-                 divisor: torch.Tensor | None = None) -> torch.Tensor:
-    """Pool an NCHW tensor exactly as Caffe's CPU PoolingLayer (MAX or AVE)."""
-    pads = geometry.edge_pads()
-    if method == MAX:
-        # Caffe starts each window at -FLT_MAX and only takes values strictly greater, so NaN
-        # never wins and a window of -inf or of nothing at all yields -FLT_MAX.
-        x = torch.nan_to_num(x, nan=-float("inf"), posinf=float("inf"), neginf=-float("inf"))
-        pooled = F.max_pool2d(_pad_or_crop(x, pads, -float("inf")), geometry.kernel, geometry.stride)
-        return pooled.clamp_min(-FLT_MAX)
-    if divisor is None:
-        divisor = geometry.divisor().to(x.device)
-    # Zero padding does not change a float sum, so this is Caffe's sum over the clipped window.
-    sums = F.avg_pool2d(_pad_or_crop(x, pads, 0.0), geometry.kernel, geometry.stride, divisor_override=1)
-    return sums.div_(divisor)
-
-
-class CaffePooling(nn.Module):
-    """Caffe Pooling layer; the window layout is recomputed if the input size differs from conversion time."""
-
-    def __init__(self, method: str, kernel: tuple[int, int] | None, stride: tuple[int, int],
-                 pad: tuple[int, int], floor: bool, input_size: tuple[int, int], name: str = "") -> None:
-        super().__init__()
-        self.method, self.kernel, self.stride, self.pad = method, kernel, stride, pad
-        self.floor, self.name = floor, name
-        self.geometry = self.geometry_for(input_size)
-        if method == AVE:
-            self.register_buffer("divisor", self.geometry.divisor(), persistent=False)
-        else:
-            self.register_buffer("divisor", None, persistent=False)
-
-    def geometry_for(self, size: tuple[int, int]) -> PoolGeometry:
-        kernel = self.kernel if self.kernel is not None else tuple(size)  # global pooling
-        clip = any(self.pad)
-        out = tuple(pooled_size(n, k, s, p, clip, self.floor)
-                    for n, k, s, p in zip(size, kernel, self.stride, self.pad))
-        if min(out) <= 0 or any(clip and (o - 1) * s >= n + p for o, s, n, p in zip(out, self.stride, size, self.pad)):
-            raise CaffeError(
-                f"layer {self.name!r} (Pooling): kernel {kernel}, stride {self.stride}, pad {self.pad} "
-                f"give no valid output on a {tuple(size)} input"
-            )
-        return PoolGeometry(tuple(kernel), tuple(self.stride), tuple(self.pad), out, tuple(size))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = (int(x.shape[-2]), int(x.shape[-1]))
-        if size == self.geometry.size:
-            return caffe_pool2d(x, self.method, self.geometry, self.divisor)
-        return caffe_pool2d(x, self.method, self.geometry_for(size))
 
 
 def _pair(layer, param, name: str, default: int | None) -> tuple[int, int] | None:
@@ -136,6 +28,7 @@ def _pair(layer, param, name: str, default: int | None) -> tuple[int, int] | Non
 
 @converter("Pooling")
 def convert_pooling(layer, inputs: list[Shape], blobs: list) -> Converted:
+    """Caffe rounds the output size up, then drops a last window that would start inside the padding."""
     expect_bottoms(layer, inputs, 1)
     expect_blobs(layer, blobs, 0)
     param = layer.pooling_param
@@ -168,5 +61,12 @@ def convert_pooling(layer, inputs: list[Shape], blobs: list) -> Converted:
     if min(stride) <= 0:
         raise CaffeError(f"layer {layer.name!r} (Pooling): stride must be positive, got {stride}")
     floor = param.HasField("round_mode") and param.round_mode == caffe_pb2.PoolingParameter.FLOOR
-    module = CaffePooling(methods[param.pool], kernel, stride, pad, floor, shape[2:], layer.name)
-    return Converted(module, [shape[:2] + module.geometry.out])
+    size = tuple(shape[2:])
+    kernel = size if kernel is None else kernel
+    clip = any(pad)
+    out = tuple(caffe_pooled_size(n, k, s, p, clip, ceil=not floor) for n, k, s, p in zip(size, kernel, stride, pad))
+    if min(out) <= 0 or any(clip and (o - 1) * s >= n + p for o, s, n, p in zip(out, stride, size, pad)):
+        raise CaffeError(f"layer {layer.name!r} (Pooling): kernel {kernel}, stride {stride}, pad {pad} "
+                         f"give no valid output on a {size} input")
+    module = Pool2d(methods[param.pool], kernel, stride, pad, size, ceil=not floor)
+    return Converted(module, [shape[:2] + module.output_size])

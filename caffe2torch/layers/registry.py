@@ -18,14 +18,39 @@ class Converted:
     """What a converter makes of one Caffe layer.
 
     `module.forward(*bottoms)` takes the bottom tensors in Caffe's order and returns one tensor
-    (one top) or a tuple (several tops, in Caffe's order). `top_shapes` are Caffe's shapes for
-    the tops, computed by Caffe's own rules (they are checked against what the module returns).
-    `warnings` are shown to the user at conversion time.
+    (one top) or a tuple (several tops, in Caffe's order); with `per_bottom` it is called once per
+    bottom, each call making the top of the same index (Caffe's convolutions share their weights
+    over several bottoms that way). `top_shapes` are Caffe's shapes for the tops, computed by
+    Caffe's own rules. `warnings` are shown to the user at conversion time.
     """
 
     module: torch.nn.Module
     top_shapes: list[Shape]
     warnings: list[str] = field(default_factory=list)
+    per_bottom: bool = False
+
+
+def on_meta(factory: Callable[..., torch.nn.Module], *args, **kwargs) -> torch.nn.Module:
+    """A torch module built without allocating or initialising its tensors (they are assigned next)."""
+    with torch.device("meta"):
+        return factory(*args, **kwargs)
+
+
+def assign(module: torch.nn.Module, **tensors: torch.Tensor | None) -> torch.nn.Module:
+    """Give a module built `on_meta` its Caffe tensors: parameters stay parameters, buffers buffers."""
+    for name, value in tensors.items():
+        if name in module._parameters:
+            old = module._parameters[name]
+            module._parameters[name] = None if value is None else torch.nn.Parameter(
+                value, requires_grad=True if old is None else old.requires_grad)
+        elif name in module._buffers:
+            module._buffers[name] = value
+        else:
+            raise AttributeError(f"{type(module).__name__} has no parameter or buffer {name!r}")
+    left = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"{type(module).__name__}: no value given for {left}")
+    return module
 
 
 # A converter receives the TEST-phase LayerParameter, the shapes of its bottoms and its
@@ -60,7 +85,9 @@ def convert_layer(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -
             f"layer {layer.name!r}: unsupported type {layer.type!r} "
             f"(supported: {', '.join(supported_types())})"
         )
-    return fn(layer, list(inputs), list(blobs))
+    converted = fn(layer, list(inputs), list(blobs))
+    converted.module.eval()  # Caffe's TEST phase
+    return converted
 
 
 def expect_blobs(layer, blobs: Sequence[np.ndarray], *counts: int) -> None:

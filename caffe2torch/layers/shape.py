@@ -6,7 +6,6 @@ import math
 from typing import Sequence
 
 import numpy as np
-import torch
 from torch import nn
 
 from caffe2torch.errors import CaffeError
@@ -18,6 +17,7 @@ from caffe2torch.layers.registry import (
     expect_blobs,
     expect_bottoms,
 )
+from caffe2torch.modules import ArgMax, Concat, Crop, Reshape, Slice, Split
 
 
 def _fail(layer, message: str) -> CaffeError:
@@ -28,20 +28,6 @@ def _single_bottom(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) 
     expect_bottoms(layer, inputs, 1)
     expect_blobs(layer, blobs, 0)
     return tuple(inputs[0])
-
-
-class Concat(nn.Module):
-    def __init__(self, axis: int) -> None:
-        super().__init__()
-        self.axis = axis
-
-    def forward(self, *bottoms: torch.Tensor) -> torch.Tensor:
-        if len(bottoms) == 1:
-            return bottoms[0]
-        return torch.cat(bottoms, dim=self.axis)
-
-    def extra_repr(self) -> str:
-        return f"axis={self.axis}"
 
 
 @converter("Concat")
@@ -67,23 +53,6 @@ def convert_concat(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) 
             raise _fail(layer, f"bottom {index} has shape {shape}, bottom 0 has {first}: all axes but {axis} must agree")
         top[axis] += shape[axis]
     return Converted(Concat(axis), [tuple(top)])
-
-
-class Slice(nn.Module):
-    """Cut one axis into consecutive pieces of fixed sizes, one per top."""
-
-    def __init__(self, axis: int, sizes: Sequence[int]) -> None:
-        super().__init__()
-        self.axis = axis
-        self.sizes = [int(s) for s in sizes]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        if len(self.sizes) == 1:
-            return x
-        return tuple(torch.split(x, self.sizes, dim=self.axis))
-
-    def extra_repr(self) -> str:
-        return f"axis={self.axis}, sizes={self.sizes}"
 
 
 @converter("Slice")
@@ -125,22 +94,6 @@ def convert_slice(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -
     return Converted(Slice(axis, sizes), tops)
 
 
-class Split(nn.Module):
-    """Every top is the bottom itself (Caffe shares the data)."""
-
-    def __init__(self, num_tops: int) -> None:
-        super().__init__()
-        self.num_tops = num_tops
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        if self.num_tops == 1:
-            return x
-        return (x,) * self.num_tops
-
-    def extra_repr(self) -> str:
-        return f"num_tops={self.num_tops}"
-
-
 @converter("Split")
 def convert_split(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
     shape = _single_bottom(layer, inputs, blobs)
@@ -148,22 +101,6 @@ def convert_split(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -
     if num_tops < 1:
         raise _fail(layer, "needs at least 1 top")
     return Converted(Split(num_tops), [shape] * num_tops)
-
-
-class Flatten(nn.Module):
-    """Merge axes start..end into one (end = start - 1 inserts an axis of size 1, as Caffe allows)."""
-
-    def __init__(self, start_axis: int, end_axis: int) -> None:
-        super().__init__()
-        self.start_axis, self.end_axis = start_axis, end_axis
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = tuple(x.shape)
-        merged = math.prod(shape[self.start_axis : self.end_axis + 1])
-        return x.reshape(shape[: self.start_axis] + (merged,) + shape[self.end_axis + 1 :])
-
-    def extra_repr(self) -> str:
-        return f"start_axis={self.start_axis}, end_axis={self.end_axis}"
 
 
 @converter("Flatten")
@@ -174,24 +111,9 @@ def convert_flatten(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray])
     if end + 1 < start:
         raise _fail(layer, f"end_axis {layer.flatten_param.end_axis} lies before axis {layer.flatten_param.axis}")
     top = shape[:start] + (math.prod(shape[start : end + 1]),) + shape[end + 1 :]
-    return Converted(Flatten(start, end), [top])
-
-
-class Reshape(nn.Module):
-    """Caffe Reshape: replace axes [start, end) by `dims`, where 0 copies the bottom's axis and -1 is inferred."""
-
-    def __init__(self, start_axis: int, end_axis: int, dims: Sequence[int]) -> None:
-        super().__init__()
-        self.start_axis, self.end_axis = start_axis, end_axis
-        self.dims = [int(d) for d in dims]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = tuple(x.shape)
-        new_dims = tuple(shape[self.start_axis + i] if d == 0 else d for i, d in enumerate(self.dims))
-        return x.reshape(shape[: self.start_axis] + new_dims + shape[self.end_axis :])
-
-    def extra_repr(self) -> str:
-        return f"start_axis={self.start_axis}, end_axis={self.end_axis}, dims={self.dims}"
+    if end < start:  # Caffe inserts an axis of size 1 there; nn.Flatten cannot
+        return Converted(Reshape(_free_batch(top)), [top])
+    return Converted(nn.Flatten(start, end), [top])
 
 
 @converter("Reshape")
@@ -228,26 +150,14 @@ def convert_reshape(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray])
     top = shape[:start] + tuple(resolved) + shape[end:]
     if math.prod(top) != count:
         raise _fail(layer, f"output shape {top} has {math.prod(top)} elements, bottom {shape} has {count}")
-    return Converted(Reshape(start, end, dims), [top])
+    keeps_batch = start > 0 or (dims and dims[0] == 0)
+    target = _free_batch(top) if keeps_batch else ((-1,) + top[1:] if dims and dims[0] == -1 else top)
+    return Converted(Reshape(target), [top])
 
 
-class Crop(nn.Module):
-    """Upstream Caffe Crop: axes from `start_axis` on take the reference bottom's sizes, starting at `offsets`."""
-
-    def __init__(self, start_axis: int, offsets: Sequence[int]) -> None:
-        super().__init__()
-        self.start_axis = start_axis
-        self.offsets = [int(o) for o in offsets]
-
-    def forward(self, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        index = [slice(None)] * x.dim()
-        for axis in range(self.start_axis, x.dim()):
-            offset = self.offsets[axis - self.start_axis]
-            index[axis] = slice(offset, offset + reference.shape[axis])
-        return x[tuple(index)]
-
-    def extra_repr(self) -> str:
-        return f"start_axis={self.start_axis}, offsets={self.offsets}"
+def _free_batch(shape: Shape) -> tuple:
+    """The target of a reshape that keeps axis 0: None there, so the batch size stays free."""
+    return (None,) + tuple(shape[1:])
 
 
 @converter("Crop")
@@ -274,49 +184,7 @@ def convert_crop(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) ->
                 f"does not fit in {shape[axis]}",
             )
         top[axis] = reference[axis]
-    return Converted(Crop(start, offsets), [tuple(top)])
-
-
-def caffe_topk(x: torch.Tensor, k: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Largest k along `dim` in Caffe's order: by value descending, ties by the larger index first.
-
-    Caffe partial-sorts (value, index) pairs with std::greater. Reversing the axis and sorting
-    stably puts, among equal values, the larger original index first.
-    """
-    size = x.shape[dim]
-    flipped = x.flip(dim)
-    if k == 1:
-        # argmax returns the first maximum, i.e. the last one of the unflipped axis.
-        position = torch.argmax(flipped, dim=dim, keepdim=True)
-        values = torch.gather(flipped, dim, position)
-    else:
-        values, position = torch.sort(flipped, dim=dim, descending=True, stable=True)
-        values, position = values.narrow(dim, 0, k), position.narrow(dim, 0, k)
-    return values, (size - 1) - position
-
-
-class ArgMax(nn.Module):
-    """Caffe ArgMax: float indices (and/or values) of the top_k largest entries.
-
-    Without an axis the search runs over all axes but the first, giving shape (N, 1 or 2, top_k, 1, ...).
-    """
-
-    def __init__(self, top_k: int, out_max_val: bool, axis: int | None, top_shape: Sequence[int]) -> None:
-        super().__init__()
-        self.top_k, self.out_max_val, self.axis = top_k, out_max_val, axis
-        self.top_tail = tuple(int(d) for d in top_shape[1:])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.axis is not None:
-            values, indices = caffe_topk(x, self.top_k, self.axis)
-            return values if self.out_max_val else indices.to(x.dtype)
-        flat = x.reshape(x.shape[0], -1)
-        values, indices = caffe_topk(flat, self.top_k, 1)
-        parts = [indices.to(x.dtype), values] if self.out_max_val else [indices.to(x.dtype)]
-        return torch.stack(parts, dim=1).reshape((x.shape[0],) + self.top_tail)
-
-    def extra_repr(self) -> str:
-        return f"top_k={self.top_k}, out_max_val={self.out_max_val}, axis={self.axis}"
+    return Converted(Crop(start, offsets, reference[start:rank]), [tuple(top)])
 
 
 @converter("ArgMax")

@@ -1,4 +1,4 @@
-"""From files to a CaffeNet: pick the net definition, check the release md5, copy weights by layer name."""
+"""From files to a converted net: pick the net definition, check the release md5, copy weights by layer name."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from torch import fx
+
 from caffe2torch import manifest
 from caffe2torch.errors import CaffeError
-from caffe2torch.model import CaffeNet, from_net_parameter, unmatched_weights
+from caffe2torch.model import from_net_parameter, unmatched_weights
 from caffe2torch.read import read_prototxt, read_weights
+from caffe2torch.write import weights_stem
 from proto import caffe_pb2
 
 
@@ -18,7 +21,7 @@ from proto import caffe_pb2
 class Conversion:
     """A converted net and what is known of where it came from."""
 
-    net: CaffeNet
+    net: fx.GraphModule
     definition: caffe_pb2.NetParameter
     weights_path: Path | None
     prototxt_path: Path | None
@@ -26,35 +29,55 @@ class Conversion:
     release: object | None
     trained: dict
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
-def _definition_for(weights_path: Path | None, stored: caffe_pb2.NetParameter | None,
-                    prototxt: Path | None, release) -> tuple[caffe_pb2.NetParameter, Path | None]:
+def prototxt_beside(weights_path: Path) -> Path | None:
+    """The deploy definition a user keeps next to the weights: X.prototxt for X.caffemodel, else deploy.prototxt."""
+    for candidate in (weights_path.with_name(weights_stem(weights_path) + ".prototxt"),
+                      weights_path.with_name("deploy.prototxt")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _definition_for(weights_path: Path | None, stored: caffe_pb2.NetParameter | None, prototxt: Path | None,
+                    release, find_prototxt: bool, notes: list[str]) -> tuple[caffe_pb2.NetParameter, Path | None]:
     if prototxt is not None:
         return read_prototxt(prototxt), prototxt
     if release is not None and release.prototxt:
         deploy = manifest.deploy_prototxt_path(release)
+        notes.append(f"using the official deploy definition {deploy.name} of release {release.name}")
         return read_prototxt(deploy), deploy
+    beside = prototxt_beside(weights_path) if find_prototxt and weights_path is not None else None
+    if beside is not None:
+        notes.append(f"using the net definition {beside} found beside the weights (give --prototxt to choose another)")
+        return read_prototxt(beside), beside
     if stored is not None:
         definition = stored
         if not definition.input and not any(layer.type == "Input" for layer in definition.layer):
             raise CaffeError(
                 f"{weights_path}: the stored net declares no input (it is a training net); give the deploy file with --prototxt"
             )
+        notes.append(f"using the net definition stored in {weights_path.name}")
         return definition, None
     raise CaffeError(f"{weights_path}: HDF5 weights carry no net definition; give one with --prototxt")
 
 
 def convert(weights: str | os.PathLike | None, prototxt: str | os.PathLike | None = None,
             input_shape: Sequence[int] | dict | None = None, verify_md5: bool = True,
-            on_warning: Callable[[str], None] | None = None) -> Conversion:
+            on_warning: Callable[[str], None] | None = None, find_prototxt: bool = True) -> Conversion:
     """Build the PyTorch net for `weights` (.caffemodel or .caffemodel.h5), optionally with a deploy prototxt.
 
-    With no weights, the prototxt alone gives the structure with zero-filled parameter blobs.
+    Without `prototxt`, the definition is the manifest's for a known release, else (with
+    `find_prototxt`) X.prototxt or deploy.prototxt beside X.caffemodel, else the net stored in
+    the caffemodel. With no weights, the prototxt alone gives the structure with zero-filled
+    parameter blobs.
     """
     weights_path = Path(weights) if weights is not None else None
     prototxt_path = Path(prototxt) if prototxt is not None else None
     collected: list[str] = []
+    notes: list[str] = []
 
     def warn(message: str) -> None:
         collected.append(message)
@@ -66,15 +89,16 @@ def convert(weights: str | os.PathLike | None, prototxt: str | os.PathLike | Non
     stored = None
     if weights_path is not None:
         if not weights_path.is_file():
-            raise CaffeError(f"{weights_path}: no such file")
+            raise CaffeError(f"{weights_path}: no such file" if not weights_path.is_dir() else
+                             f"{weights_path}: is a folder, expected a .caffemodel or .caffemodel.h5 file")
         md5 = manifest.md5_file(weights_path)
         release = manifest.check_release(weights_path, md5, verify=verify_md5)
         trained, stored = read_weights(weights_path)
     elif prototxt_path is None:
         raise CaffeError("give a caffemodel, a prototxt, or both")
-    definition, prototxt_path = _definition_for(weights_path, stored, prototxt_path, release)
+    definition, prototxt_path = _definition_for(weights_path, stored, prototxt_path, release, find_prototxt, notes)
     source = str(prototxt_path or weights_path)
     unmatched_weights(definition, trained, str(weights_path), source)
     # A prototxt alone shows the structure: layers get zero-filled blobs of Caffe's shapes.
     net = from_net_parameter(definition, trained, source, input_shape, warn, fill_missing=weights_path is None)
-    return Conversion(net, definition, weights_path, prototxt_path, md5, release, trained, collected)
+    return Conversion(net, definition, weights_path, prototxt_path, md5, release, trained, collected, notes)

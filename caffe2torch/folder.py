@@ -1,0 +1,208 @@
+"""A converted net on disk: definition, state_dict, standalone model.py and a manifest; written and read safely.
+
+A folder is only ever replaced when it is exactly what we wrote before (every file listed in
+meta.json's manifest, with the same sha256, nothing else) and the caller asked for it; loading
+never unpickles objects or runs code from the folder: the net is rebuilt from net.prototxt by the
+converters and gets the weights from a `weights_only` state_dict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from google.protobuf import text_format
+from torch import fx
+
+from caffe2torch.codegen import WEIGHTS_FILE, check_standalone, generate_source
+from caffe2torch.errors import CaffeError
+from caffe2torch.model import from_net_parameter, net_info
+from caffe2torch.read import parse_prototxt
+from caffe2torch.write import current_umask
+
+FORMAT = "caffe2torch-folder/2"
+DEFINITION = "net.prototxt"
+WEIGHTS = WEIGHTS_FILE
+SOURCE = "model.py"
+META = "meta.json"
+
+
+def _version() -> str:
+    try:
+        return metadata.version("caffe2torch")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def folder_contents(net: fx.GraphModule, meta: dict[str, Any] | None = None,
+                    extra: dict[str, bytes] | None = None) -> dict[str, bytes]:
+    """The files of a converted folder, by name (meta.json last, with the manifest of the others).
+
+    `extra` files (e.g. fold-bn's Caffe files) are written and listed in the manifest too.
+    """
+    check_standalone(net)
+    info = net_info(net)
+    meta = dict(meta or {})
+    buffer = io.BytesIO()
+    torch.save({name: value.detach().cpu() for name, value in net.state_dict().items()}, buffer)
+    files = {
+        DEFINITION: text_format.MessageToString(info.definition).encode(),
+        WEIGHTS: buffer.getvalue(),
+        SOURCE: generate_source(net, meta.get("source", info.source)).encode(),
+    }
+    for name, data in (extra or {}).items():
+        if name in files or name == META or "/" in name:
+            raise ValueError(f"extra file name {name!r} is taken or not a plain name")
+        files[name] = data
+    meta.update(format=FORMAT, caffe2torch=_version(), torch=torch.__version__, name=info.name,
+                inputs={name: list(shape) for name, shape in info.inputs.items()}, outputs=list(info.outputs),
+                files={name: _sha256(data) for name, data in files.items()})
+    files[META] = (json.dumps(meta, indent=2, ensure_ascii=True) + "\n").encode()
+    return files
+
+
+def _not_ours(folder: Path) -> str | None:
+    """Why `folder` is not exactly a converted folder we wrote (None when it is)."""
+    try:
+        meta = json.loads((folder / META).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"it has no {META}"
+    except (OSError, ValueError) as error:
+        return f"its {META} cannot be read ({error})"
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        return f"its {META} has no manifest of the files caffe2torch wrote (an older output?)"
+    present = {entry.name for entry in folder.iterdir()}
+    extra = sorted(present - set(files) - {META})
+    if extra:
+        return f"it holds files caffe2torch did not write: {', '.join(extra[:5])}"
+    for name, digest in files.items():
+        path = folder / name
+        if name not in present or path.is_symlink() or not path.is_file():
+            return f"{name} is missing or not a plain file"
+        if _sha256(path.read_bytes()) != digest:
+            return f"{name} was changed since caffe2torch wrote it"
+    return None
+
+
+def check_target(folder: Path, force: bool) -> None:
+    """Refuse to write where it could destroy anything caffe2torch did not write itself."""
+    if folder.is_symlink():
+        raise CaffeError(f"{folder}: is a symbolic link; give the folder itself or another output path")
+    if folder.exists() and not folder.is_dir():
+        raise CaffeError(f"{folder}: exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()):
+        reason = _not_ours(folder)
+        if reason is not None:
+            raise CaffeError(f"{folder}: is not empty and not a caffe2torch output ({reason}); choose another output folder")
+        if not force:
+            raise CaffeError(f"{folder}: holds an earlier caffe2torch output; pass --force to replace it")
+
+
+def write_folder(folder: str | os.PathLike, files: dict[str, bytes], force: bool = False) -> Path:
+    """Write the files as one new folder: built beside the target, then renamed into place."""
+    folder = Path(folder).absolute()
+    check_target(folder, force)
+    parent = folder.parent
+    staging = None
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=parent))
+        staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the result is an ordinary folder
+        for name, data in files.items():
+            (staging / name).write_bytes(data)
+            (staging / name).chmod(0o666 & ~current_umask())
+        if folder.is_dir() and any(folder.iterdir()):
+            check_target(folder, force)  # still ours, right before it goes
+            backup = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=parent))
+            backup.rmdir()
+            folder.rename(backup)
+            staging.rename(folder)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(staging, folder)  # an empty folder in the way is replaced, as rename(2) allows
+    except OSError as error:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        where = parent if staging is None else folder
+        raise CaffeError(f"{where}: cannot write the converted folder ({error.strerror or error})") from None
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def save_net(net: fx.GraphModule, folder: str | os.PathLike, meta: dict[str, Any] | None = None,
+             force: bool = False, extra: dict[str, bytes] | None = None) -> Path:
+    """Write a converted (possibly fine-tuned) net; `caffe2torch.load(folder)` gives it back."""
+    return write_folder(folder, folder_contents(net, meta, extra), force)
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    path = folder / META
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CaffeError(f"{folder}: not a caffe2torch folder (missing {META})") from None
+    except (OSError, ValueError) as error:
+        raise CaffeError(f"{path}: cannot be read ({error})") from None
+    if not isinstance(meta, dict):
+        raise CaffeError(f"{path}: not a caffe2torch meta file (expected a JSON object)")
+    if meta.get("format") != FORMAT:
+        found = meta.get("format", "none, an older caffe2torch")
+        raise CaffeError(f"{folder}: written in folder format {found!s}, this caffe2torch reads {FORMAT}; "
+                         f"convert the caffemodel again")
+    return meta
+
+
+def _input_shapes(meta: dict[str, Any], folder: Path) -> dict[str, tuple[int, ...]]:
+    inputs = meta.get("inputs")
+    if not isinstance(inputs, dict) or not all(
+            isinstance(shape, list) and all(isinstance(d, int) and d > 0 for d in shape) for shape in inputs.values()):
+        raise CaffeError(f"{folder / META}: 'inputs' must map input names to lists of positive sizes")
+    return {str(name): tuple(shape) for name, shape in inputs.items()}
+
+
+def load(folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> fx.GraphModule:
+    """Rebuild a converted folder: converters from net.prototxt, weights from a weights_only state_dict."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CaffeError(f"{folder}: no such folder" if not folder.exists() else f"{folder}: is not a folder")
+    meta = read_meta(folder)
+    try:
+        text = (folder / DEFINITION).read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise CaffeError(f"{folder / DEFINITION}: cannot be read ({error})") from None
+    definition = parse_prototxt(text, str(folder / DEFINITION))
+    net = from_net_parameter(definition, {}, str(folder / DEFINITION), _input_shapes(meta, folder),
+                             on_warning=lambda _: None, fill_missing=True)
+    try:
+        state = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - a damaged or foreign file fails in many ways
+        raise CaffeError(f"{folder / WEIGHTS}: cannot be read as a state_dict ({type(error).__name__}: {error})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CaffeError(f"{folder / WEIGHTS}: not a state_dict of tensors")
+    expected = net.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CaffeError(f"{folder / WEIGHTS}: does not fit {DEFINITION} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    wrong = [name for name, value in state.items() if tuple(value.shape) != tuple(expected[name].shape)]
+    if wrong:
+        raise CaffeError(f"{folder / WEIGHTS}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, "
+                         f"{DEFINITION} needs {tuple(expected[wrong[0]].shape)}")
+    net.load_state_dict(state, assign=True)
+    net_info(net).source = str(meta.get("source", folder))
+    return net.to(map_location).eval()
