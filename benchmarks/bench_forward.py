@@ -37,9 +37,8 @@ LEVER_ROWS = [
     ("without BN folding", dict(fold=False)),
     ("without lean kernels (exact Interp, MAX pool, ReLU, SUM)", dict(fast_kernels=False)),
     ("without in-place ReLU / SUM", dict(in_place=False)),
-    ("without freeing dead blobs", dict(free_dead=False)),
-    ("every lever off (optimize() still calls conv2d directly)",
-     dict(fold=False, channels_last=False, fast_kernels=False, in_place=False, free_dead=False)),
+    ("without the oneDNN ReLU fusion", dict(fuse_relu=False)),
+    ("every lever off", dict(fold=False, channels_last=False, fast_kernels=False, in_place=False, fuse_relu=False)),
 ]
 
 
@@ -89,27 +88,20 @@ def _time_in_turns(models: dict, inputs, runs: int) -> dict[str, list[float]]:
 def _inputs(net, reference):
     import torch
 
-    return [torch.from_numpy(reference.inputs[name].copy()) for name in net.input_names]
+    from caffe2torch.model import net_info
+
+    return [torch.from_numpy(reference.inputs[name].copy()) for name in net_info(net).input_names]
 
 
 def _traced(fast, inputs):
-    """torch.jit.trace + freeze + optimize_for_inference of the fast path (no intermediate blobs)."""
-    import torch
-
-    class Outputs(torch.nn.Module):
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
-
-        def forward(self, *args):
-            blobs = self.net.run(*args)
-            return tuple(blobs[name] for name in self.net.outputs)
-
+    """torch.jit.trace + freeze + optimize_for_inference of the fast path."""
     import warnings
+
+    import torch
 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the shape checks become constants: intended
-        traced = torch.jit.trace(Outputs(fast).eval(), tuple(inputs), check_trace=False)
+        traced = torch.jit.trace(fast, tuple(inputs), check_trace=False)
         return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
 
 
@@ -120,8 +112,10 @@ def _row(name: str, times: list[float], caffe_ms: float | None, parity: str = ""
 
 
 def main_table(args) -> None:
+    import torch
+
     from caffe2torch.fast import optimize
-    from caffe2torch.verify import verify_fast
+    from caffe2torch.verify import verify_free_running
 
     print("| net | path | median ms | min ms | max ms | Caffe median / ours | parity (verify --fast) |")
     print("|---|---|---|---|---|---|---|")
@@ -130,7 +124,7 @@ def main_table(args) -> None:
         net, reference = _load(key)
         caffe_ms = NETS[key][2]
         fast = optimize(net)
-        report = verify_fast(fast, reference)
+        report = verify_free_running(fast, reference)
         parity = (f"{report.passed}/{len(report.comparisons)} records ok, argmax {100 * report.argmax_agreement:.3f}%"
                   + (f", {len(report.folded)} pre-BN/pre-ReLU records not made" if report.folded else "")
                   + ("" if report.ok else " **FAIL**"))
@@ -139,13 +133,14 @@ def main_table(args) -> None:
         if args.jit:
             models["fast, jit trace+freeze"] = _traced(fast, inputs)
         if args.compile:
-            compiled = optimize(net, compile=True)
+            compiled = torch.compile(optimize(net))
             start = time.perf_counter()
-            output = compiled(*inputs)
+            with torch.inference_mode():
+                output = compiled(*inputs)
             compile_s = time.perf_counter() - start
             agreement = (output[0].argmax(0).numpy() == reference.final_argmax).mean()
             compiled_parity[key] = (f"first call (compiling) {compile_s:.0f} s; final argmax {100 * agreement:.3f}% "
-                                    f"of Caffe's; per-layer records not checked (run() stays eager)")
+                                    f"of Caffe's; per-layer records not checked (verify runs the graph eagerly)")
             models["fast + torch.compile"] = compiled
         times = _time_in_turns(models, inputs, args.runs)
         print(f"| {key} | Caffe (reference README) | {caffe_ms:.0f} | | | 1.00x | |")
@@ -160,7 +155,7 @@ def lever_table(args) -> None:
     key = args.nets[0]
     net, reference = _load(key)
     inputs = _inputs(net, reference)
-    models = {"plain CaffeNet": net}
+    models = {"plain converted net": net}
     models.update((name, optimize(net, **levers)) for name, levers in LEVER_ROWS)
     times = _time_in_turns(models, inputs, args.runs)
     child = subprocess.run([sys.executable, __file__, "--child-no-thp", "--runs", str(args.runs), "--nets", key],

@@ -173,7 +173,7 @@ def generate_source(net: fx.GraphModule, origin: str = "") -> str:
     body = [
         "",
         "class Net(nn.Module):",
-        f"    \"\"\"The converted net: forward({', '.join(blob_names)}) returns {_returns(info)}.\"\"\"",
+        f"    \"\"\"The converted net: forward() takes the INPUT_SHAPES blobs and returns {_returns(info)}.\"\"\"",
         "",
         "    def __init__(self) -> None:",
         "        super().__init__()",
@@ -206,10 +206,10 @@ def generate_source(net: fx.GraphModule, origin: str = "") -> str:
 
 
 def _returns(info: NetInfo) -> str:
+    """Words only: Caffe's names stay out of docstrings, where quotes in a name would end the string."""
     if not info.outputs:
         return "None"
-    names = ", ".join(ascii(name)[1:-1] for name in info.outputs)
-    return f"blob {names}" if len(info.outputs) == 1 else f"the blobs ({names})"
+    return "the OUTPUTS blob" if len(info.outputs) == 1 else f"the {len(info.outputs)} OUTPUTS blobs, in that order"
 
 
 def _calls(net: fx.GraphModule):

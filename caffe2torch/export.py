@@ -268,6 +268,9 @@ def export(net: fx.GraphModule, fmt: str, path: str | os.PathLike, tolerance: fl
     net = net.eval()
     inputs = check_inputs(net, seed)
     parent = path.absolute().parent
+    blocking = next((p for p in [parent, *parent.parents] if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise CaffeError(f"{blocking}: is not a folder, so {path} cannot be written")
     try:
         parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=SUFFIXES[fmt], dir=parent)

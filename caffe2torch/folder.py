@@ -192,7 +192,9 @@ def load(folder: str | os.PathLike, map_location: str | torch.device = "cpu") ->
     try:
         state = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - a damaged or foreign file fails in many ways
-        raise CaffeError(f"{folder / WEIGHTS}: cannot be read as a state_dict ({type(error).__name__}: {error})") from None
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+        raise CaffeError(f"{folder / WEIGHTS}: cannot be read as a state_dict of tensors "
+                         f"({type(error).__name__}: {reason[:200]})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CaffeError(f"{folder / WEIGHTS}: not a state_dict of tensors")
     expected = net.state_dict()

@@ -62,8 +62,8 @@ class NetInfo:
         return list(self.inputs)
 
 
-# Names a module may not take: attributes of every GraphModule, and words generated code uses.
-_RESERVED = set(dir(fx.GraphModule)) | {"self", "torch", "nn", "F", "math", "Path", "load", "meta", "graph", "code"}
+# Names a module may not take: attributes of every GraphModule instance, and words generated code uses.
+_RESERVED = set(dir(fx.GraphModule(nn.Module(), fx.Graph()))) | {"self", "torch", "nn", "F", "math", "Path", "load"}
 
 
 def python_names(names: Sequence[str], reserved: set[str] = frozenset(), prefix: str = "layer") -> list[str]:
@@ -75,7 +75,7 @@ def python_names(names: Sequence[str], reserved: set[str] = frozenset(), prefix:
     taken = set(reserved) | _RESERVED
     result = []
     for name in names:
-        base = re.sub(r"[^0-9A-Za-z_]", "_", name).lstrip("_") or prefix
+        base = re.sub(r"[^0-9A-Za-z_]+", "_", name).strip("_") or prefix
         if base[0].isdigit() or keyword.iskeyword(base) or keyword.issoftkeyword(base):
             base = f"{prefix}_{base}"
         candidate, suffix = base, 1

@@ -458,11 +458,15 @@ class FrozenBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d that keeps its stored statistics in train mode too.
 
     For the fork's `BN { frozen: true }` (statistics and affine fixed in training) and Caffe's
-    `use_global_stats: true`: `.train()` leaves this module in eval mode.
+    `use_global_stats: true`: `.train()` leaves this module in eval mode. The input rank was
+    checked at conversion, so there is no check on the input here (it would stop fx tracing).
     """
 
     def train(self, mode: bool = True) -> "FrozenBatchNorm2d":
         return super().train(False)
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        pass
 
 
 class FrozenBatchNorm1d(nn.BatchNorm1d):
@@ -471,12 +475,18 @@ class FrozenBatchNorm1d(nn.BatchNorm1d):
     def train(self, mode: bool = True) -> "FrozenBatchNorm1d":
         return super().train(False)
 
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        pass
+
 
 class FrozenBatchNorm3d(nn.BatchNorm3d):
     """BatchNorm3d that keeps its stored statistics in train mode too (see FrozenBatchNorm2d)."""
 
     def train(self, mode: bool = True) -> "FrozenBatchNorm3d":
         return super().train(False)
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        pass
 
 
 class InnerProduct(nn.Linear):

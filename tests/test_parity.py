@@ -7,13 +7,7 @@ import pytest
 from caffe2torch.conversion import convert
 from caffe2torch.model import layer_calls
 from caffe2torch.verify import read_reference, verify_free_running, verify_isolated
-
-UNITS = [
-    "unit_activations", "unit_argmax", "unit_batchnorm_scale_bias", "unit_conv_basic",
-    "unit_conv_group_dilation", "unit_eltwise_concat", "unit_fork_bn", "unit_innerproduct",
-    "unit_inplace_chain", "unit_interp", "unit_legacy_v1", "unit_phase_filter", "unit_pool_ave",
-    "unit_pool_clip_a", "unit_pool_empty_window", "unit_pool_max", "unit_power_exp_log", "unit_shape_softmax",
-]
+from tests.conftest import UNITS
 
 
 def _assert_passes(report, expected_records: int) -> None:
