@@ -58,7 +58,7 @@ def _require(fmt: str) -> None:
 @contextlib.contextmanager
 def _quiet():
     """The exporters print progress, log and warn about tracing; one line of ours says what matters."""
-    loggers = [logging.getLogger(name) for name in ("onnxscript", "torch.onnx", "torch.export", "torch._dynamo")]
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo")]
     levels = [logger.level for logger in loggers]
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")

@@ -58,7 +58,8 @@ class ConvReLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
-        if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.enabled:
+        fused = x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.enabled
+        if fused and not torch.jit.is_tracing():  # the tracer cannot record the op's empty scalar list
             return torch.ops.mkldnn._convolution_pointwise(x, c.weight, c.bias, list(c.padding), list(c.stride),
                                                            list(c.dilation), c.groups, "relu", [], "")
         return torch.relu_(c(x))
