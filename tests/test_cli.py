@@ -209,3 +209,58 @@ def test_net_outputs_in_caffes_order():
     ''')
     # Caffe collects outputs in a std::set<string>: by name, not by position.
     assert output_blobs(build_graph(net)) == ["alpha", "zeta"]
+
+
+def test_text_prototxt_given_as_model_says_so(reference_dir, tmp_path):
+    units = reference_dir / "units"
+    result = run("convert", units / "unit_conv_basic.prototxt", "-o", tmp_path / "o")
+    _assert_one_line_error(result)
+    assert "this is a text prototxt: pass it with --prototxt (or use inspect)" in result.output
+    renamed = tmp_path / "net.caffemodel"  # a text file under a weights name: found by its content
+    renamed.write_text((units / "unit_conv_basic.prototxt").read_text())
+    result = run("convert", renamed, "-o", tmp_path / "o")
+    _assert_one_line_error(result)
+    assert "this is a text prototxt" in result.output and not (tmp_path / "o").exists()
+
+
+def test_convert_says_which_definition_it_uses(reference_dir, tmp_path):
+    units = reference_dir / "units"
+    result = run("convert", units / "unit_conv_basic.caffemodel", "-o", tmp_path / "beside")
+    assert result.exit_code == 0, result.output
+    assert "note: using the net definition" in result.output and "unit_conv_basic.prototxt found beside" in result.output
+    alone = tmp_path / "unit_conv_basic.caffemodel"
+    shutil.copy(units / "unit_conv_basic.caffemodel", alone)
+    result = run("convert", alone, "--input-shape", "1,3,13,17", "-o", tmp_path / "stored")
+    assert result.exit_code == 0, result.output
+    assert "note: using the net definition stored in unit_conv_basic.caffemodel" in result.output
+    (tmp_path / "deploy.prototxt").write_text((units / "unit_conv_basic.prototxt").read_text())
+    result = run("convert", alone, "-o", tmp_path / "deploy")
+    assert result.exit_code == 0 and "deploy.prototxt found beside" in result.output
+
+
+def test_verify_a_converted_folder_and_the_device_option(reference_dir, tmp_path):
+    units = reference_dir / "units"
+    folder = tmp_path / "out"
+    assert run("convert", units / "unit_inplace_chain.caffemodel", "-o", folder).exit_code == 0
+    ok = run("verify", folder, "--reference", units / "unit_inplace_chain.ref.h5", "--tolerance", "1e-5", "--device", "cpu")
+    assert ok.exit_code == 0, ok.output
+    assert ok.output.strip().splitlines()[-1].startswith("9/9 layers within tolerance")
+    fast = run("verify", folder, "--reference", units / "unit_inplace_chain.ref.h5", "--fast", "--tolerance", "1e-5")
+    assert fast.exit_code == 0 and "4/4 layers within tolerance (free-running, fast path" in fast.output
+    if not torch.cuda.is_available():
+        missing = run("verify", folder, "--reference", units / "unit_inplace_chain.ref.h5", "--device", "cuda")
+        _assert_one_line_error(missing)
+        assert "CUDA is not available" in missing.output
+    bogus = run("verify", folder, "--reference", units / "unit_inplace_chain.ref.h5", "--device", "gpu7")
+    _assert_one_line_error(bogus)
+
+
+def test_verify_cannot_pass_on_nothing(reference_dir, tmp_path):
+    units = reference_dir / "units"
+    empty = tmp_path / "empty.ref.h5"
+    with h5py.File(empty, "w") as file:
+        file.create_group("layers")
+        file.create_group("input").create_dataset("data", data=np.zeros((1, 3, 13, 17), np.float32))
+    result = run("verify", units / "unit_conv_basic.caffemodel", "--reference", empty)
+    _assert_one_line_error(result)
+    assert "nothing to compare" in result.output
