@@ -131,6 +131,15 @@ def build_graph(
         for bottom in param.bottom:
             if bottom not in available:
                 raise CaffeError(f"layer {param.name!r} ({param.type}): bottom {bottom!r} is not produced by any earlier layer or input")
+        for index, top in enumerate(param.top):
+            # Caffe's Net::AppendTop: a top may reuse a name only in place (the bottom at the same index).
+            in_place = index < len(param.bottom) and param.bottom[index] == top
+            if top in available and not in_place:
+                raise CaffeError(f"layer {param.name!r} ({param.type}): top {top!r} is produced by multiple sources "
+                                 f"(an earlier layer or input writes it, and this layer does not work in place); "
+                                 f"Caffe refuses this net")
+        if len(set(param.top)) != len(param.top):
+            raise CaffeError(f"layer {param.name!r} ({param.type}): names a top twice {list(param.top)}")
         available.update(param.top)
         graph.layers.append(Layer(param.name, param.type, list(param.bottom), list(param.top), param))
 

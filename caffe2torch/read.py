@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -56,6 +57,9 @@ _V1_TYPE_NAMES = {
 
 
 # V1LayerParameter list fields -> the ParamSpec field each entry becomes (as Caffe's UpgradeV1LayerParameter).
+# No Caffe blob comes near this (a caffemodel's protobuf is limited to 2 GB); larger is a damaged file.
+_MAX_BLOB_BYTES = 1 << 34
+
 _V1_PARAM_SPEC_FIELDS = {"param": "name", "blob_share_mode": "share_mode", "blobs_lr": "lr_mult",
                          "weight_decay": "decay_mult"}
 
@@ -224,7 +228,7 @@ def blob_shape(blob: caffe_pb2.BlobProto, where: str) -> tuple[int, ...]:
         shape = (count,)
     if any(d < 0 for d in shape):
         raise CaffeError(f"{where}: negative dimension in shape {shape}")
-    expected = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    expected = math.prod(shape)  # Python integers: a product past int64 cannot wrap into a plausible count
     if expected != count:
         raise CaffeError(f"{where}: shape {shape} needs {expected} values, the file holds {count}")
     return shape
@@ -255,6 +259,14 @@ def _collect_h5_layers(path, layer_name: str, group, weights: dict[str, list[np.
         _collect_h5_layers(path, f"{layer_name}/{key}", group[key], weights)
     if any(not isinstance(group[key], h5py.Dataset) for key in numeric):
         raise CaffeError(f"{path}: layer {layer_name!r} holds a group where blob datasets belong")
+    if [int(key) for key in numeric] != list(range(len(numeric))) or any(key != str(int(key)) for key in numeric):
+        # Caffe's Net::CopyTrainedLayersFromHDF5 reads blobs 0..n-1 by index: a gap is a damaged file.
+        raise CaffeError(f"{path}: layer {layer_name!r} has blobs {numeric}, expected 0 to {len(numeric) - 1}")
+    for key in numeric:
+        dataset = group[key]
+        if dataset.dtype.kind != "f" or dataset.size * 4 > _MAX_BLOB_BYTES:
+            raise CaffeError(f"{path}: layer {layer_name!r} blob {key} is not a float array of a sane size "
+                             f"({dataset.dtype}, shape {dataset.shape})")
     if numeric or not nested:  # a group of nested layers only is no layer itself
         weights[layer_name] = [np.asarray(group[key][()], dtype=np.float32) for key in numeric]
 

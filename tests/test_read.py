@@ -145,3 +145,43 @@ def test_fuzzed_prototxt_only_raises_our_error(text):
         parse_prototxt(text, "fuzz.prototxt")
     except CaffeError:
         pass
+
+
+def test_a_top_produced_twice_is_refused_as_caffe_does():
+    head = 'input: "data" input_shape { dim: 1 dim: 2 dim: 3 dim: 3 }\n'
+    twice = head + ('layer { name: "a" type: "ReLU" bottom: "data" top: "x" }\n'
+                    'layer { name: "b" type: "TanH" bottom: "data" top: "x" }\n')
+    with pytest.raises(CaffeError, match=r"layer 'b' \(TanH\): top 'x' is produced by multiple sources"):
+        build_graph(parse_prototxt(twice))
+    over_input = head + ('layer { name: "a" type: "ReLU" bottom: "data" top: "y" }\n'
+                         'layer { name: "b" type: "TanH" bottom: "y" top: "data" }\n')  # writes over the input
+    with pytest.raises(CaffeError, match="produced by multiple sources"):
+        build_graph(parse_prototxt(over_input))
+    # In place means the bottom at the same index: Caffe accepts these.
+    in_place = head + ('layer { name: "a" type: "ReLU" bottom: "data" top: "data" }\n'
+                       'layer { name: "s" type: "Slice" bottom: "data" top: "p" top: "q" slice_param { axis: 1 } }\n'
+                       'layer { name: "e" type: "Eltwise" bottom: "p" bottom: "q" top: "p" }\n')
+    assert [layer.name for layer in build_graph(parse_prototxt(in_place)).layers] == ["a", "s", "e"]
+    wrong_index = head + ('layer { name: "s" type: "Slice" bottom: "data" top: "p" top: "q" slice_param { axis: 1 } }\n'
+                          'layer { name: "e" type: "Eltwise" bottom: "p" bottom: "q" top: "q" }\n')
+    with pytest.raises(CaffeError, match="layer 'e'.*'q' is produced by multiple sources"):
+        build_graph(parse_prototxt(wrong_index))
+
+
+def test_hdf5_weights_with_a_gap_in_blob_indices_are_refused(tmp_path):
+    import h5py
+
+    path = tmp_path / "gap.caffemodel.h5"
+    with h5py.File(path, "w") as file:
+        layer = file.create_group("data").create_group("conv")
+        layer.create_dataset("0", data=np.zeros((2, 1, 1, 1), np.float32))
+        layer.create_dataset("2", data=np.zeros(2, np.float32))
+    with pytest.raises(CaffeError, match=r"layer 'conv' has blobs \['0', '2'\], expected 0 to 1"):
+        read_caffemodel_h5(path)
+
+
+def test_blob_dims_whose_product_overflows_int64_are_one_error():
+    blob = caffe_pb2.BlobProto()
+    blob.shape.dim.extend([2**40, 2**40, 2**4])  # 2**84 wraps to 0 in int64
+    with pytest.raises(CaffeError, match="needs 19342813113834066795298816 values, the file holds 0"):
+        blob_to_array(blob, "w")
