@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -68,6 +69,19 @@ shape_option = click.option("--input-shape", metavar="SHAPE",
                             help="Override the input shape, e.g. 1,3,1025,2049 (or name=shape;name=shape).")
 
 
+def _set_memory_limit(ctx, param, value: str | None) -> None:
+    if value is not None:
+        from caffe2torch.limits import ENVIRONMENT, parse_size
+
+        try:
+            parse_size(value)
+        except CaffeError as error:
+            raise click.BadParameter(str(error)) from None
+        os.environ[ENVIRONMENT] = value  # read where nets are built (caffe2torch.limits.memory_limit)
+
+
+memory_option = click.option("--max-memory", metavar="SIZE", expose_value=False, callback=_set_memory_limit,
+                             help="Refuse nets needing more memory than this (e.g. 64G; default: the available memory).")
 force_option = click.option("--force", is_flag=True,
                             help="Replace an earlier caffe2torch output in the output folder (never anything else).")
 
@@ -77,6 +91,7 @@ def _note(message: str) -> None:
 
 
 @main.command()
+@memory_option
 @model_argument
 @prototxt_option
 @shape_option
@@ -117,6 +132,7 @@ def _shapes(shapes) -> str:
 
 
 @main.command()
+@memory_option
 @model_argument
 @prototxt_option
 @click.option("--reference", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Reference .ref.h5 written from real Caffe.")
@@ -217,6 +233,7 @@ def _numerics(device):
 
 
 @main.command()
+@memory_option
 @click.argument("file", type=click.Path(path_type=Path))
 @prototxt_option
 @shape_option
@@ -241,6 +258,7 @@ def inspect(file: Path, prototxt: Path | None, input_shape: str | None, as_json:
 
 
 @main.command("fold-bn")
+@memory_option
 @model_argument
 @prototxt_option
 @shape_option
@@ -259,6 +277,7 @@ def fold_bn(model: Path, prototxt: Path | None, input_shape: str | None, output:
 
 
 @main.command()
+@memory_option
 @model_argument
 @prototxt_option
 @shape_option

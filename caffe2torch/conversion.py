@@ -66,13 +66,15 @@ def _definition_for(weights_path: Path | None, stored: caffe_pb2.NetParameter | 
 
 def convert(weights: str | os.PathLike | None, prototxt: str | os.PathLike | None = None,
             input_shape: Sequence[int] | dict | None = None, verify_md5: bool = True,
-            on_warning: Callable[[str], None] | None = None, find_prototxt: bool = True) -> Conversion:
+            on_warning: Callable[[str], None] | None = None, find_prototxt: bool = True,
+            memory_limit: int | str | None = None) -> Conversion:
     """Build the PyTorch net for `weights` (.caffemodel or .caffemodel.h5), optionally with a deploy prototxt.
 
     Without `prototxt`, the definition is the manifest's for a known release, else (with
     `find_prototxt`) X.prototxt or deploy.prototxt beside X.caffemodel, else the net stored in
     the caffemodel. With no weights, the prototxt alone gives the structure with zero-filled
-    parameter blobs.
+    parameter blobs. `memory_limit` (bytes or e.g. '64G'; default: the available memory) refuses
+    a net too large to build or run here.
     """
     weights_path = Path(weights) if weights is not None else None
     prototxt_path = Path(prototxt) if prototxt is not None else None
@@ -100,5 +102,6 @@ def convert(weights: str | os.PathLike | None, prototxt: str | os.PathLike | Non
     source = str(prototxt_path or weights_path)
     unmatched_weights(definition, trained, str(weights_path), source)
     # A prototxt alone shows the structure: layers get zero-filled blobs of Caffe's shapes.
-    net = from_net_parameter(definition, trained, source, input_shape, warn, fill_missing=weights_path is None)
+    net = from_net_parameter(definition, trained, source, input_shape, warn, fill_missing=weights_path is None,
+                             memory_limit=memory_limit)
     return Conversion(net, definition, weights_path, prototxt_path, md5, release, trained, collected, notes)

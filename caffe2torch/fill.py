@@ -6,6 +6,7 @@ architectures); a conversion for use always copies trained blobs instead.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -31,8 +32,8 @@ def _channels(layer, shapes: Sequence[Shape], axis: int = 1) -> int:
     return int(shapes[0][axis % len(shapes[0])])
 
 
-def placeholder_blobs(layer, shapes: Sequence[Shape]) -> list[np.ndarray]:
-    """Blobs of the shapes Caffe's LayerSetUp would allocate for `layer` on bottoms of `shapes`."""
+def placeholder_specs(layer, shapes: Sequence[Shape]) -> list[tuple[Shape, float]]:
+    """(shape, fill value) of each blob Caffe's LayerSetUp would allocate for `layer` on bottoms of `shapes`."""
     kind = layer.type
     if kind in ("Convolution", "Deconvolution"):
         param = layer.convolution_param
@@ -45,36 +46,39 @@ def placeholder_blobs(layer, shapes: Sequence[Shape]) -> list[np.ndarray]:
             weight = (param.num_output, channels // group, *kernel)
         else:
             weight = (channels, param.num_output // group, *kernel)
-        blobs = [np.zeros(weight, np.float32)]
-        if param.bias_term:
-            blobs.append(np.zeros(param.num_output, np.float32))
-        return blobs
+        return [(weight, 0.0)] + ([((param.num_output,), 0.0)] if param.bias_term else [])
     if kind == "InnerProduct":
         param = layer.inner_product_param
         axis = (param.axis if param.HasField("axis") else 1) % len(shapes[0])
-        inputs = int(np.prod(shapes[0][axis:]))
+        inputs = math.prod(shapes[0][axis:])
         weight = (inputs, param.num_output) if param.transpose else (param.num_output, inputs)
-        blobs = [np.zeros(weight, np.float32)]
-        if param.bias_term:
-            blobs.append(np.zeros(param.num_output, np.float32))
-        return blobs
+        return [(weight, 0.0)] + ([((param.num_output,), 0.0)] if param.bias_term else [])
     if kind == "BatchNorm":
         channels = _channels(layer, shapes)
-        return [np.zeros(channels, np.float32), np.ones(channels, np.float32), np.ones(1, np.float32)]
+        return [((channels,), 0.0), ((channels,), 1.0), ((1,), 1.0)]
     if kind == "BN":
-        channels = _channels(layer, shapes)
-        ones, zeros = np.ones((1, channels, 1, 1), np.float32), np.zeros((1, channels, 1, 1), np.float32)
-        return [ones, zeros, zeros.copy(), ones.copy()]
+        channel_shape = (1, _channels(layer, shapes), 1, 1)
+        return [(channel_shape, 1.0), (channel_shape, 0.0), (channel_shape, 0.0), (channel_shape, 1.0)]
     if kind == "PReLU":
         channels = 1 if layer.prelu_param.channel_shared else _channels(layer, shapes)
-        return [np.full(channels, 0.25, np.float32)]
+        return [((channels,), 0.25)]
     if kind in ("Scale", "Bias") and len(shapes) == 1:
-        return _scale_bias_placeholders(layer, shapes[0])
+        return _scale_bias_specs(layer, shapes[0])
     # Every other type has no parameters.
     return []
 
 
-def _scale_bias_placeholders(layer, shape: Shape) -> list[np.ndarray]:
+def placeholder_blobs(layer, shapes: Sequence[Shape]) -> list[np.ndarray]:
+    """Blobs of the shapes Caffe's LayerSetUp would allocate for `layer`, filled with zeros (or identity)."""
+    return [np.full(shape, value, np.float32) for shape, value in placeholder_specs(layer, shapes)]
+
+
+def placeholder_bytes(layer, shapes: Sequence[Shape]) -> int:
+    """What `placeholder_blobs` would allocate, without allocating it."""
+    return 4 * sum(math.prod(shape) for shape, _ in placeholder_specs(layer, shapes))
+
+
+def _scale_bias_specs(layer, shape: Shape) -> list[tuple[Shape, float]]:
     """Scale and Bias fill themselves from constant fillers; a random filler gets gamma 1 / beta 0 here."""
     param = layer.scale_param if layer.type == "Scale" else layer.bias_param
     fillers = [("filler", param.filler)]
@@ -86,5 +90,5 @@ def _scale_bias_placeholders(layer, shape: Shape) -> list[np.ndarray]:
     axis = param.axis % rank if -rank <= param.axis < rank else param.axis  # the converter reports a bad axis
     blob = tuple(shape[axis:]) if param.num_axes == -1 else tuple(shape[axis:axis + param.num_axes])
     if layer.type == "Bias":
-        return [np.zeros(blob, np.float32)]
-    return [np.ones(blob, np.float32)] + ([np.zeros(blob, np.float32)] if param.bias_term else [])
+        return [(blob, 0.0)]
+    return [(blob, 1.0)] + ([(blob, 0.0)] if param.bias_term else [])

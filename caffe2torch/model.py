@@ -9,6 +9,7 @@ replays the graph and hands every layer's tops to a callback (what `verify` comp
 from __future__ import annotations
 
 import keyword
+import math
 import operator
 import re
 import warnings as warnings_module
@@ -20,9 +21,10 @@ import torch
 from torch import fx, nn
 
 from caffe2torch.errors import CaffeError
-from caffe2torch.fill import placeholder_blobs
+from caffe2torch.fill import placeholder_blobs, placeholder_bytes
 from caffe2torch.graph import NetGraph, build_graph, output_blobs
 from caffe2torch.layers import convert_layer
+from caffe2torch.limits import MemoryBudget
 from proto import caffe_pb2
 
 Shape = tuple[int, ...]
@@ -121,12 +123,18 @@ def _input_check(graph: fx.Graph, node: fx.Node, blob: str, shape: Shape, net_na
 
 def assemble(graph: NetGraph, weights: Mapping[str, Sequence[np.ndarray]],
              on_warning: Callable[[str], None] | None = None, fill_missing: bool = False,
-             definition: caffe_pb2.NetParameter | None = None, source: str = "") -> fx.GraphModule:
+             definition: caffe_pb2.NetParameter | None = None, source: str = "",
+             memory_limit: int | str | None = None) -> fx.GraphModule:
     """Convert each TEST-phase layer with the trained blobs of the layer of the same name.
 
     `fill_missing` gives layers without trained blobs zero-filled ones of Caffe's shapes (for
-    looking at a structure, or to be overwritten by a state_dict).
+    looking at a structure, or to be overwritten by a state_dict). A net whose parameters or
+    one layer's activations would not fit `memory_limit` (default: the available memory) is
+    refused before anything of that size is allocated.
     """
+    budget = MemoryBudget(memory_limit)
+    for blob, shape in graph.inputs.items():
+        budget.check_layer(f"input {blob!r} of shape {_shape_text(shape)}", math.prod(shape))
     shapes: dict[str, Shape] = dict(graph.inputs)
     names = python_names([layer.name for layer in graph.layers])
     fx_graph = fx.Graph()
@@ -139,22 +147,30 @@ def assemble(graph: NetGraph, weights: Mapping[str, Sequence[np.ndarray]],
 
     modules: dict[str, nn.Module] = {}
     for layer, module_name in zip(graph.layers, names):
+        where = f"layer {layer.name!r} ({layer.type})"
         bottoms = [shapes[b] for b in layer.bottoms]
         blobs = list(weights.get(layer.name, []))
         if not blobs and fill_missing:
+            budget.add_parameters(where, placeholder_bytes(layer.param, bottoms) // 4)
             blobs = placeholder_blobs(layer.param, bottoms)
+        else:
+            budget.add_parameters(where, sum(blob.size for blob in blobs))
         try:
             converted = convert_layer(layer.param, bottoms, blobs)
         except CaffeError as error:
             if weights and layer.name not in weights and "parameter blobs" in str(error):
                 raise CaffeError(f"{error} (the weights hold no layer named {layer.name!r})") from None
             raise
+        except MemoryError:
+            raise CaffeError(f"{where}: out of memory while building it") from None
         _check_shapes(layer, converted.top_shapes)
         for message in converted.warnings:
             _warn(on_warning, f"layer {layer.name!r} ({layer.type}): {message}")
         for top, shape in zip(layer.tops, converted.top_shapes):
             if any(d <= 0 for d in shape):
                 raise CaffeError(f"layer {layer.name!r} ({layer.type}): top {top!r} would have shape {tuple(shape)}")
+        budget.check_layer(f"{where} (tops {', '.join(_shape_text(s) for s in converted.top_shapes)})",
+                           sum(math.prod(s) for s in bottoms) + sum(math.prod(s) for s in converted.top_shapes))
         modules[module_name] = converted.module
         if converted.per_bottom:
             calls = [((bottom,), (top,)) for bottom, top in zip(layer.bottoms, layer.tops)]
@@ -277,6 +293,7 @@ def unmatched_weights(definition: caffe_pb2.NetParameter, weights: Mapping[str, 
 
 def from_net_parameter(net: caffe_pb2.NetParameter, weights: Mapping[str, Sequence[np.ndarray]],
                        source: str = "<net>", input_shapes=None,
-                       on_warning: Callable[[str], None] | None = None, fill_missing: bool = False) -> fx.GraphModule:
+                       on_warning: Callable[[str], None] | None = None, fill_missing: bool = False,
+                       memory_limit: int | str | None = None) -> fx.GraphModule:
     graph = build_graph(net, source, input_shapes)
-    return assemble(graph, weights, on_warning, fill_missing, definition=net, source=source)
+    return assemble(graph, weights, on_warning, fill_missing, definition=net, source=source, memory_limit=memory_limit)

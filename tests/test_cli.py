@@ -264,3 +264,35 @@ def test_verify_cannot_pass_on_nothing(reference_dir, tmp_path):
     result = run("verify", units / "unit_conv_basic.caffemodel", "--reference", empty)
     _assert_one_line_error(result)
     assert "nothing to compare" in result.output
+
+
+@pytest.mark.parametrize("body, culprit", [
+    ('input: "data" input_shape { dim: 1 dim: 3 dim: 8 dim: 8 }\n'
+     'layer { name: "wide" type: "Convolution" bottom: "data" top: "c" convolution_param { num_output: 2000000000 kernel_size: 3 } }',
+     "layer 'wide' (Convolution): the parameters up to here needs"),
+    ('input: "data" input_shape { dim: 1 dim: 3 dim: 8 dim: 8 }\n'
+     'layer { name: "zoom" type: "Interp" bottom: "data" top: "z" interp_param { height: 4000000 width: 4000000 } }',
+     "layer 'zoom' (Interp) (tops 1x3x4000000x4000000) needs"),
+    ('input: "data" input_shape { dim: 1 dim: 3 dim: 100000000 dim: 100000000 }\n'
+     'layer { name: "r" type: "ReLU" bottom: "data" top: "data" }',
+     "input 'data' of shape 1x3x100000000x100000000 needs"),
+])
+def test_nets_too_large_for_the_machine_are_refused_before_allocating(tmp_path, body, culprit):
+    prototxt = tmp_path / "huge.prototxt"
+    prototxt.write_text(body)
+    result = run("inspect", prototxt)
+    _assert_one_line_error(result)
+    assert culprit in result.output and "more than the memory limit" in result.output
+
+
+def test_max_memory_option(reference_dir, tmp_path, monkeypatch):
+    from caffe2torch.limits import ENVIRONMENT
+
+    monkeypatch.setenv(ENVIRONMENT, "100G")  # recorded, so the option's setting is undone after the test
+    units = reference_dir / "units"
+    small = run("inspect", units / "unit_conv_basic.caffemodel", "--max-memory", "2K")
+    _assert_one_line_error(small)
+    assert "more than the memory limit of 2.0 KiB" in small.output
+    assert run("inspect", units / "unit_conv_basic.caffemodel", "--max-memory", "1G").exit_code == 0
+    bad = run("inspect", units / "unit_conv_basic.caffemodel", "--max-memory", "lots")
+    assert bad.exit_code == 2 and "memory size 'lots'" in bad.output

@@ -1,0 +1,80 @@
+"""Memory a net will need, judged from Caffe's shapes before anything large is allocated.
+
+A hostile or mistaken definition (a huge num_output, Interp size or input size) would otherwise
+try to allocate tens of GB to TB and end in a MemoryError traceback or the kernel's OOM killer.
+The default limit is the memory the machine has available; `--max-memory` or the environment
+variable CAFFE2TORCH_MAX_MEMORY (e.g. `64G`) sets another.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from caffe2torch.errors import CaffeError
+
+ENVIRONMENT = "CAFFE2TORCH_MAX_MEMORY"
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'64G', '512M', '1.5T' or a number of bytes."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([KMGT]?)i?B?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise CaffeError(f"memory size {text!r}: expected a number with an optional K, M, G or T suffix (e.g. 64G)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def available_memory() -> int:
+    """MemAvailable of /proc/meminfo, else free physical pages, else 16 GiB (unknown systems)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 16 << 30
+
+
+def memory_limit(explicit: int | str | None = None) -> int:
+    """The limit in bytes: the argument, else $CAFFE2TORCH_MAX_MEMORY, else the available memory."""
+    if explicit is not None:
+        return parse_size(explicit) if isinstance(explicit, str) else int(explicit)
+    if os.environ.get(ENVIRONMENT):
+        return parse_size(os.environ[ENVIRONMENT])
+    return available_memory()
+
+
+def format_bytes(count: int) -> str:
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} bytes"
+
+
+class MemoryBudget:
+    """Parameters kept for the whole net plus one layer's bottoms and tops at a time, in float32."""
+
+    def __init__(self, limit: int | str | None = None) -> None:
+        self.limit = memory_limit(limit)
+        self.parameters = 0
+
+    def _refuse(self, where: str, needed: int) -> None:
+        raise CaffeError(f"{where} needs {format_bytes(needed)}, more than the memory limit of "
+                         f"{format_bytes(self.limit)} (the available memory unless --max-memory or "
+                         f"{ENVIRONMENT} says otherwise)")
+
+    def add_parameters(self, where: str, count: int) -> None:
+        self.parameters += 4 * count
+        if self.parameters > self.limit:
+            self._refuse(f"{where}: the parameters up to here", self.parameters)
+
+    def check_layer(self, where: str, elements: int) -> None:
+        """`elements` of activations live at once for this layer (its bottoms and tops)."""
+        needed = self.parameters + 4 * elements
+        if needed > self.limit:
+            self._refuse(where, needed)
