@@ -57,9 +57,15 @@ class Pool2d(nn.Module):
         self.output_size = tuple(caffe_pooled_size(n, k, s, p, clip, self.ceil)
                                  for n, k, s, p in zip(self.input_size, self.kernel, self.stride, self.pad))
         (ph, pw), (kh, kw), (sh, sw) = self.pad, self.kernel, self.stride
-        (oh, ow), (h, w) = self.output_size, self.input_size
-        # F.pad amounts (left, right, top, bottom); negative ones crop rows no window reaches.
-        self.edges = (pw, (ow - 1) * sw + kw - pw - w, ph, (oh - 1) * sh + kh - ph - h)
+        (h, w) = self.input_size
+        # Windows that start at or past size + pad hold nothing (possible without padding when the
+        # stride exceeds the kernel): they come last and are appended as constants, so the input is
+        # never padded out to them (a stride of 99999 would otherwise pad to 99999 rows).
+        vh, vw = (min(out, -(-(n + 2 * p) // s)) for out, n, p, s in zip(self.output_size, self.input_size,
+                                                                         self.pad, self.stride))
+        self.empty = (self.output_size[0] - vh, self.output_size[1] - vw)
+        # F.pad amounts (left, right, top, bottom) for the other windows; negative ones crop rows no window reaches.
+        self.edges = (pw, (vw - 1) * sw + kw - pw - w, ph, (vh - 1) * sh + kh - ph - h)
         self.rescale = False
         if method == "AVE":
             counts = [[min(o * s - p + k, n + p) - (o * s - p) for o in range(out)]
@@ -75,10 +81,14 @@ class Pool2d(nn.Module):
             if any(self.edges):
                 x = F.pad(x, self.edges, value=-math.inf)
             y = F.max_pool2d(x, self.kernel, self.stride)
+            if any(self.empty):
+                y = F.pad(y, (0, self.empty[1], 0, self.empty[0]), value=-math.inf)
             return torch.nan_to_num(y, nan=0.0, posinf=math.inf, neginf=None)  # -inf: the dtype's lowest
         if any(self.edges):
             x = F.pad(x, self.edges)
         y = F.avg_pool2d(x, self.kernel, self.stride)
+        if any(self.empty):
+            y = F.pad(y, (0, self.empty[1], 0, self.empty[0]))  # a sum of nothing, then 0/0 or 0/-n as in Caffe
         return y * self.factor if self.rescale else y
 
     def extra_repr(self) -> str:

@@ -209,12 +209,32 @@ def parse_caffemodel(data: bytes, source: str = "<caffemodel>") -> caffe_pb2.Net
         if data and _is_text_net(data):
             raise CaffeError(f"{source}: {TEXT_PROTOTXT}")
         raise CaffeError(f"{source}: not a valid caffemodel (it holds no layers)")
+    try:
+        _decode_strings(net)
+    except UnicodeDecodeError as error:
+        raise CaffeError(f"{source}: not a valid caffemodel (a name holds bytes that are not UTF-8, "
+                         f"at byte {error.start}: a damaged file)") from None
     net = _upgrade_v1(net, source)
     _recover_upstream_params(net)
     for layer in net.layer:
         for index, blob in enumerate(layer.blobs):
             blob_shape(blob, f"{source}: layer {layer.name!r} blob {index}")
     return net
+
+
+def _decode_strings(message) -> None:
+    """Check every string field: protobuf hands a proto2 string that is not UTF-8 back as bytes (or
+    raises when it is first read), so a damaged name would fail far from here. Blobs hold no strings."""
+    for descriptor, value in message.ListFields():
+        items = value if _is_repeated(descriptor) else [value]
+        if descriptor.message_type is not None:
+            if descriptor.message_type.name != "BlobProto":
+                for item in items:
+                    _decode_strings(item)
+        elif descriptor.type == descriptor.TYPE_STRING:
+            for item in items:
+                if isinstance(item, bytes):
+                    item.decode("utf-8")  # raises UnicodeDecodeError with the position
 
 
 def blob_shape(blob: caffe_pb2.BlobProto, where: str) -> tuple[int, ...]:
@@ -272,11 +292,20 @@ def _collect_h5_layers(path, layer_name: str, group, weights: dict[str, list[np.
 
 
 def read_caffemodel_h5(path: str | os.PathLike) -> dict[str, list[np.ndarray]]:
-    """Caffe's HDF5 weights (Net::ToHDF5): group /data/<layer name>/<i> per parameter blob."""
-    import h5py
+    """Caffe's HDF5 weights (Net::ToHDF5): group /data/<layer name>/<i> per parameter blob.
+
+    Read in a guarded child process: a damaged HDF5 file is an error within seconds, never a hang.
+    """
+    from caffe2torch.guard import run_bounded, time_limit
 
     if not Path(path).is_file():
         raise CaffeError(f"{path}: no such file")
+    return run_bounded(_read_h5_weights, (Path(path),), time_limit(Path(path).stat().st_size), str(path))
+
+
+def _read_h5_weights(path: Path) -> dict[str, list[np.ndarray]]:
+    import h5py
+
     try:
         with h5py.File(path, "r") as file:
             if "data" not in file:

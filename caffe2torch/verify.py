@@ -12,87 +12,14 @@ from torch import fx
 
 from caffe2torch.errors import CaffeError
 from caffe2torch.model import LayerCall, layer_calls, net_info, run_layers
+from caffe2torch.reference import LayerRecord, Reference, TopRecord, read_reference
+
+__all__ = ["Reference", "read_reference", "verify_free_running", "verify_isolated", "format_report", "compare"]
 
 FLT_MAX = float(np.finfo(np.float32).max)
 FREE_TOLERANCE = 5e-4
 ISOLATED_TOLERANCE = 1e-5
 ARGMAX_AGREEMENT = 0.9995
-
-
-@dataclass
-class TopRecord:
-    """What the reference stores of one top of one recorded layer."""
-
-    shape: tuple[int, ...]
-    sample_index: np.ndarray
-    sample_value: np.ndarray
-    data: np.ndarray | None
-
-
-@dataclass
-class LayerRecord:
-    index: int
-    name: str
-    type: str
-    tops: list[str]
-    values: list[TopRecord]
-
-
-@dataclass
-class Reference:
-    path: Path
-    prototxt: str | None
-    caffemodel: str | None
-    inputs: dict[str, np.ndarray]
-    layers: list[LayerRecord]
-    final_argmax: np.ndarray | None
-    argmax_source: str | None
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def read_reference(path: str | Path) -> Reference:
-    """Read a .ref.h5 file (layout in ../shared/reference/README.md)."""
-    import h5py
-
-    path = Path(path)
-    if not path.is_file():
-        raise CaffeError(f"{path}: no such file")
-    try:
-        with h5py.File(path, "r") as file:
-            if "layers" not in file or "input" not in file:
-                raise CaffeError(f"{path}: not a reference file (needs /input and /layers)")
-            inputs = {name: np.asarray(data[()], dtype=np.float32) for name, data in file["input"].items()}
-            layers = []
-            for key in sorted(file["layers"].keys()):
-                group = file["layers"][key]
-                tops = [_text(t) for t in group.attrs["tops"]]
-                values = []
-                for k in range(len(tops)):
-                    top = group[str(k)]
-                    values.append(TopRecord(
-                        shape=tuple(int(d) for d in top.attrs["shape"]),
-                        sample_index=np.asarray(top["sample_index"][()], dtype=np.int64),
-                        sample_value=np.asarray(top["sample_value"][()], dtype=np.float32),
-                        data=np.asarray(top["data"][()], dtype=np.float32) if "data" in top else None,
-                    ))
-                layers.append(LayerRecord(int(key), _text(group.attrs["name"]), _text(group.attrs["type"]), tops, values))
-            final = file.get("final/argmax")
-            argmax = np.asarray(final[()]) if final is not None else None
-            # The argmax is over the last recorded layer's output unless the file names another.
-            source = None
-            if final is not None:
-                source = _text(final.attrs["source_layer"]) if "source_layer" in final.attrs else layers[-1].name
-            attrs = file.attrs
-            return Reference(path, _text(attrs["prototxt"]) if "prototxt" in attrs else None,
-                             _text(attrs["caffemodel"]) if "caffemodel" in attrs else None,
-                             inputs, layers, argmax, source)
-    except CaffeError:
-        raise
-    except Exception as error:  # noqa: BLE001 - corrupt HDF5 fails in many ways
-        raise CaffeError(f"{path}: not a readable reference file ({error})") from None
 
 
 @dataclass

@@ -122,6 +122,7 @@ def pool_loops(x, method, kernel, stride, pad, out):
     ("kernel_size: 3 stride: 2 pad_h: 1 pad_w: 0", (4, 5)),  # one axis padded: clip rule checks both
     ("kernel_h: 2 kernel_w: 1 stride_h: 3 stride_w: 4", (3, 4)),  # width: last window past the image
     ("kernel_size: 4 stride: 3 pad: 2", (3, 4)),  # clipped on both axes
+    ("kernel_size: 2 stride: 99999", (2, 2)),  # the second window lies 99999 rows out: a constant, no huge pad
 ])
 def test_pooling_matches_caffe_loops(method, params, out) -> None:
     x = np.random.default_rng(3).standard_normal((2, 3, 7, 10)).astype(np.float32)

@@ -29,6 +29,8 @@ def _as_float32(value: float) -> float:
 def _norm_module(layer, shape: Shape, frozen: bool, **options) -> nn.Module:
     if len(shape) not in _NORMS:
         raise CaffeError(f"layer {layer.name!r} ({layer.type}): input must have 2 to 5 axes (N, C, ...), got {shape}")
+    if not options["eps"] >= 0:  # Caffe would take the square root of a negative variance: NaN everywhere
+        raise CaffeError(f"layer {layer.name!r} ({layer.type}): eps must not be negative, got {options['eps']}")
     normal, frozen_kind = _NORMS[len(shape)]
     return on_meta(frozen_kind if frozen else normal, shape[1], **options)
 

@@ -1,0 +1,134 @@
+"""The Caffe reference files (.ref.h5): every recorded layer top, read with bounded sizes in a guarded child.
+
+Layout in ../shared/reference/README.md. A damaged file gives one CaffeError within seconds:
+sizes are checked before anything is read (attributes against the file size, datasets against
+the memory limit) and the whole read runs under `guard.run_bounded`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from caffe2torch.errors import CaffeError
+from caffe2torch.guard import run_bounded, time_limit
+from caffe2torch.limits import format_bytes, memory_limit
+
+
+@dataclass
+class TopRecord:
+    """What the reference stores of one top of one recorded layer."""
+
+    shape: tuple[int, ...]
+    sample_index: np.ndarray
+    sample_value: np.ndarray
+    data: np.ndarray | None
+
+
+@dataclass
+class LayerRecord:
+    index: int
+    name: str
+    type: str
+    tops: list[str]
+    values: list[TopRecord]
+
+
+@dataclass
+class Reference:
+    path: Path
+    prototxt: str | None
+    caffemodel: str | None
+    inputs: dict[str, np.ndarray]
+    layers: list[LayerRecord]
+    final_argmax: np.ndarray | None
+    argmax_source: str | None
+
+
+class _Bounded:
+    """Reads of one open HDF5 file that first check the size of what they read."""
+
+    def __init__(self, path: Path, file) -> None:
+        self.path, self.file = path, file
+        self.file_size = path.stat().st_size
+        self.limit = memory_limit()
+
+    def attribute(self, node, name: str):
+        import h5py
+
+        if name not in node.attrs:
+            raise CaffeError(f"{self.path}: {node.name} has no attribute {name!r}")
+        handle = h5py.h5a.open(node.id, name.encode())
+        if handle.get_storage_size() > self.file_size:
+            raise CaffeError(f"{self.path}: attribute {name!r} of {node.name} claims {handle.get_storage_size()} "
+                             f"bytes in a {self.file_size}-byte file (damaged)")
+        return node.attrs[name]
+
+    def text(self, node, name: str) -> str:
+        value = self.attribute(node, name)
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    def array(self, node, name: str, dtype) -> np.ndarray:
+        import h5py
+
+        dataset = node[name]
+        if not isinstance(dataset, h5py.Dataset):
+            raise CaffeError(f"{self.path}: {node.name}/{name} is not a dataset")
+        size = int(np.prod(dataset.shape, dtype=object)) * dataset.dtype.itemsize
+        if size > self.limit:
+            raise CaffeError(f"{self.path}: {dataset.name} would take {format_bytes(size)}, more than the memory limit")
+        return np.asarray(dataset[()], dtype=dtype)
+
+
+def _read(path: Path) -> Reference:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as file:
+            if "layers" not in file or "input" not in file:
+                raise CaffeError(f"{path}: not a reference file (needs /input and /layers)")
+            read = _Bounded(path, file)
+            inputs = {name: read.array(file["input"], name, np.float32) for name in file["input"]}
+            layers = []
+            for key in sorted(file["layers"].keys()):
+                group = file["layers"][key]
+                if not key.isdigit():
+                    raise CaffeError(f"{path}: /layers/{key} is not a numbered layer record")
+                tops = [t.decode() if isinstance(t, bytes) else str(t) for t in read.attribute(group, "tops")]
+                values = []
+                for k in range(len(tops)):
+                    if str(k) not in group:
+                        raise CaffeError(f"{path}: layer record {key} names {len(tops)} tops but has no group {k}")
+                    top = group[str(k)]
+                    values.append(TopRecord(
+                        shape=tuple(int(d) for d in read.attribute(top, "shape")),
+                        sample_index=read.array(top, "sample_index", np.int64),
+                        sample_value=read.array(top, "sample_value", np.float32),
+                        data=read.array(top, "data", np.float32) if "data" in top else None,
+                    ))
+                layers.append(LayerRecord(int(key), read.text(group, "name"), read.text(group, "type"), tops, values))
+            argmax = source = None
+            if "final" in file and "argmax" in file["final"]:
+                argmax = read.array(file["final"], "argmax", np.uint8)
+                final = file["final"]["argmax"]
+                # The argmax is over the last recorded layer's output unless the file names another.
+                source = read.text(final, "source_layer") if "source_layer" in final.attrs else \
+                    (layers[-1].name if layers else None)
+            prototxt = read.text(file, "prototxt") if "prototxt" in file.attrs else None
+            caffemodel = read.text(file, "caffemodel") if "caffemodel" in file.attrs else None
+            return Reference(path, prototxt, caffemodel, inputs, layers, argmax, source)
+    except CaffeError:
+        raise
+    except Exception as error:  # noqa: BLE001 - corrupt HDF5 fails in many ways
+        reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise CaffeError(f"{path}: not a readable reference file ({reason})") from None
+
+
+def read_reference(path: str | Path) -> Reference:
+    """Read a .ref.h5 file; a damaged one is a CaffeError within seconds, never a hang."""
+    path = Path(path)
+    if not path.is_file():
+        raise CaffeError(f"{path}: no such file")
+    return run_bounded(_read, (path,), time_limit(path.stat().st_size), str(path))

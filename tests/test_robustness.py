@@ -1,0 +1,177 @@
+"""Damaged and hostile inputs: a clean one-line error or a net whose shapes check out, within bounded time.
+
+The fuzz tests are seeded (the same cases on every run) and small enough for the suite; each case
+must end in a CaffeError or in a converted net that runs on inputs of its declared shapes and
+returns tops of the shapes it recorded.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from caffe2torch import guard
+from caffe2torch.conversion import convert
+from caffe2torch.errors import CaffeError
+from caffe2torch.export import check_inputs
+from caffe2torch.model import net_info
+from caffe2torch.read import parse_caffemodel, read_caffemodel_h5
+from caffe2torch.reference import read_reference
+
+FUZZ_UNITS = ["unit_conv_basic", "unit_pool_ave", "unit_fork_bn", "unit_interp", "unit_shape_softmax",
+              "unit_legacy_v1", "unit_eltwise_concat", "unit_argmax"]
+
+
+def _mutate(data: bytes, rng: np.random.Generator) -> bytes:
+    """Flip a few bytes, cut the file, or duplicate a slice: the damage downloads and disks do."""
+    array = bytearray(data)
+    kind = rng.integers(3)
+    if kind == 0:
+        for _ in range(rng.integers(1, 4)):
+            array[rng.integers(len(array))] ^= 1 << int(rng.integers(8))
+    elif kind == 1:
+        array = array[: rng.integers(1, len(array))]
+    else:
+        start = int(rng.integers(len(array)))
+        piece = array[start:start + int(rng.integers(1, 64))]
+        at = int(rng.integers(len(array)))
+        array[at:at] = piece
+    return bytes(array)
+
+
+def _check_net(net) -> None:
+    """A net that converted must run on inputs of its shapes and give tops of the recorded shapes."""
+    info = net_info(net)
+    with torch.no_grad():
+        outputs = net(*check_inputs(net))
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    assert [tuple(o.shape) for o in outputs] == [tuple(info.blob_shapes[b]) for b in info.outputs]
+
+
+def _outcome(action) -> str:
+    try:
+        _check_net(action())
+        return "net"
+    except CaffeError as error:
+        assert "\n" not in str(error) and str(error), repr(error)
+        return "error"
+
+
+def test_fuzzed_caffemodels(reference_dir, tmp_path):
+    rng = np.random.default_rng(20261130)
+    outcomes: dict[str, int] = {}
+    started = time.monotonic()
+    for case in range(240):
+        unit = FUZZ_UNITS[case % len(FUZZ_UNITS)]
+        units = reference_dir / "units"
+        path = tmp_path / f"{unit}.caffemodel"
+        path.write_bytes(_mutate((units / f"{unit}.caffemodel").read_bytes(), rng))
+        # Half with the deploy definition (weights damaged), half with the stored one (definition damaged too).
+        prototxt = units / f"{unit}.prototxt" if case % 2 else None
+        shapes = {name: tuple(value.shape) for name, value in read_reference(units / f"{unit}.ref.h5").inputs.items()}
+        result = _outcome(lambda: convert(path, prototxt, shapes if prototxt is None else None, on_warning=lambda _: None,
+                                          find_prototxt=False).net)
+        outcomes[result] = outcomes.get(result, 0) + 1
+    assert time.monotonic() - started < 240
+    assert outcomes.get("error", 0) > 20 and outcomes.get("net", 0) > 20, outcomes  # both kinds were exercised
+
+
+def test_fuzzed_prototxts(reference_dir, tmp_path):
+    rng = np.random.default_rng(7)
+    alphabet = list('{}:"_ \n0123456789-.abcdefghijklmnopqrstuvwxyz') + ["kernel_size", "num_output", "top", "bottom"]
+    outcomes: dict[str, int] = {}
+    for case in range(240):
+        unit = FUZZ_UNITS[case % len(FUZZ_UNITS)]
+        text = (reference_dir / "units" / f"{unit}.prototxt").read_text()
+        digits = [i for i, ch in enumerate(text) if ch.isdigit()]
+        for _ in range(rng.integers(1, 4)):
+            if rng.random() < 0.7:  # a changed number: sizes, strides, axes, counts (syntax stays valid)
+                at = digits[rng.integers(len(digits))]
+                text = text[:at] + str(["0", "1", "7", "99999", "-1", "2"][rng.integers(6)]) + text[at + 1:]
+                digits = [i for i, ch in enumerate(text) if ch.isdigit()]
+            else:  # anything else, mostly a syntax error
+                at = int(rng.integers(len(text)))
+                token = alphabet[rng.integers(len(alphabet))]
+                text = text[:at] + token + text[at + int(rng.integers(0, 3)):]
+                digits = [i for i, ch in enumerate(text) if ch.isdigit()]
+        path = tmp_path / "net.prototxt"
+        path.write_text(text)
+        result = _outcome(lambda: convert(None, path, on_warning=lambda _: None).net)
+        outcomes[result] = outcomes.get(result, 0) + 1
+    assert outcomes.get("error", 0) > 20 and outcomes.get("net", 0) > 20, outcomes
+
+
+def test_fuzzed_hdf5_files(reference_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(guard, "BASE_SECONDS", 10.0)
+    rng = np.random.default_rng(3)
+    units = reference_dir / "units"
+    started = time.monotonic()
+    for case in range(40):
+        unit = FUZZ_UNITS[case % len(FUZZ_UNITS)]
+        for suffix, reader in ((".caffemodel.h5", read_caffemodel_h5), (".ref.h5", read_reference)):
+            path = tmp_path / f"{unit}{suffix}"
+            data = (units / f"{unit}{suffix}").read_bytes()
+            # HDF5 keeps its metadata near the start: damage it there more often.
+            array = bytearray(data)
+            for _ in range(2):
+                position = int(rng.integers(min(len(array), 4096) if rng.random() < 0.7 else len(array)))
+                array[position] ^= 1 << int(rng.integers(8))
+            path.write_bytes(bytes(array))
+            try:
+                reader(path)
+            except CaffeError as error:
+                assert "\n" not in str(error)
+    assert time.monotonic() - started < 200
+
+
+def _sleep_forever(path):
+    time.sleep(600)
+
+
+def _crash(path):
+    os._exit(3)
+
+
+def test_a_reader_that_hangs_or_crashes_is_one_error(reference_dir, monkeypatch):
+    import caffe2torch.reference as reference_module
+
+    if os.environ.get("CAFFE2TORCH_NO_FORK"):
+        pytest.skip("readers run in the calling process here")
+    path = reference_dir / "units" / "unit_argmax.ref.h5"
+    monkeypatch.setattr(guard, "BASE_SECONDS", 1.0)
+    monkeypatch.setattr(reference_module, "_read", _sleep_forever)
+    started = time.monotonic()
+    with pytest.raises(CaffeError, match="not read within 1 s"):
+        read_reference(path)
+    assert time.monotonic() - started < 10
+    monkeypatch.setattr(reference_module, "_read", _crash)
+    with pytest.raises(CaffeError, match="stopped without an answer"):
+        read_reference(path)
+
+
+def test_a_layer_name_with_invalid_utf8_is_one_error(reference_dir):
+    data = (reference_dir / "units" / "unit_conv_basic.caffemodel").read_bytes()
+    damaged = data.replace(b"conv_k3_p1", b"conv_k3_\xff1", 1)
+    with pytest.raises(CaffeError, match="not a valid caffemodel"):
+        parse_caffemodel(damaged, "x.caffemodel")
+
+
+def test_disk_full_while_saving_leaves_nothing(reference_dir, tmp_path, monkeypatch):
+    from caffe2torch import folder as folder_module
+
+    net = convert(reference_dir / "units" / "unit_conv_basic.caffemodel").net
+    real_write = folder_module.Path.write_bytes
+
+    def full(self, data):
+        if self.name == "weights.pt":
+            raise OSError(28, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(folder_module.Path, "write_bytes", full)
+    with pytest.raises(CaffeError, match="No space left on device"):
+        folder_module.save_net(net, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
