@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from caffe2torch.cli import memory_option
 from caffe2torch.errors import CaffeError
 
 EXIT_ERROR = 2
@@ -69,6 +70,7 @@ device_option = click.option("--device", default=None,
 @click.option("--prototxt", type=_path(), help="Deploy net definition for weights the manifest does not know.")
 @click.option("--no-verify", is_flag=True, help="Accept a release-named file whose md5 differs.")
 @click.option("--redo", is_flag=True, help="Recompute every image, even those whose outputs exist.")
+@memory_option
 @click.version_option(package_name="caffe2torch")
 @click.pass_context
 def main(ctx: click.Context, list_path, data_root, weights, out, device, batch_size, workers, fast_resize,

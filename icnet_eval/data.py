@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -63,6 +64,19 @@ def _label_ids_sibling(label: Path) -> Path | None:
     return sibling if sibling.is_file() else None
 
 
+def split_list_line(line: str, where: str) -> list[str]:
+    """IMAGE [LABEL] fields: tab-separated when the line has a tab, else quoted like a shell ('a b.png')
+    when it has quotes, else split at spaces (the authors' lists)."""
+    if "\t" in line:
+        return [field.strip() for field in line.split("\t") if field.strip()]
+    if '"' in line or "'" in line:
+        try:
+            return shlex.split(line, comments=False, posix=True)
+        except ValueError as error:
+            raise CaffeError(f"{where}: {error} (quote paths with spaces, or separate the fields by a tab)") from None
+    return line.split()
+
+
 def parse_list(list_path: str | os.PathLike, data_root: str | os.PathLike, need_images: bool = True,
                need_labels: bool = False) -> list[ListEntry]:
     """Read an `IMAGE [LABEL]` list; every error names the list line. Paths are relative to `data_root`."""
@@ -70,7 +84,7 @@ def parse_list(list_path: str | os.PathLike, data_root: str | os.PathLike, need_
     if not data_root.is_dir():
         raise CaffeError(f"--data-root {data_root}: no such folder")
     try:
-        text = list_path.read_text(encoding="utf-8")
+        text = list_path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not part of the first path
     except FileNotFoundError:
         raise CaffeError(f"--list {list_path}: no such file") from None
     except IsADirectoryError:
@@ -83,10 +97,10 @@ def parse_list(list_path: str | os.PathLike, data_root: str | os.PathLike, need_
     entries: list[ListEntry] = []
     stems: dict[str, int] = {}
     for number, raw_line in enumerate(text.splitlines(), start=1):
-        fields = raw_line.split()
+        where = f"{list_path} line {number}"
+        fields = split_list_line(raw_line, where)
         if not fields or fields[0].startswith("#"):
             continue
-        where = f"{list_path} line {number}"
         if len(fields) > 2:
             raise CaffeError(f"{where}: expected 'IMAGE [LABEL]', found {len(fields)} fields")
         image = data_root / fields[0]
@@ -123,12 +137,27 @@ def _read_bytes(path: Path, what: str, entry: ListEntry) -> np.ndarray:
         raise CaffeError(f"{entry.where}: cannot read {what} {path} ({error.strerror or error})") from None
 
 
+# Bytes per image pixel the evaluation holds at once after the forward: 19 class planes of float32
+# probabilities at the image size, their resize and the temporaries of softmax and argmax.
+BYTES_PER_PIXEL = 19 * 4 * 3
+
+
 def read_image_bgr(entry: ListEntry) -> np.ndarray:
-    """The image as H x W x 3 uint8 in OpenCV's BGR order, without EXIF rotation (MATLAB's imread ignores it)."""
+    """The image as H x W x 3 uint8 in OpenCV's BGR order, without EXIF rotation (MATLAB's imread ignores it).
+
+    An image too large to evaluate within the memory limit is refused here, before the
+    per-pixel class probabilities (76 bytes a pixel, three times) are allocated for it.
+    """
+    from caffe2torch.limits import format_bytes, memory_limit
+
     data = _read_bytes(entry.image, "image", entry)
     image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
     if image is None:
         raise CaffeError(f"{entry.where}: image {entry.image} is not a readable image file")
+    needed = image.shape[0] * image.shape[1] * BYTES_PER_PIXEL
+    if needed > memory_limit():
+        raise CaffeError(f"{entry.where}: image {entry.image} is {image.shape[0]}x{image.shape[1]}: evaluating it "
+                         f"needs {format_bytes(needed)}, more than the memory limit (--max-memory)")
     return image
 
 

@@ -22,7 +22,8 @@ from icnet_eval.imresize import fast_resize, matlab_imresize_torch
 from icnet_eval.metrics import ConfusionCounts
 from caffe2torch.write import write_atomic
 from icnet_eval.model import LoadedModel, load_model
-from icnet_eval.outputs import REPORT_FILE, OutputStore, check_run_file, prepare_out_dir
+from icnet_eval.outputs import (REPORT_FILE, OutputStore, check_outputs_apart, check_run_file, lock_out_dir,
+                               prepare_out_dir)
 
 
 @dataclass
@@ -257,18 +258,33 @@ def evaluate(options: EvalOptions, model: LoadedModel | None = None,
     if model is None:
         model = load_model(options.weights, options.prototxt, options.input_size, options.verify_md5,
                            on_warning=lambda message: echo(f"warning: {message}"))
+    check_outputs_apart(store, entries)
     prepare_out_dir(out)
     # the settings a user can name come first: the error names the first one that differs
     fingerprint = {"weights_md5": model.md5, "input_size": list(model.input_size),
                    "resize": "fast" if options.fast_resize else "matlab", "format": options.output_format,
-                   "definition_md5": model.definition_md5}
-    check_run_file(out, fingerprint, store, entries)
-    store.make_folders()
+                   "data_root": str(Path(options.data_root).resolve()), "definition_md5": model.definition_md5}
 
     dist = _Distributed(device)
     device = dist.device
-    net = model.net.to(device).eval()
     shard = dist.shard(entries)
+    lock = None
+    setup_failure: BaseException | None = None
+    try:  # every rank must agree before any of them writes a prediction
+        lock = lock_out_dir(out, dist.rank)
+        if lock is None:
+            raise CaffeError(f"--out {out}: another icnet-eval run is writing there; wait for it or choose another --out")
+        check_run_file(out, fingerprint, store, entries, own=shard, write=dist.rank == 0)
+        store.make_folders()
+    except BaseException as error:  # noqa: BLE001 - shared with the other ranks below, then raised
+        setup_failure = error
+    if dist.sum(np.array([1.0 if setup_failure else 0.0]), op="max")[0] > 0:
+        if lock is not None:
+            lock.close()
+        dist.close()
+        raise setup_failure or CaffeError(f"rank {dist.rank}: another process of the distributed run failed "
+                                          f"to start (see its message)")
+    net = model.net.to(device).eval()
     start = time.perf_counter()
     progress = Progress(len(shard), options.progress and dist.rank == 0)
     failure: BaseException | None = None
@@ -281,10 +297,12 @@ def evaluate(options: EvalOptions, model: LoadedModel | None = None,
         progress.close()
     failed_elsewhere = dist.sum(np.array([1.0 if failure else 0.0]), op="max")[0] > 0
     if failure is not None:
+        lock.close()
         if dist.active:
             dist.close()
         raise failure
     if failed_elsewhere:
+        lock.close()
         dist.close()
         raise CaffeError(f"rank {dist.rank}: another process of the distributed run failed (see its message)")
 
@@ -311,6 +329,7 @@ def evaluate(options: EvalOptions, model: LoadedModel | None = None,
     }
     if dist.rank == 0:
         _write_json(out / REPORT_FILE, report)
+    lock.close()
     dist.close()
     return report
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import cv2
@@ -39,11 +42,46 @@ def server_name(entry: ListEntry) -> str:
     return f"{stem}.png" if stem.endswith(f"_{IMAGE_TAG}") else f"{stem}_{IMAGE_TAG}.png"
 
 
-def _encode_png(array: np.ndarray, path: Path) -> bytes:
+SOURCE_KEY = b"icnet-eval-source"
+
+
+def source_id(path: Path) -> str:
+    """What a prediction depends on of its input file besides the run's settings: size and modification time."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return "missing"
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def png_text(data: bytes, key: bytes) -> str | None:
+    """The value of a tEXt chunk of a PNG, or None."""
+    position = 8
+    while position + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[position:position + 8])
+        payload = data[position + 8:position + 8 + length]
+        if kind == b"tEXt" and payload.startswith(key + b"\0"):
+            return payload[len(key) + 1:].decode("latin-1")
+        if kind == b"IEND":
+            return None
+        position += 12 + length
+    return None
+
+
+def _encode_png(array: np.ndarray, path: Path, source: str | None = None) -> bytes:
+    """PNG bytes; `source` (the input's source_id) goes into a tEXt chunk a resumed run compares."""
     ok, encoded = cv2.imencode(".png", array)
     if not ok:
         raise CaffeError(f"{path}: PNG encoding failed")
-    return encoded.tobytes()
+    data = encoded.tobytes()
+    if source is None:
+        return data
+    end = len(data) - len(_PNG_END)  # before the IEND chunk, which must stay last
+    return data[:end] + _png_chunk(b"tEXt", SOURCE_KEY + b"\0" + source.encode("latin-1")) + data[end:]
 
 
 class OutputStore:
@@ -71,23 +109,31 @@ class OutputStore:
         return any(path.exists() for entry in entries for path in self.paths(entry).values())
 
     def write(self, entry: ListEntry, train_ids: np.ndarray) -> None:
-        """Write the id PNG and the colour PNG, each through a temporary file and a rename."""
+        """Write the id PNG and the colour PNG, each through a temporary file and a rename.
+
+        The id PNG records which version of the input image it was made from (size, mtime), so a
+        resumed run recomputes predictions of images that changed since.
+        """
         paths = self.paths(entry)
         ids = train_ids if self.output_format == "trainids" else train_ids_to_label_ids(train_ids)
+        source = source_id(entry.image)
         for kind, array in ((self.main_kind, ids), ("color", np.ascontiguousarray(colorize(train_ids)[..., ::-1]))):
             try:
-                write_atomic(paths[kind], _encode_png(array, paths[kind]))
+                write_atomic(paths[kind], _encode_png(array, paths[kind], source if kind == self.main_kind else None))
             except OSError as error:
                 raise CaffeError(f"{paths[kind]}: cannot write ({error.strerror or error})") from None
 
     @staticmethod
-    def _decode_complete(path: Path, flags: int) -> np.ndarray | None:
-        """The decoded PNG, or None when it is missing, cut short or unreadable."""
+    def _decode_complete(path: Path, flags: int, source: str | None = None) -> np.ndarray | None:
+        """The decoded PNG, or None when it is missing, cut short, unreadable or (with `source`) made
+        from another version of the input."""
         try:
             data = path.read_bytes()
         except OSError:
             return None
         if not data.endswith(_PNG_END):  # interrupted copy or a foreign partial file: checked before decoding
+            return None
+        if source is not None and png_text(data, SOURCE_KEY) != source:
             return None
         return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
 
@@ -100,7 +146,7 @@ class OutputStore:
         if not self.resume:
             return None
         paths = self.paths(entry)
-        ids = self._decode_complete(paths[self.main_kind], cv2.IMREAD_UNCHANGED)
+        ids = self._decode_complete(paths[self.main_kind], cv2.IMREAD_UNCHANGED, source_id(entry.image))
         if ids is None or ids.ndim != 2 or ids.dtype != np.uint8 or ids.shape != tuple(image_size):
             return None
         if self.output_format == "trainids":
@@ -117,11 +163,48 @@ class OutputStore:
         return train_ids
 
 
-def check_run_file(out: Path, fingerprint: dict, store: OutputStore, entries: list[ListEntry]) -> None:
+def check_outputs_apart(store: OutputStore, entries: list[ListEntry]) -> None:
+    """Refuse an --out where a prediction would be written over (or, with --redo, delete) an input file."""
+    inputs: dict[Path, ListEntry] = {}
+    for entry in entries:
+        for path in (entry.image, entry.label):
+            if path is not None:
+                inputs[path.resolve()] = entry
+    for entry in entries:
+        for path in store.paths(entry).values():
+            other = inputs.get(path.resolve())
+            if other is not None:
+                raise CaffeError(f"--out {store.out}: the prediction {path} of {entry.where} is an input file of "
+                                 f"{other.where}; choose another --out")
+
+
+def lock_out_dir(out: Path, rank: int = 0):
+    """Hold an exclusive lock on --out for this run (one per rank of a distributed run); None if it is taken.
+
+    Two runs writing one --out at once would interleave predictions of different settings.
+    """
+    path = out / f".icnet-eval-{rank}.lock"
+    handle = open(path, "a+", encoding="ascii")  # noqa: SIM115 - held until the run ends
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def check_run_file(out: Path, fingerprint: dict, store: OutputStore, entries: list[ListEntry],
+                   own: list[ListEntry] | None = None, write: bool = True) -> None:
     """Refuse to mix predictions of different settings in one --out; record this run's settings otherwise.
 
     The run file is written before the first prediction, so predictions without one were not made by
-    this tool (or not with these settings) and are not silently taken over.
+    this tool (or not with these settings) and are not silently taken over. With --redo, the
+    predictions of `own` (this process's share, default all) are deleted; `write` says whether
+    this process records the run file (rank 0 of a distributed run).
     """
     run_file = out / RUN_FILE
     if store.resume:
@@ -144,7 +227,9 @@ def check_run_file(out: Path, fingerprint: dict, store: OutputStore, entries: li
                              "or version); use another --out, or --redo to replace them")
     else:
         # Replaced outputs go first: were this run interrupted, none of them could pass for its own.
-        for entry in entries:
+        for entry in entries if own is None else own:
             for path in store.paths(entry).values():
-                path.unlink(missing_ok=True)
-    write_atomic(run_file, (json.dumps(fingerprint, indent=2, sort_keys=True) + "\n").encode())
+                if path.is_file() or path.is_symlink():
+                    path.unlink()
+    if write:
+        write_atomic(run_file, (json.dumps(fingerprint, indent=2, sort_keys=True) + "\n").encode())

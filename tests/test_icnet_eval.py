@@ -398,3 +398,93 @@ def test_weights_of_another_net_are_refused_before_building(reference_dir):
 
     with pytest.raises(CaffeError, match=r"unit_conv_basic\.caffemodel: none of its 6 weighted layers match a layer name of generated ICNet"):
         load_model(reference_dir / "units" / "unit_conv_basic.caffemodel", None, (257, 513))
+
+
+# ---------------------------------------------------------------- safety of --out and resume
+
+def _copy_dataset(dataset: Path, target: Path) -> Path:
+    shutil.copytree(dataset, target)
+    return target
+
+
+def test_resume_recomputes_images_that_changed(tmp_path, baseline, dataset, weights):
+    root = _copy_dataset(dataset, tmp_path / "data")
+    out = tmp_path / "out"
+    assert run_cli(eval_args(root, weights, out)).exit_code == 0
+    changed = root / f"leftImg8bit/val/city/{STEMS[1]}_leftImg8bit.png"
+    image, _ = street_scene(99, IMAGE_SIZE)  # another scene under the same name
+    write_png(changed, image[..., ::-1])
+    result = run_cli(eval_args(root, weights, out))
+    assert result.exit_code == 0, result.output
+    report = load_report(out)
+    assert report["timing"]["images_inferred"] == 1 and report["timing"]["images_resumed"] == 2
+    fresh = tmp_path / "fresh"
+    assert run_cli(eval_args(root, weights, fresh)).exit_code == 0
+    assert scores(report) == scores(load_report(fresh))  # as if run from scratch on the new images
+
+
+def test_resume_refuses_another_data_root(tmp_path, baseline, dataset, weights):
+    out = tmp_path / "out"
+    shutil.copytree(baseline, out)
+    other = _copy_dataset(dataset, tmp_path / "elsewhere")
+    result = run_cli(eval_args(other, weights, out))
+    assert result.exit_code == 2
+    assert "\n" not in result.stderr.strip() and "another data_root" in result.stderr
+
+
+def test_one_run_per_out_at_a_time(tmp_path, dataset, weights):
+    from icnet_eval.outputs import lock_out_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    held = lock_out_dir(out)
+    try:
+        result = run_cli(eval_args(dataset, weights, out))
+        assert result.exit_code == 2 and "another icnet-eval run is writing there" in result.stderr
+        assert not (out / "gray").exists()
+    finally:
+        held.close()
+    assert run_cli(eval_args(dataset, weights, out)).exit_code == 0
+
+
+def test_predictions_never_overwrite_or_delete_inputs(tmp_path, dataset, weights):
+    root = _copy_dataset(dataset, tmp_path / "data")
+    stem = f"{STEMS[0]}_leftImg8bit"
+    (root / "gray").mkdir()
+    shutil.copy(root / f"leftImg8bit/val/city/{stem}.png", root / "gray" / f"{stem}.png")
+    (root / "in_out.txt").write_text(f"gray/{stem}.png\n")
+    before = (root / "gray" / f"{stem}.png").read_bytes()
+    for extra in ((), ("--redo",)):
+        result = run_cli(eval_args(root, weights, root, *extra, list_name="in_out.txt"))
+        assert result.exit_code == 2, result.output
+        assert "is an input file of" in result.stderr and "choose another --out" in result.stderr
+        assert (root / "gray" / f"{stem}.png").read_bytes() == before
+
+
+def test_lists_with_a_bom_tabs_and_quoted_paths(tmp_path, dataset):
+    root = _copy_dataset(dataset, tmp_path / "data")
+    spaced = root / "with space" / "a b_leftImg8bit.png"
+    spaced.parent.mkdir()
+    shutil.copy(root / f"leftImg8bit/val/city/{STEMS[0]}_leftImg8bit.png", spaced)
+    label = f"gtFine/val/city/{STEMS[0]}_gtFine_labelTrainIds.png"
+    for text in (f"\ufeffwith space/a b_leftImg8bit.png\t{label}\n",
+                 f"\ufeff\"with space/a b_leftImg8bit.png\" '{label}'\n"):
+        (root / "list.txt").write_text(text, encoding="utf-8")
+        (entry,) = parse_list(root / "list.txt", root)
+        assert entry.image == spaced and entry.label == root / label
+    (root / "list.txt").write_text('"unbalanced quote.png\n')
+    with pytest.raises(CaffeError, match="list.txt line 1: No closing quotation"):
+        parse_list(root / "list.txt", root)
+
+
+def test_sizes_beyond_the_memory_limit_are_refused(tmp_path, dataset, weights, monkeypatch):
+    monkeypatch.setenv("CAFFE2TORCH_MAX_MEMORY", "100G")  # restored after the test, whatever --max-memory sets
+    result = run_cli(eval_args(dataset, weights, tmp_path / "big", "--input-size", "100001", "200001"))
+    assert result.exit_code == 2 and "more than the memory limit" in result.stderr
+    root = _copy_dataset(dataset, tmp_path / "data")
+    image, _ = street_scene(5, (512, 1024))
+    write_png(root / "huge_leftImg8bit.png", image[..., ::-1])
+    (root / "huge.txt").write_text("huge_leftImg8bit.png\n")
+    result = run_cli(eval_args(root, weights, tmp_path / "out", "--max-memory", "80M", list_name="huge.txt"))
+    assert result.exit_code == 2, result.output
+    assert "huge.txt line 1: image" in result.stderr and "is 512x1024: evaluating it needs" in result.stderr
