@@ -82,6 +82,22 @@ class _Bounded:
         return np.asarray(dataset[()], dtype=dtype)
 
 
+def _check_record(path: Path, where: str, record: TopRecord) -> None:
+    """A record verify can use: stored values that fit the shape, samples that lie inside it."""
+    if any(d < 0 for d in record.shape):
+        raise CaffeError(f"{path}: {where} has a negative size in shape {record.shape}")
+    count = int(np.prod(record.shape, dtype=object))
+    if record.data is not None and record.data.size != count:
+        raise CaffeError(f"{path}: {where} stores {record.data.size} values for shape {record.shape}")
+    index = record.sample_index.reshape(-1)
+    if index.size != record.sample_value.size:
+        raise CaffeError(f"{path}: {where} has {index.size} sample indices but {record.sample_value.size} values")
+    if index.size and (index.min() < 0 or index.max() >= count):
+        raise CaffeError(f"{path}: {where} has sample indices outside its {count} values (damaged file)")
+    if count and record.data is None and not index.size:
+        raise CaffeError(f"{path}: {where} stores neither values nor samples: nothing to compare")
+
+
 def _read(path: Path) -> Reference:
     import h5py
 
@@ -102,12 +118,14 @@ def _read(path: Path) -> Reference:
                     if str(k) not in group:
                         raise CaffeError(f"{path}: layer record {key} names {len(tops)} tops but has no group {k}")
                     top = group[str(k)]
-                    values.append(TopRecord(
+                    record = TopRecord(
                         shape=tuple(int(d) for d in read.attribute(top, "shape")),
                         sample_index=read.array(top, "sample_index", np.int64),
                         sample_value=read.array(top, "sample_value", np.float32),
                         data=read.array(top, "data", np.float32) if "data" in top else None,
-                    ))
+                    )
+                    _check_record(path, f"layer record {key} top {k}", record)
+                    values.append(record)
                 layers.append(LayerRecord(int(key), read.text(group, "name"), read.text(group, "type"), tops, values))
             argmax = source = None
             if "final" in file and "argmax" in file["final"]:

@@ -8,6 +8,7 @@ returns tops of the shapes it recorded.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 import numpy as np
@@ -175,3 +176,22 @@ def test_disk_full_while_saving_leaves_nothing(reference_dir, tmp_path, monkeypa
     with pytest.raises(CaffeError, match="No space left on device"):
         folder_module.save_net(net, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unusable_reference_records_are_errors(reference_dir, tmp_path):
+    import h5py
+
+    source = reference_dir / "units" / "unit_conv_basic.ref.h5"
+    for change, message in ((lambda f: f["layers/0000/0/sample_index"].__setitem__(0, 10**9), "outside its"),
+                            (lambda f: (f["layers/0000/0"].__delitem__("data"),
+                                        f["layers/0000/0"].__delitem__("sample_index"),
+                                        f["layers/0000/0"].create_dataset("sample_index", data=np.zeros(0, np.int64)),
+                                        f["layers/0000/0"].__delitem__("sample_value"),
+                                        f["layers/0000/0"].create_dataset("sample_value", data=np.zeros(0, np.float32))),
+                             "neither values nor samples")):
+        path = tmp_path / "damaged.ref.h5"
+        shutil.copy(source, path)
+        with h5py.File(path, "r+") as file:
+            change(file)
+        with pytest.raises(CaffeError, match=message):
+            read_reference(path)
