@@ -119,29 +119,6 @@ def _blob_shape(layer, shape: Shape, axis: int, num_axes: int) -> tuple[int, ...
     return tuple(shape[axis:]) if num_axes == -1 else tuple(shape[axis:axis + num_axes])
 
 
-def _broadcast_axis(layer, shape: Shape, operand: Shape, axis: int, what: str) -> int:
-    """Caffe's Reshape check: the operand must equal the bottom's axes from `axis` (axis 0 for a scalar)."""
-    axis = 0 if len(operand) == 0 else canonical_axis(layer, axis, len(shape))
-    if tuple(shape[axis:axis + len(operand)]) != tuple(operand):
-        raise CaffeError(
-            f"layer {layer.name!r} ({layer.type}): {what} of shape {tuple(operand)} does not match "
-            f"bottom shape {tuple(shape)} from axis {axis}"
-        )
-    return axis
-
-
-def _blob_shape(layer, shape: Shape, axis: int, num_axes: int) -> tuple[int, ...]:
-    """Shape of a learned Scale/Bias blob: bottom axes axis .. axis+num_axes (-1: to the end)."""
-    axis = canonical_axis(layer, axis, len(shape))
-    if num_axes < -1:
-        raise CaffeError(f"layer {layer.name!r} ({layer.type}): num_axes must be >= -1, got {num_axes}")
-    if num_axes >= 0 and axis + num_axes > len(shape):
-        raise CaffeError(
-            f"layer {layer.name!r} ({layer.type}): {num_axes} axes from axis {axis} extend past a {shape} bottom"
-        )
-    return tuple(shape[axis:]) if num_axes == -1 else tuple(shape[axis:axis + num_axes])
-
-
 def _trailing(layer, shape: Shape, operand: Shape, axis: int, what: str) -> int:
     """Caffe's Reshape check (the operand equals the bottom's axes from `axis`, axis 0 for a scalar);
     returns how many bottom axes follow the operand."""
