@@ -1,6 +1,6 @@
 """Forward time of the converted ICNet at 1x3x1025x2049, plain and fast path, against real Caffe; prints markdown.
 
-Each net (merged, bnnomerge) is converted once; the plain CaffeNet and the fast path
+Each net (merged, bnnomerge) is converted once; the converted GraphModule and the fast graph
 (`caffe2torch.fast.optimize`) run on the reference input, one warm-up each, then --runs timed
 forwards taken in turns (plain, fast, plain, ...) so that a burst of load from other processes
 hits both alike. Ratios are Caffe's median over ours (Caffe: README of ../shared/reference,

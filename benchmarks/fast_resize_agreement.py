@@ -18,6 +18,7 @@ import h5py
 import torch
 
 from caffe2torch.conversion import convert
+from caffe2torch.model import layer_module
 from icnet_eval.evaluate import predict_train_ids
 from icnet_eval.metrics import ConfusionCounts
 
@@ -40,7 +41,7 @@ def main() -> None:
                            ("icnet_bnnomerge_1025x2049", "icnet_cityscapes_bnnomerge.prototxt")):
         net = convert(root / f"{name}.caffemodel", root / prototxt).net
         with torch.inference_mode():
-            logits = net.layer("conv6_interp")(stored_logits(root / f"{name}.ref.h5"))[0]
+            logits = layer_module(net, "conv6_interp")(stored_logits(root / f"{name}.ref.h5"))[0]
             start = time.perf_counter()
             exact = predict_train_ids(logits, FRAME, fast=False)
             exact_s = time.perf_counter() - start

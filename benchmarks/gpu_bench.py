@@ -3,7 +3,7 @@
 1. `icnet-eval time` at 1x3x1025x2049: exact fp32 (TF32 off, deterministic cuDNN) and --fast
    (TF32 and cuDNN autotuning allowed), median of `--iterations` CUDA-event-timed forwards, next
    to the paper's 33 ms on a TitanX; plus the caffe2torch fast path's parity is unchanged (the
-   forward is the same `CaffeNet`).
+   forward is the same converted net).
 2. End-to-end images/s of `icnet-eval` over a synthetic list of `--images` 1024x2048 frames
    (untrained weights at full size, which cost the same as the released ones), exact and fast.
 

@@ -499,6 +499,30 @@ class FrozenBatchNorm3d(nn.BatchNorm3d):
         pass
 
 
+class CaffeOrderNorm(nn.Module):
+    """A BatchNorm evaluated in Caffe's order of float32 operations (inference only).
+
+    torch's BatchNorm computes x * a + b with a, b folded from the statistics; Caffe subtracts the
+    mean first: `((x - mean) * (var + eps)^-0.5) * slope + bias` for the fork's BN, `(x - mean) /
+    sqrt(var + eps)` for BatchNorm, the power or root correctly rounded. This gives Caffe's bits
+    where torch's differ by an ulp or two (`passes.caffe_order_norms` puts it in place of each norm).
+    """
+
+    def __init__(self, norm: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.norm
+        view = [1, -1] + [1] * (x.dim() - 2)
+        centred = x - norm.running_mean.reshape(view)
+        spread = (norm.running_var + norm.eps).double()  # var + eps rounded to float32 first, as Caffe adds
+        if norm.affine:
+            inv_std = torch.pow(spread, -0.5).to(x.dtype).reshape(view)
+            return (centred * inv_std) * norm.weight.reshape(view) + norm.bias.reshape(view)
+        return centred / torch.sqrt(spread).to(x.dtype).reshape(view)
+
+
 class InnerProduct(nn.Linear):
     """Caffe InnerProduct on a blob of more axes than `axis` + 1: nn.Linear after flattening from `axis`."""
 

@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from caffe2torch.fold import Affine, bn_affine, fold_into_conv, scale_affine
 from caffe2torch.model import META_KEY, LayerCall, net_info
-from caffe2torch.modules import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, Scale
+from caffe2torch.modules import CaffeOrderNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, Scale
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _DECONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -142,6 +142,23 @@ def replace_calls(net: fx.GraphModule, rewrite: Callable[[fx.Node, nn.Module], n
             count += 1
     net.recompile()
     return count
+
+
+def caffe_order_norms(net: fx.GraphModule) -> fx.GraphModule:
+    """A copy of `net` whose BatchNorms (eval, stored statistics) compute in Caffe's order of operations.
+
+    For bit-for-bit continuity with results computed that way (icnet-eval's exact mode); the
+    converted net itself keeps torch's BatchNorm, a few ulp away.
+    """
+    exact = copy.deepcopy(net)
+
+    def rewrite(node: fx.Node, module: nn.Module) -> nn.Module | None:
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            return CaffeOrderNorm(module)
+        return None
+
+    replace_calls(exact, rewrite)
+    return exact.eval()
 
 
 def freeze_batchnorm(net: nn.Module, affine: bool = True) -> nn.Module:

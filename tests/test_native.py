@@ -223,3 +223,20 @@ def test_cuda_paths(reference_dir):
         with torch.no_grad():
             assert torch.isfinite(half(x.to(dtype))).all()
     np.testing.assert_array_equal(net(x).argmax(1).cpu().numpy().shape, (1, 257, 513))
+
+
+def test_caffe_order_norms_give_caffes_bits(reference_dir):
+    """icnet-eval's exact mode evaluates BN in Caffe's order: bit for bit on the unit nets' norm layers."""
+    from caffe2torch.passes import caffe_order_norms
+    from caffe2torch.verify import verify_isolated
+
+    for unit, norms in (("unit_fork_bn", {"bn", "bn_eps", "bn_frozen"}),
+                        ("unit_batchnorm_scale_bias", {"bn_std", "bn_std_eps"})):
+        net = convert_reference(reference_dir, unit)
+        exact = caffe_order_norms(net)
+        reference = read_reference(reference_dir / "units" / f"{unit}.ref.h5")
+        plain = {c.layer: c.max_abs for c in verify_isolated(net, reference).comparisons}
+        ours = {c.layer: c.max_abs for c in verify_isolated(exact, reference).comparisons}
+        assert all(ours[name] == 0.0 for name in norms), ours
+        assert any(plain[name] > 0.0 for name in norms)  # torch's BatchNorm is an ulp or two away
+        assert isinstance(layer_module(net, sorted(norms)[0]), nn.modules.batchnorm._BatchNorm)  # the net is untouched
