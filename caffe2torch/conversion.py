@@ -59,9 +59,29 @@ def _definition_for(weights_path: Path | None, stored: caffe_pb2.NetParameter | 
             raise CaffeError(
                 f"{weights_path}: the stored net declares no input (it is a training net); give the deploy file with --prototxt"
             )
+        check_complete(definition, weights_path)
         notes.append(f"using the net definition stored in {weights_path.name}")
         return definition, None
     raise CaffeError(f"{weights_path}: HDF5 weights carry no net definition; give one with --prototxt")
+
+
+def check_complete(definition: caffe_pb2.NetParameter, source: Path) -> None:
+    """Refuse a stored net that was cut short where that shows.
+
+    A caffemodel is a list of layers with no count, so a file cut between two layers still parses.
+    But Caffe stores the Split layers it inserted for every blob read by several layers, one top
+    per reader: a Split top that no later layer reads means the readers were cut off. (A cut in a
+    stretch without branches leaves no such trace; a deploy prototxt beside the file is used
+    when there is one.)
+    """
+    read = {bottom for layer in definition.layer for bottom in layer.bottom}
+    for layer in definition.layer:
+        if layer.type == "Split" and layer.name.endswith("_split"):
+            unread = [top for top in layer.top if top not in read]
+            if unread:
+                raise CaffeError(f"{source}: the stored net is incomplete: Caffe's split layer {layer.name!r} feeds "
+                                 f"{len(layer.top)} readers but {len(unread)} of them are missing (the file was cut "
+                                 f"short?); give the deploy definition with --prototxt")
 
 
 def convert(weights: str | os.PathLike | None, prototxt: str | os.PathLike | None = None,

@@ -195,3 +195,20 @@ def test_unusable_reference_records_are_errors(reference_dir, tmp_path):
             change(file)
         with pytest.raises(CaffeError, match=message):
             read_reference(path)
+
+
+def test_a_caffemodel_cut_between_layers_is_refused_where_it_shows(reference_dir, tmp_path):
+    """The file has no layer count; Caffe's inserted Split layers show readers that were cut off."""
+    from proto import caffe_pb2
+
+    full = caffe_pb2.NetParameter()
+    full.ParseFromString((reference_dir / "icnet_merged_1025x2049.caffemodel").read_bytes())
+    cut = caffe_pb2.NetParameter()
+    cut.CopyFrom(full)
+    del cut.layer[40:]  # between two layers: a valid, smaller NetParameter
+    path = tmp_path / "cut.caffemodel"
+    path.write_bytes(cut.SerializeToString())
+    with pytest.raises(CaffeError, match="the stored net is incomplete: Caffe's split layer"):
+        convert(path, input_shape=(1, 3, 1025, 2049), find_prototxt=False)
+    path.write_bytes(full.SerializeToString())  # the whole file converts
+    assert net_info(convert(path, input_shape=(1, 3, 1025, 2049), find_prototxt=False).net).outputs == ["conv6_interp"]
