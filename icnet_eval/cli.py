@@ -110,13 +110,16 @@ def main(ctx: click.Context, list_path, data_root, weights, out, device, batch_s
 @click.option("--data-root", type=_path(), required=True)
 @click.option("--pred-dir", type=_path(), required=True, help="Folder of gray trainId PNGs (or an --out folder).")
 @click.option("--json", "json_path", type=_path(), help="Also write the scores to this JSON file.")
-def score(list_path: Path, data_root: Path, pred_dir: Path, json_path: Path | None) -> None:
+@click.option("--format", "pred_format", type=click.Choice(["auto", "trainids", "labelids"]), default="auto",
+              show_default=True, help="What the prediction PNGs hold (auto: what an --out folder recorded; trainIds "
+                                      "otherwise, refusing values no trainId has).")
+def score(list_path: Path, data_root: Path, pred_dir: Path, json_path: Path | None, pred_format: str) -> None:
     """Score existing predictions against the labels, exactly as eval_acc.m."""
     from icnet_eval.evaluate import _write_json, format_report, score_predictions
 
     if json_path is not None and json_path.is_dir():
         raise CaffeError(f"--json {json_path}: is a folder, expected a file name")
-    report = score_predictions(list_path, data_root, pred_dir, echo=_note)
+    report = score_predictions(list_path, data_root, pred_dir, echo=_note, pred_format=pred_format)
     click.echo(format_report(report))
     if json_path is not None:
         _write_json(json_path, report)

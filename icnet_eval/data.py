@@ -23,6 +23,7 @@ MEAN_BGR = np.array(MEAN_RGB[::-1], dtype=np.float32)
 TRAIN_IDS_TAG = "gtFine_labelTrainIds"
 LABEL_IDS_TAG = "gtFine_labelIds"
 IMAGE_TAG = "leftImg8bit"
+NUM_TRAIN_IDS = 19
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,8 @@ def parse_list(list_path: str | os.PathLike, data_root: str | os.PathLike, need_
         if need_images and not image.is_file():
             raise CaffeError(f"{where}: image {image} does not exist")
         label = data_root / fields[1] if len(fields) == 2 else None
-        from_label_ids = False
+        # A label named *_gtFine_labelIds.png holds labelIds: mapped to trainIds, never scored as them.
+        from_label_ids = label is not None and LABEL_IDS_TAG in label.name
         if label is None and need_labels:
             raise CaffeError(f"{where}: no label file on this line; scoring needs 'IMAGE LABEL' lines")
         if label is not None and not label.is_file():
@@ -181,7 +183,15 @@ def read_label_train_ids(entry: ListEntry) -> np.ndarray:
     label = read_gray_png(entry.label, "label", entry)
     if label is None:
         raise CaffeError(f"{entry.where}: label {entry.label} is not a readable PNG file")
-    return label_ids_to_train_ids(label) if entry.label_is_label_ids else label
+    if entry.label_is_label_ids:
+        return label_ids_to_train_ids(label)
+    # 254 is eval_acc.m's saturation quirk (+1 makes it 255, ignored): a trainIds label may hold it.
+    outside = label[(label >= NUM_TRAIN_IDS) & (label < 254)]
+    if outside.size:
+        raise CaffeError(f"{entry.where}: label {entry.label} holds values outside the trainIds 0-18 and 255 "
+                         f"(e.g. {int(outside[0])}): labelIds? Name such files *_{LABEL_IDS_TAG}.png and they are "
+                         f"mapped with the official table")
+    return label
 
 
 def preprocess(image_bgr: np.ndarray, input_size: tuple[int, int]) -> torch.Tensor:

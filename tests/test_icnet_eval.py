@@ -181,9 +181,9 @@ def test_score_equals_independent_eval_acc(tmp_path):
     (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
     json_path = tmp_path / "scores.json"
     result = run_cli(["score", "--list", str(tmp_path / "list.txt"), "--data-root", str(tmp_path),
-                      "--pred-dir", str(tmp_path / "pred"), "--json", str(json_path)])
+                      "--pred-dir", str(tmp_path / "pred"), "--json", str(json_path), "--format", "trainids"])
     assert result.exit_code == 0, result.output
-    assert result.stderr.count("labelIds") == 1  # said once
+    assert result.stderr.count("labelIds labels") == 1  # said once
     report = json.loads(json_path.read_text())
     class_iou, pixel_accuracy = eval_acc_reference(pairs)
     np.testing.assert_allclose(report["class_iou"], class_iou, rtol=1e-12, atol=0)
@@ -488,3 +488,42 @@ def test_sizes_beyond_the_memory_limit_are_refused(tmp_path, dataset, weights, m
     result = run_cli(eval_args(root, weights, tmp_path / "out", "--max-memory", "80M", list_name="huge.txt"))
     assert result.exit_code == 2, result.output
     assert "huge.txt line 1: image" in result.stderr and "is 512x1024: evaluating it needs" in result.stderr
+
+
+def test_label_ids_are_never_scored_as_train_ids(tmp_path, baseline, dataset, weights):
+    """labelIds labels named so are mapped; labelIds content under a trainIds name, or labelId predictions
+    scored without saying so, is refused; an --out folder of either format scores the same."""
+    root = _copy_dataset(dataset, tmp_path / "data")
+    named, hidden = [], []
+    for line in (root / "val.txt").read_text().splitlines():
+        image, label = line.split()
+        train_ids = read_gray(root / label)
+        label_ids = np.array(list(TRAIN_ID_TO_LABEL_ID) + [0] * 237, dtype=np.uint8)[train_ids]
+        write_png(root / label.replace("labelTrainIds", "labelIds"), label_ids)
+        write_png(root / "hidden" / label, label_ids)  # labelIds under a trainIds name
+        named.append(f"{image} {label.replace('labelTrainIds', 'labelIds')}")
+        hidden.append(f"{image} hidden/{label}")
+    (root / "named.txt").write_text("\n".join(named) + "\n")
+    (root / "hidden.txt").write_text("\n".join(hidden) + "\n")
+    baseline_scores = scores(load_report(baseline))
+    result = run_cli(["score", "--list", str(root / "named.txt"), "--data-root", str(root), "--pred-dir", str(baseline)])
+    assert result.exit_code == 0, result.output
+    json_path = tmp_path / "s.json"
+    run_cli(["score", "--list", str(root / "named.txt"), "--data-root", str(root), "--pred-dir", str(baseline),
+             "--json", str(json_path)])
+    assert {k: v for k, v in json.loads(json_path.read_text()).items() if k != "options"} == baseline_scores
+    result = run_cli(["score", "--list", str(root / "hidden.txt"), "--data-root", str(root), "--pred-dir", str(baseline)])
+    assert result.exit_code == 2 and "holds values outside the trainIds" in result.stderr
+    # A --format labelids run scores the same through its --out folder, with no flag.
+    out = tmp_path / "labelids_out"
+    assert run_cli(eval_args(root, weights, out, "--format", "labelids")).exit_code == 0
+    result = run_cli(["score", "--list", str(root / "val.txt"), "--data-root", str(root), "--pred-dir", str(out),
+                      "--json", str(json_path)])
+    assert result.exit_code == 0, result.output
+    assert {k: v for k, v in json.loads(json_path.read_text()).items() if k != "options"} == baseline_scores
+    # The labelId PNGs alone are refused as trainIds, and scored right when said.
+    pred = ["score", "--list", str(root / "val.txt"), "--data-root", str(root), "--pred-dir", str(out / "labelids")]
+    result = run_cli(pred)
+    assert result.exit_code == 2 and "--format labelids" in result.stderr
+    assert run_cli(pred + ["--format", "labelids", "--json", str(json_path)]).exit_code == 0
+    assert {k: v for k, v in json.loads(json_path.read_text()).items() if k != "options"} == baseline_scores
