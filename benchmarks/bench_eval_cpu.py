@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 
 from icnet_eval.demo import street_scene
-from icnet_eval.evaluate import EvalOptions, evaluate
+from icnet_eval.pipeline import EvalOptions, evaluate
 
 
 def main() -> None:

@@ -13,3 +13,17 @@ def _silence_opencv() -> None:
 
 
 _silence_opencv()
+
+
+def segment(image_bgr, model, device=None, fast: bool = False):
+    """trainIds of one BGR uint8 image (see icnet_eval.api.segment)."""
+    from icnet_eval.api import segment as _segment
+
+    return _segment(image_bgr, model, device, fast)
+
+
+def evaluate(list_path, data_root, weights, out="icnet-results", **options):
+    """A whole evaluation as the command line runs it; returns the report (see icnet_eval.api.evaluate)."""
+    from icnet_eval.api import evaluate as _evaluate
+
+    return _evaluate(list_path, data_root, weights, out, **options)

@@ -55,7 +55,7 @@ device_option = click.option("--device", default=None,
 @click.group(cls=_Group, invoke_without_command=True)
 @click.option("--list", "list_path", type=_path(), help="Evaluation list: 'IMAGE [LABEL]' per line.")
 @click.option("--data-root", type=_path(), help="Folder the list's paths are relative to.")
-@click.option("--weights", type=_path(), help="ICNet .caffemodel (a released one needs no prototxt).")
+@click.option("--weights", type=_path(), help="ICNet .caffemodel (a released one needs no prototxt), or a folder written by caffe2torch convert / save (e.g. fine-tuned).")
 @click.option("--out", type=_path(), default=Path("icnet-results"), show_default=True,
               help="Output folder: gray/, color/ (or labelids/), report.json.")
 @device_option
@@ -91,7 +91,7 @@ def main(ctx: click.Context, list_path, data_root, weights, out, device, batch_s
     for option, value in (("--list", list_path), ("--data-root", data_root), ("--weights", weights)):
         if value is None:
             raise CaffeError(f"{option} is required")
-    from icnet_eval.evaluate import EvalOptions, evaluate, format_report
+    from icnet_eval.pipeline import EvalOptions, evaluate, format_report
 
     options = EvalOptions(list_path, data_root, weights, out, device, batch_size, workers, fast_resize,
                           output_format, tuple(input_size) if input_size else None, prototxt,
@@ -115,7 +115,7 @@ def main(ctx: click.Context, list_path, data_root, weights, out, device, batch_s
                                       "otherwise, refusing values no trainId has).")
 def score(list_path: Path, data_root: Path, pred_dir: Path, json_path: Path | None, pred_format: str) -> None:
     """Score existing predictions against the labels, exactly as eval_acc.m."""
-    from icnet_eval.evaluate import _write_json, format_report, score_predictions
+    from icnet_eval.pipeline import _write_json, format_report, score_predictions
 
     if json_path is not None and json_path.is_dir():
         raise CaffeError(f"--json {json_path}: is a folder, expected a file name")
@@ -156,7 +156,7 @@ def prototxt(height: int, width: int, bn: bool, output: Path | None) -> None:
 @click.option("--json", "json_path", type=_path(dir_okay=False), help="Also write the figures as JSON (for BENCHMARKS.md).")
 def time_command(weights, prototxt, input_size, device, iterations, warmup, fast, no_verify, json_path) -> None:
     """Time the forward pass (no pre/post-processing) and compare it with the paper's 33 ms."""
-    from icnet_eval.evaluate import numerics, resolve_device
+    from icnet_eval.pipeline import numerics, resolve_device
     from icnet_eval.model import OFFICIAL_INPUT_SIZE, load_model, untrained_model
     from icnet_eval.timing import format_timing, time_forward
 
@@ -187,7 +187,7 @@ def time_command(weights, prototxt, input_size, device, iterations, warmup, fast
 def demo(root: Path, device: str | None, workers: int, images: int) -> None:
     """Run the whole pipeline on a generated sample with untrained weights (seconds on a CPU)."""
     from icnet_eval.demo import DEMO_INPUT_SIZE, make_demo_set, released_weights_note
-    from icnet_eval.evaluate import EvalOptions, evaluate, format_report
+    from icnet_eval.pipeline import EvalOptions, evaluate, format_report
 
     if root.exists() and not root.is_dir():
         raise CaffeError(f"--dir {root}: is a file, expected a folder")

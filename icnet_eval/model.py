@@ -37,6 +37,16 @@ class LoadedModel:
     definition: str  # in words, for messages and the report
     definition_md5: str  # of the net definition actually used, so a resume can tell runs apart
 
+    def evaluation_net(self, exact: bool = True) -> torch.nn.Module:
+        """The net to run: in exact mode with BN in Caffe's order of operations (made once, then kept)."""
+        if not exact:
+            return self.net
+        if getattr(self, "_exact", None) is None:
+            from caffe2torch.passes import caffe_order_norms
+
+            self._exact = caffe_order_norms(self.net)
+        return self._exact
+
 
 def _definition_md5(net_param: caffe_pb2.NetParameter) -> str:
     return hashlib.md5(net_param.SerializeToString(deterministic=True)).hexdigest()
@@ -94,6 +104,8 @@ def load_model(weights: str | os.PathLike | None, prototxt: str | os.PathLike | 
     if weights is None:
         raise CaffeError("--weights is required (a .caffemodel; run `icnet-eval demo` to try the tool without one)")
     weights_path = Path(weights)
+    if weights_path.is_dir():
+        return _converted_folder(weights_path, prototxt, input_size)
     if not weights_path.is_file():
         raise CaffeError(f"--weights {weights_path}: no such file")
     if prototxt is not None:
@@ -117,6 +129,23 @@ def load_model(weights: str | os.PathLike | None, prototxt: str | os.PathLike | 
     net, net_param, source = generated_net(height, width, trained, bn, on_warning, str(weights_path))
     _check_output(net, source)
     return LoadedModel(net, (height, width), weights_path, md5, release, source, _definition_md5(net_param))
+
+
+def _converted_folder(folder: Path, prototxt, input_size) -> LoadedModel:
+    """A folder written by `caffe2torch convert` or `caffe2torch.save` (e.g. a fine-tuned ICNet), as it is."""
+    from caffe2torch.folder import DEFINITION, WEIGHTS, load
+
+    if prototxt is not None:
+        raise CaffeError(f"--weights {folder}: a converted folder holds its definition; leave out --prototxt")
+    net = load(folder)
+    source = f"converted folder {folder}"
+    size = _input_size_of(net, source)
+    if input_size is not None and tuple(input_size) != size:
+        raise CaffeError(f"--weights {folder}: the net was converted for {size[0]}x{size[1]}, not --input-size "
+                         f"{input_size[0]} {input_size[1]}; convert it again for that size")
+    _check_output(net, source)
+    definition_md5 = hashlib.md5((folder / DEFINITION).read_bytes()).hexdigest()
+    return LoadedModel(net, size, folder, manifest.md5_file(folder / WEIGHTS), None, source, definition_md5)
 
 
 # --- untrained weights (demo, timing) ---------------------------------------------------------------

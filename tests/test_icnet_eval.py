@@ -22,7 +22,7 @@ from icnet_eval.cityscapes import LABEL_ID_TO_TRAIN_ID, TRAIN_ID_TO_LABEL_ID
 from icnet_eval.cli import main
 from icnet_eval.data import MEAN_RGB, ListEntry, parse_list, preprocess
 from icnet_eval.demo import street_scene
-from icnet_eval.evaluate import class_probabilities, predict_train_ids
+from icnet_eval.pipeline import class_probabilities, predict_train_ids
 from icnet_eval.imresize import matlab_imresize
 from icnet_eval.model import write_untrained_caffemodel
 from icnet_eval.netdef import icnet_prototxt
@@ -378,7 +378,7 @@ def test_generated_net_reproduces_caffe_argmax(reference_dir):
     """--input-size path: the generated 257x513 definition with Caffe-written weights gives Caffe's argmax."""
     import h5py
 
-    from icnet_eval.evaluate import numerics
+    from icnet_eval.pipeline import numerics
     from icnet_eval.model import load_model
 
     model = load_model(reference_dir / "icnet_merged_1025x2049.caffemodel", None, (257, 513))
@@ -527,3 +527,31 @@ def test_label_ids_are_never_scored_as_train_ids(tmp_path, baseline, dataset, we
     assert result.exit_code == 2 and "--format labelids" in result.stderr
     assert run_cli(pred + ["--format", "labelids", "--json", str(json_path)]).exit_code == 0
     assert {k: v for k, v in json.loads(json_path.read_text()).items() if k != "options"} == baseline_scores
+
+
+def test_python_api_and_a_converted_folder_as_weights(tmp_path, baseline, dataset, weights):
+    import icnet_eval
+    from caffe2torch.cli import main as caffe2torch_main
+    from icnet_eval.data import read_image_bgr
+
+    # A folder written by caffe2torch (here for the small input size) evaluates like the caffemodel.
+    prototxt = tmp_path / "icnet_small.prototxt"
+    prototxt.write_text(icnet_prototxt(int(SMALL_INPUT[0]), int(SMALL_INPUT[1]), False))
+    folder = tmp_path / "converted"
+    done = CliRunner().invoke(caffe2torch_main, ["convert", str(weights), "--prototxt", str(prototxt), "-o", str(folder)])
+    assert done.exit_code == 0, done.output
+    out = tmp_path / "out"
+    args = eval_args(dataset, weights, out)
+    args[args.index("--weights") + 1] = str(folder)
+    result = run_cli(args)
+    assert result.exit_code == 0, result.output
+    assert scores(load_report(out)) == scores(load_report(baseline))
+    # The same through the Python API, and one image through segment().
+    report = icnet_eval.evaluate(dataset / "val.txt", dataset, folder, tmp_path / "api", device="cpu", workers=0,
+                                 progress=False)
+    assert scores(report) == scores(load_report(baseline))
+    entry = parse_list(dataset / "val.txt", dataset)[0]
+    train_ids = icnet_eval.segment(read_image_bgr(entry), folder, device="cpu")
+    assert np.array_equal(train_ids, read_gray(baseline / "gray" / f"{STEMS[0]}_leftImg8bit.png"))
+    with pytest.raises(CaffeError, match="H x W x 3 uint8 BGR image"):
+        icnet_eval.segment(np.zeros((4, 4), np.uint8), folder)

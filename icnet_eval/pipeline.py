@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from caffe2torch.errors import CaffeError
-from caffe2torch.passes import caffe_order_norms
 from icnet_eval.cityscapes import CLASS_NAMES
 from icnet_eval.data import EvaluationDataset, ListEntry, make_loader, parse_list
 from icnet_eval.imresize import fast_resize, matlab_imresize_torch
@@ -286,7 +285,7 @@ def evaluate(options: EvalOptions, model: LoadedModel | None = None,
         raise setup_failure or CaffeError(f"rank {dist.rank}: another process of the distributed run failed "
                                           f"to start (see its message)")
     # Exact mode keeps Caffe's order of operations in BN layers too (torch's BatchNorm is an ulp or two away).
-    net = (model.net if options.fast_resize else caffe_order_norms(model.net)).to(device).eval()
+    net = model.evaluation_net(exact=not options.fast_resize).to(device).eval()
     start = time.perf_counter()
     progress = Progress(len(shard), options.progress and dist.rank == 0)
     failure: BaseException | None = None
