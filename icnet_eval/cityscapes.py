@@ -6,7 +6,11 @@ import numpy as np
 from caffe2torch.errors import CaffeError
 
 __all__ = [
+    "AVERAGE_INSTANCE_SIZE",
+    "CATEGORY_NAMES",
+    "CLASS_CATEGORY",
     "CLASS_NAMES",
+    "INSTANCE_CATEGORIES",
     "IGNORE_TRAIN_ID",
     "LABEL_ID_TO_TRAIN_ID",
     "NUM_CLASSES",
@@ -46,6 +50,19 @@ _CLASSES: tuple[tuple[str, int, tuple[int, int, int]], ...] = (
 )
 
 CLASS_NAMES: tuple[str, ...] = tuple(name for name, _, _ in _CLASSES)
+
+# cityscapesscripts/helpers/labels.py: the category of each evaluated class (trainId order), and the
+# evaluated classes with instances, with evalPixelLevelSemanticLabeling's average instance sizes (pixels)
+# that weight the instance-level iIoU.
+CATEGORY_NAMES: tuple[str, ...] = ("flat", "construction", "object", "nature", "sky", "human", "vehicle")
+CLASS_CATEGORY: np.ndarray = np.array([0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 4, 5, 5, 6, 6, 6, 6, 6, 6], dtype=np.int64)
+CLASS_CATEGORY.flags.writeable = False
+AVERAGE_INSTANCE_SIZE: dict[int, float] = {
+    11: 3462.4756337644, 12: 3930.4788056518, 13: 12794.0202738185, 14: 27855.1264367816,
+    15: 35732.1511111111, 16: 67583.7075812274, 17: 6298.7200839748, 18: 4672.3249222261,
+}
+# Categories whose every label has instances (cityscapesScripts' generateInstanceStats): human, vehicle.
+INSTANCE_CATEGORIES: tuple[int, ...] = (5, 6)
 TRAIN_ID_TO_LABEL_ID: tuple[int, ...] = tuple(label_id for _, label_id, _ in _CLASSES)
 PALETTE: np.ndarray = np.array([color for _, _, color in _CLASSES], dtype=np.uint8)
 PALETTE.flags.writeable = False

@@ -70,11 +70,12 @@ device_option = click.option("--device", default=None,
 @click.option("--prototxt", type=_path(), help="Deploy net definition for weights the manifest does not know.")
 @click.option("--no-verify", is_flag=True, help="Accept a release-named file whose md5 differs.")
 @click.option("--redo", is_flag=True, help="Recompute every image, even those whose outputs exist.")
+@click.option("--per-image", is_flag=True, help="Add each image's own mIoU and pixel accuracy to report.json.")
 @memory_option
 @click.version_option(package_name="caffe2torch")
 @click.pass_context
 def main(ctx: click.Context, list_path, data_root, weights, out, device, batch_size, workers, fast_resize,
-         output_format, input_size, prototxt, no_verify, redo) -> None:
+         output_format, input_size, prototxt, no_verify, redo, per_image) -> None:
     """Evaluate ICNet on Cityscapes as its authors did (eval_sub.m + eval_acc.m).
 
     \b
@@ -95,7 +96,7 @@ def main(ctx: click.Context, list_path, data_root, weights, out, device, batch_s
 
     options = EvalOptions(list_path, data_root, weights, out, device, batch_size, workers, fast_resize,
                           output_format, tuple(input_size) if input_size else None, prototxt,
-                          verify_md5=not no_verify, resume=not redo)
+                          verify_md5=not no_verify, resume=not redo, per_image=per_image)
     report = evaluate(options, echo=_note)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun the first process speaks for all

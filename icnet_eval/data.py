@@ -22,6 +22,7 @@ MEAN_RGB = (123.68, 116.779, 103.939)
 MEAN_BGR = np.array(MEAN_RGB[::-1], dtype=np.float32)
 TRAIN_IDS_TAG = "gtFine_labelTrainIds"
 LABEL_IDS_TAG = "gtFine_labelIds"
+INSTANCE_IDS_TAG = "gtFine_instanceIds"
 IMAGE_TAG = "leftImg8bit"
 NUM_TRAIN_IDS = 19
 
@@ -34,8 +35,10 @@ class ListEntry:
     line: int
     image: Path
     label: Path | None
-    # The label named in the list is missing and its *_labelIds.png sibling is read instead.
+    # The label holds labelIds (named *_gtFine_labelIds.png, or standing in for a missing *_labelTrainIds.png).
     label_is_label_ids: bool = False
+    # cityscapes' *_gtFine_instanceIds.png beside the label, when there is one (for the instance-level iIoU).
+    instances: Path | None = None
 
     @property
     def where(self) -> str:
@@ -120,7 +123,7 @@ def parse_list(list_path: str | os.PathLike, data_root: str | os.PathLike, need_
         if entries and (label is None) != (entries[0].label is None):
             raise CaffeError(f"{where}: has {'no' if label is None else 'a'} label but line {entries[0].line} "
                              f"{'has one' if label is None else 'has none'}; give labels on every line or on none")
-        entry = ListEntry(list_path, number, image, label, from_label_ids)
+        entry = ListEntry(list_path, number, image, label, from_label_ids, _instances_beside(label))
         if need_images:
             if entry.output_stem in stems:
                 raise CaffeError(f"{where}: image name {image.name} repeats line {stems[entry.output_stem]}; "
@@ -130,6 +133,30 @@ def parse_list(list_path: str | os.PathLike, data_root: str | os.PathLike, need_
     if not entries:
         raise CaffeError(f"--list {list_path}: no images listed (the list is empty)")
     return entries
+
+
+def _instances_beside(label: Path | None) -> Path | None:
+    if label is None:
+        return None
+    for tag in (TRAIN_IDS_TAG, LABEL_IDS_TAG):
+        if tag in label.name:
+            candidate = label.with_name(label.name.replace(tag, INSTANCE_IDS_TAG))
+            return candidate if candidate.is_file() else None
+    return None
+
+
+def read_instance_ids(entry: ListEntry, shape: tuple[int, int]) -> np.ndarray | None:
+    """cityscapes' instanceIds of the entry (labelId * 1000 + index per instance), or None without a file."""
+    if entry.instances is None:
+        return None
+    data = _read_bytes(entry.instances, "instanceIds image", entry)
+    array = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if array is None or array.ndim != 2 or array.dtype.kind not in "ui":
+        raise CaffeError(f"{entry.where}: {entry.instances} is not a one-channel integer PNG (instanceIds)")
+    if array.shape != tuple(shape):
+        raise CaffeError(f"{entry.where}: {entry.instances} is {array.shape[0]}x{array.shape[1]}, "
+                         f"the label {shape[0]}x{shape[1]}")
+    return array
 
 
 def _read_bytes(path: Path, what: str, entry: ListEntry) -> np.ndarray:
@@ -223,7 +250,7 @@ class EvaluationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         entry = self.entries[index]
-        item: dict[str, Any] = {"index": index, "entry": entry, "input": None, "label": None,
+        item: dict[str, Any] = {"index": index, "entry": entry, "input": None, "label": None, "instances": None,
                                 "prediction": None, "image_size": None, "error": None}
         try:
             image = read_image_bgr(entry)
@@ -234,6 +261,7 @@ class EvaluationDataset(Dataset):
                     raise CaffeError(f"{entry.where}: label {entry.label} is {label.shape[0]}x{label.shape[1]} "
                                      f"but image {entry.image} is {image_size[0]}x{image_size[1]}")
                 item["label"] = label
+                item["instances"] = read_instance_ids(entry, label.shape)
             if self.existing_prediction is not None:
                 item["prediction"] = self.existing_prediction(entry, image_size)
             if item["prediction"] is None:

@@ -44,6 +44,7 @@ class EvalOptions:
     verify_md5: bool = True
     resume: bool = True
     progress: bool = True
+    per_image: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -212,10 +213,18 @@ def _forward(net: torch.nn.Module, inputs: torch.Tensor, device: torch.device) -
     return logits, (time.perf_counter() - start) * 1000.0
 
 
+# Per image: its own mIoU and pixel accuracy, then its cityscapesScripts instance terms.
+_PER_IMAGE_FIELDS = 2 + ConfusionCounts().instance_terms.size
+
+
 def _run_shard(shard: list[ListEntry], net: torch.nn.Module, model: LoadedModel, store: OutputStore,
-               options: EvalOptions, device: torch.device, progress: Progress
-               ) -> tuple[ConfusionCounts, list[float], int]:
-    """Predict (or take from disk) every image of this process's share; returns counts, forward ms, resumed."""
+               options: EvalOptions, device: torch.device, progress: Progress, per_image: np.ndarray,
+               positions: list[int]) -> tuple[ConfusionCounts, list[float], int]:
+    """Predict (or take from disk) every image of this process's share; returns counts, forward ms, resumed.
+
+    Row positions[i] of `per_image` gets image i's own scores and instance terms, so that they can be
+    summed in list order however the list was sharded (floating-point sums depend on their order).
+    """
     counts, forward_ms, resumed = ConfusionCounts(), [], 0
     if not shard:
         return counts, forward_ms, resumed
@@ -235,7 +244,10 @@ def _run_shard(shard: list[ListEntry], net: torch.nn.Module, model: LoadedModel,
         resumed += len(batch) - len(todo)
         for item in batch:  # list order, so the totals never depend on timing
             if item["label"] is not None:
-                counts.add(item["prediction"], item["label"])
+                before = counts.instance_terms.copy()
+                row = per_image[positions[item["index"]]]
+                row[:2] = counts.add(item["prediction"], item["label"], item["instances"])
+                row[2:] = counts.instance_terms - before
         progress.update(len(batch))
     return counts, forward_ms, resumed
 
@@ -288,10 +300,12 @@ def evaluate(options: EvalOptions, model: LoadedModel | None = None,
     net = model.evaluation_net(exact=not options.fast_resize).to(device).eval()
     start = time.perf_counter()
     progress = Progress(len(shard), options.progress and dist.rank == 0)
+    per_image = np.zeros((len(entries), _PER_IMAGE_FIELDS))
     failure: BaseException | None = None
     try:
         with numerics(device, exact=not options.fast_resize):
-            counts, forward_ms, resumed = _run_shard(shard, net, model, store, options, device, progress)
+            counts, forward_ms, resumed = _run_shard(shard, net, model, store, options, device, progress,
+                                                     per_image, list(range(dist.rank, len(entries), dist.world)))
     except BaseException as error:  # every rank must reach the reductions below, or the others wait forever
         failure = error
     finally:
@@ -309,12 +323,17 @@ def evaluate(options: EvalOptions, model: LoadedModel | None = None,
 
     local = np.concatenate([counts.to_array(), [len(shard), resumed]]).astype(np.float64)
     totals = dist.sum(local)
+    per_image = dist.sum(per_image)  # each row comes from one rank: the sum is that row, exactly
     seconds = time.perf_counter() - start
     counts = ConfusionCounts.from_array(totals[:-2])
+    counts.instance_terms = per_image[:, 2:].sum(axis=0)  # in list order, the same for any sharding
     predicted, resumed_total = int(totals[-2]), int(totals[-1])
     report: dict[str, Any]
     if entries[0].label is not None:
         report = counts.summary()
+        if options.per_image:
+            report["per_image"] = [{"image": str(entry.image), "miou": float(row[0]), "pixel_accuracy": float(row[1])}
+                                   for entry, row in zip(entries, per_image)]
     else:
         report = {"miou": None, "pixel_accuracy": None, "class_iou": None, "class_accuracy": None,
                   "classes": list(CLASS_NAMES), "images": predicted}
@@ -336,14 +355,28 @@ def evaluate(options: EvalOptions, model: LoadedModel | None = None,
 
 
 def format_report(report: dict) -> str:
-    """The scores as a table, in the order and precision eval_acc.m prints them."""
+    """The scores as tables, eval_acc.m's first (class IoU), then cityscapesScripts' categories and iIoU; all in
+    percent."""
     if report.get("miou") is None:
         return f"{report['images']} images predicted; the list has no labels, so nothing was scored"
-    lines = ["==== Summary IoU ===="]
-    for index, (name, iou) in enumerate(zip(report["classes"], report["class_iou"]), start=1):
-        lines.append(f"{index:3d} {name:>16s}: {iou / 100.0:.4f}")
-    lines.append(f"Mean IoU over {len(report['classes'])} classes: {report['miou']:.2f}%")
+
+    def percent(value) -> str:
+        return "   n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:6.2f}"
+
+    instances = "class_iiou" in report
+    lines = ["==== Summary IoU (%) ====" + ("   iIoU (%)" if instances else "")]
+    for index, name in enumerate(report["classes"]):
+        extra = f"   {percent(report['class_iiou'][index])}" if instances else ""
+        lines.append(f"{index + 1:3d} {name:>16s}: {percent(report['class_iou'][index])}{extra}")
+    lines.append(f"Mean IoU over {len(report['classes'])} classes: {report['miou']:.2f}%"
+                 + (f"   (class iIoU mean {percent(report['class_miiou']).strip()}%)" if instances else ""))
     lines.append(f"Pixel-wise Accuracy: {report['pixel_accuracy']:.2f}%")
+    if "category_iou" in report:
+        lines.append("==== Categories, IoU (%) as cityscapesScripts ====" + ("   iIoU (%)" if instances else ""))
+        for index, name in enumerate(report["categories"]):
+            extra = f"   {percent(report['category_iiou'][index])}" if instances else ""
+            lines.append(f"    {name:>16s}: {percent(report['category_iou'][index])}{extra}")
+        lines.append(f"Mean category IoU: {percent(report['category_miou']).strip()}%")
     lines.append(f"({report['images']} images scored)")
     return "\n".join(lines)
 
@@ -386,7 +419,7 @@ def score_predictions(list_path: Path, data_root: Path, pred_dir: Path,
     an explicit `trainids` scores any values as eval_acc.m does (above 19: the last bin).
     """
     from icnet_eval.cityscapes import LABEL_ID_TO_TRAIN_ID, NUM_CLASSES
-    from icnet_eval.data import read_gray_png, read_label_train_ids
+    from icnet_eval.data import read_gray_png, read_instance_ids, read_label_train_ids
     from icnet_eval.outputs import server_name
 
     echo = echo or (lambda message: print(message, file=sys.stderr))
@@ -411,7 +444,8 @@ def score_predictions(list_path: Path, data_root: Path, pred_dir: Path,
                 raise CaffeError(f"{entry.where}: prediction {path} holds values no trainId has (e.g. "
                                  f"{int(outside[0])}): labelIds? Score them with --format labelids "
                                  f"(or --format trainids to count them as eval_acc.m would)")
-        counts.add(prediction, read_label_train_ids(entry))
+        label = read_label_train_ids(entry)
+        counts.add(prediction, label, read_instance_ids(entry, label.shape))
     report = counts.summary()
     report["options"] = {"list": str(list_path), "data_root": str(data_root), "pred_dir": str(pred_dir),
                          "format": resolved}

@@ -555,3 +555,34 @@ def test_python_api_and_a_converted_folder_as_weights(tmp_path, baseline, datase
     assert np.array_equal(train_ids, read_gray(baseline / "gray" / f"{STEMS[0]}_leftImg8bit.png"))
     with pytest.raises(CaffeError, match="H x W x 3 uint8 BGR image"):
         icnet_eval.segment(np.zeros((4, 4), np.uint8), folder)
+
+
+def test_rich_report_with_instances_is_the_same_sharded(tmp_path, dataset, weights):
+    """With *_gtFine_instanceIds.png beside the labels the report gains iIoU; category IoU, the confusion matrix
+    and --per-image scores are there too, and two processes give exactly what one does."""
+    root = _copy_dataset(dataset, tmp_path / "data")
+    from icnet_eval.cityscapes import TRAIN_ID_TO_LABEL_ID
+
+    for line in (root / "val.txt").read_text().splitlines():
+        label = root / line.split()[1]
+        train_ids = read_gray(label)
+        instances = np.array(list(TRAIN_ID_TO_LABEL_ID) + [0] * 237, dtype=np.uint16)[train_ids]
+        instances[10:30, 20:50] = 26 * 1000 + 1  # a car
+        instances[35:60, 70:90] = 24 * 1000 + 2  # a person
+        write_png(label.with_name(label.name.replace("labelTrainIds", "instanceIds")), instances)
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    result = run_cli(eval_args(root, weights, single, "--per-image"))
+    assert result.exit_code == 0, result.output
+    report = load_report(single)
+    assert len(report["per_image"]) == 3 and all(0 <= item["miou"] <= 100 for item in report["per_image"])
+    matrix = np.array(report["confusion_matrix"])
+    assert len(report["category_iou"]) == 7 and matrix.shape == (19, 19)
+    assert matrix.trace() / matrix.sum() == pytest.approx(report["pixel_accuracy"] / 100, rel=1e-12)
+    assert report["class_iiou"][13] is not None and report["class_iiou"][0] is None  # car has instances, road none
+    assert "iIoU (%)" in result.stdout and "==== Categories, IoU (%)" in result.stdout
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "icnet_eval.cli", *eval_args(root, weights, sharded, "--per-image")]
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert scores(load_report(sharded)) == scores(report)

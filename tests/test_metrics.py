@@ -1,6 +1,7 @@
 """eval_acc.m scoring: against a literal per-image transcription, its quirks, and cityscapesScripts."""
 import math
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -171,13 +172,14 @@ def test_to_array_from_array_and_merge():
     np.testing.assert_array_equal(merged.to_array(), everything.to_array())
     assert merged.summary() == everything.summary()
     vector = everything.to_array()
-    assert vector.dtype == np.int64 and vector.shape == (60,) and vector[-1] == 5
-    reduced = ConfusionCounts.from_array(first.to_array().astype(np.float64) + second.to_array().astype(np.float64))
+    # 3 x 19 eval_acc.m areas, correct, labelled, images, instance images, 19 x 19 confusion, 2 x (19 + 7) instance terms
+    assert vector.dtype == np.float64 and vector.shape == (57 + 4 + 361 + 52,) and vector[59] == 5
+    reduced = ConfusionCounts.from_array(first.to_array() + second.to_array())
     assert reduced.summary() == everything.summary()
     with pytest.raises(CaffeError):
-        ConfusionCounts.from_array(np.zeros(59))
+        ConfusionCounts.from_array(np.zeros(473))
     with pytest.raises(CaffeError):
-        ConfusionCounts.from_array(np.full(60, 0.5))
+        ConfusionCounts.from_array(np.full(474, 0.5))
 
 
 @pytest.mark.parametrize("pred,label", [
@@ -275,3 +277,77 @@ def test_label_tables_match_cityscapes_scripts():
     np.testing.assert_array_equal(train_ids_to_label_ids(np.array([[0, 18, 19, 255]], np.uint8)), [[7, 33, 0, 0]])
     np.testing.assert_array_equal(label_ids_to_train_ids(np.array([[7, 33, 0, 255]], np.uint8)), [[0, 18, 255, 255]])
     np.testing.assert_array_equal(colorize(np.array([[0, 255]], np.uint8)), [[[128, 64, 128], [0, 0, 0]]])
+
+
+def _cityscapes_set(root, rng, images=3, size=(40, 64)):
+    """Labels (labelIds), instanceIds and trainId predictions in Cityscapes' layout, with instances of
+    evaluated classes (person, rider, car, bus) and of an ignored one (caravan)."""
+    from icnet_eval.cityscapes import LABEL_ID_TO_TRAIN_ID, TRAIN_ID_TO_LABEL_ID
+
+    pairs = []
+    for index in range(images):
+        stem = f"city_{index:06d}_000019"
+        folder = root / "gtFine" / "val" / "city"
+        folder.mkdir(parents=True, exist_ok=True)
+        label_ids = rng.choice([0, 4, 7, 8, 11, 17, 21, 23, 24, 26], size=size).astype(np.uint8)
+        instances = label_ids.astype(np.uint16).copy()
+        for number, (label_id, top, left, height, width) in enumerate(
+                [(24, 2, 3, 9, 7), (24, 15, 30, 12, 5), (25, 5, 20, 6, 6), (26, 20, 2, 14, 20), (28, 1, 45, 10, 15),
+                 (29, 28, 40, 8, 12)]):
+            block = (slice(top, top + height), slice(left, left + width))
+            label_ids[block] = label_id
+            instances[block] = label_id * 1000 + number
+        train_ids = LABEL_ID_TO_TRAIN_ID[label_ids]
+        prediction = np.where(rng.random(size) < 0.7, np.minimum(train_ids, 18), rng.integers(0, 19, size)).astype(np.uint8)
+        cv2.imwrite(str(folder / f"{stem}_gtFine_labelIds.png"), label_ids)
+        cv2.imwrite(str(folder / f"{stem}_gtFine_instanceIds.png"), instances)
+        cv2.imwrite(str(root / f"{stem}_pred_labelIds.png"), np.array(TRAIN_ID_TO_LABEL_ID, np.uint8)[prediction])
+        pairs.append((stem, prediction, train_ids, instances))
+    return pairs
+
+
+def test_category_iou_iiou_and_confusion_equal_cityscapes_scripts(tmp_path, monkeypatch):
+    """cityscapesScripts' evalPixelLevelSemanticLabeling on the same images: class IoU (up to eval_acc.m's eps),
+    category IoU, class and category iIoU and the confusion matrix."""
+    from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as cityscapes
+
+    monkeypatch.setattr(np, "in1d", np.isin, raising=False)  # cityscapesscripts 2.3 calls what numpy 2.4 removed
+    from icnet_eval.cityscapes import CATEGORY_NAMES, CLASS_NAMES, TRAIN_ID_TO_LABEL_ID
+
+    pairs = _cityscapes_set(tmp_path, np.random.default_rng(11))
+    counts = ConfusionCounts()
+    for _, prediction, train_ids, instances in pairs:
+        counts.add(prediction, train_ids, instances)
+    report = counts.summary()
+    args = cityscapes.args
+    args.quiet, args.JSONOutput, args.evalInstLevelScore, args.evalPixelAccuracy = True, False, True, False
+    result = cityscapes.evaluateImgLists(
+        [str(tmp_path / f"{stem}_pred_labelIds.png") for stem, *_ in pairs],
+        [str(tmp_path / "gtFine" / "val" / "city" / f"{stem}_gtFine_labelIds.png") for stem, *_ in pairs], args)
+    theirs = np.array([result["classScores"][name] for name in CLASS_NAMES]) * 100
+    np.testing.assert_allclose(report["class_iou"], np.nan_to_num(theirs), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(report["category_iou"], [100 * result["categoryScores"][c] for c in CATEGORY_NAMES],
+                               rtol=1e-12)
+    assert report["category_miou"] == pytest.approx(100 * result["averageScoreCategories"], rel=1e-12)
+    instance_theirs = [100 * result["classInstScores"][name] for name in CLASS_NAMES]
+    np.testing.assert_allclose(report["class_iiou"], instance_theirs, rtol=1e-12, equal_nan=True)
+    assert report["class_miiou"] == pytest.approx(100 * result["averageScoreInstClasses"], rel=1e-12)
+    np.testing.assert_allclose(report["category_iiou"], [100 * result["categoryInstScores"][c] for c in CATEGORY_NAMES],
+                               rtol=1e-12, equal_nan=True)
+    matrix = np.array(result["confMatrix"])
+    evaluated = list(TRAIN_ID_TO_LABEL_ID)
+    np.testing.assert_array_equal(report["confusion_matrix"], matrix[np.ix_(evaluated, evaluated)])
+    assert np.isnan(report["class_iiou"][0]) and not np.isnan(report["class_iiou"][11])  # road has no instances
+
+
+def test_per_image_scores_and_deterministic_instance_sums():
+    rng = np.random.default_rng(4)
+    counts = ConfusionCounts()
+    single = []
+    for _ in range(3):
+        prediction, label = _random_pair(rng, (9, 11))
+        alone = ConfusionCounts()
+        alone.add(prediction, label)
+        single.append((alone.summary()["miou"], alone.summary()["pixel_accuracy"]))
+        assert counts.add(prediction, label) == pytest.approx(single[-1], rel=1e-12)
+    assert "class_iiou" not in counts.summary()  # no instanceIds: no instance-level scores
