@@ -71,11 +71,12 @@ device_option = click.option("--device", default=None,
 @click.option("--no-verify", is_flag=True, help="Accept a release-named file whose md5 differs.")
 @click.option("--redo", is_flag=True, help="Recompute every image, even those whose outputs exist.")
 @click.option("--per-image", is_flag=True, help="Add each image's own mIoU and pixel accuracy to report.json.")
+@click.option("--overlay", is_flag=True, help="Also write overlay/: each image with the colour map blended over it.")
 @memory_option
 @click.version_option(package_name="caffe2torch")
 @click.pass_context
 def main(ctx: click.Context, list_path, data_root, weights, out, device, batch_size, workers, fast_resize,
-         output_format, input_size, prototxt, no_verify, redo, per_image) -> None:
+         output_format, input_size, prototxt, no_verify, redo, per_image, overlay) -> None:
     """Evaluate ICNet on Cityscapes as its authors did (eval_sub.m + eval_acc.m).
 
     \b
@@ -96,7 +97,7 @@ def main(ctx: click.Context, list_path, data_root, weights, out, device, batch_s
 
     options = EvalOptions(list_path, data_root, weights, out, device, batch_size, workers, fast_resize,
                           output_format, tuple(input_size) if input_size else None, prototxt,
-                          verify_md5=not no_verify, resume=not redo, per_image=per_image)
+                          verify_md5=not no_verify, resume=not redo, per_image=per_image, overlay=overlay)
     report = evaluate(options, echo=_note)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun the first process speaks for all
@@ -200,6 +201,26 @@ def demo(root: Path, device: str | None, workers: int, images: int) -> None:
     click.echo(format_report(report))
     click.echo(f"predictions: {root / 'results'} (gray/, color/), report: {root / 'results' / 'report.json'}")
     released_weights_note(click.echo)
+
+
+@main.command("segment")
+@click.argument("source", type=_path())
+@click.option("--weights", type=_path(), required=True, help="ICNet .caffemodel or a converted folder.")
+@click.option("-o", "--out", type=_path(), default=Path("icnet-segment"), show_default=True,
+              help="Folder for <name>_color.png and <name>_overlay.png (a video: <name>_overlay.mp4).")
+@device_option
+@click.option("--fast-resize", is_flag=True, help="PyTorch's resize instead of MATLAB's (faster).")
+@input_size_option
+@click.option("--prototxt", type=_path(), help="Deploy net definition for weights the manifest does not know.")
+@memory_option
+def segment_command(source: Path, weights: Path, out: Path, device: str | None, fast_resize: bool, input_size,
+                    prototxt: Path | None) -> None:
+    """Segment SOURCE (an image, a folder of images or a video) without labels: colour maps and overlays."""
+    from icnet_eval.segment import segment_input
+
+    written = segment_input(source, weights, out, device, fast_resize, prototxt,
+                            tuple(input_size) if input_size else None, echo=_note)
+    _note(f"wrote {len(written)} files to {out}")
 
 
 if __name__ == "__main__":

@@ -240,10 +240,12 @@ class EvaluationDataset(Dataset):
     """
 
     def __init__(self, entries: Sequence[ListEntry], input_size: tuple[int, int],
-                 existing_prediction: Callable[[ListEntry, tuple[int, int]], np.ndarray | None] | None = None):
+                 existing_prediction: Callable[[ListEntry, tuple[int, int]], np.ndarray | None] | None = None,
+                 keep_image: bool = False):
         self.entries = list(entries)
         self.input_size = input_size
         self.existing_prediction = existing_prediction
+        self.keep_image = keep_image  # the decoded image travels with the item (for overlays)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -251,10 +253,12 @@ class EvaluationDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         entry = self.entries[index]
         item: dict[str, Any] = {"index": index, "entry": entry, "input": None, "label": None, "instances": None,
-                                "prediction": None, "image_size": None, "error": None}
+                                "prediction": None, "image_size": None, "image": None, "error": None}
         try:
             image = read_image_bgr(entry)
             item["image_size"] = image_size = image.shape[:2]
+            if self.keep_image:
+                item["image"] = image
             if entry.label is not None:
                 label = read_label_train_ids(entry)
                 if label.shape != image_size:

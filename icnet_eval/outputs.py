@@ -87,10 +87,10 @@ def _encode_png(array: np.ndarray, path: Path, source: str | None = None) -> byt
 class OutputStore:
     """Where one run's PNGs go; picklable so DataLoader workers can run the resume check."""
 
-    def __init__(self, out: Path, output_format: str = "trainids", resume: bool = True) -> None:
+    def __init__(self, out: Path, output_format: str = "trainids", resume: bool = True, overlay: bool = False) -> None:
         if output_format not in FORMATS:
             raise CaffeError(f"--format {output_format}: expected one of {', '.join(FORMATS)}")
-        self.out, self.output_format, self.resume = Path(out), output_format, resume
+        self.out, self.output_format, self.resume, self.overlay = Path(out), output_format, resume, overlay
         self.main_kind = "gray" if output_format == "trainids" else "labelids"
 
     def paths(self, entry: ListEntry) -> dict[str, Path]:
@@ -99,11 +99,26 @@ class OutputStore:
             main = self.out / "gray" / f"{entry.output_stem}.png"
         else:
             main = self.out / "labelids" / server_name(entry)
-        return {self.main_kind: main, "color": self.out / "color" / f"{entry.output_stem}.png"}
+        paths = {self.main_kind: main, "color": self.out / "color" / f"{entry.output_stem}.png"}
+        if self.overlay:
+            paths["overlay"] = self.out / "overlay" / f"{entry.output_stem}.png"
+        return paths
 
     def make_folders(self) -> None:
-        for kind in (self.main_kind, "color"):
+        for kind in (self.main_kind, "color") + (("overlay",) if self.overlay else ()):
             (self.out / kind).mkdir(parents=True, exist_ok=True)
+
+    def write_overlay(self, entry: ListEntry, train_ids: np.ndarray, image_bgr: np.ndarray) -> None:
+        """The image with the colour map blended over it (as the authors' demo video), if not there yet."""
+        from icnet_eval.segment import overlay
+
+        path = self.paths(entry)["overlay"]
+        if self.resume and self._decode_complete(path, cv2.IMREAD_UNCHANGED) is not None:
+            return
+        try:
+            write_atomic(path, _encode_png(overlay(image_bgr, train_ids), path))
+        except OSError as error:
+            raise CaffeError(f"{path}: cannot write ({error.strerror or error})") from None
 
     def any_exists(self, entries: list[ListEntry]) -> bool:
         return any(path.exists() for entry in entries for path in self.paths(entry).values())
@@ -117,7 +132,8 @@ class OutputStore:
         paths = self.paths(entry)
         ids = train_ids if self.output_format == "trainids" else train_ids_to_label_ids(train_ids)
         source = source_id(entry.image)
-        for kind, array in ((self.main_kind, ids), ("color", np.ascontiguousarray(colorize(train_ids)[..., ::-1]))):
+        kinds = ((self.main_kind, ids), ("color", np.ascontiguousarray(colorize(train_ids)[..., ::-1])))
+        for kind, array in kinds:
             try:
                 write_atomic(paths[kind], _encode_png(array, paths[kind], source if kind == self.main_kind else None))
             except OSError as error:

@@ -45,6 +45,7 @@ class EvalOptions:
     resume: bool = True
     progress: bool = True
     per_image: bool = False
+    overlay: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -228,7 +229,7 @@ def _run_shard(shard: list[ListEntry], net: torch.nn.Module, model: LoadedModel,
     counts, forward_ms, resumed = ConfusionCounts(), [], 0
     if not shard:
         return counts, forward_ms, resumed
-    dataset = EvaluationDataset(shard, model.input_size, store.existing_prediction)
+    dataset = EvaluationDataset(shard, model.input_size, store.existing_prediction, keep_image=store.overlay)
     loader = make_loader(dataset, options.batch_size, options.workers, pin_memory=device.type == "cuda")
     for batch in loader:
         for item in batch:
@@ -242,6 +243,9 @@ def _run_shard(shard: list[ListEntry], net: torch.nn.Module, model: LoadedModel,
                 item["prediction"] = predict_train_ids(item_logits, item["image_size"], options.fast_resize)
                 store.write(item["entry"], item["prediction"])
         resumed += len(batch) - len(todo)
+        if store.overlay:
+            for item in batch:
+                store.write_overlay(item["entry"], item["prediction"], item["image"])
         for item in batch:  # list order, so the totals never depend on timing
             if item["label"] is not None:
                 before = counts.instance_terms.copy()
@@ -266,7 +270,7 @@ def evaluate(options: EvalOptions, model: LoadedModel | None = None,
     out = Path(options.out)
     if out.exists() and not out.is_dir():
         raise CaffeError(f"--out {out}: is a file, expected a folder for the predictions")
-    store = OutputStore(out, options.output_format, options.resume)
+    store = OutputStore(out, options.output_format, options.resume, options.overlay)
     if model is None:
         model = load_model(options.weights, options.prototxt, options.input_size, options.verify_md5,
                            on_warning=lambda message: echo(f"warning: {message}"))

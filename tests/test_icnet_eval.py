@@ -586,3 +586,45 @@ def test_rich_report_with_instances_is_the_same_sharded(tmp_path, dataset, weigh
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert scores(load_report(sharded)) == scores(report)
+
+
+def test_overlays_and_the_segment_command(tmp_path, baseline, dataset, weights):
+    from icnet_eval.cityscapes import colorize
+    from icnet_eval.data import read_image_bgr
+
+    out = tmp_path / "out"
+    assert run_cli(eval_args(dataset, weights, out, "--overlay")).exit_code == 0
+    entry = parse_list(dataset / "val.txt", dataset)[0]
+    image = read_image_bgr(entry)
+    gray = read_gray(out / "gray" / f"{STEMS[0]}_leftImg8bit.png")
+    blended = cv2.imread(str(out / "overlay" / f"{STEMS[0]}_leftImg8bit.png"))
+    expected = np.rint(0.5 * colorize(gray)[..., ::-1].astype(np.float64) + 0.5 * image).astype(np.int64)
+    assert np.abs(blended.astype(np.int64) - expected).max() <= 1  # half and half, rounded
+    assert scores(load_report(out)) == scores(load_report(baseline))  # overlays change no score
+    # segment: a folder of images and a video, no labels; the same predictions as the evaluation.
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(entry.image, images / "frame.png")
+    prototxt = tmp_path / "small.prototxt"
+    prototxt.write_text(icnet_prototxt(int(SMALL_INPUT[0]), int(SMALL_INPUT[1]), False))
+    common = ["--weights", str(weights), "--prototxt", str(prototxt), "--device", "cpu", "-o", str(tmp_path / "seg")]
+    result = run_cli(["segment", str(images), *common])
+    assert result.exit_code == 0, result.output
+    color = cv2.imread(str(tmp_path / "seg" / "frame_color.png"))
+    assert np.array_equal(color, colorize(gray)[..., ::-1])
+    assert np.array_equal(cv2.imread(str(tmp_path / "seg" / "frame_overlay.png")), blended)
+    video = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 4, (image.shape[1], image.shape[0]))
+    for _ in range(3):
+        writer.write(image)
+    writer.release()
+    result = run_cli(["segment", str(video), *common])
+    assert result.exit_code == 0, result.output
+    assert "3 frames at 4 fps" in result.stderr
+    capture = cv2.VideoCapture(str(tmp_path / "seg" / "clip_overlay.mp4"))
+    frames = 0
+    while capture.read()[0]:
+        frames += 1
+    assert frames == 3
+    missing = run_cli(["segment", str(tmp_path / "nothing.png"), *common])
+    assert missing.exit_code == 2 and "no such file or folder" in missing.stderr
