@@ -194,12 +194,12 @@ def check_outputs_apart(store: OutputStore, entries: list[ListEntry]) -> None:
                                  f"{other.where}; choose another --out")
 
 
-def lock_out_dir(out: Path, rank: int = 0):
-    """Hold an exclusive lock on --out for this run (one per rank of a distributed run); None if it is taken.
+def lock_out_dir(out: Path):
+    """Hold an exclusive lock on --out for this run (rank 0 takes it for a distributed run); None if taken.
 
     Two runs writing one --out at once would interleave predictions of different settings.
     """
-    path = out / f".icnet-eval-{rank}.lock"
+    path = out / ".icnet-eval.lock"
     handle = open(path, "a+", encoding="ascii")  # noqa: SIM115 - held until the run ends
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -213,39 +213,41 @@ def lock_out_dir(out: Path, rank: int = 0):
     return handle
 
 
-def check_run_file(out: Path, fingerprint: dict, store: OutputStore, entries: list[ListEntry],
-                   own: list[ListEntry] | None = None, write: bool = True) -> None:
-    """Refuse to mix predictions of different settings in one --out; record this run's settings otherwise.
+def check_run_file(out: Path, fingerprint: dict, store: OutputStore, entries: list[ListEntry]) -> None:
+    """Refuse to mix predictions of different settings in one --out (reads only; see `start_run`).
 
     The run file is written before the first prediction, so predictions without one were not made by
-    this tool (or not with these settings) and are not silently taken over. With --redo, the
-    predictions of `own` (this process's share, default all) are deleted; `write` says whether
-    this process records the run file (rank 0 of a distributed run).
+    this tool (or not with these settings) and are not silently taken over.
     """
+    if not store.resume:
+        return
     run_file = out / RUN_FILE
-    if store.resume:
-        if run_file.exists():
-            try:
-                recorded = json.loads(run_file.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                recorded = {}
-            if not isinstance(recorded, dict):
-                recorded = {}
-            changed = [key for key in fingerprint if recorded.get(key) != fingerprint[key]]
-            if changed:
-                key = changed[0]
-                raise CaffeError(
-                    f"--out {out}: holds predictions made with another {key} ({recorded.get(key)!r}, now "
-                    f"{fingerprint[key]!r}); use another --out, or --redo to replace them"
-                )
-        elif store.any_exists(entries):
-            raise CaffeError(f"--out {out}: holds predictions not recorded in {RUN_FILE} (made by another tool "
-                             "or version); use another --out, or --redo to replace them")
-    else:
-        # Replaced outputs go first: were this run interrupted, none of them could pass for its own.
-        for entry in entries if own is None else own:
-            for path in store.paths(entry).values():
-                if path.is_file() or path.is_symlink():
-                    path.unlink()
-    if write:
-        write_atomic(run_file, (json.dumps(fingerprint, indent=2, sort_keys=True) + "\n").encode())
+    if run_file.exists():
+        try:
+            recorded = json.loads(run_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            recorded = {}
+        if not isinstance(recorded, dict):
+            recorded = {}
+        changed = [key for key in fingerprint if recorded.get(key) != fingerprint[key]]
+        if changed:
+            key = changed[0]
+            raise CaffeError(
+                f"--out {out}: holds predictions made with another {key} ({recorded.get(key)!r}, now "
+                f"{fingerprint[key]!r}); use another --out, or --redo to replace them"
+            )
+    elif store.any_exists(entries):
+        raise CaffeError(f"--out {out}: holds predictions not recorded in {RUN_FILE} (made by another tool "
+                         "or version); use another --out, or --redo to replace them")
+
+
+def delete_outputs(store: OutputStore, entries: list[ListEntry]) -> None:
+    """--redo: the replaced outputs go first, so that, were the run interrupted, none could pass for its own."""
+    for entry in entries:
+        for path in store.paths(entry).values():
+            if path.is_file() or path.is_symlink():
+                path.unlink()
+
+
+def write_run_file(out: Path, fingerprint: dict) -> None:
+    write_atomic(out / RUN_FILE, (json.dumps(fingerprint, indent=2, sort_keys=True) + "\n").encode())

@@ -22,8 +22,8 @@ from icnet_eval.imresize import fast_resize, matlab_imresize_torch
 from icnet_eval.metrics import ConfusionCounts
 from caffe2torch.write import write_atomic
 from icnet_eval.model import LoadedModel, load_model
-from icnet_eval.outputs import (REPORT_FILE, OutputStore, check_outputs_apart, check_run_file, lock_out_dir,
-                               prepare_out_dir)
+from icnet_eval.outputs import (REPORT_FILE, OutputStore, check_outputs_apart, check_run_file, delete_outputs,
+                               lock_out_dir, prepare_out_dir, write_run_file)
 
 
 @dataclass
@@ -285,21 +285,36 @@ def evaluate(options: EvalOptions, model: LoadedModel | None = None,
     device = dist.device
     shard = dist.shard(entries)
     lock = None
-    setup_failure: BaseException | None = None
-    try:  # every rank must agree before any of them writes a prediction
-        lock = lock_out_dir(out, dist.rank)
-        if lock is None:
-            raise CaffeError(f"--out {out}: another icnet-eval run is writing there; wait for it or choose another --out")
-        check_run_file(out, fingerprint, store, entries, own=shard, write=dist.rank == 0)
-        store.make_folders()
-    except BaseException as error:  # noqa: BLE001 - shared with the other ranks below, then raised
-        setup_failure = error
-    if dist.sum(np.array([1.0 if setup_failure else 0.0]), op="max")[0] > 0:
-        if lock is not None:
-            lock.close()
-        dist.close()
-        raise setup_failure or CaffeError(f"rank {dist.rank}: another process of the distributed run failed "
-                                          f"to start (see its message)")
+
+    def agreed(step: Callable[[], None]) -> None:
+        """Run one setup step on every rank; if it failed anywhere, every rank stops here, before writing."""
+        failure: BaseException | None = None
+        try:
+            step()
+        except BaseException as error:  # noqa: BLE001 - shared with the other ranks below, then raised
+            failure = error
+        if dist.sum(np.array([1.0 if failure else 0.0]), op="max")[0] > 0:
+            if lock is not None:
+                lock.close()
+            dist.close()
+            raise failure or CaffeError(f"rank {dist.rank}: another process of the distributed run failed to "
+                                        f"start (see its message)")
+
+    def take_lock() -> None:
+        nonlocal lock
+        if dist.rank == 0:  # one lock per run: a second run's rank 0 is refused, and its ranks with it
+            lock = lock_out_dir(out)
+            if lock is None:
+                raise CaffeError(f"--out {out}: another icnet-eval run is writing there; wait for it or "
+                                 f"choose another --out")
+
+    # Nothing is deleted or written until every rank holds what it needs: the lock, then the settings
+    # check, then --redo's deletions, then rank 0's run file.
+    agreed(take_lock)
+    agreed(lambda: check_run_file(out, fingerprint, store, entries))
+    if not store.resume:
+        agreed(lambda: delete_outputs(store, shard))
+    agreed(lambda: (write_run_file(out, fingerprint) if dist.rank == 0 else None, store.make_folders()))
     # Exact mode keeps Caffe's order of operations in BN layers too (torch's BatchNorm is an ulp or two away).
     net = model.evaluation_net(exact=not options.fast_resize).to(device).eval()
     start = time.perf_counter()
@@ -316,12 +331,14 @@ def evaluate(options: EvalOptions, model: LoadedModel | None = None,
         progress.close()
     failed_elsewhere = dist.sum(np.array([1.0 if failure else 0.0]), op="max")[0] > 0
     if failure is not None:
-        lock.close()
+        if lock is not None:
+            lock.close()
         if dist.active:
             dist.close()
         raise failure
     if failed_elsewhere:
-        lock.close()
+        if lock is not None:
+            lock.close()
         dist.close()
         raise CaffeError(f"rank {dist.rank}: another process of the distributed run failed (see its message)")
 
@@ -353,7 +370,8 @@ def evaluate(options: EvalOptions, model: LoadedModel | None = None,
     }
     if dist.rank == 0:
         _write_json(out / REPORT_FILE, report)
-    lock.close()
+    if lock is not None:
+        lock.close()
     dist.close()
     return report
 

@@ -628,3 +628,22 @@ def test_overlays_and_the_segment_command(tmp_path, baseline, dataset, weights):
     assert frames == 3
     missing = run_cli(["segment", str(tmp_path / "nothing.png"), *common])
     assert missing.exit_code == 2 and "no such file or folder" in missing.stderr
+
+
+def test_a_refused_distributed_redo_deletes_nothing(tmp_path, baseline, dataset, weights):
+    """Every rank agrees on the lock and the settings before any of them deletes or writes a file."""
+    from icnet_eval.outputs import lock_out_dir
+
+    out = tmp_path / "out"
+    shutil.copytree(baseline, out)
+    before = {path: path.read_bytes() for path in out.rglob("*.png")}
+    held = lock_out_dir(out)  # a single-process run is writing --out
+    try:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   "-m", "icnet_eval.cli", *eval_args(dataset, weights, out, "--redo")]
+        done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    finally:
+        held.close()
+    assert done.returncode != 0 and "another icnet-eval run is writing there" in done.stderr
+    assert {path: path.read_bytes() for path in out.rglob("*.png")} == before
