@@ -8,6 +8,7 @@ variable CAFFE2TORCH_MAX_MEMORY (e.g. `64G`) sets another.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -64,9 +65,7 @@ class MemoryBudget:
         self.parameters = 0
 
     def _refuse(self, where: str, needed: int) -> None:
-        raise CaffeError(f"{where} needs {format_bytes(needed)}, more than the memory limit of "
-                         f"{format_bytes(self.limit)} (the available memory unless --max-memory or "
-                         f"{ENVIRONMENT} says otherwise)")
+        refuse(where, needed, self.limit)
 
     def add_parameters(self, where: str, count: int) -> None:
         self.parameters += 4 * count
@@ -78,3 +77,16 @@ class MemoryBudget:
         needed = self.parameters + 4 * elements
         if needed > self.limit:
             self._refuse(where, needed)
+
+
+def refuse(where: str, needed: int, limit: int) -> None:
+    raise CaffeError(f"{where} needs {format_bytes(needed)}, more than the memory limit of {format_bytes(limit)} "
+                     f"(the available memory unless --max-memory or {ENVIRONMENT} says otherwise)")
+
+
+def check_top(layer, shape: tuple[int, ...]) -> None:
+    """Refuse a layer whose output alone would not fit the memory limit, before its converter allocates
+    tables of that size (Interp's, pooling's): one line naming the layer and the size."""
+    needed, limit = 4 * math.prod(shape), memory_limit()
+    if needed > limit:
+        refuse(f"layer {layer.name!r} ({layer.type}) (top {'x'.join(map(str, shape))})", needed, limit)

@@ -163,6 +163,10 @@ def assemble(graph: NetGraph, weights: Mapping[str, Sequence[np.ndarray]],
             raise
         except MemoryError:
             raise CaffeError(f"{where}: out of memory while building it") from None
+        except RuntimeError as error:  # torch's allocator failing; anything else is a bug to see whole
+            if "allocate" not in str(error):
+                raise
+            raise CaffeError(f"{where}: out of memory while building it ({str(error).splitlines()[0][:120]})") from None
         _check_shapes(layer, converted.top_shapes)
         for message in converted.warnings:
             _warn(on_warning, f"layer {layer.name!r} ({layer.type}): {message}")

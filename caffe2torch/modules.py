@@ -30,8 +30,18 @@ def caffe_pooled_size(size: int, kernel: int, stride: int, pad: int, clip: bool,
     return out
 
 
+def _literal(value) -> str:
+    """Python source for a value: repr, except infinities and NaN, whose repr is no Python expression."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"float({str(value)!r})"
+    if isinstance(value, tuple):
+        items = [_literal(item) for item in value]
+        return f"({items[0]},)" if len(items) == 1 else "(" + ", ".join(items) + ")"
+    return repr(value)
+
+
 def _kwargs(**values) -> str:
-    return ", ".join(f"{name}={value!r}" for name, value in values.items())
+    return ", ".join(f"{name}={_literal(value)}" for name, value in values.items())
 
 
 class Pool2d(nn.Module):
@@ -68,10 +78,11 @@ class Pool2d(nn.Module):
         self.edges = (pw, (vw - 1) * sw + kw - pw - w, ph, (vh - 1) * sh + kh - ph - h)
         self.rescale = False
         if method == "AVE":
-            counts = [[min(o * s - p + k, n + p) - (o * s - p) for o in range(out)]
-                      for k, s, p, n, out in zip(self.kernel, self.stride, self.pad, self.input_size, self.output_size)]
-            factor = torch.tensor([[kh * kw / (a * b) if a * b else math.inf for b in counts[1]] for a in counts[0]],
-                                  dtype=torch.float64)
+            counts = []
+            for k, s, p, n, out in zip(self.kernel, self.stride, self.pad, self.input_size, self.output_size):
+                start = torch.arange(out, dtype=torch.float64) * s - p
+                counts.append(torch.clamp(start + k, max=n + p) - start)
+            factor = (kh * kw) / (counts[0][:, None] * counts[1][None, :])  # kk / 0 = inf: Caffe's 0 / 0 = NaN
             self.rescale = bool((factor != 1).any())
             self.register_buffer("factor", factor.float(), persistent=False)
 
@@ -89,7 +100,7 @@ class Pool2d(nn.Module):
         y = F.avg_pool2d(x, self.kernel, self.stride)
         if any(self.empty):
             y = F.pad(y, (0, self.empty[1], 0, self.empty[0]))  # a sum of nothing, then 0/0 or 0/-n as in Caffe
-        return y * self.factor if self.rescale else y
+        return y * self.factor.to(y.dtype) if self.rescale else y
 
     def extra_repr(self) -> str:
         return _kwargs(method=self.method, kernel=self.kernel, stride=self.stride, pad=self.pad,
@@ -138,7 +149,8 @@ class Interp(nn.Module):
             self.register_buffer(f"{axis}_far", far.reshape(shape), persistent=False)
 
     def _horizontal(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows.index_select(3, self.w_index) * self.w_near + rows.index_select(3, self.w_next) * self.w_far
+        near, far = self.w_near.to(rows.dtype), self.w_far.to(rows.dtype)  # tables follow the input's dtype
+        return rows.index_select(3, self.w_index) * near + rows.index_select(3, self.w_next) * far
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         start = -self.pad_beg
@@ -151,7 +163,7 @@ class Interp(nn.Module):
         else:
             per_row = self._horizontal(x)
             near, far = per_row.index_select(2, self.h_index), per_row.index_select(2, self.h_next)
-        return near * self.h_near + far * self.h_far
+        return near * self.h_near.to(near.dtype) + far * self.h_far.to(far.dtype)
 
     def extra_repr(self) -> str:
         return _kwargs(input_size=self.input_size, output_size=self.output_size, pad_beg=self.pad_beg,

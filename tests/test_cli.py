@@ -272,7 +272,7 @@ def test_verify_cannot_pass_on_nothing(reference_dir, tmp_path):
      "layer 'wide' (Convolution): the parameters up to here needs"),
     ('input: "data" input_shape { dim: 1 dim: 3 dim: 8 dim: 8 }\n'
      'layer { name: "zoom" type: "Interp" bottom: "data" top: "z" interp_param { height: 4000000 width: 4000000 } }',
-     "layer 'zoom' (Interp) (tops 1x3x4000000x4000000) needs"),
+     "layer 'zoom' (Interp) (top 1x3x4000000x4000000) needs"),
     ('input: "data" input_shape { dim: 1 dim: 3 dim: 100000000 dim: 100000000 }\n'
      'layer { name: "r" type: "ReLU" bottom: "data" top: "data" }',
      "input 'data' of shape 1x3x100000000x100000000 needs"),
@@ -296,3 +296,13 @@ def test_max_memory_option(reference_dir, tmp_path, monkeypatch):
     assert run("inspect", units / "unit_conv_basic.caffemodel", "--max-memory", "1G").exit_code == 0
     bad = run("inspect", units / "unit_conv_basic.caffemodel", "--max-memory", "lots")
     assert bad.exit_code == 2 and "memory size 'lots'" in bad.output
+
+
+def test_converters_check_the_budget_before_building_tables(tmp_path):
+    """Interp builds index tables of its output size: the size is checked first (2e9 x 2e9 from a 2 x 2 input)."""
+    prototxt = tmp_path / "huge.prototxt"
+    prototxt.write_text('input: "data" input_shape { dim: 1 dim: 1 dim: 2 dim: 2 }\n'
+                        'layer { name: "zoom" type: "Interp" bottom: "data" top: "z" interp_param { zoom_factor: 2000000000 } }')
+    result = run("inspect", prototxt, "--max-memory", "10G")
+    _assert_one_line_error(result)
+    assert "layer 'zoom' (Interp) (top 1x1x2000000001x2000000001) needs" in result.output

@@ -202,3 +202,29 @@ def test_read_only_parent_is_one_line(reference_dir, tmp_path):
         assert ".partial" not in result.output
     finally:
         parent.chmod(0o755)
+
+
+def test_infinite_hyper_parameters_and_half_precision_survive_the_folder(tmp_path):
+    from caffe2torch.model import from_net_parameter
+    from caffe2torch.read import parse_prototxt
+
+    definition = parse_prototxt('''name: "t"
+input: "data" input_shape { dim: 1 dim: 2 dim: 5 dim: 5 }
+layer { name: "p" type: "Power" bottom: "data" top: "p" power_param { power: -1 scale: 0 shift: 0 } }
+layer { name: "t" type: "Threshold" bottom: "data" top: "t" threshold_param { threshold: inf } }
+layer { name: "i" type: "Interp" bottom: "data" top: "i" interp_param { height: 7 width: 7 } }
+layer { name: "a" type: "Pooling" bottom: "data" top: "a" pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 } }
+layer { name: "c" type: "Convolution" bottom: "i" top: "c" convolution_param { num_output: 2 kernel_size: 1 } }
+''')
+    with np.errstate(divide="ignore"):  # Caffe's constant here is pow(0, -1) = inf
+        net = from_net_parameter(definition, {}, fill_missing=True, on_warning=lambda _: None)
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((1, 2, 5, 5)).astype(np.float32))
+    folder = save_net(net, tmp_path / "out")
+    namespace = _exec_model_py(folder)  # `inf` would be a NameError in generated source
+    for ours, theirs in zip(namespace["load"]()(x), net(x), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
+    outputs = dict(zip(net_info(net).outputs, net(x)))
+    assert torch.isinf(outputs["p"]).all() and not outputs["t"].any()
+    half = save_net(net.half(), tmp_path / "half")  # tables that are not saved follow the input's dtype
+    outputs = load(half)(x.half())
+    assert all(o.dtype == torch.float16 for o in outputs)

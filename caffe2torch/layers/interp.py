@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from caffe2torch.errors import CaffeError
 from caffe2torch.layers.registry import Converted, Shape, converter, expect_blobs, expect_bottoms
+from caffe2torch.limits import check_top
 from caffe2torch.modules import Interp
 
 
@@ -77,4 +78,5 @@ def convert_interp(layer, inputs: list[Shape], blobs: list) -> Converted:
         raise CaffeError(f"layer {layer.name!r} (Interp): cropping leaves an empty {eff} input")
     size_rule = InterpSizeRule.from_layer(layer)
     out_size = size_rule(*eff)
+    check_top(layer, shape[:2] + tuple(out_size))  # before the tables of that size are built
     return Converted(Interp(shape[2:], out_size, pad_beg, pad_end), [shape[:2] + tuple(out_size)])

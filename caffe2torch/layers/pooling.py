@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from caffe2torch.errors import CaffeError
 from caffe2torch.layers.registry import Converted, Shape, converter, expect_blobs, expect_bottoms
+from caffe2torch.limits import check_top
 from caffe2torch.modules import Pool2d, caffe_pooled_size
 from proto import caffe_pb2
 
@@ -68,5 +69,6 @@ def convert_pooling(layer, inputs: list[Shape], blobs: list) -> Converted:
     if min(out) <= 0 or any(clip and (o - 1) * s >= n + p for o, s, n, p in zip(out, stride, size, pad)):
         raise CaffeError(f"layer {layer.name!r} (Pooling): kernel {kernel}, stride {stride}, pad {pad} "
                          f"give no valid output on a {size} input")
+    check_top(layer, shape[:2] + out)  # before the divisor table of that size is built
     module = Pool2d(methods[param.pool], kernel, stride, pad, size, ceil=not floor)
     return Converted(module, [shape[:2] + module.output_size])
