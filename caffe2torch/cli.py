@@ -287,8 +287,9 @@ def fold_bn(model: Path, prototxt: Path | None, input_shape: str | None, output:
 @click.option("--no-verify", is_flag=True, help="Accept a file whose md5 differs from the manifest's.")
 @click.option("--tolerance", type=click.FloatRange(min=0.0), default=1e-4, show_default=True,
               help="Largest error allowed, relative to the largest output magnitude.")
+@click.option("--force", is_flag=True, help="Replace an existing output file (never the model itself).")
 def export(model: Path, prototxt: Path | None, input_shape: str | None, fmt: str, output: Path, no_verify: bool,
-           tolerance: float) -> None:
+           tolerance: float, force: bool) -> None:
     """Export MODEL (a caffemodel or a converted folder) and check the file against the PyTorch net.
 
     The written file is run (onnxruntime, the loaded program, or the net with the file's
@@ -310,7 +311,8 @@ def export(model: Path, prototxt: Path | None, input_shape: str | None, fmt: str
             _note(note)
         net = conversion.net
     try:
-        check = run_export(net, fmt, output, tolerance)
+        check = run_export(net, fmt, output, tolerance, force=force,
+                           protect=[model] + ([prototxt] if prototxt is not None else []))
     except ExportMismatch as error:
         _fail(str(error), EXIT_MISMATCH)
     click.echo(f"wrote {check.path} ({fmt}); checked against the PyTorch net: max abs error {check.max_abs:.3g}, "

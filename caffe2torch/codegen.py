@@ -40,6 +40,9 @@ def _norm_constructor(module: nn.modules.batchnorm._BatchNorm) -> str:
 def constructor(module: nn.Module) -> str:
     """A Python expression that builds a module equal to `module` up to its parameter and buffer values."""
     kind = type(module)
+    if isinstance(module, caffe_modules.CaffeOrderNorm):
+        raise CaffeError("this graph evaluates BatchNorm in Caffe's order (passes.caffe_order_norms), for "
+                         "inference only; save the converted net itself")
     if kind.__module__ == caffe_modules.__name__ and not isinstance(module, _NORM):
         if isinstance(module, caffe_modules.BatchAxes):
             return f"BatchAxes({constructor(module.inner)}, {module.extra_repr()})"

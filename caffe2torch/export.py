@@ -256,8 +256,12 @@ def blame(net: fx.GraphModule, fmt: str, inputs: tuple, tolerance: float, folder
 
 
 def export(net: fx.GraphModule, fmt: str, path: str | os.PathLike, tolerance: float = TOLERANCE,
-           seed: int = 0) -> ExportCheck:
-    """Write `net` as `fmt` to `path` and check it; a mismatch deletes the file and raises ExportMismatch."""
+           seed: int = 0, force: bool = False, protect: Sequence[str | os.PathLike] = ()) -> ExportCheck:
+    """Write `net` as `fmt` to `path` and check it; a mismatch deletes the file and raises ExportMismatch.
+
+    An existing file is replaced only with `force`, and never one of `protect` (the model the net
+    came from, or anything inside its folder).
+    """
     if fmt not in FORMATS:
         raise CaffeError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     _require(fmt)
@@ -265,6 +269,12 @@ def export(net: fx.GraphModule, fmt: str, path: str | os.PathLike, tolerance: fl
     path = Path(path)
     if path.is_dir():
         raise CaffeError(f"{path}: is a folder; give the file to write")
+    resolved = path.resolve()
+    for source in map(Path, protect):
+        if resolved == source.resolve() or source.is_dir() and source.resolve() in resolved.parents:
+            raise CaffeError(f"{path}: is (or lies inside) the model being exported; choose another output file")
+    if path.exists() and not force:
+        raise CaffeError(f"{path}: exists; pass --force to replace it")
     net = net.eval()
     inputs = check_inputs(net, seed)
     parent = path.absolute().parent

@@ -21,6 +21,7 @@ no longer require gradients: this is an inference graph.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Sequence
@@ -90,6 +91,15 @@ class FastInterp(nn.Module):
                              align_corners=True)
 
 
+class FastMaxPool(nn.MaxPool2d):
+    """torch's ceil-mode MAX pooling where its window layout is Caffe's, with Caffe's special values kept:
+    NaN never wins and a window of nothing but -inf gives the dtype's lowest value (-FLT_MAX in float32)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nan_to_num(x, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+        return torch.nan_to_num(super().forward(x), nan=0.0, posinf=math.inf, neginf=None)
+
+
 class FastSum(nn.Module):
     """Eltwise SUM with unit coefficients, accumulated into the first bottom when nothing else reads it."""
 
@@ -117,7 +127,7 @@ def _lean_pool(pool: Pool2d) -> nn.Module | None:
         return None
     if tuple(_torch_pool_size(*a) for a in zip(pool.input_size, pool.kernel, pool.stride, pool.pad)) != pool.output_size:
         return None  # Caffe keeps a window torch drops (empty windows): stay exact
-    return nn.MaxPool2d(pool.kernel, pool.stride, pool.pad, ceil_mode=True)
+    return FastMaxPool(pool.kernel, pool.stride, pool.pad, ceil_mode=True)
 
 
 def _owned(net: fx.GraphModule, value: fx.Node, reader: fx.Node) -> bool:

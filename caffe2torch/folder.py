@@ -129,7 +129,11 @@ def write_folder(folder: str | os.PathLike, files: dict[str, bytes], force: bool
             backup = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=parent))
             backup.rmdir()
             folder.rename(backup)
-            staging.rename(folder)
+            try:
+                staging.rename(folder)
+            except BaseException:
+                backup.rename(folder)  # the earlier output stays where it was
+                raise
             shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(staging, folder)  # an empty folder in the way is replaced, as rename(2) allows

@@ -108,15 +108,20 @@ class OutputStore:
         for kind in (self.main_kind, "color") + (("overlay",) if self.overlay else ()):
             (self.out / kind).mkdir(parents=True, exist_ok=True)
 
-    def write_overlay(self, entry: ListEntry, train_ids: np.ndarray, image_bgr: np.ndarray) -> None:
-        """The image with the colour map blended over it (as the authors' demo video), if not there yet."""
+    def write_overlay(self, entry: ListEntry, train_ids: np.ndarray, image_bgr: np.ndarray, fresh: bool) -> None:
+        """The image with the colour map blended over it (as the authors' demo video).
+
+        Rewritten when the prediction was `fresh`ly computed, or when the one on disk was made from
+        another version of the image (its PNG records the image's size and mtime, like the ids).
+        """
         from icnet_eval.segment import overlay
 
         path = self.paths(entry)["overlay"]
-        if self.resume and self._decode_complete(path, cv2.IMREAD_UNCHANGED) is not None:
+        source = source_id(entry.image)
+        if not fresh and self.resume and self._decode_complete(path, cv2.IMREAD_UNCHANGED, source) is not None:
             return
         try:
-            write_atomic(path, _encode_png(overlay(image_bgr, train_ids), path))
+            write_atomic(path, _encode_png(overlay(image_bgr, train_ids), path, source))
         except OSError as error:
             raise CaffeError(f"{path}: cannot write ({error.strerror or error})") from None
 

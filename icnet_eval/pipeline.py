@@ -245,7 +245,7 @@ def _run_shard(shard: list[ListEntry], net: torch.nn.Module, model: LoadedModel,
         resumed += len(batch) - len(todo)
         if store.overlay:
             for item in batch:
-                store.write_overlay(item["entry"], item["prediction"], item["image"])
+                store.write_overlay(item["entry"], item["prediction"], item["image"], fresh=item["input"] is not None)
         for item in batch:  # list order, so the totals never depend on timing
             if item["label"] is not None:
                 before = counts.instance_terms.copy()

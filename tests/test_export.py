@@ -135,3 +135,27 @@ def test_onnx_without_onnxscript_uses_torchs_older_exporter(reference_dir, tmp_p
     monkeypatch.setattr(importlib.util, "find_spec", lambda module, *a: None if module == "onnxscript" else find_spec(module, *a))
     check = export(convert_reference(reference_dir, name), "onnx", tmp_path / "net.onnx")
     assert check.max_rel <= 1e-4
+
+
+def test_export_never_overwrites_its_model_or_a_file_unasked(reference_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "unit_conv_basic.caffemodel"
+    shutil.copy(reference_dir / "units" / "unit_conv_basic.caffemodel", model)
+    shutil.copy(reference_dir / "units" / "unit_conv_basic.prototxt", tmp_path / "unit_conv_basic.prototxt")
+    original = model.read_bytes()
+    runner = CliRunner()
+    for extra in ((), ("--force",)):
+        result = runner.invoke(main, ["export", str(model), "--format", "torchscript", "-o", str(model), *extra])
+        assert result.exit_code == 2 and "is (or lies inside) the model being exported" in result.output
+    assert model.read_bytes() == original
+    mine = tmp_path / "mine.pt"
+    mine.write_bytes(b"my own file")
+    result = runner.invoke(main, ["export", str(model), "--format", "torchscript", "-o", str(mine)])
+    assert result.exit_code == 2 and "pass --force to replace it" in result.output and mine.read_bytes() == b"my own file"
+    assert runner.invoke(main, ["export", str(model), "--format", "torchscript", "-o", str(mine), "--force"]).exit_code == 0
+    folder = tmp_path / "converted"
+    assert runner.invoke(main, ["convert", str(model), "-o", str(folder)]).exit_code == 0
+    result = runner.invoke(main, ["export", str(folder), "--format", "safetensors", "-o", str(folder / "weights.pt"),
+                                  "--force"])
+    assert result.exit_code == 2 and "lies inside" in result.output

@@ -216,8 +216,7 @@ layer { name: "i" type: "Interp" bottom: "data" top: "i" interp_param { height: 
 layer { name: "a" type: "Pooling" bottom: "data" top: "a" pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 } }
 layer { name: "c" type: "Convolution" bottom: "i" top: "c" convolution_param { num_output: 2 kernel_size: 1 } }
 ''')
-    with np.errstate(divide="ignore"):  # Caffe's constant here is pow(0, -1) = inf
-        net = from_net_parameter(definition, {}, fill_missing=True, on_warning=lambda _: None)
+    net = from_net_parameter(definition, {}, fill_missing=True, on_warning=lambda _: None)  # pow(0, -1) = inf
     x = torch.from_numpy(np.random.default_rng(1).standard_normal((1, 2, 5, 5)).astype(np.float32))
     folder = save_net(net, tmp_path / "out")
     namespace = _exec_model_py(folder)  # `inf` would be a NameError in generated source
@@ -228,3 +227,38 @@ layer { name: "c" type: "Convolution" bottom: "i" top: "c" convolution_param { n
     half = save_net(net.half(), tmp_path / "half")  # tables that are not saved follow the input's dtype
     outputs = load(half)(x.half())
     assert all(o.dtype == torch.float16 for o in outputs)
+
+
+def test_a_failed_replacement_keeps_the_earlier_output(reference_dir, tmp_path, monkeypatch):
+    from caffe2torch import folder as folder_module
+
+    net = convert_reference(reference_dir, "unit_conv_basic")
+    out = save_net(net, tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    rename = folder_module.Path.rename
+    calls = []
+
+    def failing(self, target):
+        calls.append(self)
+        if len(calls) == 2:  # the new folder moving into place
+            raise OSError(5, "Input/output error")
+        return rename(self, target)
+
+    monkeypatch.setattr(folder_module.Path, "rename", failing)
+    with pytest.raises(CaffeError, match="Input/output error"):
+        save_net(net, out, force=True)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or backup left behind
+
+
+def test_evaluation_only_graphs_are_not_saved(reference_dir, tmp_path):
+    from caffe2torch.fast import optimize
+    from caffe2torch.passes import caffe_order_norms
+
+    net = convert_reference(reference_dir, "unit_fork_bn")
+    with pytest.raises(CaffeError, match="Caffe's order"):
+        save_net(caffe_order_norms(net), tmp_path / "a")
+    with pytest.raises(CaffeError, match="save the converted net itself"):
+        save_net(optimize(net), tmp_path / "b")
+    assert not any(tmp_path.iterdir())

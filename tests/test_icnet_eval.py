@@ -647,3 +647,18 @@ def test_a_refused_distributed_redo_deletes_nothing(tmp_path, baseline, dataset,
         held.close()
     assert done.returncode != 0 and "another icnet-eval run is writing there" in done.stderr
     assert {path: path.read_bytes() for path in out.rglob("*.png")} == before
+
+
+def test_overlays_follow_a_changed_image(tmp_path, dataset, weights):
+    root = _copy_dataset(dataset, tmp_path / "data")
+    out = tmp_path / "out"
+    assert run_cli(eval_args(root, weights, out, "--overlay")).exit_code == 0
+    image_path = root / f"leftImg8bit/val/city/{STEMS[0]}_leftImg8bit.png"
+    flipped = cv2.imread(str(image_path))[:, ::-1]
+    write_png(image_path, np.ascontiguousarray(flipped))
+    assert run_cli(eval_args(root, weights, out, "--overlay")).exit_code == 0
+    from icnet_eval.segment import overlay
+
+    gray = read_gray(out / "gray" / f"{STEMS[0]}_leftImg8bit.png")
+    written = cv2.imread(str(out / "overlay" / f"{STEMS[0]}_leftImg8bit.png"))
+    assert np.array_equal(written, overlay(flipped, gray))

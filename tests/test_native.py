@@ -240,3 +240,13 @@ def test_caffe_order_norms_give_caffes_bits(reference_dir):
         assert all(ours[name] == 0.0 for name in norms), ours
         assert any(plain[name] > 0.0 for name in norms)  # torch's BatchNorm is an ulp or two away
         assert isinstance(layer_module(net, sorted(norms)[0]), nn.modules.batchnorm._BatchNorm)  # the net is untouched
+
+
+def test_fast_max_pooling_keeps_caffes_special_values(reference_dir):
+    net = convert_reference(reference_dir, "unit_pool_max")
+    x = check_inputs(net)[0].clone()
+    x[0, 0, :3, :3] = float("nan")
+    x[0, 1, :3, :3] = -float("inf")
+    with torch.no_grad():
+        for exact, fast in zip(net(x), optimize(net)(x), strict=True):
+            torch.testing.assert_close(fast.contiguous(), exact, rtol=0, atol=0, equal_nan=True)

@@ -115,7 +115,8 @@ def convert_power(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -
     # Caffe ignores the input when power * scale == 0 and fills a constant (even over NaN inputs).
     constant = None
     if _f32(power * scale) == 0.0:
-        constant = 1.0 if power == 0 else _f32(np.power(np.float32(shift), np.float32(power)))
+        with np.errstate(divide="ignore", invalid="ignore"):  # powf(0, -1) = inf, as Caffe gets it
+            constant = 1.0 if power == 0 else _f32(np.power(np.float32(shift), np.float32(power)))
     return Converted(Power(power, scale, shift, constant), shapes)
 
 
