@@ -2,7 +2,8 @@
 
 from caffe2torch.errors import CaffeError
 
-__all__ = ["CaffeError", "blobs", "convert", "freeze_batchnorm", "load", "net_info", "save"]
+__all__ = ["CaffeError", "Converted", "blobs", "convert", "freeze_batchnorm", "load", "net_info", "register_converter",
+           "save"]
 
 
 def convert(weights=None, prototxt=None, input_shape=None, verify_md5: bool = True):
@@ -45,3 +46,18 @@ def freeze_batchnorm(net):
     from caffe2torch.passes import freeze_batchnorm as _freeze
 
     return _freeze(net)
+
+
+def register_converter(type_name: str, *, replace: bool = False):
+    """Decorator: the converter of a Caffe type the built-ins lack (see caffe2torch.layers.registry)."""
+    from caffe2torch.layers.registry import register_converter as _register
+
+    return _register(type_name, replace=replace)
+
+
+def __getattr__(name: str):
+    if name == "Converted":  # what a converter returns, for plugins
+        from caffe2torch.layers.registry import Converted
+
+        return Converted
+    raise AttributeError(f"module 'caffe2torch' has no attribute {name!r}")

@@ -71,8 +71,20 @@ def constructor(module: nn.Module) -> str:
     }
     if kind in simple:
         return f"nn.{kind.__name__}({simple[kind](module)})"
+    if _is_plugin(kind):
+        return f"{kind.__name__}({module.extra_repr()})"
     raise CaffeError(f"cannot write standalone source for a {kind.__module__}.{kind.__name__} module; "
                      f"save the state_dict and rebuild the net with caffe2torch instead")
+
+
+def _is_plugin(kind: type) -> bool:
+    """A module class of a registered plugin converter: importable, outside torch and caffe2torch.
+
+    Its `extra_repr()` must be its constructor's keyword arguments, as caffe2torch's own modules'
+    are; model.py then imports it from its module.
+    """
+    module = kind.__module__
+    return not module.startswith(("torch.", "caffe2torch.")) and module not in ("__main__", "builtins")
 
 
 def _runtime_source(used: set[type]) -> str:
@@ -143,6 +155,7 @@ def generate_source(net: fx.GraphModule, origin: str = "") -> str:
     constructors = [f"        self.{name} = {constructor(child)}" for name, child in net.named_children()]
     layers = {node.target: (call.layer, call.type) for node, call in _calls(net)}
     runtime = _runtime_source(used)
+    plugins = sorted({(kind.__module__, kind.__name__) for kind in used if _is_plugin(kind)})
     header = [
         '"""A Caffe net converted by caffe2torch into standalone PyTorch (needs only torch).',
         "",
@@ -162,6 +175,7 @@ def generate_source(net: fx.GraphModule, origin: str = "") -> str:
         "import torch",
         "import torch.nn.functional as F",
         "from torch import nn",
+        *[f"from {module} import {name}  # a plugin converter's module" for module, name in plugins],
         "",
         f"INPUT_SHAPES = {ascii({name: tuple(shape) for name, shape in info.inputs.items()})}",
         f"OUTPUTS = {ascii(list(info.outputs))}",

@@ -262,3 +262,33 @@ def test_evaluation_only_graphs_are_not_saved(reference_dir, tmp_path):
     with pytest.raises(CaffeError, match="save the converted net itself"):
         save_net(optimize(net), tmp_path / "b")
     assert not any(tmp_path.iterdir())
+
+
+def test_plugin_converters_from_conversion_to_model_py(tmp_path):
+    """@caffe2torch.register_converter: a type the built-ins lack, and a Python layer told apart by module.layer."""
+    import caffe2torch
+    from caffe2torch.layers.registry import CONVERTERS
+    from tests import plugin_example
+
+    text = '''input: "data" input_shape { dim: 1 dim: 2 dim: 3 dim: 3 }
+layer { name: "act" type: "Swish" bottom: "data" top: "act" swish_param { beta: 2 } }
+layer { name: "py" type: "Python" bottom: "act" top: "py"
+        python_param { module: "rpn.scale_layer" layer: "ScaleLayer" param_str: "0.5" } }
+'''
+    (tmp_path / "net.prototxt").write_text(text)
+    with pytest.raises(CaffeError, match=r"no converter for type 'Swish'; register one with "
+                                         r"@caffe2torch.register_converter\('Swish'\)"):
+        caffe2torch.convert(prototxt=tmp_path / "net.prototxt")
+    plugin_example.register()
+    try:
+        net = caffe2torch.convert(prototxt=tmp_path / "net.prototxt")
+        x = torch.linspace(-2, 2, 18).reshape(1, 2, 3, 3)
+        swished = x * torch.sigmoid(2 * x)
+        torch.testing.assert_close(net(x), swished * torch.sigmoid(0.5 * swished))
+        folder = save_net(net, tmp_path / "out")
+        assert "from tests.plugin_example import Swish  # a plugin converter's module" in (folder / "model.py").read_text()
+        torch.testing.assert_close(_exec_model_py(folder)["load"]()(x), net(x), rtol=0, atol=0)
+        torch.testing.assert_close(caffe2torch.load(folder)(x), net(x), rtol=0, atol=0)
+    finally:
+        CONVERTERS.pop("Swish", None)
+        CONVERTERS.pop("Python:rpn.scale_layer.ScaleLayer", None)

@@ -1,6 +1,7 @@
 """Layer converters, one module per family; importing this package registers them all."""
 
-from caffe2torch.layers.registry import CONVERTERS, Converted, Shape, convert_layer, converter, supported_types
+from caffe2torch.layers.registry import (CONVERTERS, Converted, Shape, convert_layer, converter, register_converter,
+                                         supported_types)
 
 # Each family module registers its converters on import.
 from caffe2torch.layers import (  # noqa: F401,E402
@@ -13,4 +14,4 @@ from caffe2torch.layers import (  # noqa: F401,E402
     shape,
 )
 
-__all__ = ["CONVERTERS", "Converted", "Shape", "convert_layer", "converter", "supported_types"]
+__all__ = ["CONVERTERS", "Converted", "Shape", "convert_layer", "converter", "register_converter", "supported_types"]

@@ -73,17 +73,43 @@ def converter(*type_names: str) -> Callable[[ConverterFn], ConverterFn]:
     return register
 
 
+def register_converter(type_name: str, *, replace: bool = False) -> Callable[[ConverterFn], ConverterFn]:
+    """The plugin API: register `fn(layer, inputs, blobs) -> Converted` for a Caffe type the built-ins lack.
+
+    `type_name` is the layer's type string, or for Caffe's `Python` layers "Python:module.Layer" as
+    its `python_param { module: ... layer: ... }` name it. The converter gets the TEST-phase
+    LayerParameter, the bottom shapes and the layer's blobs (float32 arrays), as the built-ins do.
+    `replace` allows taking over a type that already has a converter.
+    """
+    def register(fn: ConverterFn) -> ConverterFn:
+        if type_name in CONVERTERS and not replace:
+            raise ValueError(f"Caffe type {type_name!r} already has a converter; pass replace=True to take it over")
+        CONVERTERS[type_name] = fn
+        return fn
+
+    return register
+
+
 def supported_types() -> list[str]:
     return sorted(CONVERTERS)
 
 
+def converter_key(layer) -> str:
+    """The registry key of a layer: its type, or "Python:module.Layer" for Caffe's Python layers."""
+    if layer.type == "Python":
+        return f"Python:{layer.python_param.module}.{layer.python_param.layer}"
+    return layer.type
+
+
 def convert_layer(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
     """Convert one layer, with a clear error for an unknown type or a wrong number of blobs."""
-    fn = CONVERTERS.get(layer.type)
+    key = converter_key(layer)
+    fn = CONVERTERS.get(key)
     if fn is None:
         raise CaffeError(
-            f"layer {layer.name!r}: unsupported type {layer.type!r} "
-            f"(supported: {', '.join(supported_types())})"
+            f"layer {layer.name!r}: no converter for type {key!r}; register one with "
+            f"@caffe2torch.register_converter({key!r}) (README: 'Plugins'). Built in: "
+            f"{', '.join(t for t in supported_types() if ':' not in t)}"
         )
     converted = fn(layer, list(inputs), list(blobs))
     converted.module.eval()  # Caffe's TEST phase
