@@ -241,11 +241,12 @@ class EvaluationDataset(Dataset):
 
     def __init__(self, entries: Sequence[ListEntry], input_size: tuple[int, int],
                  existing_prediction: Callable[[ListEntry, tuple[int, int]], np.ndarray | None] | None = None,
-                 keep_image: bool = False):
+                 keep_image: bool = False, resize: bool = True):
         self.entries = list(entries)
         self.input_size = input_size
         self.existing_prediction = existing_prediction
         self.keep_image = keep_image  # the decoded image travels with the item (for overlays)
+        self.resize = resize  # False: the input is the decoded uint8 image, resized on the net's device
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -269,7 +270,8 @@ class EvaluationDataset(Dataset):
             if self.existing_prediction is not None:
                 item["prediction"] = self.existing_prediction(entry, image_size)
             if item["prediction"] is None:
-                item["input"] = preprocess(image, self.input_size)
+                item["input"] = preprocess(image, self.input_size) if self.resize else \
+                    torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         except CaffeError as error:
             item["error"] = str(error)
         return item

@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
@@ -17,7 +18,7 @@ import torch
 
 from caffe2torch.errors import CaffeError
 from icnet_eval.cityscapes import CLASS_NAMES
-from icnet_eval.data import EvaluationDataset, ListEntry, make_loader, parse_list
+from icnet_eval.data import MEAN_BGR, EvaluationDataset, ListEntry, make_loader, parse_list
 from icnet_eval.imresize import fast_resize, matlab_imresize_torch
 from icnet_eval.metrics import ConfusionCounts
 from caffe2torch.write import write_atomic
@@ -46,6 +47,9 @@ class EvalOptions:
     progress: bool = True
     per_image: bool = False
     overlay: bool = False
+    # The MATLAB resize of the input on the net's device (default: on a GPU), else in the workers.
+    resize_on_device: bool | None = None
+    writer_threads: int = 4  # PNG encoding and writing beside the main loop (0: in the main loop)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -208,10 +212,61 @@ def _options_record(options: EvalOptions, model: LoadedModel, device: torch.devi
 def _forward(net: torch.nn.Module, inputs: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, float]:
     start = time.perf_counter()
     with torch.inference_mode():
-        logits = net(inputs.to(device, non_blocking=True))
+        logits = net(inputs)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return logits, (time.perf_counter() - start) * 1000.0
+
+
+def network_inputs(items: list[dict], input_size: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """The batch the net reads: preprocessed by the workers, or (resize on the device) made here from the
+    decoded uint8 images with the same MATLAB-exact resize, so the bits are the same either way."""
+    if items[0]["input"].dtype != torch.uint8:
+        return torch.stack([item["input"] for item in items]).to(device, non_blocking=True)
+    mean = torch.tensor(MEAN_BGR, device=device).view(3, 1, 1)
+    resized = [matlab_imresize_torch(item["input"].to(device, non_blocking=True), input_size) for item in items]
+    return torch.stack([image.to(torch.float32) - mean for image in resized])
+
+
+class PngWriter:
+    """PNG encoding and atomic writes on a few threads beside the main loop (cv2 releases the GIL).
+
+    At most `limit` writes wait at a time; the first failure stops the run with its one-line error
+    at the next `submit` or at `finish`. Every file is written through a rename, so a run stopped
+    halfway resumes as before.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="png") if threads > 0 else None
+        self.pending: list[Future] = []
+        self.limit = 4 * max(threads, 1)
+
+    def _check(self, wait_for_room: bool) -> None:
+        while self.pending and (self.pending[0].done() or wait_for_room and len(self.pending) >= self.limit):
+            self.pending.pop(0).result()  # raises the job's CaffeError here
+
+    def submit(self, job: Callable[..., None], *args) -> None:
+        if self.pool is None:
+            job(*args)
+            return
+        self._check(wait_for_room=True)
+        self.pending.append(self.pool.submit(job, *args))
+
+    def finish(self) -> None:
+        """Wait for every write; the first failure is raised."""
+        if self.pool is None:
+            return
+        try:
+            for future in self.pending:
+                future.result()
+        finally:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Stop after the writes under way (the run failed elsewhere: its error is the one to report)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pending.clear()
 
 
 # Per image: its own mIoU and pixel accuracy, then its cityscapesScripts instance terms.
@@ -229,30 +284,40 @@ def _run_shard(shard: list[ListEntry], net: torch.nn.Module, model: LoadedModel,
     counts, forward_ms, resumed = ConfusionCounts(), [], 0
     if not shard:
         return counts, forward_ms, resumed
-    dataset = EvaluationDataset(shard, model.input_size, store.existing_prediction, keep_image=store.overlay)
+    resize_here = device.type != "cpu" if options.resize_on_device is None else options.resize_on_device
+    dataset = EvaluationDataset(shard, model.input_size, store.existing_prediction, keep_image=store.overlay,
+                                resize=not resize_here)
     loader = make_loader(dataset, options.batch_size, options.workers, pin_memory=device.type == "cuda")
-    for batch in loader:
-        for item in batch:
-            if item["error"]:
-                raise CaffeError(item["error"])
-        todo = [item for item in batch if item["prediction"] is None]
-        if todo:
-            logits, elapsed = _forward(net, torch.stack([item["input"] for item in todo]), device)
-            forward_ms.append(elapsed / len(todo))
-            for item, item_logits in zip(todo, logits):
-                item["prediction"] = predict_train_ids(item_logits, item["image_size"], options.fast_resize)
-                store.write(item["entry"], item["prediction"])
-        resumed += len(batch) - len(todo)
-        if store.overlay:
+    writer = PngWriter(options.writer_threads)
+    try:
+        for batch in loader:
             for item in batch:
-                store.write_overlay(item["entry"], item["prediction"], item["image"], fresh=item["input"] is not None)
-        for item in batch:  # list order, so the totals never depend on timing
-            if item["label"] is not None:
-                before = counts.instance_terms.copy()
-                row = per_image[positions[item["index"]]]
-                row[:2] = counts.add(item["prediction"], item["label"], item["instances"])
-                row[2:] = counts.instance_terms - before
-        progress.update(len(batch))
+                if item["error"]:
+                    raise CaffeError(item["error"])
+            todo = [item for item in batch if item["prediction"] is None]
+            if todo:
+                inputs = network_inputs(todo, model.input_size, device)
+                logits, elapsed = _forward(net, inputs, device)
+                forward_ms.append(elapsed / len(todo))
+                for item, item_logits in zip(todo, logits):
+                    item["prediction"] = predict_train_ids(item_logits, item["image_size"], options.fast_resize)
+                    writer.submit(store.write, item["entry"], item["prediction"])
+            resumed += len(batch) - len(todo)
+            if store.overlay:
+                for item in batch:
+                    writer.submit(store.write_overlay, item["entry"], item["prediction"], item["image"],
+                                  item["input"] is not None)
+            for item in batch:  # list order, so the totals never depend on timing
+                if item["label"] is not None:
+                    before = counts.instance_terms.copy()
+                    row = per_image[positions[item["index"]]]
+                    row[:2] = counts.add(item["prediction"], item["label"], item["instances"])
+                    row[2:] = counts.instance_terms - before
+            progress.update(len(batch))
+    except BaseException:
+        writer.abandon()
+        raise
+    writer.finish()
     return counts, forward_ms, resumed
 
 

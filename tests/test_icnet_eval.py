@@ -662,3 +662,44 @@ def test_overlays_follow_a_changed_image(tmp_path, dataset, weights):
     gray = read_gray(out / "gray" / f"{STEMS[0]}_leftImg8bit.png")
     written = cv2.imread(str(out / "overlay" / f"{STEMS[0]}_leftImg8bit.png"))
     assert np.array_equal(written, overlay(flipped, gray))
+
+
+def test_resize_on_the_device_and_batches_give_the_same_bits(tmp_path, baseline, dataset, weights):
+    """The GPU layout (workers only decode; the MATLAB resize runs where the net runs) and --batch-size 2,
+    checked on the CPU: the same report and the same PNGs as the default single-image run."""
+    from icnet_eval.pipeline import EvalOptions, evaluate
+
+    for name, extra in (("device_resize", dict(resize_on_device=True)), ("batched", dict(batch_size=2)),
+                        ("both", dict(resize_on_device=True, batch_size=2, writer_threads=0))):
+        out = tmp_path / name
+        options = EvalOptions(dataset / "val.txt", dataset, weights, out, "cpu", workers=0,
+                              input_size=tuple(int(v) for v in SMALL_INPUT), progress=False, **extra)
+        report = evaluate(options, echo=lambda _: None)
+        assert scores(report) == scores(load_report(baseline)), name
+        for stem in STEMS:
+            png = f"{stem}_leftImg8bit.png"
+            assert np.array_equal(read_gray(out / "gray" / png), read_gray(baseline / "gray" / png)), name
+
+
+def test_a_failed_background_write_stops_the_run_and_resume_finishes_it(tmp_path, baseline, dataset, weights,
+                                                                      monkeypatch):
+    from icnet_eval.outputs import OutputStore
+
+    real_write = OutputStore.write
+    calls = []
+
+    def failing(self, entry, train_ids):
+        calls.append(entry)
+        if len(calls) == 2:
+            raise CaffeError(f"{entry.where}: cannot write (No space left on device)")
+        real_write(self, entry, train_ids)
+
+    monkeypatch.setattr(OutputStore, "write", failing)
+    out = tmp_path / "out"
+    result = run_cli(eval_args(dataset, weights, out))
+    assert result.exit_code == 2
+    assert result.stderr.strip().count("\n") == 0 and "No space left on device" in result.stderr
+    monkeypatch.setattr(OutputStore, "write", real_write)
+    result = run_cli(eval_args(dataset, weights, out))
+    assert result.exit_code == 0, result.output
+    assert scores(load_report(out)) == scores(load_report(baseline))
