@@ -55,10 +55,6 @@ def _definition_for(weights_path: Path | None, stored: caffe_pb2.NetParameter | 
         return read_prototxt(beside), beside
     if stored is not None:
         definition = stored
-        if not definition.input and not any(layer.type == "Input" for layer in definition.layer):
-            raise CaffeError(
-                f"{weights_path}: the stored net declares no input (it is a training net); give the deploy file with --prototxt"
-            )
         check_complete(definition, weights_path)
         notes.append(f"using the net definition stored in {weights_path.name}")
         return definition, None
@@ -123,5 +119,5 @@ def convert(weights: str | os.PathLike | None, prototxt: str | os.PathLike | Non
     unmatched_weights(definition, trained, str(weights_path), source)
     # A prototxt alone shows the structure: layers get zero-filled blobs of Caffe's shapes.
     net = from_net_parameter(definition, trained, source, input_shape, warn, fill_missing=weights_path is None,
-                             memory_limit=memory_limit)
+                             memory_limit=memory_limit, on_note=notes.append)
     return Conversion(net, definition, weights_path, prototxt_path, md5, release, trained, collected, notes)

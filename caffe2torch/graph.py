@@ -10,12 +10,35 @@ from proto import caffe_pb2
 
 Shape = tuple[int, ...]
 
-# Layer types that only feed or score training: a deploy conversion has no use for them.
-_TRAINING_ONLY = {
-    "Data", "ImageData", "HDF5Data", "WindowData", "MemoryData", "DummyData", "ImageSegData",
-    "SoftmaxWithLoss", "EuclideanLoss", "HingeLoss", "InfogainLoss", "SigmoidCrossEntropyLoss",
-    "MultinomialLogisticLoss", "ContrastiveLoss", "Accuracy", "HDF5Output",
-}
+# Layers that read a dataset: in a train/test net given for conversion their tops become the net's inputs.
+DATA_TYPES = {"Data", "ImageData", "HDF5Data", "WindowData", "MemoryData", "DummyData", "ImageSegData",
+              "AnnotatedData", "DenseImageData", "VideoData"}
+# Layers that only score training or testing: dropped from a conversion (any type named *Loss too).
+SCORING_TYPES = {"Accuracy", "SegAccuracy", "HDF5Output", "DetectionEvaluate", "Silence"}
+
+
+def is_scoring(layer_type: str) -> bool:
+    return layer_type in SCORING_TYPES or layer_type.endswith("Loss")
+
+
+def data_layer_shapes(param: caffe_pb2.LayerParameter) -> list[Shape]:
+    """The shapes a data layer's tops would have at batch size 1, where its parameters say (else ())."""
+    kind, transform = param.type, param.transform_param
+    if kind == "MemoryData":
+        memory = param.memory_data_param
+        return [(1, memory.channels, memory.height, memory.width)] + [(1,)] * (len(param.top) - 1)
+    if kind == "DummyData":
+        dummy = param.dummy_data_param
+        if dummy.shape:
+            return [(1,) + tuple(int(d) for d in shape.dim[1:]) for shape in dummy.shape]
+        return [(1, c, h, w) for c, h, w in zip(dummy.channels, dummy.height, dummy.width)]
+    height = transform.crop_height or transform.crop_size
+    width = transform.crop_width or transform.crop_size
+    if kind == "ImageData" and not height:
+        height, width = param.image_data_param.new_height, param.image_data_param.new_width
+    channels = 3 if kind != "ImageData" or param.image_data_param.is_color else 1
+    first = (1, channels, height, width) if height and width else ()
+    return [first] + [()] * (len(param.top) - 1)
 
 
 @dataclass
@@ -36,6 +59,8 @@ class NetGraph:
     layers: list[Layer] = field(default_factory=list)
     # Blobs a Silence layer consumed, with the number of layers before it: they are no net outputs.
     silenced: dict[str, int] = field(default_factory=dict)
+    # What was changed to make a train/test net a deployable one, one line each.
+    notes: list[str] = field(default_factory=list)
 
 
 def _rule_matches(rule: caffe_pb2.NetStateRule, state: caffe_pb2.NetState) -> bool:
@@ -123,11 +148,16 @@ def build_graph(
                 raise CaffeError(f"layer {param.name!r} (Silence): takes no tops, got {list(param.top)}")
             graph.silenced.update({bottom: len(graph.layers) for bottom in param.bottom})
             continue
-        if param.type in _TRAINING_ONLY:
-            raise CaffeError(
-                f"layer {param.name!r}: type {param.type!r} is active in the TEST phase but only makes sense "
-                "for training; convert a deploy prototxt (--prototxt) instead"
-            )
+        if param.type in DATA_TYPES:
+            for top, shape in zip(param.top, data_layer_shapes(param)):
+                graph.inputs[top] = shape
+                available.add(top)
+            graph.notes.append(f"layer {param.name!r} ({param.type}) reads a dataset: its tops "
+                               f"{', '.join(map(repr, param.top))} are taken as the net's inputs")
+            continue
+        if is_scoring(param.type):
+            graph.notes.append(f"layer {param.name!r} ({param.type}) only scores training or testing: left out")
+            continue
         for bottom in param.bottom:
             if bottom not in available:
                 raise CaffeError(f"layer {param.name!r} ({param.type}): bottom {bottom!r} is not produced by any earlier layer or input")
@@ -143,6 +173,7 @@ def build_graph(
         available.update(param.top)
         graph.layers.append(Layer(param.name, param.type, list(param.bottom), list(param.top), param))
 
+    _drop_unread_inputs(graph)
     _apply_overrides(graph, input_shapes, source)
     for name, shape in graph.inputs.items():
         if not shape:
@@ -150,10 +181,20 @@ def build_graph(
         if any(d <= 0 for d in shape):
             raise CaffeError(f"{source}: input {name!r} has a non-positive dimension in shape {shape}")
     names = [layer.name for layer in graph.layers]
-    duplicates = {name for name in names if names.count(name) > 1}
+    duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
-        raise CaffeError(f"{source}: duplicate layer names {sorted(duplicates)}")
+        # Caffe accepts this; its CopyTrainedLayersFrom gives the weights of a name to the last layer of that name.
+        graph.notes.append(f"layer names used more than once: {', '.join(map(repr, duplicates[:5]))}; each gets a "
+                           f"module of its own")
     return graph
+
+
+def _drop_unread_inputs(graph: NetGraph) -> None:
+    """Inputs nothing reads any more once scoring layers are left out (a data layer's labels)."""
+    read = {bottom for layer in graph.layers for bottom in layer.bottoms}
+    for name in [name for name, shape in graph.inputs.items() if name not in read and not shape]:
+        del graph.inputs[name]
+        graph.notes.append(f"input {name!r} feeds only layers left out: dropped")
 
 
 def _apply_overrides(graph: NetGraph, overrides, source: str) -> None:

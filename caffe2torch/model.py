@@ -146,10 +146,15 @@ def assemble(graph: NetGraph, weights: Mapping[str, Sequence[np.ndarray]],
         _input_check(fx_graph, current[blob], blob, shape, graph.name)
 
     modules: dict[str, nn.Module] = {}
-    for layer, module_name in zip(graph.layers, names):
+    last_of_name = {layer.name: index for index, layer in enumerate(graph.layers)}
+    for index, (layer, module_name) in enumerate(zip(graph.layers, names)):
         where = f"layer {layer.name!r} ({layer.type})"
         bottoms = [shapes[b] for b in layer.bottoms]
         blobs = list(weights.get(layer.name, []))
+        if blobs and last_of_name[layer.name] != index:
+            raise CaffeError(f"{where}: another layer has this name too, and Caffe gives the weights of a name to "
+                             f"the last layer of that name only (this one keeps random initial values); "
+                             f"rename the layers")
         if not blobs and fill_missing:
             budget.add_parameters(where, placeholder_bytes(layer.param, bottoms) // 4)
             blobs = placeholder_blobs(layer.param, bottoms)
@@ -298,6 +303,11 @@ def unmatched_weights(definition: caffe_pb2.NetParameter, weights: Mapping[str, 
 def from_net_parameter(net: caffe_pb2.NetParameter, weights: Mapping[str, Sequence[np.ndarray]],
                        source: str = "<net>", input_shapes=None,
                        on_warning: Callable[[str], None] | None = None, fill_missing: bool = False,
-                       memory_limit: int | str | None = None) -> fx.GraphModule:
+                       memory_limit: int | str | None = None,
+                       on_note: Callable[[str], None] | None = None) -> fx.GraphModule:
+    """Build the net of a definition; `on_note` hears what was left out or changed to make it deployable."""
     graph = build_graph(net, source, input_shapes)
+    for note in graph.notes:
+        if on_note is not None:
+            on_note(note)
     return assemble(graph, weights, on_warning, fill_missing, definition=net, source=source, memory_limit=memory_limit)

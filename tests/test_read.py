@@ -185,3 +185,53 @@ def test_blob_dims_whose_product_overflows_int64_are_one_error():
     blob.shape.dim.extend([2**40, 2**40, 2**4])  # 2**84 wraps to 0 in int64
     with pytest.raises(CaffeError, match="needs 19342813113834066795298816 values, the file holds 0"):
         blob_to_array(blob, "w")
+
+
+TRAIN_VAL = """name: "tiny_train_val"
+layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TRAIN }
+        transform_param { crop_size: 12 } data_param { source: "train_lmdb" batch_size: 64 } }
+layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TEST }
+        transform_param { crop_size: 12 } data_param { source: "val_lmdb" batch_size: 50 } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" convolution_param { num_output: 4 kernel_size: 3 } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "fc" type: "InnerProduct" bottom: "conv" top: "fc" inner_product_param { num_output: 5 } }
+layer { name: "accuracy" type: "Accuracy" bottom: "fc" bottom: "label" top: "accuracy" include { phase: TEST } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
+"""
+
+
+def test_a_train_val_net_converts_as_a_deploy_net_with_notes():
+    from caffe2torch.model import from_net_parameter, net_info
+
+    notes: list[str] = []
+    net = from_net_parameter(parse_prototxt(TRAIN_VAL), {}, fill_missing=True, on_warning=lambda _: None,
+                             on_note=notes.append)
+    info = net_info(net)
+    assert info.inputs == {"data": (1, 3, 12, 12)} and info.outputs == ["fc"]
+    assert notes == ["layer 'data' (Data) reads a dataset: its tops 'data', 'label' are taken as the net's inputs",
+                     "layer 'accuracy' (Accuracy) only scores training or testing: left out",
+                     "layer 'loss' (SoftmaxWithLoss) only scores training or testing: left out",
+                     "input 'label' feeds only layers left out: dropped"]
+    # A data layer that does not say its size needs --input-shape, and says so.
+    with pytest.raises(CaffeError, match="input 'data' has no shape; give one with --input-shape"):
+        build_graph(parse_prototxt(TRAIN_VAL.replace("transform_param { crop_size: 12 } ", "")))
+
+
+def test_duplicate_layer_names_are_accepted_as_caffe_does():
+    """HED names five parameter-free Crop layers `crop`; weights of a name go to its last layer only."""
+    from caffe2torch.model import from_net_parameter, layer_calls
+
+    text = ('input: "data" input_shape { dim: 1 dim: 2 dim: 3 dim: 3 }\n'
+            'layer { name: "act" type: "ReLU" bottom: "data" top: "a" }\n'
+            'layer { name: "act" type: "TanH" bottom: "data" top: "b" }\n')
+    graph = build_graph(parse_prototxt(text))
+    assert graph.notes == ["layer names used more than once: 'act'; each gets a module of its own"]
+    net = from_net_parameter(parse_prototxt(text), {})
+    assert [(node.target, call.layer) for node, call in layer_calls(net)] == [("act", "act"), ("act_2", "act")]
+    weighted = text.replace('type: "ReLU" bottom: "data" top: "a" }',
+                            'type: "Convolution" bottom: "data" top: "a" convolution_param { num_output: 1 kernel_size: 1 } }')
+    weighted = weighted.replace('type: "TanH" bottom: "data" top: "b" }',
+                                'type: "Convolution" bottom: "data" top: "b" convolution_param { num_output: 1 kernel_size: 1 } }')
+    blobs = {"act": [np.ones((1, 2, 1, 1), np.float32), np.zeros(1, np.float32)]}
+    with pytest.raises(CaffeError, match="the last layer of that name only"):
+        from_net_parameter(parse_prototxt(weighted), blobs)
