@@ -243,6 +243,10 @@ def inspect(file: Path, prototxt: Path | None, input_shape: str | None, as_json:
     from caffe2torch.inspect import describe
 
     info = describe(file, prototxt, _parse_shape(input_shape))
+    for message in info["warnings"]:
+        _warn(message)
+    for message in info["notes"]:
+        _note(message)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return

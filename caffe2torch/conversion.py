@@ -11,8 +11,8 @@ from torch import fx
 
 from caffe2torch import manifest
 from caffe2torch.errors import CaffeError
-from caffe2torch.model import from_net_parameter, unmatched_weights
-from caffe2torch.read import read_prototxt, read_weights
+from caffe2torch.model import from_net_parameter, layer_calls, unmatched_weights
+from caffe2torch.read import UnknownField, read_prototxt, read_weights, unknown_binary_fields
 from caffe2torch.write import weights_stem
 from proto import caffe_pb2
 
@@ -42,9 +42,10 @@ def prototxt_beside(weights_path: Path) -> Path | None:
 
 
 def _definition_for(weights_path: Path | None, stored: caffe_pb2.NetParameter | None, prototxt: Path | None,
-                    release, find_prototxt: bool, notes: list[str]) -> tuple[caffe_pb2.NetParameter, Path | None]:
+                    release, find_prototxt: bool, notes: list[str],
+                    unknown: list[UnknownField]) -> tuple[caffe_pb2.NetParameter, Path | None]:
     if prototxt is not None:
-        return read_prototxt(prototxt), prototxt
+        return read_prototxt(prototxt, unknown), prototxt
     if release is not None and release.prototxt:
         deploy = manifest.deploy_prototxt_path(release)
         notes.append(f"using the official deploy definition {deploy.name} of release {release.name}")
@@ -52,10 +53,11 @@ def _definition_for(weights_path: Path | None, stored: caffe_pb2.NetParameter | 
     beside = prototxt_beside(weights_path) if find_prototxt and weights_path is not None else None
     if beside is not None:
         notes.append(f"using the net definition {beside} found beside the weights (give --prototxt to choose another)")
-        return read_prototxt(beside), beside
+        return read_prototxt(beside, unknown), beside
     if stored is not None:
         definition = stored
         check_complete(definition, weights_path)
+        unknown.extend(unknown_binary_fields(definition, str(weights_path)))
         notes.append(f"using the net definition stored in {weights_path.name}")
         return definition, None
     raise CaffeError(f"{weights_path}: HDF5 weights carry no net definition; give one with --prototxt")
@@ -114,10 +116,18 @@ def convert(weights: str | os.PathLike | None, prototxt: str | os.PathLike | Non
         trained, stored = read_weights(weights_path)
     elif prototxt_path is None:
         raise CaffeError("give a caffemodel, a prototxt, or both")
-    definition, prototxt_path = _definition_for(weights_path, stored, prototxt_path, release, find_prototxt, notes)
+    unknown: list[UnknownField] = []
+    definition, prototxt_path = _definition_for(weights_path, stored, prototxt_path, release, find_prototxt, notes,
+                                                unknown)
     source = str(prototxt_path or weights_path)
     unmatched_weights(definition, trained, str(weights_path), source)
     # A prototxt alone shows the structure: layers get zero-filled blobs of Caffe's shapes.
     net = from_net_parameter(definition, trained, source, input_shape, warn, fill_missing=weights_path is None,
                              memory_limit=memory_limit, on_note=notes.append)
+    # A fork's field can change what a layer computes: warn for the layers the net keeps; those
+    # left out (data, loss) do not matter.
+    kept = {call.layer for _, call in layer_calls(net)}
+    for item in unknown:
+        if item.layer is None or item.layer in kept:
+            warn(item.describe())
     return Conversion(net, definition, weights_path, prototxt_path, md5, release, trained, collected, notes)

@@ -49,4 +49,6 @@ def describe(file: Path, prototxt: Path | None = None, input_shape=None) -> dict
         "outputs": info.outputs,
         "layers": layers,
         "parameters": sum(layer["parameters"] for layer in layers),
+        "warnings": list(conversion.warnings),
+        "notes": list(conversion.notes),
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -122,31 +123,117 @@ def _read_bytes(path: str | os.PathLike) -> bytes:
         raise CaffeError(f"{path}: cannot read ({error.strerror})") from None
 
 
-def read_prototxt(path: str | os.PathLike) -> caffe_pb2.NetParameter:
-    """Parse a text-format net definition; syntax errors name file, line and column."""
+@dataclass(frozen=True)
+class UnknownField:
+    """A field our schema lacks (a fork's), skipped while reading: where it was and what it was called."""
+
+    source: str
+    line: int | None  # text files only
+    layer: str | None  # the layer it sits in; None at the net's level
+    field: str  # its path from the layer (or net), e.g. "pooling_param.ceil_mode"; a number in a binary
+
+    def describe(self) -> str:
+        where = f"{self.source}:{self.line}" if self.line is not None else self.source
+        owner = f"layer {self.layer!r}" if self.layer is not None else "the net"
+        return f"{where}: {owner}: field {self.field!r} is unknown to our Caffe schema (a fork's?), ignored"
+
+
+_LAYER_MESSAGES = ("LayerParameter", "V1LayerParameter", "V0LayerParameter")
+
+
+def _recording_parser(found: list):
+    """A text parser that skips fields the schema lacks and records each (protobuf's own only skips).
+
+    Builds on text_format._Parser's hooks, stable since protobuf 3; None where they are missing.
+    """
+    from google.protobuf import text_format
+
+    base = getattr(text_format, "_Parser", None)
+    if base is None or not all(hasattr(base, hook) for hook in
+                               ("_MergeField", "_MergeMessageField", "_SkipFieldContents")):
+        return None
+
+    class Recording(base):
+        def __init__(self) -> None:
+            super().__init__(allow_unknown_field=True)
+            self.frames: list[list] = []  # [field name, layer message or None] per open message field
+            self.skipping = 0
+
+        def _MergeMessageField(self, tokenizer, message, field):
+            self.frames.append([field.name, None])
+            try:
+                return super()._MergeMessageField(tokenizer, message, field)
+            finally:
+                self.frames.pop()
+
+        def _MergeField(self, tokenizer, message):
+            if self.frames and self.frames[-1][1] is None and message.DESCRIPTOR.name in _LAYER_MESSAGES:
+                self.frames[-1][1] = message
+            return super()._MergeField(tokenizer, message)
+
+        def _SkipFieldContents(self, tokenizer, *args):
+            if not self.skipping:
+                name = args[0] if args and isinstance(args[0], str) else "?"
+                start = next((i for i in range(len(self.frames) - 1, -1, -1) if self.frames[i][1] is not None), None)
+                path = [frame[0] for frame in self.frames[start + 1 if start is not None else 0:]] + [name]
+                layer = self.frames[start][1] if start is not None else None
+                line = getattr(tokenizer, "_line", None)
+                found.append((line + 1 if isinstance(line, int) else None, layer, ".".join(path)))
+            self.skipping += 1
+            try:
+                return super()._SkipFieldContents(tokenizer, *args)
+            finally:
+                self.skipping -= 1
+
+    return Recording()
+
+
+def read_prototxt(path: str | os.PathLike, unknown: list[UnknownField] | None = None) -> caffe_pb2.NetParameter:
+    """Parse a text-format net definition; syntax errors name file, line and column.
+
+    With `unknown`, fields our schema lacks are skipped and listed there; without, they are errors.
+    """
     data = _read_bytes(path)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise CaffeError(f"{path}: not a text prototxt (byte {error.start} is not UTF-8)") from None
-    return parse_prototxt(text, str(path))
+    return parse_prototxt(text, str(path), unknown)
 
 
-def parse_prototxt(text: str, source: str = "<prototxt>") -> caffe_pb2.NetParameter:
+def _parse_error(error, source: str) -> CaffeError:
+    line, column = error.GetLine(), error.GetColumn()
+    message = str(error)
+    # The runtime prefixes "line:column : "; keep only the reason after it.
+    if " : " in message:
+        message = message.split(" : ", 1)[1]
+    return CaffeError(f"{source}:{line}:{column}: {message}" if line is not None else f"{source}: {message}")
+
+
+def parse_prototxt(text: str, source: str = "<prototxt>",
+                   unknown: list[UnknownField] | None = None) -> caffe_pb2.NetParameter:
     from google.protobuf import text_format
 
     net = caffe_pb2.NetParameter()
     try:
         text_format.Parse(text, net)
     except text_format.ParseError as error:
-        line, column = error.GetLine(), error.GetColumn()
-        message = str(error)
-        # The runtime prefixes "line:column : "; keep only the reason after it.
-        if " : " in message:
-            message = message.split(" : ", 1)[1]
-        if line is not None:
-            raise CaffeError(f"{source}:{line}:{column}: {message}") from None
-        raise CaffeError(f"{source}: {message}") from None
+        if unknown is None or "has no field named" not in str(error):
+            raise _parse_error(error, source) from None
+        net = caffe_pb2.NetParameter()
+        found: list = []
+        parser = _recording_parser(found)
+        try:
+            if parser is not None:
+                parser.ParseLines(text.split("\n"), net)
+            else:
+                text_format.Parse(text, net, allow_unknown_field=True)
+                found.append((error.GetLine(), None, str(error).rsplit("named", 1)[-1].strip(' ."')))
+        except text_format.ParseError as second:
+            raise _parse_error(second, source) from None
+        # A layer's name may come after the unknown field, so names are read once the whole file is in.
+        unknown.extend(UnknownField(source, line, (layer.name or "(unnamed)") if layer is not None else None, path)
+                       for line, layer, path in found)
     return _upgrade_v1(net, source)
 
 
@@ -187,7 +274,7 @@ TEXT_PROTOTXT = "this is a text prototxt: pass it with --prototxt (or use inspec
 def _is_text_net(data: bytes) -> bool:
     """Whether the bytes are a text-format net definition (what a user may give in place of weights)."""
     try:
-        parse_prototxt(data.decode("utf-8"))
+        parse_prototxt(data.decode("utf-8"), unknown=[])  # a fork's fields do not make it less a prototxt
     except (UnicodeDecodeError, CaffeError):
         return False
     return True
@@ -220,6 +307,28 @@ def parse_caffemodel(data: bytes, source: str = "<caffemodel>") -> caffe_pb2.Net
         for index, blob in enumerate(layer.blobs):
             blob_shape(blob, f"{source}: layer {layer.name!r} blob {index}")
     return net
+
+
+def unknown_binary_fields(net: caffe_pb2.NetParameter, source: str) -> list[UnknownField]:
+    """The fields of a binary net our schema lacks (kept undecoded by protobuf), by layer and number."""
+    try:
+        from google.protobuf.unknown_fields import UnknownFieldSet
+    except ImportError:  # protobuf < 4.22: nothing to list
+        return []
+
+    def walk(message, path: list[str]) -> list[str]:
+        found = [".".join([*path, f"#{item.field_number}"]) for item in UnknownFieldSet(message)]
+        for descriptor, value in message.ListFields():
+            if descriptor.message_type is None or descriptor.message_type.name == "BlobProto":
+                continue
+            for item in (value if _is_repeated(descriptor) else [value]):
+                found += walk(item, [*path, descriptor.name])
+        return found
+
+    fields = [UnknownField(source, None, None, f"#{item.field_number}") for item in UnknownFieldSet(net)]
+    for layer in net.layer:
+        fields += [UnknownField(source, None, layer.name, path) for path in walk(layer, [])]
+    return fields
 
 
 def _decode_strings(message) -> None:

@@ -95,7 +95,8 @@ def test_verify_exit_codes(reference_dir, tmp_path):
 def test_inspect_json(reference_dir, tmp_path):
     result = run("inspect", reference_dir / "units" / "unit_conv_basic.caffemodel", "--input-shape", "1,3,13,17", "--json")
     assert result.exit_code == 0, result.output
-    info = json.loads(result.output)
+    info = json.loads(result.stdout)  # notes go to stderr, so the JSON stays parseable
+    assert "note: using the net definition" in result.stderr and info["notes"]
     # unit_conv_basic.prototxt lies beside the caffemodel: that definition is used.
     assert info["prototxt"].endswith("unit_conv_basic.prototxt")
     first = info["layers"][0]
@@ -106,7 +107,7 @@ def test_inspect_json(reference_dir, tmp_path):
     # Alone, the caffemodel gives its stored net, with the Split layers Caffe inserted itself.
     alone = tmp_path / "unit_conv_basic.caffemodel"
     shutil.copy(reference_dir / "units" / "unit_conv_basic.caffemodel", alone)
-    info = json.loads(run("inspect", alone, "--input-shape", "1,3,13,17", "--json").output)
+    info = json.loads(run("inspect", alone, "--input-shape", "1,3,13,17", "--json").stdout)
     assert info["prototxt"] is None and info["layers"][0]["name"] == "data_input_0_split"
 
 
@@ -147,7 +148,7 @@ def test_release_name_with_wrong_md5_is_refused(reference_dir, tmp_path):
 def test_input_shape_override(reference_dir, tmp_path):
     result = run("inspect", reference_dir / "units" / "unit_conv_basic.caffemodel", "--input-shape", "2,3,9,9", "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["inputs"] == {"data": [2, 3, 9, 9]}
+    assert json.loads(result.stdout)["inputs"] == {"data": [2, 3, 9, 9]}
     bad = run("inspect", reference_dir / "units" / "unit_conv_basic.caffemodel", "--input-shape", "a,b")
     _assert_one_line_error(bad)
 

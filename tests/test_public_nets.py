@@ -100,7 +100,7 @@ def test_cli_inspect_json_counts_parameters(tmp_path, name):
     generate, total = TOTALS[name]
     result = CliRunner().invoke(main, ["inspect", str(_save(tmp_path, name, generate())), "--json"])
     assert result.exit_code == 0, result.output
-    info = json.loads(result.output)
+    info = json.loads(result.stdout)
     assert info["parameters"] == total
     by_name = {layer["name"]: layer for layer in info["layers"]}
     if name == "alexnet":

@@ -235,3 +235,71 @@ def test_duplicate_layer_names_are_accepted_as_caffe_does():
     blobs = {"act": [np.ones((1, 2, 1, 1), np.float32), np.zeros(1, np.float32)]}
     with pytest.raises(CaffeError, match="the last layer of that name only"):
         from_net_parameter(parse_prototxt(weighted), blobs)
+
+
+# ---------------------------------------------------------------- fields our schema lacks (a fork's)
+
+FORK_FIELDS = """name: "forky"
+speed_hint: 3
+input: "data" input_shape { dim: 1 dim: 3 dim: 9 dim: 9 }
+layer { name: "pool" type: "Pooling" bottom: "data" top: "pool"
+  pooling_param { pool: MAX kernel_size: 2 stride: 2 odd_option { a: 1 b: [1, 2] } } }
+layer { type: "ReLU" bottom: "pool" top: "pool" relu_param { fancy: true } name: "relu" }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "pool" bottom: "label" top: "loss" loss_param { magic: 1 }
+  include { phase: TRAIN } }
+"""
+
+
+def test_unknown_text_fields_are_listed_with_line_layer_and_path():
+    from caffe2torch.read import parse_prototxt
+
+    found = []
+    net = parse_prototxt(FORK_FIELDS, "forky.prototxt", found)
+    assert [(u.line, u.layer, u.field) for u in found] == [
+        (2, None, "speed_hint"), (5, "pool", "pooling_param.odd_option"), (6, "relu", "relu_param.fancy"),
+        (7, "loss", "loss_param.magic")]
+    assert net.layer[0].pooling_param.kernel_size == 2 and net.layer[1].name == "relu"
+    assert found[1].describe() == ("forky.prototxt:5: layer 'pool': field 'pooling_param.odd_option' is unknown "
+                                   "to our Caffe schema (a fork's?), ignored")
+    # Without a list to put them in (our own files), they stay errors.
+    with pytest.raises(CaffeError, match=r'forky.prototxt:2:1: .*has no field named "speed_hint"'):
+        parse_prototxt(FORK_FIELDS, "forky.prototxt")
+    # Syntax errors stay errors either way.
+    with pytest.raises(CaffeError, match=r"forky.prototxt:5:"):
+        parse_prototxt(FORK_FIELDS.replace("b: [1, 2] }", "b: [1, 2 }"), "forky.prototxt", [])
+
+
+def test_unknown_fields_warn_only_for_layers_the_net_keeps(tmp_path):
+    from caffe2torch.conversion import convert
+
+    path = tmp_path / "forky.prototxt"
+    path.write_text(FORK_FIELDS)
+    conversion = convert(None, path)
+    assert [w.split(": ", 2)[1] for w in conversion.warnings] == ["the net", "layer 'pool'", "layer 'relu'"]
+    assert all("unknown to our Caffe schema" in w for w in conversion.warnings)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append(value & 0x7F | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes | int) -> bytes:
+    if isinstance(payload, int):
+        return _varint(number << 3) + _varint(payload)
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def test_unknown_binary_fields_are_listed_by_number():
+    from caffe2torch.read import unknown_binary_fields
+
+    pooling = caffe_pb2.PoolingParameter(kernel_size=2).SerializeToString() + _field(40, 1)
+    layer = caffe_pb2.LayerParameter(name="p", type="Pooling").SerializeToString() + _field(300, 5) + _field(121, pooling)
+    net = parse_caffemodel(_field(100, layer) + _field(77, 1), "x.caffemodel")
+    assert net.layer[0].pooling_param.kernel_size == 2
+    assert [(u.layer, u.field) for u in unknown_binary_fields(net, "x.caffemodel")] == [
+        (None, "#77"), ("p", "#300"), ("p", "pooling_param.#40")]
