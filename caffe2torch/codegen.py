@@ -1,7 +1,7 @@
 """Standalone PyTorch source for a converted net: modules built with their hyper-parameters, one line per layer.
 
 The generated `model.py` needs only torch. It holds the source of every Caffe-specific module it
-uses (from `caffe2torch.modules`), a `Net` class whose attribute names are the state_dict keys of
+uses (from `caffe2torch.modules` and `caffe2torch.detection`), a `Net` class whose attribute names are the state_dict keys of
 the converted GraphModule, and `load()`. Caffe's own names reach the file only as escaped string
 literals (`ascii()`), so no layer or file name can inject code.
 """
@@ -15,6 +15,7 @@ import re
 import torch
 from torch import fx, nn
 
+from caffe2torch import detection as detection_modules
 from caffe2torch import modules as caffe_modules
 from caffe2torch.errors import CaffeError
 from caffe2torch.model import META_KEY, LayerCall, NetInfo, net_info, python_names
@@ -26,6 +27,9 @@ _ALLOWED_FUNCTIONS = {operator.getitem, operator.eq, torch._assert}
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _DECONV = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Our files of modules whose source a generated model.py embeds (they import only torch, math and each other).
+_RUNTIME = (caffe_modules, detection_modules)
+_RUNTIME_NAMES = {module.__name__ for module in _RUNTIME}
 
 
 def _norm_constructor(module: nn.modules.batchnorm._BatchNorm) -> str:
@@ -43,7 +47,7 @@ def constructor(module: nn.Module) -> str:
     if isinstance(module, caffe_modules.CaffeOrderNorm):
         raise CaffeError("this graph evaluates BatchNorm in Caffe's order (passes.caffe_order_norms), for "
                          "inference only; save the converted net itself")
-    if kind.__module__ == caffe_modules.__name__ and not isinstance(module, _NORM):
+    if kind.__module__ in _RUNTIME_NAMES and not isinstance(module, _NORM):
         if isinstance(module, caffe_modules.BatchAxes):
             return f"BatchAxes({constructor(module.inner)}, {module.extra_repr()})"
         return f"{kind.__name__}({module.extra_repr()})"
@@ -88,10 +92,13 @@ def _is_plugin(kind: type) -> bool:
 
 
 def _runtime_source(used: set[type]) -> str:
-    """The source of the caffe2torch.modules classes used, with every helper they name, in file order."""
-    defined = {name: value for name, value in vars(caffe_modules).items()
-               if (inspect.isclass(value) or inspect.isfunction(value)) and value.__module__ == caffe_modules.__name__}
+    """The source of our module classes used, with every helper and constant they name, in file order."""
+    defined = {name: value for runtime in _RUNTIME for name, value in vars(runtime).items()
+               if (inspect.isclass(value) or inspect.isfunction(value)) and value.__module__ == runtime.__name__}
+    constants = {name: value for runtime in _RUNTIME for name, value in vars(runtime).items()
+                 if name.isupper() and isinstance(value, (int, float, str, tuple))}
     wanted = {cls.__name__ for cls in used if cls.__name__ in defined}
+    named: set[str] = set()
     pending = list(wanted)
     while pending:
         source = inspect.getsource(defined[pending.pop()])
@@ -99,8 +106,14 @@ def _runtime_source(used: set[type]) -> str:
             if word in defined and word not in wanted:
                 wanted.add(word)
                 pending.append(word)
-    ordered = sorted(wanted, key=lambda name: inspect.getsourcelines(defined[name])[1])
-    return "\n\n".join(inspect.getsource(defined[name]).rstrip() + "\n" for name in ordered)
+            elif word in constants:
+                named.add(word)
+    files = [runtime.__name__ for runtime in _RUNTIME]
+    ordered = sorted(wanted, key=lambda name: (files.index(defined[name].__module__),
+                                               inspect.getsourcelines(defined[name])[1]))
+    header = "".join(f"{name} = {constants[name]!r}\n" for name in sorted(named))
+    return (header + "\n\n" if header else "") + "\n\n".join(
+        inspect.getsource(defined[name]).rstrip() + "\n" for name in ordered)
 
 
 def _classes(module: nn.Module) -> set[type]:
@@ -186,7 +199,7 @@ def generate_source(net: fx.GraphModule, origin: str = "") -> str:
         "",
     ]
     if runtime:
-        header += ["", "# ---- Caffe-specific modules (from caffe2torch.modules) ----", "", runtime.rstrip(), ""]
+        header += ["", "# ---- Caffe-specific modules (from caffe2torch.modules and caffe2torch.detection) ----", "", runtime.rstrip(), ""]
     body = [
         "",
         "class Net(nn.Module):",

@@ -62,6 +62,11 @@ def placeholder_specs(layer, shapes: Sequence[Shape]) -> list[tuple[Shape, float
     if kind == "PReLU":
         channels = 1 if layer.prelu_param.channel_shared else _channels(layer, shapes)
         return [((channels,), 0.25)]
+    if kind == "Normalize":
+        param = layer.norm_param
+        filler = param.scale_filler
+        value = filler.value if param.HasField("scale_filler") and filler.type == "constant" else 1.0
+        return [((() if param.channel_shared else (_channels(layer, shapes),)), value)]
     if kind in ("Scale", "Bias") and len(shapes) == 1:
         return _scale_bias_specs(layer, shapes[0])
     # Every other type has no parameters.

@@ -7,6 +7,7 @@ from caffe2torch.layers.registry import (CONVERTERS, Converted, Shape, convert_l
 from caffe2torch.layers import (  # noqa: F401,E402
     activation,
     convolution,
+    detection,
     elementwise,
     interp,
     normalization,

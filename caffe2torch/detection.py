@@ -1,0 +1,270 @@
+"""Torch modules for SSD's layers (weiliu89/caffe, branch ssd): Normalize, Permute, PriorBox, DetectionOutput.
+
+The same contract as caffe2torch.modules (torch and math only, so a standalone `model.py` can
+embed them; `extra_repr` is the constructor's keyword arguments). Formulas and float rounding
+follow the fork's CPU code: normalize_layer.cpp, permute_layer.cpp, prior_box_layer.cpp,
+detection_output_layer.cpp and util/bbox_util.cpp.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from caffe2torch.modules import _kwargs
+
+# Caffe's -FLT_MAX: DetectionOutput's confidence threshold when none is given.
+LOWEST_FLOAT = -3.4028234663852886e38
+CODE_TYPES = ("CORNER", "CENTER_SIZE", "CORNER_SIZE")
+
+
+class Normalize(nn.Module):
+    """SSD's Normalize: x / sqrt(sum of squares + eps), then times a learned scale.
+
+    The sum runs over the channels at each position (`across_spatial=False`, what SSD uses) or
+    over a whole item (`True`, Caffe's default; then x is multiplied by the reciprocal, as Caffe
+    does). The scale is one value (`channel_shared`) or one per channel. Half-precision inputs are
+    normalised in float32: their sums of squares would overflow.
+    """
+
+    def __init__(self, channels: int, across_spatial: bool = True, channel_shared: bool = True,
+                 eps: float = 1e-10) -> None:
+        super().__init__()
+        self.channels, self.across_spatial, self.channel_shared = int(channels), bool(across_spatial), bool(channel_shared)
+        self.eps = float(eps)
+        self.weight = nn.Parameter(torch.ones(1 if self.channel_shared else self.channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        if self.across_spatial:
+            norm = torch.sqrt(work.square().flatten(1).sum(1) + self.eps)
+            # Caffe scales by Dtype(1.0 / norm): double division rounded once, the same as a float32 one.
+            y = work * torch.reciprocal(norm).reshape((-1,) + (1,) * (x.dim() - 1))
+        else:
+            y = work / torch.sqrt(work.square().sum(1, keepdim=True) + self.eps)
+        scale = self.weight.to(work.dtype)
+        if not self.channel_shared:
+            scale = scale.reshape((-1,) + (1,) * (x.dim() - 2))
+        return (y * scale).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return _kwargs(channels=self.channels, across_spatial=self.across_spatial,
+                       channel_shared=self.channel_shared, eps=self.eps)
+
+
+class Permute(nn.Module):
+    """SSD's Permute: the axes in `order` (Caffe's order with the unlisted axes appended)."""
+
+    def __init__(self, order: tuple) -> None:
+        super().__init__()
+        self.order = tuple(int(axis) for axis in order)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(self.order)
+
+    def extra_repr(self) -> str:
+        return _kwargs(order=self.order)
+
+
+def prior_box_table(layer_size: tuple, image_size: tuple, step: tuple, offset: float, box_sizes: tuple,
+                    clip: bool, variance: tuple) -> torch.Tensor:
+    """PriorBoxLayer::Forward_cpu's top, [1, 2, H*W*len(box_sizes)*4], rounded as the fork rounds.
+
+    Centres are float32 ((w + offset) * step); each coordinate is (centre -/+ size / 2.) / image
+    in double, stored as float32. `box_sizes` are the (width, height) float32 values in the
+    fork's order per cell.
+    """
+    height, width = layer_size
+    step_h, step_w = (torch.tensor(s, dtype=torch.float32) for s in step)
+    offset32 = torch.tensor(offset, dtype=torch.float32)
+    center_x = ((torch.arange(width, dtype=torch.float32) + offset32) * step_w).double()
+    center_y = ((torch.arange(height, dtype=torch.float32) + offset32) * step_h).double()
+    sizes = torch.tensor(box_sizes, dtype=torch.float32).double().reshape(-1, 2)
+    half_w, half_h = sizes[:, 0] / 2.0, sizes[:, 1] / 2.0
+    cx = center_x.reshape(1, -1, 1)
+    cy = center_y.reshape(-1, 1, 1)
+    boxes = torch.stack(torch.broadcast_tensors(
+        (cx - half_w) / image_size[1], (cy - half_h) / image_size[0],
+        (cx + half_w) / image_size[1], (cy + half_h) / image_size[0]), dim=-1).float()
+    if clip:
+        boxes = boxes.clamp(0.0, 1.0)
+    boxes = boxes.reshape(-1)
+    variances = torch.tensor(variance, dtype=torch.float32)
+    variances = variances.expand(boxes.numel()) if variances.numel() == 1 else variances.repeat(boxes.numel() // 4)
+    return torch.stack([boxes, variances]).unsqueeze(0)
+
+
+class PriorBox(nn.Module):
+    """SSD's PriorBox: the default boxes of a feature map, fixed by the shapes (never by the data).
+
+    The table is computed once from the hyper-parameters; forward returns it in the bottom's
+    dtype. Caffe gives one set for the whole batch: shape [1, 2, H*W*priors*4].
+    """
+
+    def __init__(self, layer_size: tuple, image_size: tuple, step: tuple, offset: float, box_sizes: tuple,
+                 clip: bool, variance: tuple) -> None:
+        super().__init__()
+        self.layer_size, self.image_size = tuple(map(int, layer_size)), tuple(map(int, image_size))
+        self.step, self.offset = tuple(map(float, step)), float(offset)
+        self.box_sizes, self.clip = tuple(map(float, box_sizes)), bool(clip)
+        self.variance = tuple(map(float, variance))
+        self.register_buffer("priors", prior_box_table(self.layer_size, self.image_size, self.step, self.offset,
+                                                       self.box_sizes, self.clip, self.variance), persistent=False)
+
+    def forward(self, x: torch.Tensor, *image: torch.Tensor) -> torch.Tensor:
+        return self.priors.to(dtype=x.dtype, copy=True)
+
+    def extra_repr(self) -> str:
+        return _kwargs(layer_size=self.layer_size, image_size=self.image_size, step=self.step, offset=self.offset,
+                       box_sizes=self.box_sizes, clip=self.clip, variance=self.variance)
+
+
+def decode_boxes(loc: torch.Tensor, priors: torch.Tensor, variances: torch.Tensor, code_type: str,
+                 variance_encoded_in_target: bool) -> torch.Tensor:
+    """bbox_util's DecodeBBox on [..., 4] float32 tensors, operation by operation.
+
+    Where the fork mixes in double (a `/ 2.` literal, libm's double exp) the value is computed in
+    float64 and rounded to float32 once, as its assignment to a float field does.
+    """
+    if variance_encoded_in_target:
+        variances = torch.ones_like(variances)
+    p = priors.unbind(-1)
+    v = variances.unbind(-1)
+    lo = loc.unbind(-1)
+    if code_type == "CORNER":
+        return torch.stack([p[i] + v[i] * lo[i] for i in range(4)], dim=-1)
+    width, height = p[2] - p[0], p[3] - p[1]
+    if code_type == "CORNER_SIZE":
+        return torch.stack([p[0] + v[0] * lo[0] * width, p[1] + v[1] * lo[1] * height,
+                            p[2] + v[2] * lo[2] * width, p[3] + v[3] * lo[3] * height], dim=-1)
+    center_x, center_y = (p[0] + p[2]) / 2, (p[1] + p[3]) / 2  # float sum, exact halving
+    box_x = (v[0] * lo[0] * width + center_x).double()
+    box_y = (v[1] * lo[1] * height + center_y).double()
+    box_w = (torch.exp((v[2] * lo[2]).double()) * width.double()).float().double()
+    box_h = (torch.exp((v[3] * lo[3]).double()) * height.double()).float().double()
+    return torch.stack([box_x - box_w / 2.0, box_y - box_h / 2.0, box_x + box_w / 2.0, box_y + box_h / 2.0],
+                       dim=-1).float()
+
+
+def box_sizes(boxes: torch.Tensor) -> torch.Tensor:
+    """BBoxSize: width * height in float32, 0 for a box with xmax < xmin or ymax < ymin."""
+    width, height = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+    invalid = (boxes[..., 2] < boxes[..., 0]) | (boxes[..., 3] < boxes[..., 1])
+    return torch.where(invalid, torch.zeros_like(width), width * height)
+
+
+def jaccard(first: torch.Tensor, first_size: torch.Tensor, second: torch.Tensor,
+            second_size: torch.Tensor) -> torch.Tensor:
+    """JaccardOverlap of every `first` box [A, 4] with every `second` box [B, 4], in float32 as the fork."""
+    a, b = first[:, None, :], second[None, :, :]
+    disjoint = (b[..., 0] > a[..., 2]) | (b[..., 2] < a[..., 0]) | (b[..., 1] > a[..., 3]) | (b[..., 3] < a[..., 1])
+    inter_w = torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])
+    inter_h = torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])
+    inter = inter_w * inter_h
+    overlap = inter / (first_size[:, None] + second_size[None, :] - inter)
+    return torch.where(disjoint | (inter_w <= 0) | (inter_h <= 0), torch.zeros_like(overlap), overlap)
+
+
+def nms_fast(boxes: torch.Tensor, sizes: torch.Tensor, scores: torch.Tensor, score_threshold: float,
+             nms_threshold: float, eta: float, top_k: int) -> list[int]:
+    """ApplyNMSFast: scores above the threshold, stable-sorted (ties keep the lower index), top_k,
+    then keep a box unless it overlaps a kept one by more than the (eta-adapted) threshold."""
+    candidates = torch.nonzero(scores > score_threshold).flatten()
+    order = torch.sort(scores[candidates], descending=True, stable=True).indices
+    candidates = candidates[order]
+    if 0 <= top_k < candidates.numel():
+        candidates = candidates[:top_k]
+    if candidates.numel() == 0:
+        return []
+    chosen, chosen_sizes = boxes[candidates], sizes[candidates]
+    rows = max(1, (1 << 22) // candidates.numel())  # overlaps are computed a block of rows at a time
+    kept: list[int] = []
+    threshold = nms_threshold
+    for start in range(0, candidates.numel(), rows):
+        block = jaccard(chosen[start:start + rows], chosen_sizes[start:start + rows], chosen, chosen_sizes).tolist()
+        for offset, overlaps in enumerate(block):
+            if all(overlaps[k] <= threshold for k in kept):
+                kept.append(start + offset)
+                if eta < 1 and threshold > 0.5:
+                    threshold = float(torch.tensor(threshold * eta, dtype=torch.float32))  # a float in the fork
+    return candidates[kept].tolist()
+
+
+class DetectionOutput(nn.Module):
+    """SSD's DetectionOutput: decode the boxes, per-class NMS, keep_top_k; rows of
+    (image, label, score, xmin, ymin, xmax, ymax) in a [1, 1, K, 7] top, as the fork's CPU layer.
+
+    K depends on the data, so this layer has no fixed-shape export (ONNX, torch.export,
+    TorchScript) and cannot be captured in a CUDA graph. The confidences must already be
+    probabilities (the layer applies no softmax). Boxes are not clipped. Ties: NMS ranks equal
+    scores by prior index (the fork's stable sort); keep_top_k's ranking is an unstable std::sort
+    in the fork, here equal scores keep the lower label first.
+    """
+
+    data_dependent_shape = True
+
+    def __init__(self, num_classes: int, share_location: bool = True, background_label_id: int = 0,
+                 nms_threshold: float = 0.3, top_k: int = -1, eta: float = 1.0, keep_top_k: int = -1,
+                 code_type: str = "CORNER", variance_encoded_in_target: bool = False,
+                 confidence_threshold: float = LOWEST_FLOAT) -> None:
+        super().__init__()
+        self.num_classes, self.share_location = int(num_classes), bool(share_location)
+        self.background_label_id = int(background_label_id)
+        self.nms_threshold, self.top_k, self.eta = float(nms_threshold), int(top_k), float(eta)
+        self.keep_top_k, self.code_type = int(keep_top_k), str(code_type)
+        self.variance_encoded_in_target = bool(variance_encoded_in_target)
+        self.confidence_threshold = float(confidence_threshold)
+
+    def forward(self, loc: torch.Tensor, conf: torch.Tensor, prior: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        num = loc.shape[0]
+        loc_classes = 1 if self.share_location else self.num_classes
+        priors = prior.float().reshape(2, -1, 4)
+        loc = loc.float().reshape(num, priors.shape[1], loc_classes, 4)
+        conf = conf.float().reshape(num, priors.shape[1], self.num_classes)
+        rows: list[list[float]] = []
+        for image in range(num):
+            decoded = decode_boxes(loc[image], priors[0, :, None, :], priors[1, :, None, :], self.code_type,
+                                   self.variance_encoded_in_target)
+            sizes = box_sizes(decoded)
+            scores = conf[image]
+            chosen: list[tuple[int, list[int]]] = []
+            for label in range(self.num_classes):
+                if label == self.background_label_id:
+                    continue
+                column = 0 if self.share_location else label
+                chosen.append((label, nms_fast(decoded[:, column], sizes[:, column], scores[:, label],
+                                               self.confidence_threshold, self.nms_threshold, self.eta, self.top_k)))
+            total = sum(len(indices) for _, indices in chosen)
+            if -1 < self.keep_top_k < total:
+                ranked = [(label, index) for label, indices in chosen for index in indices]
+                labels = torch.tensor([label for label, _ in ranked], device=scores.device)
+                values = scores[torch.tensor([index for _, index in ranked], device=scores.device), labels]
+                order = torch.sort(values, descending=True, stable=True).indices[:self.keep_top_k].tolist()
+                by_label: dict[int, list[int]] = {}
+                for position in order:
+                    label, index = ranked[position]
+                    by_label.setdefault(label, []).append(index)
+                chosen = sorted(by_label.items())
+            for label, indices in chosen:
+                if not indices:
+                    continue
+                index = torch.tensor(indices, device=decoded.device)
+                column = 0 if self.share_location else label
+                boxes = decoded[index, column]
+                values = scores[index, label]
+                rows.append(torch.cat([torch.full((len(indices), 1), float(image), device=decoded.device),
+                                       torch.full((len(indices), 1), float(label), device=decoded.device),
+                                       values[:, None], boxes], dim=1))
+        if not rows:
+            # The fork's "no detections" top: one row of -1 per image, with the image's index.
+            empty = torch.full((num, 7), -1.0, device=loc.device)
+            empty[:, 0] = torch.arange(num, dtype=torch.float32, device=loc.device)
+            return empty.reshape(1, 1, num, 7).to(prior.dtype)
+        return torch.cat(rows).reshape(1, 1, -1, 7).to(prior.dtype)
+
+    def extra_repr(self) -> str:
+        return _kwargs(num_classes=self.num_classes, share_location=self.share_location,
+                       background_label_id=self.background_label_id, nms_threshold=self.nms_threshold,
+                       top_k=self.top_k, eta=self.eta, keep_top_k=self.keep_top_k, code_type=self.code_type,
+                       variance_encoded_in_target=self.variance_encoded_in_target,
+                       confidence_threshold=self.confidence_threshold)

@@ -1,0 +1,180 @@
+"""Converters for SSD's layers (weiliu89/caffe, branch ssd): Normalize, Permute, PriorBox, DetectionOutput."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from caffe2torch.detection import LOWEST_FLOAT, DetectionOutput, Normalize, Permute, PriorBox
+from caffe2torch.errors import CaffeError
+from caffe2torch.layers.registry import Converted, Shape, assign, converter, expect_blobs, expect_bottoms, on_meta
+from proto import caffe_pb2
+
+
+def _fail(layer, message: str) -> CaffeError:
+    return CaffeError(f"layer {layer.name!r} ({layer.type}): {message}")
+
+
+@converter("Normalize")
+def convert_normalize(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    """L2 norm over channels (or the whole item), eps inside the square root, then a scale blob."""
+    expect_bottoms(layer, inputs, 1)
+    expect_blobs(layer, blobs, 1)
+    shape = tuple(inputs[0])
+    if not 2 <= len(shape) <= 4:  # the fork reads num/channels/height/width
+        raise _fail(layer, f"needs a bottom of 2 to 4 axes, has shape {shape}")
+    param = layer.norm_param
+    scale = np.asarray(blobs[0], dtype=np.float32).reshape(-1)
+    wanted = 1 if param.channel_shared else shape[1]
+    if scale.size != wanted:
+        kind = "channel_shared" if param.channel_shared else f"{shape[1]} channels"
+        raise _fail(layer, f"scale blob has {scale.size} values, expected {wanted} ({kind})")
+    module = on_meta(Normalize, shape[1], across_spatial=param.across_spatial, channel_shared=param.channel_shared,
+                     eps=param.eps)
+    return Converted(assign(module, weight=torch.from_numpy(scale.copy())), [shape])
+
+
+@converter("Permute")
+def convert_permute(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    """The listed axes first, then the others in their order (PermuteLayer::LayerSetUp)."""
+    expect_bottoms(layer, inputs, 1)
+    expect_blobs(layer, blobs, 0)
+    shape = tuple(inputs[0])
+    order: list[int] = []
+    for axis in layer.permute_param.order:
+        if axis >= len(shape):
+            raise _fail(layer, f"order {axis} out of range for a {len(shape)}-axis bottom")
+        if axis in order:
+            raise _fail(layer, f"order {axis} given twice")
+        order.append(int(axis))
+    order += [axis for axis in range(len(shape)) if axis not in order]
+    return Converted(Permute(tuple(order)), [tuple(shape[axis] for axis in order)])
+
+
+def _float32(value: float) -> float:
+    return float(np.float32(value))
+
+
+def prior_sizes(layer) -> tuple[list[float], int]:
+    """The (width, height) of each prior of one cell, in the fork's order, and how many priors.
+
+    Sizes are truncated to int (`int min_size_ = min_sizes_[s]`); libm's double sqrt; each value
+    stored as a float32.
+    """
+    param = layer.prior_box_param
+    if not param.min_size:
+        raise _fail(layer, "must provide min_size")
+    if any(size <= 0 for size in param.min_size):
+        raise _fail(layer, "min_size must be positive")
+    if param.max_size and len(param.max_size) != len(param.min_size):
+        raise _fail(layer, f"{len(param.max_size)} max_size for {len(param.min_size)} min_size; give one each")
+    for low, high in zip(param.min_size, param.max_size):
+        if not high > low:
+            raise _fail(layer, f"max_size {high:g} must be greater than min_size {low:g}")
+    ratios = [1.0]
+    for ratio in param.aspect_ratio:
+        if any(abs(ratio - known) < 1e-6 for known in ratios):
+            continue
+        if ratio <= 0:
+            raise _fail(layer, f"aspect_ratio {ratio:g} must be positive")
+        ratios.append(ratio)
+        if param.flip:
+            ratios.append(_float32(1.0 / ratio))
+    sizes: list[float] = []
+    for index, low in enumerate(param.min_size):
+        low = int(low)
+        sizes += [float(low), float(low)]
+        if param.max_size:
+            side = _float32(math.sqrt(low * int(param.max_size[index])))
+            sizes += [side, side]
+        for ratio in ratios:
+            if abs(ratio - 1.0) < 1e-6:
+                continue
+            sizes += [_float32(low * math.sqrt(ratio)), _float32(low / math.sqrt(ratio))]
+    return sizes, len(sizes) // 2
+
+
+@converter("PriorBox")
+def convert_prior_box(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    """Default boxes of bottom 0's grid, normalised by the image size (img_size, or bottom 1's)."""
+    expect_bottoms(layer, inputs, 1, 2)
+    expect_blobs(layer, blobs, 0)
+    param = layer.prior_box_param
+    feature = tuple(inputs[0])
+    if len(feature) != 4:
+        raise _fail(layer, f"needs a 4-axis bottom 0, has shape {feature}")
+    sizes, priors = prior_sizes(layer)
+    if param.HasField("img_h") or param.HasField("img_w"):
+        if param.HasField("img_size"):
+            raise _fail(layer, "either img_size or img_h/img_w should be specified; not both")
+        image = (param.img_h, param.img_w)
+        if min(image) <= 0:
+            raise _fail(layer, "img_h and img_w should be larger than 0")
+    elif param.HasField("img_size"):
+        if param.img_size <= 0:
+            raise _fail(layer, "img_size should be larger than 0")
+        image = (param.img_size, param.img_size)
+    elif len(inputs) == 2 and len(inputs[1]) == 4:
+        image = (inputs[1][2], inputs[1][3])
+    else:
+        raise _fail(layer, "needs the image as bottom 1 (or img_size / img_h, img_w) to scale its boxes")
+    if param.HasField("step_h") or param.HasField("step_w"):
+        if param.HasField("step"):
+            raise _fail(layer, "either step or step_h/step_w should be specified; not both")
+        step = (param.step_h, param.step_w)
+        if min(step) <= 0:
+            raise _fail(layer, "step_h and step_w should be larger than 0")
+    elif param.HasField("step"):
+        if param.step <= 0:
+            raise _fail(layer, "step should be larger than 0")
+        step = (param.step, param.step)
+    else:
+        step = (_float32(np.float32(image[0]) / np.float32(feature[2])),
+                _float32(np.float32(image[1]) / np.float32(feature[3])))
+    variance = [float(v) for v in param.variance] or [_float32(0.1)]
+    if len(variance) not in (1, 4):
+        raise _fail(layer, f"give 1 or 4 variance values, not {len(variance)}")
+    if any(v <= 0 for v in variance):
+        raise _fail(layer, "variance values must be positive")
+    module = PriorBox((feature[2], feature[3]), image, step, param.offset, tuple(sizes), param.clip, tuple(variance))
+    return Converted(module, [(1, 2, feature[2] * feature[3] * priors * 4)])
+
+
+@converter("DetectionOutput")
+def convert_detection_output(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    """Decode + per-class NMS + keep_top_k; the top's row count depends on the data ([1, 1, 1, 7] here)."""
+    expect_bottoms(layer, inputs, 3, 4)
+    expect_blobs(layer, blobs, 0)
+    param = layer.detection_output_param
+    if not param.HasField("num_classes"):
+        raise _fail(layer, "must specify num_classes")
+    loc, conf, prior = (tuple(shape) for shape in inputs[:3])
+    if len(prior) < 3 or prior[0] != 1 or prior[1] != 2 or prior[2] % 4:
+        raise _fail(layer, f"bottom 2 must be PriorBox's [1, 2, priors*4] top, has shape {prior}")
+    count = prior[2] // 4
+    loc_classes = 1 if param.share_location else param.num_classes
+    if math.prod(loc[1:]) != count * loc_classes * 4:
+        raise _fail(layer, f"bottom 0 (locations) has shape {loc}: expected {count * loc_classes * 4} values per "
+                           f"image for {count} priors")
+    if math.prod(conf[1:]) != count * param.num_classes or conf[0] != loc[0]:
+        raise _fail(layer, f"bottom 1 (confidences) has shape {conf}: expected {loc[0]} x "
+                           f"{count * param.num_classes} for {count} priors and {param.num_classes} classes")
+    nms = param.nms_param
+    if not 0 < nms.eta <= 1:
+        raise _fail(layer, f"nms_param.eta {nms.eta:g} must be in (0, 1]")
+    if nms.nms_threshold < 0:
+        raise _fail(layer, "nms_threshold must be non negative")
+    warnings = []
+    if param.HasField("save_output_param") and param.save_output_param.output_directory:
+        warnings.append(f"layer {layer.name!r} (DetectionOutput): save_output_param (the fork's result files) is "
+                        f"not reproduced; the detections are the layer's output")
+    module = DetectionOutput(
+        param.num_classes, share_location=param.share_location, background_label_id=param.background_label_id,
+        nms_threshold=nms.nms_threshold, top_k=nms.top_k if nms.HasField("top_k") else -1, eta=nms.eta,
+        keep_top_k=param.keep_top_k, code_type=caffe_pb2.PriorBoxParameter.CodeType.Name(param.code_type),
+        variance_encoded_in_target=param.variance_encoded_in_target,
+        confidence_threshold=param.confidence_threshold if param.HasField("confidence_threshold") else LOWEST_FLOAT)
+    return Converted(module, [(1, 1, 1, 7)], warnings)
