@@ -35,14 +35,16 @@ def _channels(layer, shapes: Sequence[Shape], axis: int = 1) -> int:
 def placeholder_specs(layer, shapes: Sequence[Shape]) -> list[tuple[Shape, float]]:
     """(shape, fill value) of each blob Caffe's LayerSetUp would allocate for `layer` on bottoms of `shapes`."""
     kind = layer.type
-    if kind in ("Convolution", "Deconvolution"):
+    if kind in ("Convolution", "Deconvolution", "DepthwiseConvolution", "ConvolutionDepthwise"):
         param = layer.convolution_param
         axis = param.axis if param.HasField("axis") else 1
         channels = _channels(layer, shapes, axis)
         spatial = len(shapes[0]) - (axis % len(shapes[0])) - 1
         kernel = _spatial(param, "kernel", spatial, 1)
         group = param.group or 1
-        if kind == "Convolution":
+        if kind == "ConvolutionDepthwise":  # one filter per channel, whatever num_output says
+            return [((channels, 1, *kernel), 0.0)] + ([((channels,), 0.0)] if param.bias_term else [])
+        if kind != "Deconvolution":
             weight = (param.num_output, channels // group, *kernel)
         else:
             weight = (channels, param.num_output // group, *kernel)
@@ -58,6 +60,10 @@ def placeholder_specs(layer, shapes: Sequence[Shape]) -> list[tuple[Shape, float
         return [((channels,), 0.0), ((channels,), 1.0), ((1,), 1.0)]
     if kind == "BN":
         channel_shape = (1, _channels(layer, shapes), 1, 1)
+        from caffe2torch.layers.normalization import is_segnet_bn
+
+        if is_segnet_bn(layer):  # SegNet's: scale and shift
+            return [(channel_shape, 1.0), (channel_shape, 0.0)]
         return [(channel_shape, 1.0), (channel_shape, 0.0), (channel_shape, 0.0), (channel_shape, 1.0)]
     if kind == "PReLU":
         channels = 1 if layer.prelu_param.channel_shared else _channels(layer, shapes)

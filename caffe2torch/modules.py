@@ -53,14 +53,17 @@ class Pool2d(nn.Module):
     to the image, divided by Caffe's count (padding counts, the ceil overhang does not; 0 for an
     empty window, so 0/0 = NaN as in Caffe). The divisor is kernel area times a precomputed
     per-position factor, which is exactly 1 wherever Caffe divides by the full kernel area.
+    With `mask` (MAX only) it also returns Caffe's second top: each maximum's flat h * W + w
+    index in the input plane, -1 where Caffe's window found nothing above -FLT_MAX; float32
+    as Caffe stores it (exact up to 2^24 positions), whatever the input's dtype.
     """
 
     def __init__(self, method: str, kernel: tuple, stride: tuple, pad: tuple, input_size: tuple,
-                 ceil: bool = True) -> None:
+                 ceil: bool = True, mask: bool = False) -> None:
         super().__init__()
-        if method not in ("MAX", "AVE"):
-            raise ValueError(f"pooling method must be 'MAX' or 'AVE', got {method!r}")
-        self.method, self.ceil = method, bool(ceil)
+        if method not in ("MAX", "AVE") or mask and method != "MAX":
+            raise ValueError(f"pooling method must be 'MAX' or 'AVE' (a mask needs MAX), got {method!r}")
+        self.method, self.ceil, self.mask = method, bool(ceil), bool(mask)
         self.kernel, self.stride = tuple(int(k) for k in kernel), tuple(int(s) for s in stride)
         self.pad, self.input_size = tuple(int(p) for p in pad), tuple(int(n) for n in input_size)
         clip = any(self.pad)
@@ -86,11 +89,13 @@ class Pool2d(nn.Module):
             self.rescale = bool((factor != 1).any())
             self.register_buffer("factor", factor.float(), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
         if self.method == "MAX":
             x = torch.nan_to_num(x, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
             if any(self.edges):
                 x = F.pad(x, self.edges, value=-math.inf)
+            if self.mask:
+                return self._with_mask(x)
             y = F.max_pool2d(x, self.kernel, self.stride)
             if any(self.empty):
                 y = F.pad(y, (0, self.empty[1], 0, self.empty[0]), value=-math.inf)
@@ -102,9 +107,22 @@ class Pool2d(nn.Module):
             y = F.pad(y, (0, self.empty[1], 0, self.empty[0]))  # a sum of nothing, then 0/0 or 0/-n as in Caffe
         return y * self.factor.to(y.dtype) if self.rescale else y
 
+    def _with_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # torch's first maximum is Caffe's (a strict > scan from the window's top left).
+        y, index = F.max_pool2d(x, self.kernel, self.stride, return_indices=True)
+        width = x.shape[-1]
+        mask = ((index // width - self.pad[0]) * self.input_size[1] + index % width - self.pad[1]).float()
+        if any(self.empty):
+            y = F.pad(y, (0, self.empty[1], 0, self.empty[0]), value=-math.inf)
+            mask = F.pad(mask, (0, self.empty[1], 0, self.empty[0]), value=-1.0)
+        lowest = torch.finfo(y.dtype).min
+        mask = torch.where(y <= lowest, torch.full_like(mask, -1.0), mask)  # nothing beat Caffe's -FLT_MAX start
+        return torch.nan_to_num(y, nan=0.0, posinf=math.inf, neginf=None), mask
+
     def extra_repr(self) -> str:
+        extra = ", mask=True" if self.mask else ""
         return _kwargs(method=self.method, kernel=self.kernel, stride=self.stride, pad=self.pad,
-                       input_size=self.input_size, ceil=self.ceil)
+                       input_size=self.input_size, ceil=self.ceil) + extra
 
 
 def interp_table(size_in: int, size_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

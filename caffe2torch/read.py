@@ -244,7 +244,8 @@ def read_caffemodel(path: str | os.PathLike) -> caffe_pb2.NetParameter:
 
 # Upstream BVLC numbers these params 143-148, which our schema gives to the fork's params (see
 # caffe.proto). In a binary written by upstream Caffe they therefore decode into the fork's
-# message; the fork has none of these layer types, so the type says which one was meant.
+# message; the fork has none of these layer types, so the type says which one was meant. The
+# same holds for other forks' params on numbers our schema has given away.
 _UPSTREAM_PARAMS = {
     "Input": ("interp_param", "input_param"),
     "Crop": ("seg_accuracy_param", "crop_param"),
@@ -254,6 +255,11 @@ _UPSTREAM_PARAMS = {
     "LSTM": ("dense_crf_param", "recurrent_param"),
     "Swish": ("domain_transform_param", "swish_param"),
     "Clip": ("adaptive_bias_channel_param", "clip_param"),
+    # Other forks' params on numbers this schema gives to another message (see caffe.proto).
+    "Upsample": ("embed_param", "upsample_param"),  # SegNet 137
+    "ROIPooling": ("domain_transform_param", "roi_pooling_param"),  # Microsoft/caffe 147
+    "PSROIPooling": ("bias_channel_param", "psroi_pooling_param"),  # Microsoft/caffe 149
+    "CropCenter": ("bias_channel_param", "crop_center_param"),  # lltcggie/caffe 149
 }
 
 

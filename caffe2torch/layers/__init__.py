@@ -9,6 +9,7 @@ from caffe2torch.layers import (  # noqa: F401,E402
     convolution,
     detection,
     elementwise,
+    forks,
     interp,
     normalization,
     pooling,

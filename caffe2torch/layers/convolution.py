@@ -97,6 +97,15 @@ class _ConvGeometry:
         self.stride = _hw_or_repeated(layer, param, "stride", self.num_spatial, 1)
         self.pad = _hw_or_repeated(layer, param, "pad", self.num_spatial, 0)
         self.dilation = _per_axis(layer, list(param.dilation), "dilation", self.num_spatial, 1)
+        if any(param.HasField(name) for name in ("hole", "hole_h", "hole_w")):  # DeepLab v1's name for dilation
+            if param.dilation:
+                raise CaffeError(f"layer {layer.name!r} ({layer.type}): give dilation or hole, not both")
+            if param.HasField("hole"):
+                self.dilation = [int(param.hole)] * self.num_spatial
+            elif self.num_spatial == 2:
+                self.dilation = [int(param.hole_h), int(param.hole_w)]
+            else:
+                raise CaffeError(f"layer {layer.name!r} ({layer.type}): hole_h and hole_w need a 2-D convolution")
         for name, values in (("kernel size", self.kernel), ("stride", self.stride), ("dilation", self.dilation)):
             if min(values) < 1:
                 raise CaffeError(f"layer {layer.name!r} ({layer.type}): {name} must be positive, got {values}")

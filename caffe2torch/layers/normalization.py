@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from caffe2torch.errors import CaffeError
+from caffe2torch.forks import BatchStatNorm
 from caffe2torch.layers.convolution import fit_blob
 from caffe2torch.layers.registry import (Converted, Shape, assign, canonical_axis, converter, expect_blobs,
                                          expect_bottoms, on_meta)
@@ -77,6 +78,8 @@ def convert_bn(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> Converted
     momentum 1 - bn_param.momentum; `frozen: true` keeps statistics and affine fixed, as the fork.
     """
     expect_bottoms(layer, inputs, 1)
+    if is_segnet_bn(layer, blobs):
+        return _segnet_bn(layer, tuple(inputs[0]), blobs)
     expect_blobs(layer, blobs, 4)
     shape = tuple(inputs[0])
     if not 2 <= len(shape) <= 4:
@@ -94,6 +97,36 @@ def convert_bn(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> Converted
     if param.frozen:  # the fork sets lr_mult 0 for slope and bias too
         module.requires_grad_(False)
     return Converted(module, [shape])
+
+
+def is_segnet_bn(layer, blobs: Sequence[np.ndarray] | None = None) -> bool:
+    """SegNet's BN (2 blobs: scale, shift; a bn_mode) rather than PSPNet's (4 blobs) under the same type name."""
+    param = layer.bn_param
+    return (layer.HasField("segnet_bn_param") or any(param.HasField(name) for name in ("bn_mode", "scale_filler",
+                                                                                        "shift_filler"))
+            or blobs is not None and len(blobs) == 2)
+
+
+def _segnet_bn(layer, shape: Shape, blobs: Sequence[np.ndarray]) -> Converted:
+    """SegNet's BN (alexgkendall/caffe-segnet bn_layer.cpp): INFERENCE is scale * x + shift per channel
+    (statistics folded in offline); LEARN normalises with the batch's own statistics, even at test time."""
+    mode = layer.segnet_bn_param.bn_mode if layer.HasField("segnet_bn_param") else layer.bn_param.bn_mode
+    expect_blobs(layer, blobs, 2)
+    if len(shape) != 4:
+        raise CaffeError(f"layer {layer.name!r} (BN): SegNet's BN needs a 4-axis input, got {shape}")
+    scale, shift = (fit_blob(layer, f"{what} blob", blob, [1, shape[1], 1, 1]).reshape(-1)
+                    for what, blob in zip(("scale", "shift"), blobs))
+    if mode == caffe_pb2.SegNetBNParameter.INFERENCE:
+        if len(layer.top) > 1:
+            raise CaffeError(f"layer {layer.name!r} (BN): INFERENCE mode has one top")
+        module = on_meta(Scale, (shape[1],), (shape[1],), trailing=2, bias_trailing=2)
+        return Converted(assign(module, weight=scale, bias=shift), [shape])
+    if len(layer.top) > 1:
+        raise CaffeError(f"layer {layer.name!r} (BN): the batch mean and variance tops are not supported")
+    module = assign(on_meta(BatchStatNorm, shape[1]), weight=scale, bias=shift)
+    return Converted(module, [shape], [f"layer {layer.name!r} (BN): bn_mode LEARN normalises with each batch's own "
+                                       f"statistics at test time too, as SegNet's fork does (its "
+                                       f"compute_bn_statistics.py makes an INFERENCE model)"])
 
 
 def _filled(layer, what: str, filler, has_filler: bool, default: float, shape: Sequence[int]) -> np.ndarray:

@@ -38,8 +38,8 @@ def convert_pooling(layer, inputs: list[Shape], blobs: list) -> Converted:
         raise CaffeError(
             f"layer {layer.name!r} (Pooling): STOCHASTIC pooling has no CPU forward in Caffe; not supported"
         )
-    if len(layer.top) > 1:
-        raise CaffeError(f"layer {layer.name!r} (Pooling): the second (argmax mask) top is not supported")
+    if len(layer.top) > 2 or len(layer.top) == 2 and param.pool != caffe_pb2.PoolingParameter.MAX:
+        raise CaffeError(f"layer {layer.name!r} (Pooling): only MAX pooling has a second (mask) top, and no third")
     shape = tuple(inputs[0])
     if len(shape) != 4:
         raise CaffeError(f"layer {layer.name!r} (Pooling): input must have 4 axes (N, C, H, W), got {shape}")
@@ -62,6 +62,10 @@ def convert_pooling(layer, inputs: list[Shape], blobs: list) -> Converted:
     if min(stride) <= 0:
         raise CaffeError(f"layer {layer.name!r} (Pooling): stride must be positive, got {stride}")
     floor = param.HasField("round_mode") and param.round_mode == caffe_pb2.PoolingParameter.FLOOR
+    if param.HasField("ceil_mode"):  # the ceil_mode forks' field (BVLC PR #3057)
+        if param.HasField("round_mode") and floor == param.ceil_mode:
+            raise CaffeError(f"layer {layer.name!r} (Pooling): round_mode and ceil_mode disagree")
+        floor = not param.ceil_mode
     size = tuple(shape[2:])
     kernel = size if kernel is None else kernel
     clip = any(pad)
@@ -70,5 +74,5 @@ def convert_pooling(layer, inputs: list[Shape], blobs: list) -> Converted:
         raise CaffeError(f"layer {layer.name!r} (Pooling): kernel {kernel}, stride {stride}, pad {pad} "
                          f"give no valid output on a {size} input")
     check_top(layer, shape[:2] + out)  # before the divisor table of that size is built
-    module = Pool2d(methods[param.pool], kernel, stride, pad, size, ceil=not floor)
-    return Converted(module, [shape[:2] + module.output_size])
+    module = Pool2d(methods[param.pool], kernel, stride, pad, size, ceil=not floor, mask=len(layer.top) == 2)
+    return Converted(module, [shape[:2] + module.output_size] * (2 if module.mask else 1))

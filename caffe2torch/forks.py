@@ -1,0 +1,91 @@
+"""Torch modules for layer types other Caffe forks added: SegNet's Upsample and BN, ShuffleNet's ShuffleChannel, Axpy.
+
+The same contract as caffe2torch.modules (torch only, so a standalone `model.py` can embed them;
+`extra_repr` is the constructor's keyword arguments). Each follows its fork's CPU forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from caffe2torch.modules import _kwargs
+
+
+class MaxUnpool(nn.Module):
+    """SegNet's Upsample with a mask: a zero map of `output_size`, each value written at its mask index.
+
+    The mask is MAX pooling's second top, a flat h * W + w index into the output plane (stored as
+    floats, as Caffe stores it). The fork skips no index; a negative one (an empty pooling
+    window's -1) would write before the plane there, and is dropped here.
+    """
+
+    def __init__(self, output_size: tuple) -> None:
+        super().__init__()
+        self.output_size = tuple(int(n) for n in output_size)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        n, c = x.shape[:2]
+        index = mask.reshape(n, c, -1).long()
+        values = x.reshape(n, c, -1)
+        keep = index >= 0
+        out = x.new_zeros(n, c, self.output_size[0] * self.output_size[1] + 1)
+        # Dropped entries go to a spare last slot, cut off below (scatter needs a valid index).
+        slot = torch.where(keep, index, torch.full_like(index, out.shape[2] - 1))
+        out = out.scatter(2, slot, values)
+        return out[:, :, :-1].reshape(n, c, *self.output_size)
+
+    def extra_repr(self) -> str:
+        return _kwargs(output_size=self.output_size)
+
+
+class BatchStatNorm(nn.Module):
+    """SegNet's BN in LEARN mode: normalised with the batch's own statistics, in every phase.
+
+    mean = E[x], var = E[x^2] - E[x]^2 over batch and positions (the fork's formula), then
+    (x - mean) / sqrt(var + eps) * scale + shift. At batch size 1 this is instance norm.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-9) -> None:
+        super().__init__()
+        self.channels, self.eps = int(channels), float(eps)
+        self.weight = nn.Parameter(torch.ones(self.channels))
+        self.bias = nn.Parameter(torch.zeros(self.channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        per_channel = (1, -1) + (1,) * (x.dim() - 2)
+        spatial = list(range(2, x.dim()))
+        mean = (work.mean(spatial) if spatial else work).mean(0)
+        square = (work.square().mean(spatial) if spatial else work.square()).mean(0)
+        variance = square - mean.square()
+        y = (work - mean.reshape(per_channel)) / torch.sqrt(variance + self.eps).reshape(per_channel)
+        y = y * self.weight.to(work.dtype).reshape(per_channel) + self.bias.to(work.dtype).reshape(per_channel)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return _kwargs(channels=self.channels, eps=self.eps)
+
+
+class ShuffleChannel(nn.Module):
+    """ShuffleNet's channel shuffle: channel i * (C / group) + j moves to j * group + i."""
+
+    def __init__(self, group: int) -> None:
+        super().__init__()
+        self.group = int(group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c = x.shape[:2]
+        rest = x.shape[2:]
+        return x.reshape(n, self.group, c // self.group, *rest).transpose(1, 2).reshape(n, c, *rest)
+
+    def extra_repr(self) -> str:
+        return _kwargs(group=self.group)
+
+
+class Axpy(nn.Module):
+    """SENet ports' Axpy: a * x + y, with a per-channel scale a of shape [N, C] (or [N, C, 1, 1])."""
+
+    def forward(self, scale: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        scale = scale.reshape(scale.shape[:2] + (1,) * (x.dim() - 2))
+        return y + scale * x

@@ -1,0 +1,118 @@
+"""Converters for layer types other forks added: Upsample (SegNet, YOLO ports), ShuffleChannel, Axpy,
+ConvolutionDepthwise / DepthwiseConvolution (MobileNet and ShuffleNet forks) and CropCenter."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+from torch import nn
+
+from caffe2torch.errors import CaffeError
+from caffe2torch.forks import Axpy, MaxUnpool, ShuffleChannel
+from caffe2torch.layers.convolution import convert_convolution
+from caffe2torch.layers.registry import Converted, Shape, converter, expect_blobs, expect_bottoms
+from caffe2torch.modules import Crop
+from proto import caffe_pb2
+
+
+def _fail(layer, message: str) -> CaffeError:
+    return CaffeError(f"layer {layer.name!r} ({layer.type}): {message}")
+
+
+@converter("Upsample")
+def convert_upsample(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    """SegNet's (data, mask) unpooling; with one bottom, the YOLO ports' nearest-neighbour upsampling."""
+    expect_bottoms(layer, inputs, 1, 2)
+    expect_blobs(layer, blobs, 0)
+    param = layer.upsample_param
+    shape = tuple(inputs[0])
+    if len(shape) != 4:
+        raise _fail(layer, f"input must have 4 axes (N, C, H, W), got {shape}")
+    if len(inputs) == 1:
+        if param.HasField("scale_h") or param.HasField("upsample_h"):
+            raise _fail(layer, "with one bottom (nearest-neighbour upsampling) only `scale` is understood")
+        if param.scale < 1:
+            raise _fail(layer, f"scale must be at least 1, got {param.scale}")
+        return Converted(nn.Upsample(scale_factor=float(param.scale), mode="nearest"),
+                         [shape[:2] + (shape[2] * param.scale, shape[3] * param.scale)])
+    if tuple(inputs[1]) != shape:
+        raise _fail(layer, f"the mask (bottom 1) has shape {tuple(inputs[1])}, the data {shape}: they must agree")
+    if param.HasField("upsample_h") and param.HasField("upsample_w"):
+        size = (param.upsample_h, param.upsample_w)
+        if min(size) <= 1:
+            raise _fail(layer, "upsample_h and upsample_w must be greater than 1")
+    else:
+        if param.HasField("scale_h") != param.HasField("scale_w") or param.HasField("scale_h") and param.HasField("scale"):
+            raise _fail(layer, "give upsample_h and upsample_w, or scale, or scale_h and scale_w")
+        scale = (param.scale_h, param.scale_w) if param.HasField("scale_h") else (param.scale, param.scale)
+        if min(scale) <= 1:
+            raise _fail(layer, f"scale must be greater than 1, got {scale}")
+        pad_out = (param.pad_out_h, param.pad_out_w)
+        if any(pad and s != 2 for pad, s in zip(pad_out, scale)):
+            raise _fail(layer, "pad_out_h / pad_out_w need scale 2")
+        size = (shape[2] * scale[0] - int(pad_out[0]), shape[3] * scale[1] - int(pad_out[1]))
+    return Converted(MaxUnpool(size), [shape[:2] + tuple(size)])
+
+
+@converter("ShuffleChannel")
+def convert_shuffle_channel(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    expect_bottoms(layer, inputs, 1)
+    expect_blobs(layer, blobs, 0)
+    shape = tuple(inputs[0])
+    group = layer.shuffle_channel_param.group
+    if len(shape) < 2 or group < 1 or shape[1] % group:
+        raise _fail(layer, f"group {group} must divide the channels of a bottom of shape {shape}")
+    return Converted(ShuffleChannel(group), [shape])
+
+
+@converter("Axpy")
+def convert_axpy(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    """Bottoms (a, x, y): a * x + y, a holding one value per image and channel (an SE block's gate)."""
+    expect_bottoms(layer, inputs, 3)
+    expect_blobs(layer, blobs, 0)
+    scale, x, y = (tuple(shape) for shape in inputs)
+    if len(x) < 2 or tuple(scale[:2]) != tuple(x[:2]) or math.prod(scale[2:]) != 1:
+        raise _fail(layer, f"bottom 0 (the scale) has shape {scale}: expected {x[0]} x {x[1]} (x 1 x 1) for x {x}")
+    if x != y:
+        raise _fail(layer, f"bottoms 1 and 2 must have the same shape, got {x} and {y}")
+    return Converted(Axpy(), [x])
+
+
+@converter("ConvolutionDepthwise")
+def convert_convolution_depthwise(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    """conv_dw_layer.cpp: one filter per input channel; num_output and group are not read (out = in channels)."""
+    if not inputs:
+        raise _fail(layer, "needs a bottom")
+    param = layer.convolution_param
+    channels = tuple(inputs[0])[param.axis % len(inputs[0])] if inputs[0] else 0
+    depthwise = caffe_pb2.LayerParameter()
+    depthwise.CopyFrom(layer)
+    depthwise.convolution_param.num_output = channels
+    depthwise.convolution_param.group = channels
+    converted = convert_convolution(depthwise, inputs, blobs)
+    if param.HasField("num_output") and param.num_output != channels:
+        converted.warnings.append(f"layer {layer.name!r} (ConvolutionDepthwise): num_output {param.num_output} "
+                                  f"is not read by this layer type; it has {channels} outputs, one per input channel")
+    return converted
+
+
+# yonghenglh6/DepthwiseConvolution: a faster kernel for Convolution with group = channels, same meaning.
+converter("DepthwiseConvolution")(convert_convolution)
+
+
+@converter("CropCenter")
+def convert_crop_center(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    """lltcggie/caffe's CropCenter: crop_size[i] elements off both ends of axis i."""
+    expect_bottoms(layer, inputs, 1)
+    expect_blobs(layer, blobs, 0)
+    shape = tuple(inputs[0])
+    crop = [int(c) for c in layer.crop_center_param.crop_size]
+    if len(crop) != len(shape):
+        raise _fail(layer, f"give one crop_size per axis ({len(shape)} for shape {shape}), got {len(crop)}")
+    sizes = tuple(n - 2 * c for n, c in zip(shape, crop))
+    if min(sizes) <= 0:
+        raise _fail(layer, f"crop_size {crop} leaves nothing of shape {shape}")
+    start = 1 if crop[0] == 0 else 0  # leave the batch axis free unless it is cropped
+    return Converted(Crop(start, tuple(crop[start:]), sizes[start:]), [sizes])
