@@ -1,7 +1,7 @@
 """Standalone PyTorch source for a converted net: modules built with their hyper-parameters, one line per layer.
 
 The generated `model.py` needs only torch. It holds the source of every Caffe-specific module it
-uses (from `caffe2torch.modules`, `.detection` and `.forks`), a `Net` class whose attribute names are the state_dict keys of
+uses (from `caffe2torch.modules`, `.detection`, `.forks` and `.rcnn`), a `Net` class whose attribute names are the state_dict keys of
 the converted GraphModule, and `load()`. Caffe's own names reach the file only as escaped string
 literals (`ascii()`), so no layer or file name can inject code.
 """
@@ -17,6 +17,7 @@ from torch import fx, nn
 
 from caffe2torch import detection as detection_modules
 from caffe2torch import forks as fork_modules
+from caffe2torch import rcnn as rcnn_modules
 from caffe2torch import modules as caffe_modules
 from caffe2torch.errors import CaffeError
 from caffe2torch.model import META_KEY, LayerCall, NetInfo, net_info, python_names
@@ -29,7 +30,7 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _DECONV = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Our files of modules whose source a generated model.py embeds (they import only torch, math and each other).
-_RUNTIME = (caffe_modules, detection_modules, fork_modules)
+_RUNTIME = (caffe_modules, detection_modules, fork_modules, rcnn_modules)
 _RUNTIME_NAMES = {module.__name__ for module in _RUNTIME}
 
 
@@ -201,7 +202,7 @@ def generate_source(net: fx.GraphModule, origin: str = "") -> str:
         "",
     ]
     if runtime:
-        header += ["", "# ---- Caffe-specific modules (from caffe2torch.modules, .detection and .forks) ----", "", runtime.rstrip(), ""]
+        header += ["", "# ---- Caffe-specific modules (from caffe2torch.modules, .detection, .forks and .rcnn) ----", "", runtime.rstrip(), ""]
     body = [
         "",
         "class Net(nn.Module):",

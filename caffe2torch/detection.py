@@ -201,7 +201,7 @@ class DetectionOutput(nn.Module):
     in the fork, here equal scores keep the lower label first.
     """
 
-    data_dependent_shape = True
+    not_exportable = "its output size depends on the data"
 
     def __init__(self, num_classes: int, share_location: bool = True, background_label_id: int = 0,
                  nms_threshold: float = 0.3, top_k: int = -1, eta: float = 1.0, keep_top_k: int = -1,

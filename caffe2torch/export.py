@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 
 from caffe2torch.errors import CaffeError
-from caffe2torch.model import data_dependent_layers, layer_calls, net_info
+from caffe2torch.model import layer_calls, unexportable_layers, net_info
 from caffe2torch.refinput import reference_inputs
 from caffe2torch.write import current_umask
 
@@ -266,11 +266,11 @@ def export(net: fx.GraphModule, fmt: str, path: str | os.PathLike, tolerance: fl
         raise CaffeError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     _require(fmt)
     info = net_info(net)
-    varying = data_dependent_layers(net) if fmt != "safetensors" else []
-    if varying:
-        raise CaffeError(f"layer {varying[0]}: its output size depends on the data, which a {fmt} file cannot "
-                         f"hold; export a definition without it (its bottoms become the outputs) and run it "
-                         f"in PyTorch after the exported part")
+    blocking = unexportable_layers(net) if fmt != "safetensors" else []
+    if blocking:
+        layer, reason = blocking[0]
+        raise CaffeError(f"layer {layer}: {reason}, so it has no {fmt} export; export a definition without it "
+                         f"(its bottoms become the outputs) and run it in PyTorch after the exported part")
     path = Path(path)
     if path.is_dir():
         raise CaffeError(f"{path}: is a folder; give the file to write")

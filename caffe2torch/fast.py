@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from caffe2torch.errors import CaffeError
-from caffe2torch.model import data_dependent_layers, net_info
+from caffe2torch.model import net_info, unexportable_layers
 from caffe2torch.modules import Eltwise, Interp, Pool2d
 from caffe2torch.passes import call_of, fold_norms, merge_into, module_of, only_user, replace_calls
 
@@ -217,10 +217,10 @@ class CUDAGraphed:
     """
 
     def __init__(self, net: nn.Module, example_inputs: Sequence[torch.Tensor], warmup: int = 3) -> None:
-        varying = data_dependent_layers(net)
-        if varying:
-            raise CaffeError(f"layer {varying[0]}: its output size depends on the data, so the net cannot be "
-                             f"captured in a CUDA graph")
+        blocking = unexportable_layers(net)
+        if blocking:
+            layer, reason = blocking[0]
+            raise CaffeError(f"layer {layer}: {reason}, so the net cannot be captured in a CUDA graph")
         if not torch.cuda.is_available():
             raise CaffeError("CUDA graphs need a CUDA device; none is available")
         if not all(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):

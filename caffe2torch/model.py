@@ -231,18 +231,18 @@ def layer_calls(net: fx.GraphModule) -> Iterator[tuple[fx.Node, LayerCall]]:
             yield node, call
 
 
-def data_dependent_layers(net: nn.Module) -> list[str]:
-    """Layers whose top's size depends on the data (SSD's DetectionOutput): no fixed-shape export or CUDA graph.
-
-    Their modules say so with a `data_dependent_shape = True` class attribute (plugins may too).
-    """
-    names = []
+def unexportable_layers(net: nn.Module) -> list[tuple[str, str]]:
+    """(layer, why) for each layer with no fixed-shape export or CUDA graph: SSD's DetectionOutput, the
+    R-CNN layers. Their modules say why in a `not_exportable` class attribute (plugins may too)."""
+    calls = {node.target: call for node, call in layer_calls(net)} if isinstance(net, fx.GraphModule) else {}
+    found = []
     for name, module in net.named_modules():
-        if getattr(module, "data_dependent_shape", False):
-            call = next((c for n, c in layer_calls(net) if n.target == name), None) \
-                if isinstance(net, fx.GraphModule) else None
-            names.append(f"{call.layer!r} ({call.type})" if call is not None else f"{name!r} ({type(module).__name__})")
-    return names
+        reason = getattr(module, "not_exportable", None)
+        if reason:
+            call = calls.get(name)
+            found.append((f"{call.layer!r} ({call.type})" if call is not None else
+                          f"{name!r} ({type(module).__name__})", reason))
+    return found
 
 
 def layer_module(net: fx.GraphModule, layer: str) -> nn.Module:

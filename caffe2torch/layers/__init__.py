@@ -13,6 +13,7 @@ from caffe2torch.layers import (  # noqa: F401,E402
     interp,
     normalization,
     pooling,
+    rcnn,
     shape,
 )
 

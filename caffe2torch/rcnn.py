@@ -1,0 +1,240 @@
+"""Torch modules for the R-CNN family: ROIPooling (py-faster-rcnn), PSROIPooling (R-FCN), the RPN proposal layer.
+
+The same contract as caffe2torch.modules (torch only; `extra_repr` is the constructor's keyword
+arguments). Each reads region coordinates from the data to slice the features (and the proposal
+layer's output size depends on the data), so these have no fixed-shape export and no CUDA graph:
+their `not_exportable` says why.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from caffe2torch.modules import _kwargs
+
+
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """C's round(): halves away from zero (torch.round goes to even)."""
+    return torch.sign(x) * torch.floor(torch.abs(x) + 0.5)
+
+
+def _bins(start: torch.Tensor, size: torch.Tensor, count: int, limit: int) -> tuple[list, list]:
+    """ROIPooling's bin edges for every ROI: floor(p * bin) and ceil((p + 1) * bin), plus start, clipped."""
+    bin_size = size / float(count)  # float32 division, as the fork's Dtype
+    steps = torch.arange(count + 1, dtype=torch.float32)
+    starts = torch.floor(steps[None, :-1] * bin_size[:, None]).long() + start[:, None]
+    ends = torch.ceil(steps[None, 1:] * bin_size[:, None]).long() + start[:, None]
+    return starts.clamp(0, limit).tolist(), ends.clamp(0, limit).tolist()
+
+
+class ROIPool(nn.Module):
+    """py-faster-rcnn's ROIPooling: MAX over floor/ceil bins of each ROI (x1, y1, x2, y2 rounded after
+    scaling, both ends included), clipped to the map; an empty bin gives 0. Bottoms: features
+    [N, C, H, W] and rois [R, 5] (batch index, x1, y1, x2, y2); top [R, C, pooled_h, pooled_w].
+    As the fork: NaN never wins and a bin of nothing but -inf gives -FLT_MAX.
+    """
+
+    not_exportable = "it reads each region's coordinates from the data to slice the features"
+
+    def __init__(self, pooled_size: tuple, spatial_scale: float) -> None:
+        super().__init__()
+        self.pooled_size, self.spatial_scale = tuple(int(n) for n in pooled_size), float(spatial_scale)
+
+    def forward(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        pooled_h, pooled_w = self.pooled_size
+        height, width = features.shape[2:]
+        boxes = rois.float()
+        corners = _round_half_away(boxes[:, 1:5] * torch.tensor(self.spatial_scale, dtype=torch.float32,
+                                                                 device=boxes.device)).long().cpu()
+        batch = boxes[:, 0].long().tolist()  # C's (int) conversion truncates
+        start_w, start_h, end_w, end_h = corners.unbind(1)
+        size_h = torch.clamp(end_h - start_h + 1, min=1).float()
+        size_w = torch.clamp(end_w - start_w + 1, min=1).float()
+        h_starts, h_ends = _bins(start_h, size_h, pooled_h, height)
+        w_starts, w_ends = _bins(start_w, size_w, pooled_w, width)
+        features = torch.nan_to_num(features, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+        lowest = torch.finfo(features.dtype).min
+        outputs = []
+        for index, item in enumerate(batch):
+            plane = features[item]
+            columns = []
+            for ws, we in zip(w_starts[index], w_ends[index]):
+                columns.append(plane[:, :, ws:we].amax(2) if we > ws else torch.zeros_like(plane[:, :, 0]))
+            columns = torch.stack(columns, dim=2)  # [C, H, pooled_w]
+            rows = []
+            for hs, he in zip(h_starts[index], h_ends[index]):
+                rows.append(columns[:, hs:he].amax(1) if he > hs else torch.zeros_like(columns[:, 0]))
+            pooled = torch.stack(rows, dim=1).clamp(min=lowest)  # Caffe starts each bin from -FLT_MAX
+            empty_h = torch.tensor([he <= hs for hs, he in zip(h_starts[index], h_ends[index])], device=plane.device)
+            empty_w = torch.tensor([we <= ws for ws, we in zip(w_starts[index], w_ends[index])], device=plane.device)
+            empty = empty_h[:, None] | empty_w[None, :]
+            outputs.append(torch.where(empty, torch.zeros_like(pooled), pooled))
+        if not outputs:
+            return features.new_zeros((0, features.shape[1], pooled_h, pooled_w))
+        return torch.stack(outputs)
+
+    def extra_repr(self) -> str:
+        return _kwargs(pooled_size=self.pooled_size, spatial_scale=self.spatial_scale)
+
+
+class PSROIPool(nn.Module):
+    """R-FCN's position-sensitive ROI pooling (its GPU kernel; the fork has no CPU forward).
+
+    Coordinates are rounded before scaling, the end gets + 1, bins stay fractional: start =
+    floor(p * bin + roi_start), end = ceil((p + 1) * bin + roi_start), clipped. Output channel
+    `ctop` at bin (ph, pw) averages input channel (ctop * group + ph) * group + pw; empty: 0.
+    """
+
+    not_exportable = "it reads each region's coordinates from the data to slice the features"
+
+    def __init__(self, output_dim: int, group_size: int, spatial_scale: float) -> None:
+        super().__init__()
+        self.output_dim, self.group_size = int(output_dim), int(group_size)
+        self.spatial_scale = float(spatial_scale)
+
+    def forward(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        group = self.group_size
+        height, width = features.shape[2:]
+        boxes = rois.float().cpu()
+        scale = torch.tensor(self.spatial_scale, dtype=torch.float32)
+        start_w, start_h = _round_half_away(boxes[:, 1]) * scale, _round_half_away(boxes[:, 2]) * scale
+        end_w = (_round_half_away(boxes[:, 3]) + 1.0) * scale
+        end_h = (_round_half_away(boxes[:, 4]) + 1.0) * scale
+        bin_w = torch.clamp(end_w - start_w, min=0.1) / float(group)
+        bin_h = torch.clamp(end_h - start_h, min=0.1) / float(group)
+        steps = torch.arange(group + 1, dtype=torch.float64)
+        # nvcc contracts p * bin + start into one fused multiply-add: a product exact in double, one rounding.
+        edges_w = (steps[None] * bin_w.double()[:, None] + start_w.double()[:, None]).float()
+        edges_h = (steps[None] * bin_h.double()[:, None] + start_h.double()[:, None]).float()
+        w_starts = torch.floor(edges_w[:, :-1]).long().clamp(0, width).tolist()
+        w_ends = torch.ceil(edges_w[:, 1:]).long().clamp(0, width).tolist()
+        h_starts = torch.floor(edges_h[:, :-1]).long().clamp(0, height).tolist()
+        h_ends = torch.ceil(edges_h[:, 1:]).long().clamp(0, height).tolist()
+        batch = boxes[:, 0].long().tolist()
+        channels = torch.arange(self.output_dim, device=features.device) * group * group
+        outputs = []
+        for index, item in enumerate(batch):
+            bins = []
+            for ph in range(group):
+                hs, he = h_starts[index][ph], h_ends[index][ph]
+                for pw in range(group):
+                    ws, we = w_starts[index][pw], w_ends[index][pw]
+                    if he <= hs or we <= ws:
+                        bins.append(features.new_zeros(self.output_dim))
+                        continue
+                    region = features[item].index_select(0, channels + ph * group + pw)[:, hs:he, ws:we]
+                    bins.append(region.sum((1, 2)) / float((he - hs) * (we - ws)))
+            outputs.append(torch.stack(bins, dim=1).reshape(self.output_dim, group, group))
+        if not outputs:
+            return features.new_zeros((0, self.output_dim, group, group))
+        return torch.stack(outputs)
+
+    def extra_repr(self) -> str:
+        return _kwargs(output_dim=self.output_dim, group_size=self.group_size, spatial_scale=self.spatial_scale)
+
+
+def generate_anchors(scales: tuple, ratios: tuple = (0.5, 1.0, 2.0), base_size: int = 16) -> torch.Tensor:
+    """py-faster-rcnn's generate_anchors (float64, np.round's half to even), ratio-major then scale."""
+    def centre(box):
+        w, h = box[2] - box[0] + 1, box[3] - box[1] + 1
+        return w, h, box[0] + 0.5 * (w - 1), box[1] + 0.5 * (h - 1)
+
+    def boxes(ws, hs, x, y):
+        return torch.stack([x - 0.5 * (ws - 1), y - 0.5 * (hs - 1), x + 0.5 * (ws - 1), y + 0.5 * (hs - 1)], dim=1)
+
+    w, h, x, y = centre(torch.tensor([0.0, 0.0, base_size - 1.0, base_size - 1.0], dtype=torch.float64))
+    ratio = torch.tensor(ratios, dtype=torch.float64)
+    ws = torch.round(torch.sqrt(w * h / ratio))
+    ratio_anchors = boxes(ws, torch.round(ws * ratio), x, y)
+    scale = torch.tensor(scales, dtype=torch.float64)
+    out = []
+    for anchor in ratio_anchors:
+        w, h, x, y = centre(anchor)
+        out.append(boxes(w * scale, h * scale, x, y))
+    return torch.cat(out)
+
+
+def rpn_nms(boxes: torch.Tensor, threshold: float) -> list[int]:
+    """py-faster-rcnn's GPU NMS on boxes sorted by score: suppress IoU > threshold, areas with the +1."""
+    x1, y1, x2, y2 = boxes.unbind(1)
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+    kept: list[int] = []
+    suppressed = torch.zeros(boxes.shape[0], dtype=torch.bool)
+    rows = max(1, (1 << 22) // max(1, boxes.shape[0]))
+    for start in range(0, boxes.shape[0], rows):
+        block = slice(start, start + rows)
+        width = (torch.minimum(x2[block, None], x2[None]) - torch.maximum(x1[block, None], x1[None]) + 1).clamp(min=0)
+        height = (torch.minimum(y2[block, None], y2[None]) - torch.maximum(y1[block, None], y1[None]) + 1).clamp(min=0)
+        inter = width * height
+        overlaps = (inter / (areas[block, None] + areas[None] - inter) > threshold).cpu()
+        for offset in range(overlaps.shape[0]):
+            index = start + offset
+            if not suppressed[index]:
+                kept.append(index)
+                suppressed |= overlaps[offset]
+    return kept
+
+
+class Proposal(nn.Module):
+    """py-faster-rcnn's ProposalLayer (rpn/proposal_layer.py) at TEST: anchors shifted over the map,
+    deltas applied, clipped, boxes under min_size * scale dropped, top pre_nms_top_n by score, NMS,
+    top post_nms_top_n. Bottoms: rpn_cls_prob_reshape [1, 2A, H, W], rpn_bbox_pred [1, 4A, H, W],
+    im_info [1, 3] (height, width, scale). Tops: rois [R, 5] (0, x1, y1, x2, y2) and optionally the
+    scores [R, 1]. R depends on the data. Equal scores may rank differently from numpy's sort.
+    """
+
+    not_exportable = "its output size depends on the data"
+
+    def __init__(self, feat_stride: int, scales: tuple = (8, 16, 32), pre_nms_top_n: int = 6000,
+                 post_nms_top_n: int = 300, nms_thresh: float = 0.7, min_size: int = 16,
+                 with_scores: bool = False) -> None:
+        super().__init__()
+        self.feat_stride, self.scales = int(feat_stride), tuple(scales)
+        self.pre_nms_top_n, self.post_nms_top_n = int(pre_nms_top_n), int(post_nms_top_n)
+        self.nms_thresh, self.min_size, self.with_scores = float(nms_thresh), int(min_size), bool(with_scores)
+        self.register_buffer("anchors", generate_anchors(self.scales).float(), persistent=False)
+
+    def forward(self, scores: torch.Tensor, deltas: torch.Tensor, im_info: torch.Tensor):
+        torch._assert(scores.shape[0] == 1, "the proposal layer takes single-image batches")
+        count = self.anchors.shape[0]
+        height, width = scores.shape[-2:]
+        scores = scores[:, count:].float().permute(0, 2, 3, 1).reshape(-1)
+        deltas = deltas.float().permute(0, 2, 3, 1).reshape(-1, 4)
+        info = im_info.float().reshape(-1)[:3]
+        shift_x = torch.arange(width, device=scores.device) * self.feat_stride
+        shift_y = torch.arange(height, device=scores.device) * self.feat_stride
+        grid_y, grid_x = torch.meshgrid(shift_y, shift_x, indexing="ij")
+        shifts = torch.stack([grid_x, grid_y, grid_x, grid_y], dim=-1).reshape(-1, 1, 4).float()
+        anchors = (self.anchors.to(scores.device)[None] + shifts).reshape(-1, 4)
+        widths = anchors[:, 2] - anchors[:, 0] + 1.0
+        heights = anchors[:, 3] - anchors[:, 1] + 1.0
+        center_x, center_y = anchors[:, 0] + 0.5 * widths, anchors[:, 1] + 0.5 * heights
+        box_x = deltas[:, 0] * widths + center_x
+        box_y = deltas[:, 1] * heights + center_y
+        box_w, box_h = torch.exp(deltas[:, 2]) * widths, torch.exp(deltas[:, 3]) * heights
+        boxes = torch.stack([box_x - 0.5 * box_w, box_y - 0.5 * box_h, box_x + 0.5 * box_w, box_y + 0.5 * box_h], 1)
+        limits = torch.stack([info[1] - 1, info[0] - 1, info[1] - 1, info[0] - 1])
+        boxes = torch.maximum(torch.minimum(boxes, limits), torch.zeros_like(limits))
+        smallest = self.min_size * info[2]
+        keep = ((boxes[:, 2] - boxes[:, 0] + 1) >= smallest) & ((boxes[:, 3] - boxes[:, 1] + 1) >= smallest)
+        boxes, scores = boxes[keep], scores[keep]
+        order = torch.flip(torch.sort(scores, stable=True).indices, [0])  # numpy's argsort()[::-1]
+        if self.pre_nms_top_n > 0:
+            order = order[:self.pre_nms_top_n]
+        boxes, scores = boxes[order], scores[order]
+        kept = rpn_nms(boxes, self.nms_thresh)
+        if self.post_nms_top_n > 0:
+            kept = kept[:self.post_nms_top_n]
+        index = torch.tensor(kept, dtype=torch.long, device=boxes.device)
+        rois = torch.cat([boxes.new_zeros(len(kept), 1), boxes[index]], dim=1)
+        if self.with_scores:
+            return rois, scores[index][:, None]
+        return rois
+
+    def extra_repr(self) -> str:
+        return _kwargs(feat_stride=self.feat_stride, scales=self.scales, pre_nms_top_n=self.pre_nms_top_n,
+                       post_nms_top_n=self.post_nms_top_n, nms_thresh=self.nms_thresh, min_size=self.min_size,
+                       with_scores=self.with_scores)
