@@ -14,7 +14,7 @@ Shape = tuple[int, ...]
 DATA_TYPES = {"Data", "ImageData", "HDF5Data", "WindowData", "MemoryData", "DummyData", "ImageSegData",
               "AnnotatedData", "DenseImageData", "VideoData"}
 # Layers that only score training or testing: dropped from a conversion (any type named *Loss too).
-SCORING_TYPES = {"Accuracy", "SegAccuracy", "HDF5Output", "DetectionEvaluate", "Silence"}
+SCORING_TYPES = {"Accuracy", "SegAccuracy", "HDF5Output", "MatWrite", "DetectionEvaluate", "Silence"}
 
 
 def is_scoring(layer_type: str) -> bool:

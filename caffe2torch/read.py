@@ -54,6 +54,12 @@ _V1_TYPE_NAMES = {
     "TANH": "TanH",
     "WINDOW_DATA": "WindowData",
     "THRESHOLD": "Threshold",
+    # DeepLab v1
+    "IMAGE_SEG_DATA": "ImageSegData",
+    "SEG_ACCURACY": "SegAccuracy",
+    "INTERP": "Interp",
+    "MAT_WRITE": "MatWrite",
+    "MAT_READ": "MatRead",
 }
 
 

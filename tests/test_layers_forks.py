@@ -321,3 +321,30 @@ def test_fork_layers_in_a_net_export_run_in_half_and_write_standalone_code(tmp_p
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert torch.equal(module.load(tmp_path / "folder")(x), net(x))
+
+
+DEEPLAB_V1_TEST = """name: "deeplab_v1_test"
+layers { name: "data" type: IMAGE_SEG_DATA top: "data" top: "label"
+  image_data_param { source: "list.txt" batch_size: 1 label_type: PIXEL }
+  transform_param { mean_value: 104 mean_value: 117 mean_value: 123 crop_size: 65 } include: { phase: TEST } }
+layers { bottom: "data" top: "fc6" name: "fc6" type: CONVOLUTION blobs_lr: 1 blobs_lr: 2
+  convolution_param { num_output: 4 pad: 12 kernel_size: 3 hole: 12 } }
+layers { bottom: "fc6" top: "fc6" name: "relu6" type: RELU }
+layers { bottom: "fc6" top: "fc8_interp" name: "fc8_interp" type: INTERP interp_param { zoom_factor: 2 } }
+layers { name: "fc8_mat" type: MAT_WRITE bottom: "fc8_interp" mat_write_param { prefix: "out/" source: "list.txt" } }
+layers { name: "silence" type: SILENCE bottom: "label" include: { phase: TEST } }
+"""
+
+
+def test_deeplab_v1_test_net_in_the_v1_format_converts(tmp_path):
+    from caffe2torch.conversion import convert
+
+    path = tmp_path / "test.prototxt"
+    path.write_text(DEEPLAB_V1_TEST)
+    conversion = convert(None, path)
+    info = conversion.net.meta["caffe"]
+    assert dict(info.inputs) == {"data": (1, 3, 65, 65)}
+    assert info.blob_shapes["fc8_interp"] == (1, 4, 129, 129)
+    assert conversion.net.fc6.dilation == (12, 12)  # hole 12, the LargeFOV setting
+    assert any("'fc8_mat' (MatWrite)" in note for note in conversion.notes)
+    assert conversion.warnings == []  # label_type is ImageSegData's own field, but that layer is left out
