@@ -33,3 +33,51 @@ def convert_reference(reference_dir: Path, name: str):
                        on_warning=lambda _: None).net
     units = reference_dir / "units"
     return convert(units / f"{name}.caffemodel", units / f"{name}.prototxt", on_warning=lambda _: None).net
+
+
+def random_net(tmp_path: Path, prototxt: str, std: float, seed: int = 0):
+    """The net of a prototxt text (no weights), its parameters drawn from N(0, std) with a fixed seed."""
+    import torch
+
+    from caffe2torch.conversion import convert
+
+    path = tmp_path / "net.prototxt"
+    path.write_text(prototxt)
+    net = convert(None, path).net
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.normal_(0, std)
+    return net
+
+
+def load_standalone(folder: Path):
+    """A saved folder's net, built by its own model.py (which must need nothing but torch)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"standalone_{folder.name}", folder / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.load(folder)
+
+
+def layer_from_text(text: str):
+    """A LayerParameter from its prototxt text."""
+    from google.protobuf import text_format
+
+    from proto import caffe_pb2
+
+    return text_format.Parse(text, caffe_pb2.LayerParameter())
+
+
+def run_layer(layer, shapes, blobs, *inputs):
+    """Convert one layer and run it on NumPy inputs: (Converted, output array or tuple of arrays)."""
+    import numpy as np
+    import torch
+
+    from caffe2torch.layers import convert_layer
+
+    converted = convert_layer(layer, shapes, blobs)
+    with torch.no_grad():
+        out = converted.module(*[torch.from_numpy(np.ascontiguousarray(x)) for x in inputs])
+    return converted, (tuple(o.numpy() for o in out) if isinstance(out, tuple) else out.numpy())

@@ -10,28 +10,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from google.protobuf import text_format
 
 from caffe2torch.errors import CaffeError
+from tests.conftest import layer_from_text, load_standalone, random_net, run_layer
 from caffe2torch.layers import convert_layer
 from caffe2torch.read import parse_caffemodel
 from proto import caffe_pb2
 
 F = np.float32
 LOWEST = np.finfo(F).min
-
-
-def _layer(text: str) -> caffe_pb2.LayerParameter:
-    return text_format.Parse(text, caffe_pb2.LayerParameter())
-
-
-def _run(layer, shapes, blobs, *inputs):
-    converted = convert_layer(layer, shapes, blobs)
-    with torch.no_grad():
-        out = converted.module(*[torch.from_numpy(np.ascontiguousarray(x)) for x in inputs])
-    if isinstance(out, tuple):
-        return converted, [o.numpy() for o in out]
-    return converted, out.numpy()
 
 
 # ---------------------------------------------------------------- MAX pooling's mask top, ceil_mode
@@ -75,12 +62,12 @@ def test_max_pooling_mask_matches_fork_loop(param, ceil):
     x = np.round(rng.normal(0, 2, (2, 3, 7, 9))).astype(F)  # many ties: the first maximum must win
     x[0, 0, 0, :3] = np.nan
     x[1, 1, 2:5, 2:5] = -np.inf
-    layer = _layer(f'name: "pool" type: "Pooling" top: "pool" top: "mask" pooling_param {{ pool: MAX {param} }}')
+    layer = layer_from_text(f'name: "pool" type: "Pooling" top: "pool" top: "mask" pooling_param {{ pool: MAX {param} }}')
     p = layer.pooling_param
     kernel = (p.kernel_h, p.kernel_w) if p.HasField("kernel_h") else (p.kernel_size,) * 2
     stride = (p.stride_h, p.stride_w) if p.HasField("stride_h") else (p.stride,) * 2
     pad = (p.pad_h, p.pad_w) if p.HasField("pad_h") else (p.pad,) * 2
-    converted, (top, mask) = _run(layer, [x.shape], [], x)
+    converted, (top, mask) = run_layer(layer, [x.shape], [], x)
     expected_top, expected_mask = max_pool_reference(x, kernel, stride, pad, ceil)
     assert converted.top_shapes == [expected_top.shape] * 2
     np.testing.assert_array_equal(top, expected_top)
@@ -88,12 +75,12 @@ def test_max_pooling_mask_matches_fork_loop(param, ceil):
 
 
 def test_ceil_mode_false_floors_and_conflicts_are_refused():
-    layer = _layer('name: "pool" type: "Pooling" pooling_param { pool: AVE kernel_size: 3 stride: 2 ceil_mode: false }')
+    layer = layer_from_text('name: "pool" type: "Pooling" pooling_param { pool: AVE kernel_size: 3 stride: 2 ceil_mode: false }')
     assert convert_layer(layer, [(1, 1, 8, 8)], []).top_shapes == [(1, 1, 3, 3)]  # ceil would give 4
     layer.pooling_param.round_mode = caffe_pb2.PoolingParameter.CEIL
     with pytest.raises(CaffeError, match="round_mode and ceil_mode disagree"):
         convert_layer(layer, [(1, 1, 8, 8)], [])
-    layer = _layer('name: "pool" type: "Pooling" top: "a" top: "b" pooling_param { pool: AVE kernel_size: 2 }')
+    layer = layer_from_text('name: "pool" type: "Pooling" top: "a" top: "b" pooling_param { pool: AVE kernel_size: 2 }')
     with pytest.raises(CaffeError, match="only MAX pooling has a second"):
         convert_layer(layer, [(1, 1, 8, 8)], [])
 
@@ -119,27 +106,27 @@ def upsample_reference(x, mask, out_h, out_w):
 ])
 def test_upsample_with_mask_matches_fork_loop(param, pool, shape, size):
     x = np.random.default_rng(5).normal(0, 1, shape).astype(F)
-    pooling = _layer(f'name: "pool" type: "Pooling" top: "p" top: "m" pooling_param {{ pool: MAX {pool} }}')
-    _, (pooled, mask) = _run(pooling, [x.shape], [], x)
-    layer = _layer(f'name: "up" type: "Upsample" upsample_param {{ {param} }}')
-    converted, out = _run(layer, [pooled.shape, mask.shape], [], pooled, mask)
+    pooling = layer_from_text(f'name: "pool" type: "Pooling" top: "p" top: "m" pooling_param {{ pool: MAX {pool} }}')
+    _, (pooled, mask) = run_layer(pooling, [x.shape], [], x)
+    layer = layer_from_text(f'name: "up" type: "Upsample" upsample_param {{ {param} }}')
+    converted, out = run_layer(layer, [pooled.shape, mask.shape], [], pooled, mask)
     assert converted.top_shapes == [pooled.shape[:2] + size]
     np.testing.assert_array_equal(out, upsample_reference(pooled, mask, *size))
 
 
 def test_upsample_with_one_bottom_is_nearest_neighbour():
     x = np.arange(6, dtype=F).reshape(1, 1, 2, 3)
-    layer = _layer('name: "up" type: "Upsample" upsample_param { scale: 2 }')
-    converted, out = _run(layer, [x.shape], [], x)
+    layer = layer_from_text('name: "up" type: "Upsample" upsample_param { scale: 2 }')
+    converted, out = run_layer(layer, [x.shape], [], x)
     assert converted.top_shapes == [(1, 1, 4, 6)]
     np.testing.assert_array_equal(out[0, 0], np.repeat(np.repeat(x[0, 0], 2, 0), 2, 1))
 
 
 def test_upsample_checks():
     with pytest.raises(CaffeError, match=r"'up' \(Upsample\): the mask \(bottom 1\) has shape"):
-        convert_layer(_layer('name: "up" type: "Upsample"'), [(1, 2, 4, 4), (1, 2, 4, 5)], [])
+        convert_layer(layer_from_text('name: "up" type: "Upsample"'), [(1, 2, 4, 4), (1, 2, 4, 5)], [])
     with pytest.raises(CaffeError, match="pad_out_h / pad_out_w need scale 2"):
-        convert_layer(_layer('name: "up" type: "Upsample" upsample_param { scale: 3 pad_out_w: true }'),
+        convert_layer(layer_from_text('name: "up" type: "Upsample" upsample_param { scale: 3 pad_out_w: true }'),
                       [(1, 2, 4, 4)] * 2, [])
 
 
@@ -150,9 +137,9 @@ def test_segnet_bn_inference_is_scale_times_x_plus_shift_exactly():
     rng = np.random.default_rng(1)
     x = rng.normal(0, 3, (2, 4, 3, 5)).astype(F)
     scale, shift = rng.normal(0, 1, (1, 4, 1, 1)).astype(F), rng.normal(0, 1, (1, 4, 1, 1)).astype(F)
-    layer = _layer('name: "bn" type: "BN" bn_param { bn_mode: INFERENCE scale_filler { type: "constant" value: 1 } '
+    layer = layer_from_text('name: "bn" type: "BN" bn_param { bn_mode: INFERENCE scale_filler { type: "constant" value: 1 } '
                    'shift_filler { type: "constant" value: 0.001 } }')
-    _, out = _run(layer, [x.shape], [scale, shift], x)
+    _, out = run_layer(layer, [x.shape], [scale, shift], x)
     np.testing.assert_array_equal(out, x * scale + shift)  # caffe_mul, then caffe_add
 
 
@@ -160,8 +147,8 @@ def test_segnet_bn_learn_uses_the_batch_statistics_formula():
     rng = np.random.default_rng(2)
     x = rng.normal(5, 3, (3, 4, 6, 5)).astype(F)
     scale, shift = rng.normal(1, 0.1, (1, 4, 1, 1)).astype(F), rng.normal(0, 1, (1, 4, 1, 1)).astype(F)
-    layer = _layer('name: "bn" type: "BN" bn_param { bn_mode: LEARN }')
-    converted, out = _run(layer, [x.shape], [scale, shift], x)
+    layer = layer_from_text('name: "bn" type: "BN" bn_param { bn_mode: LEARN }')
+    converted, out = run_layer(layer, [x.shape], [scale, shift], x)
     mean = x.astype(np.float64).mean(axis=(2, 3)).mean(0)
     variance = (x.astype(np.float64) ** 2).mean(axis=(2, 3)).mean(0) - mean ** 2  # E(X^2) - (EX)^2
     expected = (x - mean[:, None, None]) / np.sqrt(variance + 1e-9)[:, None, None] * scale + shift
@@ -180,7 +167,7 @@ def test_segnet_and_pspnet_bn_are_told_apart_in_binaries():
     net = parse_caffemodel(caffe_pb2.NetParameter(layer=[layer]).SerializeToString(), "segnet.caffemodel")
     read = net.layer[0]
     blobs = [np.array(b.data, F).reshape(1, 2, 1, 1) for b in read.blobs]
-    _, out = _run(read, [(1, 2, 1, 1)], blobs, np.ones((1, 2, 1, 1), F))
+    _, out = run_layer(read, [(1, 2, 1, 1)], blobs, np.ones((1, 2, 1, 1), F))
     np.testing.assert_array_equal(out, np.full((1, 2, 1, 1), 2.5, F))
 
 
@@ -218,8 +205,8 @@ def test_deeplab_hole_is_dilation():
     rng = np.random.default_rng(4)
     x = rng.normal(0, 1, (1, 3, 13, 11)).astype(F)
     weight, bias = rng.normal(0, 1, (4, 3, 3, 3)).astype(F), rng.normal(0, 1, 4).astype(F)
-    layer = _layer('name: "fc6" type: "Convolution" convolution_param { num_output: 4 kernel_size: 3 pad: 2 hole: 2 }')
-    converted, out = _run(layer, [x.shape], [weight, bias], x)
+    layer = layer_from_text('name: "fc6" type: "Convolution" convolution_param { num_output: 4 kernel_size: 3 pad: 2 hole: 2 }')
+    converted, out = run_layer(layer, [x.shape], [weight, bias], x)
     np.testing.assert_allclose(out, conv_reference(x, weight, bias, 1, 2, (2, 2), 1), rtol=1e-5, atol=1e-5)
     layer.convolution_param.dilation.append(2)
     with pytest.raises(CaffeError, match="give dilation or hole, not both"):
@@ -238,21 +225,21 @@ def test_shuffle_channel_matches_fork_pointer_loop():
         for i in range(rows):
             for j in range(columns):
                 expected[n, j * rows + i] = x[n, i * columns + j]  # p_o = out + (j * group_row + i) * len
-    layer = _layer(f'name: "shuffle" type: "ShuffleChannel" shuffle_channel_param {{ group: {group} }}')
-    _, out = _run(layer, [x.shape], [], x)
+    layer = layer_from_text(f'name: "shuffle" type: "ShuffleChannel" shuffle_channel_param {{ group: {group} }}')
+    _, out = run_layer(layer, [x.shape], [], x)
     np.testing.assert_array_equal(out, expected)
     with pytest.raises(CaffeError, match="group 5 must divide the channels"):
-        convert_layer(_layer('name: "s" type: "ShuffleChannel" shuffle_channel_param { group: 5 }'), [x.shape], [])
+        convert_layer(layer_from_text('name: "s" type: "ShuffleChannel" shuffle_channel_param { group: 5 }'), [x.shape], [])
 
 
 def test_axpy_is_a_times_x_plus_y():
     rng = np.random.default_rng(6)
     a, x, y = rng.normal(0, 1, (2, 4, 1, 1)).astype(F), rng.normal(0, 1, (2, 4, 3, 3)).astype(F), \
         rng.normal(0, 1, (2, 4, 3, 3)).astype(F)
-    _, out = _run(_layer('name: "axpy" type: "Axpy"'), [a.shape, x.shape, y.shape], [], a, x, y)
+    _, out = run_layer(layer_from_text('name: "axpy" type: "Axpy"'), [a.shape, x.shape, y.shape], [], a, x, y)
     np.testing.assert_array_equal(out, y + a * x)
     with pytest.raises(CaffeError, match="bottom 0 \\(the scale\\) has shape"):
-        convert_layer(_layer('name: "axpy" type: "Axpy"'), [(2, 4, 3, 3), x.shape, y.shape], [])
+        convert_layer(layer_from_text('name: "axpy" type: "Axpy"'), [(2, 4, 3, 3), x.shape, y.shape], [])
 
 
 @pytest.mark.parametrize("kind", ["ConvolutionDepthwise", "DepthwiseConvolution"])
@@ -262,7 +249,7 @@ def test_depthwise_convolutions(kind):
     weight, bias = rng.normal(0, 1, (6, 1, 3, 3)).astype(F), rng.normal(0, 1, 6).astype(F)
     # ConvolutionDepthwise reads neither num_output nor group; DepthwiseConvolution is Convolution.
     param = "kernel_size: 3 stride: 2 pad: 1" + (" num_output: 6 group: 6" if kind == "DepthwiseConvolution" else "")
-    converted, out = _run(_layer(f'name: "dw" type: "{kind}" convolution_param {{ {param} }}'), [x.shape],
+    converted, out = run_layer(layer_from_text(f'name: "dw" type: "{kind}" convolution_param {{ {param} }}'), [x.shape],
                           [weight, bias], x)
     assert converted.top_shapes == [(2, 6, 4, 4)]
     np.testing.assert_allclose(out, conv_reference(x, weight, bias, 2, 1, (1, 1), 6), rtol=1e-5, atol=1e-5)
@@ -270,12 +257,12 @@ def test_depthwise_convolutions(kind):
 
 def test_crop_center_crops_each_axis_symmetrically():
     x = np.arange(2 * 3 * 8 * 9, dtype=F).reshape(2, 3, 8, 9)
-    layer = _layer('name: "crop" type: "CropCenter" crop_center_param { crop_size: 0 crop_size: 0 '
+    layer = layer_from_text('name: "crop" type: "CropCenter" crop_center_param { crop_size: 0 crop_size: 0 '
                    'crop_size: 2 crop_size: 3 }')
-    converted, out = _run(layer, [x.shape], [], x)
+    converted, out = run_layer(layer, [x.shape], [], x)
     np.testing.assert_array_equal(out, x[:, :, 2:-2, 3:-3])
     assert converted.top_shapes == [(2, 3, 4, 3)]
-    _, larger = _run(layer, [x.shape], [], np.concatenate([x, x]))  # the batch axis stays free
+    _, larger = run_layer(layer, [x.shape], [], np.concatenate([x, x]))  # the batch axis stays free
     assert larger.shape == (4, 3, 4, 3)
 
 
@@ -294,19 +281,10 @@ layer { name: "score" type: "Convolution" bottom: "crop" top: "score" convolutio
 
 
 def test_fork_layers_in_a_net_export_run_in_half_and_write_standalone_code(tmp_path):
-    import importlib.util
-
-    from caffe2torch.conversion import convert
     from caffe2torch.export import export
     from caffe2torch.folder import save_net
 
-    path = tmp_path / "segnet.prototxt"
-    path.write_text(SEGNET_LIKE)
-    net = convert(None, path).net
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for parameter in net.parameters():
-            parameter.normal_(0, 0.5)
+    net = random_net(tmp_path, SEGNET_LIKE, std=0.5)
     x = torch.randn(1, 3, 12, 14)
     out = net(x)
     assert out.shape == (1, 2, 10, 10)
@@ -317,10 +295,7 @@ def test_fork_layers_in_a_net_export_run_in_half_and_write_standalone_code(tmp_p
     assert half.dtype == torch.float16 and torch.allclose(half.float(), out, rtol=0.05, atol=0.05)
     net.float()
     save_net(net, tmp_path / "folder")
-    spec = importlib.util.spec_from_file_location("segnet_standalone", tmp_path / "folder" / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert torch.equal(module.load(tmp_path / "folder")(x), net(x))
+    assert torch.equal(load_standalone(tmp_path / "folder")(x), net(x))
 
 
 DEEPLAB_V1_TEST = """name: "deeplab_v1_test"

@@ -9,25 +9,18 @@ import math
 import numpy as np
 import pytest
 import torch
-from google.protobuf import text_format
 
 from caffe2torch.errors import CaffeError
 from caffe2torch.layers import convert_layer
 from caffe2torch.layers.rcnn import parse_param_str
+from tests.conftest import layer_from_text, load_standalone, random_net, run_layer
 from proto import caffe_pb2
 
 F = np.float32
 
 
-def _layer(text: str) -> caffe_pb2.LayerParameter:
-    return text_format.Parse(text, caffe_pb2.LayerParameter())
-
-
-def _run(layer, shapes, *inputs):
-    converted = convert_layer(layer, shapes, [])
-    with torch.no_grad():
-        out = converted.module(*[torch.from_numpy(np.ascontiguousarray(x)) for x in inputs])
-    return converted, (tuple(o.numpy() for o in out) if isinstance(out, tuple) else out.numpy())
+def _run_without_blobs(layer, shapes, *inputs):
+    return run_layer(layer, shapes, [], *inputs)
 
 
 def c_round(x: float) -> float:
@@ -66,9 +59,9 @@ def test_roi_pooling_matches_fork_loop():
     rng = np.random.default_rng(0)
     x = np.round(rng.normal(0, 2, (2, 3, 12, 16))).astype(F)
     x[0, 1, 2:4, 2:4] = np.nan
-    layer = _layer('name: "roi_pool5" type: "ROIPooling" roi_pooling_param { pooled_h: 3 pooled_w: 4 '
+    layer = layer_from_text('name: "roi_pool5" type: "ROIPooling" roi_pooling_param { pooled_h: 3 pooled_w: 4 '
                    'spatial_scale: 0.25 }')
-    converted, out = _run(layer, [x.shape, ROIS.shape], x, ROIS)
+    converted, out = _run_without_blobs(layer, [x.shape, ROIS.shape], x, ROIS)
     assert converted.top_shapes == [(6, 3, 3, 4)]
     np.testing.assert_array_equal(out, roi_pooling_reference(x, ROIS, 3, 4, 0.25))
 
@@ -100,13 +93,13 @@ def psroi_reference(x, rois, output_dim, group, scale):
 def test_psroi_pooling_matches_fork_kernel():
     rng = np.random.default_rng(1)
     x = rng.normal(0, 1, (2, 2 * 3 * 3, 12, 16)).astype(F)
-    layer = _layer('name: "psroi" type: "PSROIPooling" psroi_pooling_param { spatial_scale: 0.25 output_dim: 2 '
+    layer = layer_from_text('name: "psroi" type: "PSROIPooling" psroi_pooling_param { spatial_scale: 0.25 output_dim: 2 '
                    'group_size: 3 }')
-    converted, out = _run(layer, [x.shape, ROIS.shape], x, ROIS)
+    converted, out = _run_without_blobs(layer, [x.shape, ROIS.shape], x, ROIS)
     assert converted.top_shapes == [(6, 2, 3, 3)]
     np.testing.assert_allclose(out, psroi_reference(x, ROIS, 2, 3, 0.25), rtol=1e-6, atol=1e-6)
     with pytest.raises(CaffeError, match="input has 18 channels; output_dim 3 x group_size 3"):
-        convert_layer(_layer('name: "p" type: "PSROIPooling" psroi_pooling_param { spatial_scale: 1 output_dim: 3 '
+        convert_layer(layer_from_text('name: "p" type: "PSROIPooling" psroi_pooling_param { spatial_scale: 1 output_dim: 3 '
                              'group_size: 3 }'), [x.shape, ROIS.shape], [])
 
 
@@ -191,7 +184,7 @@ def test_proposal_layer_matches_py_faster_rcnn(param_str, scales):
     layer = caffe_pb2.LayerParameter(name="proposal", type="Python", top=["rois", "scores"])
     layer.python_param.module, layer.python_param.layer = "rpn.proposal_layer", "ProposalLayer"
     layer.python_param.param_str = param_str
-    converted, (rois, kept_scores) = _run(layer, [scores.shape, deltas.shape, im_info.shape], scores, deltas, im_info)
+    converted, (rois, kept_scores) = _run_without_blobs(layer, [scores.shape, deltas.shape, im_info.shape], scores, deltas, im_info)
     expected_rois, expected_scores = proposal_reference(scores, deltas, im_info, int(parse_param_str(layer, param_str)
                                                                                          ["feat_stride"]), scales)
     assert converted.top_shapes == [(1, 5), (1, 1)]
@@ -215,12 +208,12 @@ def test_generate_anchors_gives_py_faster_rcnns_defaults():
     ("{'feat_stride': 16, 'scales': [8]}", {"feat_stride": 16, "scales": [8]}),
 ])
 def test_param_str_is_read_without_yaml(text, expected):
-    value = parse_param_str(_layer('name: "p"'), text)
+    value = parse_param_str(layer_from_text('name: "p"'), text)
     assert {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in value.items()} == \
         {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in expected.items()}
 
 
-def test_proposal_layer_errors_name_the_layer():
+def test_proposal_layer_errors_name_thelayer_from_text():
     layer = caffe_pb2.LayerParameter(name="proposal", type="Python", top=["rois"])
     layer.python_param.module, layer.python_param.layer = "rpn.proposal_layer", "ProposalLayer"
     layer.python_param.param_str = "'scales': [8]"
@@ -249,20 +242,11 @@ layer { name: "cls_prob" type: "Softmax" bottom: "cls_score" top: "cls_prob" }
 
 
 def test_faster_rcnn_head_runs_and_says_where_it_cannot_go(tmp_path):
-    import importlib.util
-
-    from caffe2torch.conversion import convert
     from caffe2torch.export import export
     from caffe2torch.fast import cuda_graph
     from caffe2torch.folder import save_net
 
-    path = tmp_path / "faster_rcnn.prototxt"
-    path.write_text(FASTER_RCNN_HEAD)
-    net = convert(None, path).net
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for parameter in net.parameters():
-            parameter.normal_(0, 0.2)
+    net = random_net(tmp_path, FASTER_RCNN_HEAD, std=0.2)
     data, info = torch.randn(1, 3, 64, 80), torch.tensor([[64.0, 80.0, 0.25]])
     probabilities = net(data, info)
     assert probabilities.shape[1] == 5 and probabilities.shape[0] > 1  # one row per proposal, not Caffe's 1
@@ -274,7 +258,4 @@ def test_faster_rcnn_head_runs_and_says_where_it_cannot_go(tmp_path):
     with pytest.raises(CaffeError, match="cannot be captured in a CUDA graph"):
         cuda_graph(net, [data, info])
     save_net(net, tmp_path / "folder")
-    spec = importlib.util.spec_from_file_location("rcnn_standalone", tmp_path / "folder" / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert torch.equal(module.load(tmp_path / "folder")(data, info), probabilities)
+    assert torch.equal(load_standalone(tmp_path / "folder")(data, info), probabilities)

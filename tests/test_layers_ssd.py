@@ -13,25 +13,13 @@ import re
 import numpy as np
 import pytest
 import torch
-from google.protobuf import text_format
 
-from caffe2torch.conversion import convert
 from caffe2torch.errors import CaffeError
 from caffe2torch.layers import convert_layer
 from proto import caffe_pb2
+from tests.conftest import layer_from_text, load_standalone, random_net, run_layer
 
 F = np.float32
-
-
-def _layer(text: str) -> caffe_pb2.LayerParameter:
-    return text_format.Parse(text, caffe_pb2.LayerParameter())
-
-
-def _run(layer, shapes, blobs, *inputs):
-    converted = convert_layer(layer, shapes, blobs)
-    with torch.no_grad():
-        out = converted.module(*[torch.from_numpy(np.ascontiguousarray(x)) for x in inputs])
-    return converted, out.numpy()
 
 
 # ---------------------------------------------------------------- Normalize
@@ -69,16 +57,16 @@ def test_normalize_matches_fork_formula(across_spatial, channel_shared, shape):
     scale = (rng.uniform(1, 30, 1 if channel_shared else shape[1])).astype(F)
     if channel_shared:
         scale = scale.reshape(())  # the fork's blob of shape vector<int>(0)
-    layer = _layer(f'name: "n" type: "Normalize" norm_param {{ across_spatial: {str(across_spatial).lower()} '
+    layer = layer_from_text(f'name: "n" type: "Normalize" norm_param {{ across_spatial: {str(across_spatial).lower()} '
                    f'channel_shared: {str(channel_shared).lower()} eps: 1e-6 }}')
-    converted, out = _run(layer, [shape], [scale], x)
+    converted, out = run_layer(layer, [shape], [scale], x)
     assert converted.top_shapes == [shape]
     expected = normalize_reference(x, scale, across_spatial, channel_shared, F(1e-6))
     np.testing.assert_allclose(out, expected, rtol=2e-6, atol=1e-7)
 
 
 def test_normalize_half_precision_does_not_overflow():
-    layer = _layer('name: "n" type: "Normalize" norm_param { across_spatial: false channel_shared: false }')
+    layer = layer_from_text('name: "n" type: "Normalize" norm_param { across_spatial: false channel_shared: false }')
     x = np.full((1, 512, 2, 2), 300.0, F)  # the sum of squares, 4.6e7, is far beyond float16's 65504
     converted = convert_layer(layer, [x.shape], [np.full(512, 20.0, F)])
     out = converted.module.half()(torch.from_numpy(x).half())
@@ -87,7 +75,7 @@ def test_normalize_half_precision_does_not_overflow():
 
 
 def test_normalize_rejects_a_scale_of_the_wrong_size():
-    layer = _layer('name: "n4_3" type: "Normalize" norm_param { channel_shared: false }')
+    layer = layer_from_text('name: "n4_3" type: "Normalize" norm_param { channel_shared: false }')
     with pytest.raises(CaffeError, match=r"'n4_3' \(Normalize\): scale blob has 3 values, expected 8"):
         convert_layer(layer, [(1, 8, 2, 2)], [np.ones(3, F)])
 
@@ -114,8 +102,8 @@ def permute_reference(x: np.ndarray, orders: list[int]) -> np.ndarray:
 @pytest.mark.parametrize("given, full", [([0, 2, 3, 1], [0, 2, 3, 1]), ([3, 1], [3, 1, 0, 2]), ([], [0, 1, 2, 3])])
 def test_permute_matches_fork_index_arithmetic(given, full):
     x = np.arange(2 * 3 * 4 * 5, dtype=F).reshape(2, 3, 4, 5)
-    layer = _layer('name: "p" type: "Permute" permute_param { ' + " ".join(f"order: {o}" for o in given) + " }")
-    converted, out = _run(layer, [x.shape], [], x)
+    layer = layer_from_text('name: "p" type: "Permute" permute_param { ' + " ".join(f"order: {o}" for o in given) + " }")
+    converted, out = run_layer(layer, [x.shape], [], x)
     expected = permute_reference(x, full)
     assert converted.top_shapes == [expected.shape]
     np.testing.assert_array_equal(out, expected)
@@ -123,7 +111,7 @@ def test_permute_matches_fork_index_arithmetic(given, full):
 
 @pytest.mark.parametrize("orders, message", [([0, 4], "order 4 out of range"), ([1, 1], "order 1 given twice")])
 def test_permute_rejects_bad_orders(orders, message):
-    layer = _layer('name: "p" type: "Permute" permute_param { ' + " ".join(f"order: {o}" for o in orders) + " }")
+    layer = layer_from_text('name: "p" type: "Permute" permute_param { ' + " ".join(f"order: {o}" for o in orders) + " }")
     with pytest.raises(CaffeError, match=message):
         convert_layer(layer, [(1, 2, 3, 4)], [])
 
@@ -201,9 +189,9 @@ PRIOR_BOXES = [
 
 @pytest.mark.parametrize("text, layer_size, image_size", PRIOR_BOXES)
 def test_prior_box_matches_fork_loops_bit_for_bit(text, layer_size, image_size):
-    layer = _layer(f'name: "pb" type: "PriorBox" prior_box_param {{ {text} }}')
+    layer = layer_from_text(f'name: "pb" type: "PriorBox" prior_box_param {{ {text} }}')
     shapes = [(1, 8, *layer_size), (1, 3, *image_size)]
-    converted, out = _run(layer, shapes, [], np.zeros(shapes[0], F), np.zeros(shapes[1], F))
+    converted, out = run_layer(layer, shapes, [], np.zeros(shapes[0], F), np.zeros(shapes[1], F))
     expected = prior_box_reference(layer.prior_box_param, *layer_size, *image_size)
     assert converted.top_shapes == [expected.shape]
     np.testing.assert_array_equal(out, expected)
@@ -211,9 +199,9 @@ def test_prior_box_matches_fork_loops_bit_for_bit(text, layer_size, image_size):
 
 def test_prior_box_first_boxes_by_hand():
     # A 2x2 map of a 100x100 image, step 50, offset 0.5: the first centre is (25, 25).
-    layer = _layer('name: "pb" type: "PriorBox" prior_box_param { min_size: 20 max_size: 80 aspect_ratio: 4 '
+    layer = layer_from_text('name: "pb" type: "PriorBox" prior_box_param { min_size: 20 max_size: 80 aspect_ratio: 4 '
                    'flip: false variance: 0.1 }')
-    _, out = _run(layer, [(1, 1, 2, 2), (1, 3, 100, 100)], [], np.zeros((1, 1, 2, 2), F), np.zeros((1, 3, 100, 100), F))
+    _, out = run_layer(layer, [(1, 1, 2, 2), (1, 3, 100, 100)], [], np.zeros((1, 1, 2, 2), F), np.zeros((1, 3, 100, 100), F))
     np.testing.assert_allclose(out[0, 0, :12], [0.15, 0.15, 0.35, 0.35,  # 20 x 20
                                                 0.05, 0.05, 0.45, 0.45,  # sqrt(20 * 80) = 40
                                                 0.05, 0.2, 0.45, 0.3],  # 20 * 2 wide, 20 / 2 high
@@ -228,7 +216,7 @@ def test_prior_box_first_boxes_by_hand():
     ("min_size: 30 img_size: 300 img_h: 300 img_w: 300", "either img_size or img_h/img_w"),
 ])
 def test_prior_box_rejects_what_the_fork_checks(text, message):
-    layer = _layer(f'name: "pb" type: "PriorBox" prior_box_param {{ {text} }}')
+    layer = layer_from_text(f'name: "pb" type: "PriorBox" prior_box_param {{ {text} }}')
     with pytest.raises(CaffeError, match=message):
         convert_layer(layer, [(1, 8, 4, 4), (1, 3, 32, 32)], [])
 
@@ -355,14 +343,14 @@ DETECTIONS = [
 
 @pytest.mark.parametrize("text, num, num_priors, ties", DETECTIONS)
 def test_detection_output_matches_fork_loops(text, num, num_priors, ties):
-    layer = _layer(f'name: "det" type: "DetectionOutput" detection_output_param {{ {text} }}')
+    layer = layer_from_text(f'name: "det" type: "DetectionOutput" detection_output_param {{ {text} }}')
     param = layer.detection_output_param
     loc_classes = 1 if param.share_location else param.num_classes
     for seed in range(3):
         loc, conf, prior = _detection_inputs(seed, num, num_priors, param.num_classes, loc_classes, ties)
         if param.variance_encoded_in_target:
             loc *= F(0.1)
-        converted, out = _run(layer, [loc.shape, conf.shape, prior.shape], [], loc, conf, prior)
+        converted, out = run_layer(layer, [loc.shape, conf.shape, prior.shape], [], loc, conf, prior)
         expected = detection_output_reference(loc, conf, prior, param)
         assert out.shape == expected.shape and out.shape[2] > 0
         np.testing.assert_array_equal(out, expected)
@@ -376,26 +364,26 @@ def test_detection_output_suppression_by_hand():
     conf = np.array([[0.1, 0.9, 0.2, 0.8]], F)  # prior 0: label 1 at 0.9; prior 1: label 1 at 0.8
     for threshold, rows in ((0.45, [[0, 1, 0.9, 0, 0, 0.5, 0.5]]),
                             (0.5, [[0, 1, 0.9, 0, 0, 0.5, 0.5], [0, 1, 0.8, 0.1, 0.1, 0.6, 0.6]])):
-        layer = _layer('name: "det" type: "DetectionOutput" detection_output_param { num_classes: 2 '
+        layer = layer_from_text('name: "det" type: "DetectionOutput" detection_output_param { num_classes: 2 '
                        f'nms_param {{ nms_threshold: {threshold} }} code_type: CORNER }}')
-        _, out = _run(layer, [loc.shape, conf.shape, prior.shape], [], loc, conf, prior)
+        _, out = run_layer(layer, [loc.shape, conf.shape, prior.shape], [], loc, conf, prior)
         np.testing.assert_allclose(out[0, 0], np.array(rows, F), rtol=0, atol=1e-7)
 
 
 def test_detection_output_without_detections_gives_the_forks_placeholder_rows():
-    layer = _layer('name: "det" type: "DetectionOutput" detection_output_param { num_classes: 2 '
+    layer = layer_from_text('name: "det" type: "DetectionOutput" detection_output_param { num_classes: 2 '
                    'confidence_threshold: 0.5 nms_param { nms_threshold: 0.45 } }')
     loc, conf, prior = _detection_inputs(0, 3, 10, 2, 1, False)
     conf[:, 1::2] = 0.5  # label 1's score is never strictly above the threshold
-    _, out = _run(layer, [loc.shape, conf.shape, prior.shape], [], loc, conf, prior)
+    _, out = run_layer(layer, [loc.shape, conf.shape, prior.shape], [], loc, conf, prior)
     np.testing.assert_array_equal(out, np.array([[i, -1, -1, -1, -1, -1, -1] for i in range(3)], F)[None, None])
 
 
 def test_detection_output_checks_its_bottoms():
-    layer = _layer('name: "det" type: "DetectionOutput" detection_output_param { num_classes: 21 }')
+    layer = layer_from_text('name: "det" type: "DetectionOutput" detection_output_param { num_classes: 21 }')
     with pytest.raises(CaffeError, match=r"'det' \(DetectionOutput\): bottom 1 \(confidences\) has shape"):
         convert_layer(layer, [(1, 40), (1, 200), (1, 2, 40)], [])
-    layer = _layer('name: "det" type: "DetectionOutput" detection_output_param { }')
+    layer = layer_from_text('name: "det" type: "DetectionOutput" detection_output_param { }')
     with pytest.raises(CaffeError, match="must specify num_classes"):
         convert_layer(layer, [(1, 40), (1, 200), (1, 2, 40)], [])
 
@@ -426,14 +414,7 @@ layer { name: "det" type: "DetectionOutput" bottom: "loc_flat" bottom: "conf_sfl
 
 @pytest.fixture
 def ssd_net(tmp_path):
-    path = tmp_path / "ssd.prototxt"
-    path.write_text(SSD_HEAD)
-    net = convert(None, path).net
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for parameter in net.parameters():
-            parameter.normal_(0, 0.1)
-    return net
+    return random_net(tmp_path, SSD_HEAD, std=0.1)
 
 
 def test_ssd_head_runs_trains_and_runs_in_half(ssd_net):
@@ -466,16 +447,11 @@ def test_ssd_head_refuses_fixed_shape_export_and_cuda_graphs(ssd_net, tmp_path):
 
 
 def test_ssd_head_standalone_model_py_matches(ssd_net, tmp_path):
-    import importlib.util
-
     from caffe2torch.folder import save_net
 
     save_net(ssd_net, tmp_path / "out")
-    spec = importlib.util.spec_from_file_location("ssd_standalone", tmp_path / "out" / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     x = torch.randn(2, 3, 32, 32)
-    assert torch.equal(module.load(tmp_path / "out")(x), ssd_net(x))
+    assert torch.equal(load_standalone(tmp_path / "out")(x), ssd_net(x))
     source = (tmp_path / "out" / "model.py").read_text()
     assert not re.search(r"^\s*(from|import) caffe2torch", source, re.M) and "class DetectionOutput" in source
 

@@ -97,6 +97,23 @@ def prior_sizes(layer) -> tuple[list[float], int]:
     return sizes, len(sizes) // 2
 
 
+def _pair_or_single(layer, prefix: str, single: str) -> tuple | None:
+    """PriorBox's `<prefix>_h` and `<prefix>_w`, or `single` for both, as LayerSetUp checks them; None if unset."""
+    param = layer.prior_box_param
+    if param.HasField(f"{prefix}_h") or param.HasField(f"{prefix}_w"):
+        if param.HasField(single):
+            raise _fail(layer, f"either {single} or {prefix}_h/{prefix}_w should be specified; not both")
+        value = (getattr(param, f"{prefix}_h"), getattr(param, f"{prefix}_w"))
+    elif param.HasField(single):
+        value = (getattr(param, single),) * 2
+    else:
+        return None
+    if min(value) <= 0:
+        raise _fail(layer, f"{single if param.HasField(single) else prefix + '_h and ' + prefix + '_w'} should be "
+                           f"larger than 0")
+    return value
+
+
 @converter("PriorBox")
 def convert_prior_box(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
     """Default boxes of bottom 0's grid, normalised by the image size (img_size, or bottom 1's)."""
@@ -107,31 +124,13 @@ def convert_prior_box(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray
     if len(feature) != 4:
         raise _fail(layer, f"needs a 4-axis bottom 0, has shape {feature}")
     sizes, priors = prior_sizes(layer)
-    if param.HasField("img_h") or param.HasField("img_w"):
-        if param.HasField("img_size"):
-            raise _fail(layer, "either img_size or img_h/img_w should be specified; not both")
-        image = (param.img_h, param.img_w)
-        if min(image) <= 0:
-            raise _fail(layer, "img_h and img_w should be larger than 0")
-    elif param.HasField("img_size"):
-        if param.img_size <= 0:
-            raise _fail(layer, "img_size should be larger than 0")
-        image = (param.img_size, param.img_size)
-    elif len(inputs) == 2 and len(inputs[1]) == 4:
+    image = _pair_or_single(layer, "img", "img_size")
+    if image is None:
+        if len(inputs) != 2 or len(inputs[1]) != 4:
+            raise _fail(layer, "needs the image as bottom 1 (or img_size / img_h, img_w) to scale its boxes")
         image = (inputs[1][2], inputs[1][3])
-    else:
-        raise _fail(layer, "needs the image as bottom 1 (or img_size / img_h, img_w) to scale its boxes")
-    if param.HasField("step_h") or param.HasField("step_w"):
-        if param.HasField("step"):
-            raise _fail(layer, "either step or step_h/step_w should be specified; not both")
-        step = (param.step_h, param.step_w)
-        if min(step) <= 0:
-            raise _fail(layer, "step_h and step_w should be larger than 0")
-    elif param.HasField("step"):
-        if param.step <= 0:
-            raise _fail(layer, "step should be larger than 0")
-        step = (param.step, param.step)
-    else:
+    step = _pair_or_single(layer, "step", "step")
+    if step is None:
         step = (_float32(np.float32(image[0]) / np.float32(feature[2])),
                 _float32(np.float32(image[1]) / np.float32(feature[3])))
     variance = [float(v) for v in param.variance] or [_float32(0.1)]
