@@ -12,7 +12,8 @@ from torch import fx
 from caffe2torch import manifest
 from caffe2torch.errors import CaffeError
 from caffe2torch.model import from_net_parameter, layer_calls, unmatched_weights
-from caffe2torch.read import UnknownField, read_prototxt, read_weights, unknown_binary_fields
+from caffe2torch.read import (UnknownField, ambiguous_binary_fields, read_prototxt, read_weights,
+                              unknown_binary_fields)
 from caffe2torch.write import weights_stem
 from proto import caffe_pb2
 
@@ -120,6 +121,9 @@ def convert(weights: str | os.PathLike | None, prototxt: str | os.PathLike | Non
     definition, prototxt_path = _definition_for(weights_path, stored, prototxt_path, release, find_prototxt, notes,
                                                 unknown)
     source = str(prototxt_path or weights_path)
+    if definition is stored and stored is not None:
+        for message in ambiguous_binary_fields(definition, str(weights_path)):
+            warn(message)
     unmatched_weights(definition, trained, str(weights_path), source)
     # A prototxt alone shows the structure: layers get zero-filled blobs of Caffe's shapes.
     net = from_net_parameter(definition, trained, source, input_shape, warn, fill_missing=weights_path is None,

@@ -343,6 +343,18 @@ def unknown_binary_fields(net: caffe_pb2.NetParameter, source: str) -> list[Unkn
     return fields
 
 
+def ambiguous_binary_fields(net: caffe_pb2.NetParameter, source: str) -> list[str]:
+    """Warnings for binary fields two Caffe versions number alike with different meanings (text names differ)."""
+    found = []
+    for layer in net.layer:
+        if layer.type == "Pooling" and layer.pooling_param.HasField("round_mode"):
+            mode = caffe_pb2.PoolingParameter.RoundMode.Name(layer.pooling_param.round_mode)
+            found.append(f"{source}: layer {layer.name!r}: Pooling field 13 is read as BVLC's round_mode ({mode}); "
+                         f"the ceil_mode forks store ceil_mode there with 0 and 1 swapped: give the deploy "
+                         f"prototxt if the model comes from one")
+    return found
+
+
 def _decode_strings(message) -> None:
     """Check every string field: protobuf hands a proto2 string that is not UTF-8 back as bytes (or
     raises when it is first read), so a damaged name would fail far from here. Blobs hold no strings."""

@@ -303,3 +303,13 @@ def test_unknown_binary_fields_are_listed_by_number():
     assert net.layer[0].pooling_param.kernel_size == 2
     assert [(u.layer, u.field) for u in unknown_binary_fields(net, "x.caffemodel")] == [
         (None, "#77"), ("p", "#300"), ("p", "pooling_param.#40")]
+
+
+def test_pooling_field_13_in_a_binary_is_flagged_as_ambiguous():
+    from caffe2torch.read import ambiguous_binary_fields
+
+    layer = caffe_pb2.LayerParameter(name="pool1", type="Pooling")
+    layer.pooling_param.round_mode = caffe_pb2.PoolingParameter.CEIL  # a ceil_mode fork's `ceil_mode: false`
+    net = parse_caffemodel(caffe_pb2.NetParameter(layer=[layer]).SerializeToString(), "m.caffemodel")
+    [message] = ambiguous_binary_fields(net, "m.caffemodel")
+    assert message.startswith("m.caffemodel: layer 'pool1': Pooling field 13 is read as BVLC's round_mode (CEIL)")
