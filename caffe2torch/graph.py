@@ -21,6 +21,18 @@ def is_scoring(layer_type: str) -> bool:
     return layer_type in SCORING_TYPES or layer_type.endswith("Loss")
 
 
+def is_data_layer(param: caffe_pb2.LayerParameter) -> bool:
+    """A layer that reads a dataset: a data type, or a Python layer with no bottoms that no converter claims
+    (FCN's voc_layers, ...)."""
+    if param.type in DATA_TYPES:
+        return True
+    if param.type == "Python" and not param.bottom:
+        from caffe2torch.layers.registry import CONVERTERS, converter_key
+
+        return converter_key(param) not in CONVERTERS
+    return False
+
+
 def data_layer_shapes(param: caffe_pb2.LayerParameter) -> list[Shape]:
     """The shapes a data layer's tops would have at batch size 1, where its parameters say (else ())."""
     kind, transform = param.type, param.transform_param
@@ -148,7 +160,7 @@ def build_graph(
                 raise CaffeError(f"layer {param.name!r} (Silence): takes no tops, got {list(param.top)}")
             graph.silenced.update({bottom: len(graph.layers) for bottom in param.bottom})
             continue
-        if param.type in DATA_TYPES:
+        if is_data_layer(param):
             for top, shape in zip(param.top, data_layer_shapes(param)):
                 graph.inputs[top] = shape
                 available.add(top)

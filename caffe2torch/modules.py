@@ -61,8 +61,8 @@ class Pool2d(nn.Module):
     def __init__(self, method: str, kernel: tuple, stride: tuple, pad: tuple, input_size: tuple,
                  ceil: bool = True, mask: bool = False) -> None:
         super().__init__()
-        if method not in ("MAX", "AVE") or mask and method != "MAX":
-            raise ValueError(f"pooling method must be 'MAX' or 'AVE' (a mask needs MAX), got {method!r}")
+        if method not in ("MAX", "AVE", "AVE_EXC_PAD") or mask and method != "MAX":
+            raise ValueError(f"pooling method must be 'MAX', 'AVE' or 'AVE_EXC_PAD' (a mask needs MAX), got {method!r}")
         self.method, self.ceil, self.mask = method, bool(ceil), bool(mask)
         self.kernel, self.stride = tuple(int(k) for k in kernel), tuple(int(s) for s in stride)
         self.pad, self.input_size = tuple(int(p) for p in pad), tuple(int(n) for n in input_size)
@@ -80,11 +80,14 @@ class Pool2d(nn.Module):
         # F.pad amounts (left, right, top, bottom) for the other windows; negative ones crop rows no window reaches.
         self.edges = (pw, (vw - 1) * sw + kw - pw - w, ph, (vh - 1) * sh + kh - ph - h)
         self.rescale = False
-        if method == "AVE":
+        if method != "MAX":
             counts = []
             for k, s, p, n, out in zip(self.kernel, self.stride, self.pad, self.input_size, self.output_size):
                 start = torch.arange(out, dtype=torch.float64) * s - p
-                counts.append(torch.clamp(start + k, max=n + p) - start)
+                if method == "AVE":
+                    counts.append(torch.clamp(start + k, max=n + p) - start)
+                else:  # padding never counts
+                    counts.append(torch.clamp(torch.clamp(start + k, max=n) - torch.clamp(start, min=0), min=0))
             factor = (kh * kw) / (counts[0][:, None] * counts[1][None, :])  # kk / 0 = inf: Caffe's 0 / 0 = NaN
             self.rescale = bool((factor != 1).any())
             self.register_buffer("factor", factor.float(), persistent=False)

@@ -58,6 +58,7 @@ _V1_TYPE_NAMES = {
     "IMAGE_SEG_DATA": "ImageSegData",
     "SEG_ACCURACY": "SegAccuracy",
     "INTERP": "Interp",
+    "PADDING": "Padding",
     "MAT_WRITE": "MatWrite",
     "MAT_READ": "MatRead",
 }
@@ -79,12 +80,91 @@ def _is_repeated(descriptor) -> bool:
     return descriptor.label == descriptor.LABEL_REPEATED
 
 
+# V0LayerParameter.type -> V1LayerParameter.LayerType (Caffe's UpgradeV0LayerType).
+_V0_TYPES = {
+    "accuracy": "ACCURACY", "bnll": "BNLL", "concat": "CONCAT", "conv": "CONVOLUTION", "data": "DATA",
+    "dropout": "DROPOUT", "euclidean_loss": "EUCLIDEAN_LOSS", "flatten": "FLATTEN", "hdf5_data": "HDF5_DATA",
+    "hdf5_output": "HDF5_OUTPUT", "im2col": "IM2COL", "images": "IMAGE_DATA", "infogain_loss": "INFOGAIN_LOSS",
+    "innerproduct": "INNER_PRODUCT", "lrn": "LRN", "multinomial_logistic_loss": "MULTINOMIAL_LOGISTIC_LOSS",
+    "pool": "POOLING", "relu": "RELU", "sigmoid": "SIGMOID", "softmax": "SOFTMAX", "softmax_loss": "SOFTMAX_LOSS",
+    "split": "SPLIT", "tanh": "TANH", "window_data": "WINDOW_DATA",
+}
+
+
+def _upgrade_v0(net: caffe_pb2.NetParameter, source: str) -> None:
+    """Caffe's UpgradeV0Net, in place: V0 `layers { layer { type: "conv" ... } }` become V1 layers, and a
+    V0 "padding" layer is folded into the convolution reading it (UpgradeV0PaddingLayers)."""
+    if not any(layer.HasField("layer") for layer in net.layers):
+        return
+    padding: dict[str, tuple[str, int]] = {}  # a padding layer's top -> (its bottom, its pad)
+    upgraded = []
+    for wrapper in net.layers:
+        old = wrapper.layer
+        if old.type == "padding":
+            if len(wrapper.bottom) != 1 or len(wrapper.top) != 1:
+                raise CaffeError(f"{source}: V0 padding layer {old.name!r} needs one bottom and one top")
+            padding[wrapper.top[0]] = (wrapper.bottom[0], old.pad)
+            continue
+        if old.type not in _V0_TYPES:
+            raise CaffeError(f"{source}: V0 layer {old.name!r} has type {old.type!r}, which Caffe's upgrade does "
+                             f"not know")
+        new = caffe_pb2.V1LayerParameter(name=old.name, top=wrapper.top, blobs=old.blobs, blobs_lr=old.blobs_lr,
+                                         weight_decay=old.weight_decay)
+        new.type = caffe_pb2.V1LayerParameter.LayerType.Value(_V0_TYPES[old.type])
+        for bottom in wrapper.bottom:
+            if bottom in padding:
+                if old.type != "conv":
+                    raise CaffeError(f"{source}: V0 padding feeds {old.name!r} ({old.type}); only a conv can absorb it")
+                bottom, pad = padding[bottom]
+                old.pad = pad
+            new.bottom.append(bottom)
+        if old.type in ("conv", "innerproduct"):
+            param = new.convolution_param if old.type == "conv" else new.inner_product_param
+            for name in ("num_output", "weight_filler", "bias_filler"):
+                if old.HasField(name):
+                    getattr(param, name).CopyFrom(getattr(old, name)) if name.endswith("filler") else \
+                        setattr(param, name, getattr(old, name))
+            if old.HasField("biasterm"):
+                param.bias_term = old.biasterm
+        if old.type == "conv":
+            param = new.convolution_param
+            if old.HasField("pad"):
+                param.pad.append(old.pad)
+            if old.HasField("kernelsize"):
+                param.kernel_size.append(old.kernelsize)
+            if old.HasField("stride"):
+                param.stride.append(old.stride)
+            if old.HasField("group"):
+                param.group = old.group
+        elif old.type == "pool":
+            param = new.pooling_param
+            for v0_name, name in (("pad", "pad"), ("kernelsize", "kernel_size"), ("stride", "stride")):
+                if old.HasField(v0_name):
+                    setattr(param, name, getattr(old, v0_name))
+            if old.HasField("pool"):
+                param.pool = old.pool
+        elif old.type == "dropout" and old.HasField("dropout_ratio"):
+            new.dropout_param.dropout_ratio = old.dropout_ratio
+        elif old.type == "lrn":
+            for name in ("local_size", "alpha", "beta", "k"):
+                if old.HasField(name):
+                    setattr(new.lrn_param, name, getattr(old, name))
+        elif old.type == "concat" and old.HasField("concat_dim"):
+            new.concat_param.concat_dim = old.concat_dim
+        elif old.type in ("data", "images", "window_data") and old.HasField("cropsize"):
+            new.transform_param.crop_size = old.cropsize
+        upgraded.append(new)
+    del net.layers[:]
+    net.layers.extend(upgraded)
+
+
 def _upgrade_v1(net: caffe_pb2.NetParameter, source: str) -> caffe_pb2.NetParameter:
     """Caffe's UpgradeV1Net: move `layers` (V1) into `layer` with string types and the same parameters."""
     if not net.layers:
         return net
     if net.layer:
         raise CaffeError(f"{source}: mixes V1 'layers' and current 'layer' definitions")
+    _upgrade_v0(net, source)
     upgraded = caffe_pb2.NetParameter()
     upgraded.CopyFrom(net)
     del upgraded.layers[:]

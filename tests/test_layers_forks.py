@@ -323,3 +323,94 @@ def test_deeplab_v1_test_net_in_the_v1_format_converts(tmp_path):
     assert conversion.net.fc6.dilation == (12, 12)  # hole 12, the LargeFOV setting
     assert any("'fc8_mat' (MatWrite)" in note for note in conversion.notes)
     assert conversion.warnings == []  # label_type is ImageSegData's own field, but that layer is left out
+
+
+# ---------------------------------------------------------------- smaller fork types
+
+
+def test_ave_exc_pad_pooling_divides_by_the_window_inside_the_image():
+    rng = np.random.default_rng(9)
+    x = rng.normal(0, 1, (1, 2, 5, 6)).astype(F)
+    layer = layer_from_text('name: "p" type: "Pooling" pooling_param { pool: AVE_EXC_PAD kernel_size: 3 stride: 2 '
+                            'pad: 1 }')
+    converted, out = run_layer(layer, [x.shape], [], x)
+    expected = np.zeros(converted.top_shapes[0], np.float64)
+    for ph in range(expected.shape[2]):  # synopsys-caffe pooling_layer.cpp, AVE_EXC_PAD
+        for pw in range(expected.shape[3]):
+            hstart, wstart = ph * 2 - 1, pw * 2 - 1
+            hend, wend = min(hstart + 3, 5 + 1), min(wstart + 3, 6 + 1)
+            hstart, wstart, hend, wend = max(hstart, 0), max(wstart, 0), min(hend, 5), min(wend, 6)
+            expected[0, :, ph, pw] = x[0, :, hstart:hend, wstart:wend].sum((1, 2)) / ((hend - hstart) * (wend - wstart))
+    assert converted.top_shapes == [(1, 2, 3, 4)]
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_padding_pads_or_crops_both_spatial_axes():
+    x = np.arange(2 * 4 * 5, dtype=F).reshape(1, 2, 4, 5)
+    _, out = run_layer(layer_from_text('name: "p" type: "Padding" padding_param { pad_beg: 1 pad_end: 2 }'),
+                       [x.shape], [], x)
+    np.testing.assert_array_equal(out, np.pad(x, ((0, 0), (0, 0), (1, 2), (1, 2))))
+    _, out = run_layer(layer_from_text('name: "p" type: "Padding" padding_param { pad_beg: -1 pad_end: -2 }'),
+                       [x.shape], [], x)
+    np.testing.assert_array_equal(out, x[:, :, 1:-2, 1:-2])
+    with pytest.raises(CaffeError, match="must both be >= 0 or both <= 0"):
+        convert_layer(layer_from_text('name: "p" type: "Padding" padding_param { pad_beg: -1 pad_end: 2 }'),
+                      [x.shape], [])
+
+
+def test_mish_and_enets_spatial_dropout():
+    x = np.linspace(-5, 5, 24, dtype=F).reshape(1, 2, 3, 4)
+    _, out = run_layer(layer_from_text('name: "m" type: "Mish"'), [x.shape], [], x)
+    np.testing.assert_allclose(out, x * np.tanh(np.log1p(np.exp(x.astype(np.float64)))), rtol=1e-6, atol=1e-6)
+    layer = caffe_pb2.LayerParameter(name="drop", type="Python")
+    layer.python_param.module, layer.python_param.layer = "spatial_dropout", "SpatialDropoutLayer"
+    layer.python_param.param_str = "{'phase': 'TEST', 'p': '0.01'}"
+    converted, out = run_layer(layer, [x.shape], [], x)
+    np.testing.assert_array_equal(out, x)  # identity at test time
+    assert isinstance(converted.module, torch.nn.Dropout2d) and converted.module.p == 0.01
+
+
+def test_a_python_data_layer_becomes_an_input(tmp_path):
+    from caffe2torch.conversion import convert
+
+    path = tmp_path / "val.prototxt"
+    path.write_text('layer { name: "data" type: "Python" top: "data" top: "label" python_param { module: '
+                    '"voc_layers" layer: "VOCSegDataLayer" param_str: "{}" } }\n'
+                    'layer { name: "conv" type: "Convolution" bottom: "data" top: "score" '
+                    'convolution_param { num_output: 2 kernel_size: 1 } }\n'
+                    'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "score" bottom: "label" top: "loss" }\n')
+    with pytest.raises(CaffeError, match="input 'data' has no shape; give one with --input-shape"):
+        convert(None, path)
+    conversion = convert(None, path, input_shape=(1, 3, 8, 8))
+    assert dict(conversion.net.meta["caffe"].inputs) == {"data": (1, 3, 8, 8)}
+    assert any("'data' (Python) reads a dataset" in note for note in conversion.notes)
+
+
+V0_NET = """name: "v0"
+input: "data"
+input_dim: 1 input_dim: 3 input_dim: 9 input_dim: 9
+layers { layer { name: "pad1" type: "padding" pad: 2 } bottom: "data" top: "pad1" }
+layers { layer { name: "conv1" type: "conv" num_output: 4 kernelsize: 3 stride: 2 biasterm: false group: 1 }
+  bottom: "pad1" top: "conv1" }
+layers { layer { name: "relu1" type: "relu" } bottom: "conv1" top: "conv1" }
+layers { layer { name: "pool1" type: "pool" pool: AVE kernelsize: 2 stride: 2 } bottom: "conv1" top: "pool1" }
+layers { layer { name: "norm1" type: "lrn" local_size: 3 alpha: 0.0001 beta: 0.75 } bottom: "pool1" top: "norm1" }
+layers { layer { name: "fc" type: "innerproduct" num_output: 5 } bottom: "norm1" top: "fc" }
+layers { layer { name: "drop" type: "dropout" dropout_ratio: 0.4 } bottom: "fc" top: "fc" }
+layers { layer { name: "prob" type: "softmax" } bottom: "fc" top: "prob" }
+"""
+
+
+def test_v0_nets_are_upgraded_as_caffe_does():
+    from caffe2torch.read import parse_prototxt
+
+    net = parse_prototxt(V0_NET, "v0.prototxt")
+    assert [layer.type for layer in net.layer] == ["Convolution", "ReLU", "Pooling", "LRN", "InnerProduct",
+                                                   "Dropout", "Softmax"]
+    conv = net.layer[0]
+    assert list(conv.bottom) == ["data"]  # the padding layer is folded into the convolution
+    assert list(conv.convolution_param.pad) == [2] and not conv.convolution_param.bias_term
+    assert net.layer[2].pooling_param.pool == caffe_pb2.PoolingParameter.AVE
+    assert net.layer[3].lrn_param.local_size == 3 and net.layer[5].dropout_param.dropout_ratio == F(0.4)
+    with pytest.raises(CaffeError, match="V0 layer 'x' has type 'warp'"):
+        parse_prototxt('layers { layer { name: "x" type: "warp" } }', "v0.prototxt")

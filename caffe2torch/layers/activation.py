@@ -19,6 +19,7 @@ from caffe2torch.layers.registry import (
     expect_blobs,
     expect_bottoms,
     on_meta,
+    parse_param_str,
 )
 from caffe2torch.modules import AbsVal, Exp, Log, Power, Threshold
 
@@ -105,6 +106,28 @@ def convert_dropout(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray])
     if not 0.0 <= ratio < 1.0:
         raise CaffeError(f"layer {layer.name!r} (Dropout): dropout_ratio must be in [0, 1), got {ratio}")
     return Converted(nn.Dropout(ratio), shapes)
+
+
+@converter("Mish")
+def convert_mish(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    """x * tanh(softplus(x)), the YOLOv4 ports' activation (nn.Mish)."""
+    return Converted(nn.Mish(), _neuron_setup(layer, inputs, blobs))
+
+
+@converter("Python:spatial_dropout.SpatialDropoutLayer")
+def convert_spatial_dropout(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    """ENet's Python SpatialDropout: whole channels dropped in training (nn.Dropout2d), identity at test time.
+
+    param_str is a dict like "{'phase': 'TEST', 'p': '0.01'}"; `p` is the drop probability.
+    """
+    shapes = _neuron_setup(layer, inputs, blobs)
+    try:
+        ratio = float(parse_param_str(layer, layer.python_param.param_str).get("p", 0.5))
+    except (TypeError, ValueError):
+        raise CaffeError(f"layer {layer.name!r} (Python): param_str 'p' must be a number") from None
+    if not 0.0 <= ratio < 1.0:
+        raise CaffeError(f"layer {layer.name!r} (Python): dropout probability p must be in [0, 1), got {ratio}")
+    return Converted(nn.Dropout2d(ratio), shapes)
 
 
 @converter("Power")

@@ -102,6 +102,24 @@ def convert_convolution_depthwise(layer, inputs: Sequence[Shape], blobs: Sequenc
 converter("DepthwiseConvolution")(convert_convolution)
 
 
+@converter("Padding")
+def convert_padding(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    """DeepLab v1's Padding (padding_layer.cpp): pad_beg zeros before and pad_end after each spatial axis,
+    both >= 0; both <= 0 crops instead (nn.ZeroPad2d takes negative amounts as crops)."""
+    expect_bottoms(layer, inputs, 1)
+    expect_blobs(layer, blobs, 0)
+    shape = tuple(inputs[0])
+    beg, end = layer.padding_param.pad_beg, layer.padding_param.pad_end
+    if len(shape) != 4:
+        raise _fail(layer, f"input must have 4 axes (N, C, H, W), got {shape}")
+    if (beg < 0 < end) or (end < 0 < beg):
+        raise _fail(layer, f"pad_beg {beg} and pad_end {end} must both be >= 0 or both <= 0")
+    size = (shape[2] + beg + end, shape[3] + beg + end)
+    if min(size) <= 0:
+        raise _fail(layer, f"padding {beg}, {end} leaves nothing of {shape}")
+    return Converted(nn.ZeroPad2d((beg, end, beg, end)), [shape[:2] + size])
+
+
 @converter("CropCenter")
 def convert_crop_center(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
     """lltcggie/caffe's CropCenter: crop_size[i] elements off both ends of axis i."""

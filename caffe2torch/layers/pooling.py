@@ -33,7 +33,8 @@ def convert_pooling(layer, inputs: list[Shape], blobs: list) -> Converted:
     expect_bottoms(layer, inputs, 1)
     expect_blobs(layer, blobs, 0)
     param = layer.pooling_param
-    methods = {caffe_pb2.PoolingParameter.MAX: MAX, caffe_pb2.PoolingParameter.AVE: AVE}
+    methods = {caffe_pb2.PoolingParameter.MAX: MAX, caffe_pb2.PoolingParameter.AVE: AVE,
+               caffe_pb2.PoolingParameter.AVE_EXC_PAD: "AVE_EXC_PAD"}
     if param.pool not in methods:
         raise CaffeError(
             f"layer {layer.name!r} (Pooling): STOCHASTIC pooling has no CPU forward in Caffe; not supported"

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import ast
 import math
-import re
 from typing import Sequence
 
 import numpy as np
 
 from caffe2torch.errors import CaffeError
-from caffe2torch.layers.registry import Converted, Shape, converter, expect_blobs, expect_bottoms
+from caffe2torch.layers.registry import Converted, Shape, converter, expect_blobs, expect_bottoms, parse_param_str
 from caffe2torch.rcnn import Proposal, PSROIPool, ROIPool
 
 
@@ -57,24 +55,6 @@ def convert_psroi_pooling(layer, inputs: Sequence[Shape], blobs: Sequence[np.nda
                            f"{param.group_size}^2 needs {wanted}")
     module = PSROIPool(param.output_dim, param.group_size, param.spatial_scale)
     return Converted(module, [(count, param.output_dim, param.group_size, param.group_size)])
-
-
-def parse_param_str(layer, text: str) -> dict:
-    """A Python layer's param_str, the YAML mapping py-faster-rcnn writes ("'feat_stride': 16", maybe
-    "scales: !!python/tuple [8, 16]"), without PyYAML: bare keys quoted, then a Python literal."""
-    body = text.strip().replace("!!python/tuple", "")
-    if not body:
-        return {}
-    if not body.startswith("{"):
-        body = "{" + ", ".join(part for part in re.split(r"[\n;]+", body) if part.strip()) + "}"
-    body = re.sub(r"([{,]\s*)([A-Za-z_]\w*)\s*:", r"\1'\2':", body)
-    try:
-        value = ast.literal_eval(body)
-    except (ValueError, SyntaxError):
-        raise _fail(layer, f"cannot read param_str {text!r} (expected a mapping like \"'feat_stride': 16\")") from None
-    if not isinstance(value, dict):
-        raise _fail(layer, f"param_str {text!r} is not a mapping")
-    return value
 
 
 @converter("Python:rpn.proposal_layer.ProposalLayer")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -142,3 +144,22 @@ def canonical_axis(layer, axis: int, rank: int) -> int:
     if not -rank <= axis < rank:
         raise CaffeError(f"layer {layer.name!r} ({layer.type}): axis {axis} out of range for a {rank}-axis blob")
     return axis % rank
+
+
+def parse_param_str(layer, text: str) -> dict:
+    """A Python layer's param_str, the YAML mapping py-faster-rcnn writes ("'feat_stride': 16", maybe
+    "scales: !!python/tuple [8, 16]"), without PyYAML: bare keys quoted, then a Python literal."""
+    body = text.strip().replace("!!python/tuple", "")
+    if not body:
+        return {}
+    if not body.startswith("{"):
+        body = "{" + ", ".join(part for part in re.split(r"[\n;]+", body) if part.strip()) + "}"
+    body = re.sub(r"([{,]\s*)([A-Za-z_]\w*)\s*:", r"\1'\2':", body)
+    try:
+        value = ast.literal_eval(body)
+    except (ValueError, SyntaxError):
+        raise CaffeError(f"layer {layer.name!r} ({layer.type}): cannot read param_str {text!r} "
+                         f"(expected a mapping like \"'feat_stride': 16\")") from None
+    if not isinstance(value, dict):
+        raise CaffeError(f"layer {layer.name!r} ({layer.type}): param_str {text!r} is not a mapping")
+    return value
