@@ -1,4 +1,4 @@
-"""Torch modules for layer types other Caffe forks added: SegNet's Upsample and BN, ShuffleNet's ShuffleChannel, Axpy.
+"""Torch modules for layer types other Caffe forks added (SegNet, ShuffleNet, SENet ports, caffe-fast-rcnn).
 
 The same contract as caffe2torch.modules (torch only, so a standalone `model.py` can embed them;
 `extra_repr` is the constructor's keyword arguments). Each follows its fork's CPU forward.
@@ -37,6 +37,23 @@ class MaxUnpool(nn.Module):
 
     def extra_repr(self) -> str:
         return _kwargs(output_size=self.output_size)
+
+
+class DropoutScaledAtTest(nn.Module):
+    """caffe-fast-rcnn's Dropout with `scale_train: false`: training drops without rescaling, test multiplies
+    by `factor` (the fork's float 1 / scale, i.e. 1 - ratio)."""
+
+    def __init__(self, ratio: float, factor: float) -> None:
+        super().__init__()
+        self.ratio, self.factor = float(ratio), float(factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return x * torch.bernoulli(torch.full_like(x, 1.0 - self.ratio))
+        return x * self.factor
+
+    def extra_repr(self) -> str:
+        return _kwargs(ratio=self.ratio, factor=self.factor)
 
 
 class BatchStatNorm(nn.Module):

@@ -139,6 +139,7 @@ def build_graph(
     graph = NetGraph(name=net.name, inputs={})
     graph.inputs.update(inputs)
     available = set(inputs)
+    readers: dict[str, str] = {}  # a data layer's top -> that layer, for messages
 
     for param in net.layer:
         if not included(param, state):
@@ -161,8 +162,11 @@ def build_graph(
             graph.silenced.update({bottom: len(graph.layers) for bottom in param.bottom})
             continue
         if is_data_layer(param):
+            kind = param.type if param.type != "Python" else \
+                f"Python {param.python_param.module}.{param.python_param.layer}"
             for top, shape in zip(param.top, data_layer_shapes(param)):
                 graph.inputs[top] = shape
+                readers[top] = f"layer {param.name!r} ({kind})"
                 available.add(top)
             graph.notes.append(f"layer {param.name!r} ({param.type}) reads a dataset: its tops "
                                f"{', '.join(map(repr, param.top))} are taken as the net's inputs")
@@ -189,7 +193,8 @@ def build_graph(
     _apply_overrides(graph, input_shapes, source)
     for name, shape in graph.inputs.items():
         if not shape:
-            raise CaffeError(f"{source}: input {name!r} has no shape; give one with --input-shape")
+            origin = f" (data {readers[name]} does not say its size)" if name in readers else ""
+            raise CaffeError(f"{source}: input {name!r} has no shape{origin}; give one with --input-shape")
         if any(d <= 0 for d in shape):
             raise CaffeError(f"{source}: input {name!r} has a non-positive dimension in shape {shape}")
     names = [layer.name for layer in graph.layers]

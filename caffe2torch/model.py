@@ -174,6 +174,8 @@ def assemble(graph: NetGraph, weights: Mapping[str, Sequence[np.ndarray]],
             raise CaffeError(f"{where}: out of memory while building it ({str(error).splitlines()[0][:120]})") from None
         _check_shapes(layer, converted.top_shapes)
         for message in converted.warnings:
+            if fill_missing and not weights and message.startswith("has no weights"):
+                continue  # a definition alone: every layer has placeholder parameters, which is no news
             _warn(on_warning, f"layer {layer.name!r} ({layer.type}): {message}")
         for top, shape in zip(layer.tops, converted.top_shapes):
             if any(d <= 0 for d in shape):

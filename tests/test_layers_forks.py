@@ -276,6 +276,7 @@ layer { name: "shuffle" type: "ShuffleChannel" bottom: "pool1" top: "shuffled" s
 layer { name: "dw" type: "ConvolutionDepthwise" bottom: "shuffled" top: "dw" convolution_param { kernel_size: 3 pad: 1 } }
 layer { name: "upsample1" type: "Upsample" bottom: "dw" bottom: "pool1_mask" top: "up1" upsample_param { scale: 2 } }
 layer { name: "crop" type: "CropCenter" bottom: "up1" top: "crop" crop_center_param { crop_size: 0 crop_size: 0 crop_size: 1 crop_size: 2 } }
+layer { name: "drop" type: "Dropout" bottom: "crop" top: "crop" dropout_param { dropout_ratio: 0.25 scale_train: false } }
 layer { name: "score" type: "Convolution" bottom: "crop" top: "score" convolution_param { num_output: 2 kernel_size: 1 } }
 """
 
@@ -379,7 +380,7 @@ def test_a_python_data_layer_becomes_an_input(tmp_path):
                     'layer { name: "conv" type: "Convolution" bottom: "data" top: "score" '
                     'convolution_param { num_output: 2 kernel_size: 1 } }\n'
                     'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "score" bottom: "label" top: "loss" }\n')
-    with pytest.raises(CaffeError, match="input 'data' has no shape; give one with --input-shape"):
+    with pytest.raises(CaffeError, match=r"input 'data' has no shape \(data layer 'data' \(Python voc_layers.VOCSegDataLayer\) does not say"):
         convert(None, path)
     conversion = convert(None, path, input_shape=(1, 3, 8, 8))
     assert dict(conversion.net.meta["caffe"].inputs) == {"data": (1, 3, 8, 8)}
@@ -414,3 +415,14 @@ def test_v0_nets_are_upgraded_as_caffe_does():
     assert net.layer[3].lrn_param.local_size == 3 and net.layer[5].dropout_param.dropout_ratio == F(0.4)
     with pytest.raises(CaffeError, match="V0 layer 'x' has type 'warp'"):
         parse_prototxt('layers { layer { name: "x" type: "warp" } }', "v0.prototxt")
+
+
+def test_caffe_fast_rcnn_dropout_without_train_scaling_scales_at_test_time():
+    x = np.linspace(-1, 1, 12, dtype=F).reshape(1, 3, 2, 2)
+    layer = layer_from_text('name: "drop6" type: "Dropout" dropout_param { dropout_ratio: 0.5 scale_train: false }')
+    converted, out = run_layer(layer, [x.shape], [], x)
+    np.testing.assert_array_equal(out, x * F(0.5))  # dropout_layer.cpp: caffe_scal(count, 1. / scale_, top)
+    converted.module.train()
+    torch.manual_seed(0)
+    trained = converted.module(torch.ones(10000)).numpy()
+    assert set(np.unique(trained)) == {0.0, 1.0} and 0.45 < trained.mean() < 0.55  # kept values are not rescaled

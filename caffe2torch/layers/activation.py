@@ -21,6 +21,7 @@ from caffe2torch.layers.registry import (
     on_meta,
     parse_param_str,
 )
+from caffe2torch.forks import DropoutScaledAtTest
 from caffe2torch.modules import AbsVal, Exp, Log, Power, Threshold
 
 
@@ -105,6 +106,9 @@ def convert_dropout(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray])
     ratio = _f32(layer.dropout_param.dropout_ratio)
     if not 0.0 <= ratio < 1.0:
         raise CaffeError(f"layer {layer.name!r} (Dropout): dropout_ratio must be in [0, 1), got {ratio}")
+    if not layer.dropout_param.scale_train:  # caffe-fast-rcnn: scale at test time by 1. / scale_, in float
+        scale = np.float32(1.0 / (1.0 - float(ratio)))
+        return Converted(DropoutScaledAtTest(ratio, float(np.float32(1.0 / float(scale)))), shapes)
     return Converted(nn.Dropout(ratio), shapes)
 
 

@@ -168,8 +168,8 @@ def convert_detection_output(layer, inputs: Sequence[Shape], blobs: Sequence[np.
         raise _fail(layer, "nms_threshold must be non negative")
     warnings = []
     if param.HasField("save_output_param") and param.save_output_param.output_directory:
-        warnings.append(f"layer {layer.name!r} (DetectionOutput): save_output_param (the fork's result files) is "
-                        f"not reproduced; the detections are the layer's output")
+        warnings.append("save_output_param (the fork's result files) is not reproduced; the detections are the "
+                        "layer's output")
     module = DetectionOutput(
         param.num_classes, share_location=param.share_location, background_label_id=param.background_label_id,
         nms_threshold=nms.nms_threshold, top_k=nms.top_k if nms.HasField("top_k") else -1, eta=nms.eta,

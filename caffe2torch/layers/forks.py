@@ -93,8 +93,8 @@ def convert_convolution_depthwise(layer, inputs: Sequence[Shape], blobs: Sequenc
     depthwise.convolution_param.group = channels
     converted = convert_convolution(depthwise, inputs, blobs)
     if param.HasField("num_output") and param.num_output != channels:
-        converted.warnings.append(f"layer {layer.name!r} (ConvolutionDepthwise): num_output {param.num_output} "
-                                  f"is not read by this layer type; it has {channels} outputs, one per input channel")
+        converted.warnings.append(f"num_output {param.num_output} is not read by this layer type; it has "
+                                  f"{channels} outputs, one per input channel")
     return converted
 
 

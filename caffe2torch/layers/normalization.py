@@ -124,9 +124,9 @@ def _segnet_bn(layer, shape: Shape, blobs: Sequence[np.ndarray]) -> Converted:
     if len(layer.top) > 1:
         raise CaffeError(f"layer {layer.name!r} (BN): the batch mean and variance tops are not supported")
     module = assign(on_meta(BatchStatNorm, shape[1]), weight=scale, bias=shift)
-    return Converted(module, [shape], [f"layer {layer.name!r} (BN): bn_mode LEARN normalises with each batch's own "
-                                       f"statistics at test time too, as SegNet's fork does (its "
-                                       f"compute_bn_statistics.py makes an INFERENCE model)"])
+    return Converted(module, [shape], ["bn_mode LEARN normalises with each batch's own statistics at test time "
+                                       "too, as SegNet's fork does (its compute_bn_statistics.py makes an "
+                                       "INFERENCE model)"])
 
 
 def _filled(layer, what: str, filler, has_filler: bool, default: float, shape: Sequence[int]) -> np.ndarray:
