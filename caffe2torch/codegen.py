@@ -55,6 +55,8 @@ def constructor(module: nn.Module) -> str:
         return f"{kind.__name__}({module.extra_repr()})"
     if isinstance(module, _NORM):
         return _norm_constructor(module)
+    if kind is nn.Sequential:  # e.g. a convolution padded differently on each side
+        return f"nn.Sequential({', '.join(constructor(child) for child in module)})"
     if kind in _CONV or kind in _DECONV:
         extra = f", output_padding={module.output_padding}" if kind in _DECONV and any(module.output_padding) else ""
         return (f"nn.{kind.__name__}({module.in_channels}, {module.out_channels}, kernel_size={module.kernel_size}, "

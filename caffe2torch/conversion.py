@@ -86,14 +86,15 @@ def check_complete(definition: caffe_pb2.NetParameter, source: Path) -> None:
 def convert(weights: str | os.PathLike | None, prototxt: str | os.PathLike | None = None,
             input_shape: Sequence[int] | dict | None = None, verify_md5: bool = True,
             on_warning: Callable[[str], None] | None = None, find_prototxt: bool = True,
-            memory_limit: int | str | None = None) -> Conversion:
+            memory_limit: int | str | None = None, assumed_size: tuple[int, int] | None = None) -> Conversion:
     """Build the PyTorch net for `weights` (.caffemodel or .caffemodel.h5), optionally with a deploy prototxt.
 
     Without `prototxt`, the definition is the manifest's for a known release, else (with
     `find_prototxt`) X.prototxt or deploy.prototxt beside X.caffemodel, else the net stored in
     the caffemodel. With no weights, the prototxt alone gives the structure with zero-filled
     parameter blobs. `memory_limit` (bytes or e.g. '64G'; default: the available memory) refuses
-    a net too large to build or run here.
+    a net too large to build or run here. `assumed_size` (H, W) stands in, with a note, for the size
+    a data layer does not say (`inspect` describes a train/test net that way).
     """
     weights_path = Path(weights) if weights is not None else None
     prototxt_path = Path(prototxt) if prototxt is not None else None
@@ -127,7 +128,7 @@ def convert(weights: str | os.PathLike | None, prototxt: str | os.PathLike | Non
     unmatched_weights(definition, trained, str(weights_path), source)
     # A prototxt alone shows the structure: layers get zero-filled blobs of Caffe's shapes.
     net = from_net_parameter(definition, trained, source, input_shape, warn, fill_missing=weights_path is None,
-                             memory_limit=memory_limit, on_note=notes.append)
+                             memory_limit=memory_limit, on_note=notes.append, assumed_size=assumed_size)
     # A fork's field can change what a layer computes: warn for the layers the net keeps; those
     # left out (data, loss) do not matter.
     kept = {call.layer for _, call in layer_calls(net)}

@@ -3,3 +3,7 @@
 
 class CaffeError(Exception):
     """A problem with the user's files or arguments; the CLI prints it as one line and exits non-zero."""
+
+
+class ShapelessInput(CaffeError):
+    """A net input whose size neither the net nor the user gives (a data layer reading a dataset)."""

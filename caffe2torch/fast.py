@@ -123,7 +123,8 @@ def _torch_pool_size(size: int, kernel: int, stride: int, pad: int) -> int:
 
 
 def _lean_pool(pool: Pool2d) -> nn.Module | None:
-    if pool.method != "MAX" or pool.mask or not pool.ceil or any(2 * p > k for p, k in zip(pool.pad, pool.kernel)):
+    if pool.method != "MAX" or pool.mask or not pool.ceil or pool.pad_end != pool.pad or \
+            any(2 * p > k for p, k in zip(pool.pad, pool.kernel)):
         return None
     if tuple(_torch_pool_size(*a) for a in zip(pool.input_size, pool.kernel, pool.stride, pool.pad)) != pool.output_size:
         return None  # Caffe keeps a window torch drops (empty windows): stay exact

@@ -165,7 +165,10 @@ def _eligible_layer(entry: _Entry, blobs: Mapping[str, Sequence[np.ndarray]]) ->
     if entry.type in CONV_TYPES:
         conv = param.convolution_param
         shared = any(spec.name for spec in param.param)  # weights shared by name must stay as they are
-        return conv.axis == 1 and not shared and len(arrays) == 1 + bool(conv.bias_term) and arrays[0].ndim >= 3
+        # A Deconvolution padded by a negative amount has outputs no kernel reaches: a folded bias would differ there.
+        grown = entry.type == "Deconvolution" and min(conv.pad_l, conv.pad_r, conv.pad_t, conv.pad_b) < 0
+        return (conv.axis == 1 and not shared and not grown and len(arrays) == 1 + bool(conv.bias_term)
+                and arrays[0].ndim >= 3)
     if entry.type == "BN":
         return len(arrays) == 4 and len({_channels_of(a) for a in arrays}) == 1
     if entry.type == "BatchNorm":

@@ -1,4 +1,4 @@
-"""Torch modules for layer types other Caffe forks added (SegNet, ShuffleNet, SENet ports, caffe-fast-rcnn).
+"""Torch modules for layer types other Caffe forks added (SegNet, ShuffleNet, SENets, caffe-fast-rcnn, synopsys).
 
 The same contract as caffe2torch.modules (torch only, so a standalone `model.py` can embed them;
 `extra_repr` is the constructor's keyword arguments). Each follows its fork's CPU forward.
@@ -106,3 +106,68 @@ class Axpy(nn.Module):
     def forward(self, scale: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         scale = scale.reshape(scale.shape[:2] + (1,) * (x.dim() - 2))
         return y + scale * x
+
+
+def resize_table(size_in: int, size_out: int, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """synopsys-caffe's compute_interpolation_weights along one axis: lower and upper source index, lerp.
+
+    scale = (in - 1) / (out - 1) with align_corners (out > 1), else in / out, in float32; the source
+    position is i * scale, or (i + 0.5) * scale - 0.5 for the half-pixel modes (pytorch_half_pixel: -0.5
+    for a single output), each step rounded to float32 as the fork's float arithmetic.
+    """
+    n_in = torch.tensor(float(size_in), dtype=torch.float32)
+    n_out = torch.tensor(float(size_out), dtype=torch.float32)
+    if mode == "align_corners" and size_out > 1:
+        scale = (n_in - 1) / (n_out - 1)
+    else:
+        scale = n_in / n_out
+    i = torch.arange(size_out, dtype=torch.float32)
+    if mode in ("half_pixel_centers", "pytorch_half_pixel"):
+        position = (i + 0.5) * scale - 0.5
+        if mode == "pytorch_half_pixel" and size_out == 1:
+            position = torch.full_like(position, -0.5)
+    else:
+        position = i * scale
+    floor = torch.floor(position)
+    lower = torch.clamp(floor.long(), min=0)
+    upper = torch.clamp(torch.ceil(position).long(), max=size_in - 1)
+    return lower, upper, position - floor
+
+
+class ResizeBilinear(nn.Module):
+    """synopsys-caffe's ResizeBilinear (TensorFlow's resize_bilinear) on N x C x H x W.
+
+    Each output is top + (bottom - top) * y_lerp, where top and bottom are left + (right - left) * x_lerp
+    of the rows at the lower and upper source index: the fork's compute_lerp, op for op in float32.
+    `mode`: "asymmetric" (TensorFlow's default), "align_corners", "half_pixel_centers" or "pytorch_half_pixel".
+    `layout` "NHWC" reads and writes N x H x W x C blobs (the fork's default data_format).
+    """
+
+    def __init__(self, input_size: tuple, output_size: tuple, mode: str = "asymmetric", layout: str = "NCHW") -> None:
+        super().__init__()
+        if mode not in ("asymmetric", "align_corners", "half_pixel_centers", "pytorch_half_pixel"):
+            raise ValueError(f"unknown resize mode {mode!r}")
+        if layout not in ("NCHW", "NHWC"):
+            raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
+        self.input_size, self.output_size = tuple(int(n) for n in input_size), tuple(int(n) for n in output_size)
+        self.mode, self.layout = mode, layout
+        for axis, n_in, n_out in zip("yx", self.input_size, self.output_size):
+            lower, upper, lerp = resize_table(n_in, n_out, mode)
+            self.register_buffer(f"{axis}_lower", lower, persistent=False)
+            self.register_buffer(f"{axis}_upper", upper, persistent=False)
+            self.register_buffer(f"{axis}_lerp", lerp.reshape(-1, 1) if axis == "y" else lerp, persistent=False)
+
+    def _across(self, rows: torch.Tensor) -> torch.Tensor:
+        left, right = rows.index_select(3, self.x_lower), rows.index_select(3, self.x_upper)
+        return left + (right - left) * self.x_lerp.to(rows.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "NHWC":
+            x = x.permute(0, 3, 1, 2)
+        top = self._across(x.index_select(2, self.y_lower))
+        bottom = self._across(x.index_select(2, self.y_upper))
+        y = top + (bottom - top) * self.y_lerp.to(x.dtype)
+        return y.permute(0, 2, 3, 1).contiguous() if self.layout == "NHWC" else y
+
+    def extra_repr(self) -> str:
+        return _kwargs(input_size=self.input_size, output_size=self.output_size, mode=self.mode, layout=self.layout)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from caffe2torch.errors import CaffeError
+from caffe2torch.errors import CaffeError, ShapelessInput
 from proto import caffe_pb2
 
 Shape = tuple[int, ...]
@@ -126,11 +126,13 @@ def build_graph(
     source: str = "<net>",
     input_shapes: Mapping[str, Sequence[int]] | Sequence[int] | None = None,
     phase: int = caffe_pb2.TEST,
+    assumed_size: tuple[int, int] | None = None,
 ) -> NetGraph:
     """Filter the net for `phase`, resolve inputs (declared, `Input` layers, overrides) and check the wiring.
 
     `input_shapes` overrides declared shapes: a mapping by input name, or one shape for a net with
-    a single input (e.g. batch 1 for a deploy file written for batch 10).
+    a single input (e.g. batch 1 for a deploy file written for batch 10). `assumed_size` (H, W) stands
+    in, with a note, for the size a data layer does not say (for describing a net, never for converting one).
     """
     state = caffe_pb2.NetState()
     state.CopyFrom(net.state)
@@ -192,9 +194,14 @@ def build_graph(
     _drop_unread_inputs(graph)
     _apply_overrides(graph, input_shapes, source)
     for name, shape in graph.inputs.items():
+        if not shape and name in readers and assumed_size is not None:
+            # Images are colour unless the blob is a label map (one value per pixel).
+            shape = graph.inputs[name] = (1, 1 if "label" in name.lower() else 3) + tuple(assumed_size)
+            graph.notes.append(f"input {name!r} (from data {readers[name]}) has no size in the net: shown for "
+                               f"{'x'.join(map(str, shape))}; give --input-shape for the size you use")
         if not shape:
             origin = f" (data {readers[name]} does not say its size)" if name in readers else ""
-            raise CaffeError(f"{source}: input {name!r} has no shape{origin}; give one with --input-shape")
+            raise ShapelessInput(f"{source}: input {name!r} has no shape{origin}; give one with --input-shape")
         if any(d <= 0 for d in shape):
             raise CaffeError(f"{source}: input {name!r} has a non-positive dimension in shape {shape}")
     names = [layer.name for layer in graph.layers]

@@ -5,9 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from caffe2torch.conversion import convert
+from caffe2torch.errors import CaffeError, ShapelessInput
 from caffe2torch.fill import placeholder_blobs
 from caffe2torch.graph import build_graph
 from caffe2torch.model import layer_module
+
+
+# Sizes tried for an input whose data layer does not say it: ImageNet's crop, CamVid (SegNet), PASCAL VOC (FCN).
+ASSUMED_SIZES = ((224, 224), (360, 480), (500, 500))
 
 
 def describe(file: Path, prototxt: Path | None = None, input_shape=None) -> dict:
@@ -18,9 +23,24 @@ def describe(file: Path, prototxt: Path | None = None, input_shape=None) -> dict
     """
     file = Path(file)
     if file.suffix in (".prototxt", ".pbtxt") and prototxt is None:
-        conversion = convert(None, file, input_shape, on_warning=lambda _: None)
+        file_pair = (None, file)
     else:
-        conversion = convert(file, prototxt, input_shape, on_warning=lambda _: None)
+        file_pair = (file, prototxt)
+    try:
+        conversion = convert(*file_pair, input_shape, on_warning=lambda _: None)
+    except ShapelessInput:
+        # A train/test net's data layer need not say its image size: describe the net at the first usual
+        # size it builds at, with a note (a size that breaks a fixed-size layer, e.g. SegNet's pad_out_h, fails).
+        failures = []
+        for size in ASSUMED_SIZES:
+            try:
+                conversion = convert(*file_pair, on_warning=lambda _: None, assumed_size=size)
+                break
+            except CaffeError as error:
+                failures.append(f"at {size[0]}x{size[1]}: {error}")
+        else:
+            raise CaffeError(f"{file}: a data layer does not say its input size and none of the usual sizes builds "
+                             f"({failures[0]}); give --input-shape") from None
     net = conversion.net
     info = net.meta["caffe"]
     graph = build_graph(conversion.definition, "<definition>", dict(info.inputs))

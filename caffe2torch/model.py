@@ -320,9 +320,10 @@ def from_net_parameter(net: caffe_pb2.NetParameter, weights: Mapping[str, Sequen
                        source: str = "<net>", input_shapes=None,
                        on_warning: Callable[[str], None] | None = None, fill_missing: bool = False,
                        memory_limit: int | str | None = None,
-                       on_note: Callable[[str], None] | None = None) -> fx.GraphModule:
+                       on_note: Callable[[str], None] | None = None,
+                       assumed_size: tuple[int, int] | None = None) -> fx.GraphModule:
     """Build the net of a definition; `on_note` hears what was left out or changed to make it deployable."""
-    graph = build_graph(net, source, input_shapes)
+    graph = build_graph(net, source, input_shapes, assumed_size=assumed_size)
     for note in graph.notes:
         if on_note is not None:
             on_note(note)

@@ -17,13 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def caffe_pooled_size(size: int, kernel: int, stride: int, pad: int, clip: bool, ceil: bool = True) -> int:
+def caffe_pooled_size(size: int, kernel: int, stride: int, pad: int, clip: bool, ceil: bool = True,
+                      pad_end: int | None = None) -> int:
     """Caffe's PoolingLayer::Reshape: ceil((size + 2 pad - kernel) / stride) + 1, then the padding clip.
 
     The clip drops a last window that would start at or beyond `size + pad`; Caffe applies it to
     both axes whenever either axis is padded. Without padding a window may lie wholly outside.
+    `pad_end` pads the far side differently (synopsys-caffe's pad_b / pad_r; `pad` is then the near side).
     """
-    span = size + 2 * pad - kernel
+    span = size + pad + (pad if pad_end is None else pad_end) - kernel
     out = (-(-span // stride) if ceil else span // stride) + 1
     if clip and (out - 1) * stride >= size + pad:
         out -= 1
@@ -59,33 +61,36 @@ class Pool2d(nn.Module):
     """
 
     def __init__(self, method: str, kernel: tuple, stride: tuple, pad: tuple, input_size: tuple,
-                 ceil: bool = True, mask: bool = False) -> None:
+                 ceil: bool = True, mask: bool = False, pad_end: tuple | None = None) -> None:
         super().__init__()
         if method not in ("MAX", "AVE", "AVE_EXC_PAD") or mask and method != "MAX":
             raise ValueError(f"pooling method must be 'MAX', 'AVE' or 'AVE_EXC_PAD' (a mask needs MAX), got {method!r}")
         self.method, self.ceil, self.mask = method, bool(ceil), bool(mask)
         self.kernel, self.stride = tuple(int(k) for k in kernel), tuple(int(s) for s in stride)
         self.pad, self.input_size = tuple(int(p) for p in pad), tuple(int(n) for n in input_size)
-        clip = any(self.pad)
-        self.output_size = tuple(caffe_pooled_size(n, k, s, p, clip, self.ceil)
-                                 for n, k, s, p in zip(self.input_size, self.kernel, self.stride, self.pad))
+        # The bottom and right padding where it differs from the top and left (synopsys-caffe's pad_b, pad_r).
+        self.pad_end = self.pad if pad_end is None else tuple(int(p) for p in pad_end)
+        clip = any(self.pad) or any(self.pad_end)
+        self.output_size = tuple(caffe_pooled_size(n, k, s, p, clip, self.ceil, e) for n, k, s, p, e in
+                                 zip(self.input_size, self.kernel, self.stride, self.pad, self.pad_end))
         (ph, pw), (kh, kw), (sh, sw) = self.pad, self.kernel, self.stride
         (h, w) = self.input_size
         # Windows that start at or past size + pad hold nothing (possible without padding when the
         # stride exceeds the kernel): they come last and are appended as constants, so the input is
         # never padded out to them (a stride of 99999 would otherwise pad to 99999 rows).
-        vh, vw = (min(out, -(-(n + 2 * p) // s)) for out, n, p, s in zip(self.output_size, self.input_size,
-                                                                         self.pad, self.stride))
+        vh, vw = (min(out, -(-(n + p + e) // s)) for out, n, p, e, s in zip(self.output_size, self.input_size,
+                                                                            self.pad, self.pad_end, self.stride))
         self.empty = (self.output_size[0] - vh, self.output_size[1] - vw)
         # F.pad amounts (left, right, top, bottom) for the other windows; negative ones crop rows no window reaches.
         self.edges = (pw, (vw - 1) * sw + kw - pw - w, ph, (vh - 1) * sh + kh - ph - h)
         self.rescale = False
         if method != "MAX":
             counts = []
-            for k, s, p, n, out in zip(self.kernel, self.stride, self.pad, self.input_size, self.output_size):
+            for k, s, p, e, n, out in zip(self.kernel, self.stride, self.pad, self.pad_end, self.input_size,
+                                          self.output_size):
                 start = torch.arange(out, dtype=torch.float64) * s - p
                 if method == "AVE":
-                    counts.append(torch.clamp(start + k, max=n + p) - start)
+                    counts.append(torch.clamp(start + k, max=n + e) - start)
                 else:  # padding never counts
                     counts.append(torch.clamp(torch.clamp(start + k, max=n) - torch.clamp(start, min=0), min=0))
             factor = (kh * kw) / (counts[0][:, None] * counts[1][None, :])  # kk / 0 = inf: Caffe's 0 / 0 = NaN
@@ -124,6 +129,7 @@ class Pool2d(nn.Module):
 
     def extra_repr(self) -> str:
         extra = ", mask=True" if self.mask else ""
+        extra += f", pad_end={self.pad_end!r}" if self.pad_end != self.pad else ""
         return _kwargs(method=self.method, kernel=self.kernel, stride=self.stride, pad=self.pad,
                        input_size=self.input_size, ceil=self.ceil) + extra
 

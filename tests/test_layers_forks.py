@@ -385,6 +385,38 @@ def test_a_python_data_layer_becomes_an_input(tmp_path):
     conversion = convert(None, path, input_shape=(1, 3, 8, 8))
     assert dict(conversion.net.meta["caffe"].inputs) == {"data": (1, 3, 8, 8)}
     assert any("'data' (Python) reads a dataset" in note for note in conversion.notes)
+    # inspect describes such a net at a usual size and says so; the label (used by the loss only) is gone.
+    from caffe2torch.inspect import describe
+
+    info = describe(path)
+    assert info["inputs"] == {"data": [1, 3, 224, 224]} and info["layers"][0]["top_shapes"] == [[1, 2, 224, 224]]
+    assert ("input 'data' (from data layer 'data' (Python voc_layers.VOCSegDataLayer)) has no size in the net: "
+            "shown for 1x3x224x224; give --input-shape for the size you use") in info["notes"]
+    assert describe(path, input_shape=(1, 3, 8, 8))["inputs"] == {"data": [1, 3, 8, 8]}
+
+
+def test_inspect_describes_a_shapeless_net_at_the_first_usual_size_it_builds_at(tmp_path):
+    from caffe2torch.inspect import describe
+
+    segnet = tmp_path / "segnet_inference.prototxt"  # SegNet's pad_out_h fits CamVid's 360 rows, not 224
+    segnet.write_text('layer { name: "data" type: "DenseImageData" top: "data" top: "label" '
+                      'dense_image_data_param { source: "test.txt" batch_size: 1 } }\n' + "".join(
+                          f'layer {{ name: "pool{i}" type: "Pooling" bottom: "{b}" top: "pool{i}" top: "mask{i}" '
+                          f'pooling_param {{ pool: MAX kernel_size: 2 stride: 2 }} }}\n'
+                          for i, b in ((1, "data"), (2, "pool1"), (3, "pool2"), (4, "pool3"))) +
+                      'layer { name: "up4" type: "Upsample" bottom: "pool4" bottom: "mask4" top: "up4" '
+                      'upsample_param { scale: 2 pad_out_h: true } }\n'
+                      'layer { name: "up3" type: "Upsample" bottom: "up4" bottom: "mask3" top: "up3" '
+                      'upsample_param { scale: 2 } }\n')
+    info = describe(segnet)
+    assert info["inputs"] == {"data": [1, 3, 360, 480]} and info["layers"][-1]["top_shapes"] == [[1, 3, 90, 120]]
+    assert any("shown for 1x3x360x480" in note for note in info["notes"])
+    segnet.write_text(segnet.read_text().replace("stride: 2 } }\nlayer { name: \"up4\"", "stride: 2 } }\n"
+                      'layer { name: "crop" type: "Crop" bottom: "pool4" bottom: "pool1" top: "crop" }\n'
+                      'layer { name: "up4"'))
+    with pytest.raises(CaffeError, match=r"segnet_inference.prototxt: a data layer does not say its input size and "
+                                         r"none of the usual sizes builds \(at 224x224: layer 'crop'"):
+        describe(segnet)
 
 
 V0_NET = """name: "v0"

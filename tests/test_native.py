@@ -14,7 +14,6 @@ import torch
 from torch import fx, nn
 
 import caffe2torch
-from caffe2torch.conversion import convert
 from caffe2torch.errors import CaffeError
 from caffe2torch.export import check_inputs
 from caffe2torch.fast import cuda_graph, optimize

@@ -22,6 +22,7 @@ from caffe2torch.layers.registry import (
 )
 from caffe2torch.modules import BatchAxes, InnerProduct
 
+_SIDES = ("pad_t", "pad_l", "pad_b", "pad_r")
 _CONV_MODULES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _DECONV_MODULES = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
@@ -109,6 +110,8 @@ class _ConvGeometry:
         for name, values in (("kernel size", self.kernel), ("stride", self.stride), ("dilation", self.dilation)):
             if min(values) < 1:
                 raise CaffeError(f"layer {layer.name!r} ({layer.type}): {name} must be positive, got {values}")
+        self.pad_end = list(self.pad)  # the far side's padding; differs only with synopsys-caffe's pad_b / pad_r
+        self._side_pads(layer, param, shape)
         self.channels = shape[self.axis]
         self.num_output = int(param.num_output)
         self.group = int(param.group)
@@ -121,6 +124,36 @@ class _ConvGeometry:
             )
         self.bias_term = bool(param.bias_term)
         self.shape = shape
+
+    def _side_pads(self, layer, param, shape: Shape) -> None:
+        """synopsys-caffe's pad_l/r/t/b (2-D, any sign) and pad_type 1, TensorFlow's "SAME" as its im2col has it:
+        ceil(size / stride) outputs, the near side padded by half of what the undilated kernel needs beyond the
+        input (rounded down), the far side by whatever the outputs then reach."""
+        sided = any(getattr(param, name) for name in _SIDES)
+        if not sided and param.pad_type == 0:
+            return
+        where = f"layer {layer.name!r} ({layer.type})"
+        if self.num_spatial != 2:
+            raise CaffeError(f"{where}: pad_l/r/t/b and pad_type need a 2-D convolution")
+        if list(param.pad) or param.HasField("pad_h") or param.HasField("pad_w") or sided and param.pad_type:
+            raise CaffeError(f"{where}: give one of pad (or pad_h/pad_w), pad_l/r/t/b and pad_type")
+        if sided:
+            self.pad = [int(param.pad_t), int(param.pad_l)]
+            self.pad_end = [int(param.pad_b), int(param.pad_r)]
+            return
+        if param.pad_type != 1:
+            raise CaffeError(f"{where}: unknown pad_type {param.pad_type} (0: Caffe's, 1: SAME)")
+        if layer.type != "Convolution":
+            raise CaffeError(f"{where}: pad_type 1 (SAME) is read by synopsys-caffe's Convolution only")
+        for axis, (n, k, s, extent) in enumerate(zip(shape[self.axis + 1:], self.kernel, self.stride,
+                                                     self.extents())):
+            along = max(k - (s if n % s == 0 else n % s), 0)
+            self.pad[axis] = along // 2
+            self.pad_end[axis] = (-(-n // s) - 1) * s + extent - n - self.pad[axis]
+
+    @property
+    def symmetric(self) -> bool:
+        return self.pad == self.pad_end and min(self.pad) >= 0
 
     def extents(self) -> list[int]:
         return [d * (k - 1) + 1 for d, k in zip(self.dilation, self.kernel)]
@@ -135,9 +168,19 @@ def _conv_module(layer, blobs: Sequence[np.ndarray], g: _ConvGeometry, transpose
     expect_blobs(layer, blobs, 1 + g.bias_term)
     weight = fit_blob(layer, "weight blob", blobs[0], weight_shape)
     bias = fit_blob(layer, "bias blob", blobs[1], [g.num_output]) if g.bias_term else None
-    conv = on_meta(factory, g.channels, g.num_output, tuple(g.kernel), stride=tuple(g.stride), padding=tuple(g.pad),
+    padding = tuple(g.pad) if g.symmetric else (0,) * g.num_spatial
+    conv = on_meta(factory, g.channels, g.num_output, tuple(g.kernel), stride=tuple(g.stride), padding=padding,
                    dilation=tuple(g.dilation), groups=g.group, bias=g.bias_term)
     assign(conv, weight=weight, bias=bias)
+    if not g.symmetric:  # padding per side: zero-pad (or crop) the input, or crop the transposed output
+        (top, left), (bottom, right) = g.pad, g.pad_end
+        if transposed and g.bias_term and min(g.pad + g.pad_end) < 0:
+            raise CaffeError(f"layer {layer.name!r} (Deconvolution): a negative pad_l/r/t/b with a bias term "
+                             f"(outputs beyond the kernel's reach would hold the bias alone) is not supported")
+        if transposed:
+            conv = nn.Sequential(conv, nn.ZeroPad2d((-left, -right, -top, -bottom)))
+        else:
+            conv = nn.Sequential(nn.ZeroPad2d((left, right, top, bottom)), conv)
     return conv if g.axis == 1 else BatchAxes(conv, g.axis, g.shape[: g.axis])
 
 
@@ -146,13 +189,14 @@ def convert_convolution(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> 
     """Cross-correlation as torch's; out = floor((H + 2p - (d(k-1)+1)) / s) + 1; each bottom its own top."""
     g = _ConvGeometry(layer, inputs)
     out_spatial = []
-    for size, pad, extent, stride in zip(g.shape[g.axis + 1:], g.pad, g.extents(), g.stride):
-        if size + 2 * pad < extent:
+    for size, pad, end, extent, stride in zip(g.shape[g.axis + 1:], g.pad, g.pad_end, g.extents(), g.stride):
+        if size + pad + end < extent:
+            padding = f"2*{pad}" if pad == end else f"{pad} + {end}"
             raise CaffeError(
                 f"layer {layer.name!r} (Convolution): kernel extent {extent} exceeds the padded input "
-                f"size {size} + 2*{pad}"
+                f"size {size} + {padding}"
             )
-        out_spatial.append((size + 2 * pad - extent) // stride + 1)
+        out_spatial.append((size + pad + end - extent) // stride + 1)
     top = tuple(g.shape[: g.axis]) + (g.num_output,) + tuple(out_spatial)
     return Converted(_conv_module(layer, blobs, g, transposed=False), [top] * len(inputs), per_bottom=True)
 
@@ -162,8 +206,8 @@ def convert_deconvolution(layer, inputs: list[Shape], blobs: list[np.ndarray]) -
     """Transposed convolution: out = s(H-1) + d(k-1) + 1 - 2p, which is torch's rule too."""
     g = _ConvGeometry(layer, inputs)
     out_spatial = [
-        stride * (size - 1) + extent - 2 * pad
-        for size, pad, extent, stride in zip(g.shape[g.axis + 1:], g.pad, g.extents(), g.stride)
+        stride * (size - 1) + extent - pad - end
+        for size, pad, end, extent, stride in zip(g.shape[g.axis + 1:], g.pad, g.pad_end, g.extents(), g.stride)
     ]
     if min(out_spatial) <= 0:
         raise CaffeError(f"layer {layer.name!r} (Deconvolution): output size {out_spatial} is not positive")

@@ -1,5 +1,5 @@
 """Converters for layer types other forks added: Upsample (SegNet, YOLO ports), ShuffleChannel, Axpy,
-ConvolutionDepthwise / DepthwiseConvolution (MobileNet and ShuffleNet forks) and CropCenter."""
+ConvolutionDepthwise / DepthwiseConvolution (MobileNet and ShuffleNet forks), CropCenter and ResizeBilinear."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 from torch import nn
 
 from caffe2torch.errors import CaffeError
-from caffe2torch.forks import Axpy, MaxUnpool, ShuffleChannel
+from caffe2torch.forks import Axpy, MaxUnpool, ResizeBilinear, ShuffleChannel
 from caffe2torch.layers.convolution import convert_convolution
 from caffe2torch.layers.registry import Converted, Shape, converter, expect_blobs, expect_bottoms
 from caffe2torch.modules import Crop
@@ -134,3 +134,29 @@ def convert_crop_center(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarr
         raise _fail(layer, f"crop_size {crop} leaves nothing of shape {shape}")
     start = 1 if crop[0] == 0 else 0  # leave the batch axis free unless it is cropped
     return Converted(Crop(start, tuple(crop[start:]), sizes[start:]), [sizes])
+
+
+@converter("ResizeBilinear")
+def convert_resize_bilinear(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    """synopsys-caffe's TensorFlow resize: output_height/width, else floor(size * scale) in float32."""
+    expect_bottoms(layer, inputs, 1)
+    expect_blobs(layer, blobs, 0)
+    param = layer.resize_bilinear_param
+    shape = tuple(inputs[0])
+    if param.data_format not in ("NCHW", "NHWC"):
+        raise _fail(layer, f"data_format {param.data_format!r} is not supported (NCHW and NHWC are)")
+    if len(shape) != 4:
+        raise _fail(layer, f"input must have 4 axes, got {shape}")
+    modes = [name for name in ("align_corners", "half_pixel_centers", "pytorch_half_pixel") if getattr(param, name)]
+    if len(modes) > 1:
+        raise _fail(layer, f"{' and '.join(modes)} exclude each other")
+    size = shape[2:] if param.data_format == "NCHW" else shape[1:3]
+    out = []
+    for n, given, field, scale in ((size[0], param.output_height, "output_height", param.scale_height),
+                                   (size[1], param.output_width, "output_width", param.scale_width)):
+        out.append(int(given) if param.HasField(field) else math.floor(np.float32(n) * np.float32(scale)))
+    if min(out) <= 0:
+        raise _fail(layer, f"output size {tuple(out)} is not positive")
+    module = ResizeBilinear(size, out, modes[0] if modes else "asymmetric", param.data_format)
+    top = shape[:2] + tuple(out) if param.data_format == "NCHW" else (shape[0], *out, shape[3])
+    return Converted(module, [top])

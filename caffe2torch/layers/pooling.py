@@ -27,6 +27,31 @@ def _pair(layer, param, name: str, default: int | None) -> tuple[int, int] | Non
     return None
 
 
+_SIDES = ("pad_t", "pad_l", "pad_b", "pad_r")
+
+
+def _side_pads(layer, param, size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int]
+               ) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """synopsys-caffe's padding per side ((top, left), (bottom, right)), or None where the net uses pad / pad_h / pad_w.
+
+    pad_type 1 is TensorFlow's "SAME" as the fork computes it: ceil(size / stride) windows, the padding the
+    kernel needs beyond the input split with the smaller half first.
+    """
+    sided = any(getattr(param, name) for name in _SIDES)
+    if not sided and param.pad_type == 0:
+        return None
+    if param.HasField("pad") or param.HasField("pad_h") or param.HasField("pad_w") or sided and param.pad_type:
+        raise CaffeError(f"layer {layer.name!r} (Pooling): give one of pad (or pad_h/pad_w), pad_l/r/t/b and "
+                         f"pad_type")
+    if sided:
+        t, l, b, r = (int(getattr(param, name)) for name in _SIDES)
+        return (t, l), (b, r)
+    if param.pad_type != 1:
+        raise CaffeError(f"layer {layer.name!r} (Pooling): unknown pad_type {param.pad_type} (0: Caffe's, 1: SAME)")
+    along = [max(k - (s if n % s == 0 else n % s), 0) for n, k, s in zip(size, kernel, stride)]
+    return (along[0] // 2, along[1] // 2), (along[0] - along[0] // 2, along[1] - along[1] // 2)
+
+
 @converter("Pooling")
 def convert_pooling(layer, inputs: list[Shape], blobs: list) -> Converted:
     """Caffe rounds the output size up, then drops a last window that would start inside the padding."""
@@ -69,11 +94,21 @@ def convert_pooling(layer, inputs: list[Shape], blobs: list) -> Converted:
         floor = not param.ceil_mode
     size = tuple(shape[2:])
     kernel = size if kernel is None else kernel
-    clip = any(pad)
-    out = tuple(caffe_pooled_size(n, k, s, p, clip, ceil=not floor) for n, k, s, p in zip(size, kernel, stride, pad))
+    pad_end = pad
+    sides = _side_pads(layer, param, size, kernel, stride)
+    if sides is not None:
+        if param.global_pooling:
+            raise CaffeError(f"layer {layer.name!r} (Pooling): global_pooling takes no padding")
+        pad, pad_end = sides
+        floor = floor or param.pad_type == 1  # SAME: ceil(size / stride) windows, whatever the rounding
+    clip = any(pad) or any(pad_end)
+    out = tuple(caffe_pooled_size(n, k, s, p, clip, not floor, e)
+                for n, k, s, p, e in zip(size, kernel, stride, pad, pad_end))
     if min(out) <= 0 or any(clip and (o - 1) * s >= n + p for o, s, n, p in zip(out, stride, size, pad)):
-        raise CaffeError(f"layer {layer.name!r} (Pooling): kernel {kernel}, stride {stride}, pad {pad} "
+        padding = f"pad {pad}" if pad == pad_end else f"pad {pad} before and {pad_end} after"
+        raise CaffeError(f"layer {layer.name!r} (Pooling): kernel {kernel}, stride {stride}, {padding} "
                          f"give no valid output on a {size} input")
     check_top(layer, shape[:2] + out)  # before the divisor table of that size is built
-    module = Pool2d(methods[param.pool], kernel, stride, pad, size, ceil=not floor, mask=len(layer.top) == 2)
+    module = Pool2d(methods[param.pool], kernel, stride, pad, size, ceil=not floor, mask=len(layer.top) == 2,
+                    pad_end=None if pad_end == pad else pad_end)
     return Converted(module, [shape[:2] + module.output_size] * (2 if module.mask else 1))
