@@ -15,6 +15,7 @@ import re
 import torch
 from torch import fx, nn
 
+from caffe2torch import bvlc as bvlc_modules
 from caffe2torch import detection as detection_modules
 from caffe2torch import forks as fork_modules
 from caffe2torch import rcnn as rcnn_modules
@@ -30,7 +31,7 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _DECONV = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Our files of modules whose source a generated model.py embeds (they import only torch, math and each other).
-_RUNTIME = (caffe_modules, detection_modules, fork_modules, rcnn_modules)
+_RUNTIME = (caffe_modules, bvlc_modules, detection_modules, fork_modules, rcnn_modules)
 _RUNTIME_NAMES = {module.__name__ for module in _RUNTIME}
 
 
@@ -75,6 +76,9 @@ def constructor(module: nn.Module) -> str:
         nn.Dropout: lambda m: f"p={m.p!r}",
         nn.Dropout2d: lambda m: f"p={m.p!r}",
         nn.Mish: lambda m: "",
+        nn.SiLU: lambda m: "",
+        nn.ReLU6: lambda m: "",
+        nn.Hardtanh: lambda m: f"min_val={caffe_modules._literal(m.min_val)}, max_val={caffe_modules._literal(m.max_val)}",
         nn.ZeroPad2d: lambda m: f"{m.padding!r}",
         nn.Flatten: lambda m: f"start_dim={m.start_dim}, end_dim={m.end_dim}",
         nn.Identity: lambda m: "",

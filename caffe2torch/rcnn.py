@@ -190,12 +190,12 @@ class Proposal(nn.Module):
 
     def __init__(self, feat_stride: int, scales: tuple = (8, 16, 32), pre_nms_top_n: int = 6000,
                  post_nms_top_n: int = 300, nms_thresh: float = 0.7, min_size: int = 16,
-                 with_scores: bool = False) -> None:
+                 with_scores: bool = False, ratios: tuple = (0.5, 1.0, 2.0)) -> None:
         super().__init__()
-        self.feat_stride, self.scales = int(feat_stride), tuple(scales)
+        self.feat_stride, self.scales, self.ratios = int(feat_stride), tuple(scales), tuple(float(r) for r in ratios)
         self.pre_nms_top_n, self.post_nms_top_n = int(pre_nms_top_n), int(post_nms_top_n)
         self.nms_thresh, self.min_size, self.with_scores = float(nms_thresh), int(min_size), bool(with_scores)
-        self.register_buffer("anchors", generate_anchors(self.scales).float(), persistent=False)
+        self.register_buffer("anchors", generate_anchors(self.scales, self.ratios).float(), persistent=False)
 
     def forward(self, scores: torch.Tensor, deltas: torch.Tensor, im_info: torch.Tensor):
         torch._assert(scores.shape[0] == 1, "the proposal layer takes single-image batches")
@@ -237,4 +237,4 @@ class Proposal(nn.Module):
     def extra_repr(self) -> str:
         return _kwargs(feat_stride=self.feat_stride, scales=self.scales, pre_nms_top_n=self.pre_nms_top_n,
                        post_nms_top_n=self.post_nms_top_n, nms_thresh=self.nms_thresh, min_size=self.min_size,
-                       with_scores=self.with_scores)
+                       with_scores=self.with_scores, ratios=self.ratios)

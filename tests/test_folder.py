@@ -271,24 +271,25 @@ def test_plugin_converters_from_conversion_to_model_py(tmp_path):
     from tests import plugin_example
 
     text = '''input: "data" input_shape { dim: 1 dim: 2 dim: 3 dim: 3 }
-layer { name: "act" type: "Swish" bottom: "data" top: "act" swish_param { beta: 2 } }
+layer { name: "act" type: "HSwish" bottom: "data" top: "act" }
 layer { name: "py" type: "Python" bottom: "act" top: "py"
         python_param { module: "rpn.scale_layer" layer: "ScaleLayer" param_str: "0.5" } }
 '''
     (tmp_path / "net.prototxt").write_text(text)
-    with pytest.raises(CaffeError, match=r"no converter for type 'Swish'; register one with "
-                                         r"@caffe2torch.register_converter\('Swish'\)"):
+    with pytest.raises(CaffeError, match=r"no converter for type 'HSwish'; register one with "
+                                         r"@caffe2torch.register_converter\('HSwish'\)"):
         caffe2torch.convert(prototxt=tmp_path / "net.prototxt")
     plugin_example.register()
     try:
         net = caffe2torch.convert(prototxt=tmp_path / "net.prototxt")
-        x = torch.linspace(-2, 2, 18).reshape(1, 2, 3, 3)
-        swished = x * torch.sigmoid(2 * x)
-        torch.testing.assert_close(net(x), swished * torch.sigmoid(0.5 * swished))
+        x = torch.linspace(-4, 4, 18).reshape(1, 2, 3, 3)
+        torch.testing.assert_close(net(x), x * torch.clamp(x + 3, 0, 6) / 6 * 0.5)
         folder = save_net(net, tmp_path / "out")
-        assert "from tests.plugin_example import Swish  # a plugin converter's module" in (folder / "model.py").read_text()
+        source = (folder / "model.py").read_text()
+        assert "from tests.plugin_example import HSwish  # a plugin converter's module" in source
+        assert "from tests.plugin_example import Scaled  # a plugin converter's module" in source
         torch.testing.assert_close(_exec_model_py(folder)["load"]()(x), net(x), rtol=0, atol=0)
         torch.testing.assert_close(caffe2torch.load(folder)(x), net(x), rtol=0, atol=0)
     finally:
-        CONVERTERS.pop("Swish", None)
+        CONVERTERS.pop("HSwish", None)
         CONVERTERS.pop("Python:rpn.scale_layer.ScaleLayer", None)

@@ -126,8 +126,9 @@ def generate_anchors_reference(scales, ratios=(0.5, 1, 2), base_size=16):
     return np.vstack(out)
 
 
-def proposal_reference(scores, deltas, im_info, feat_stride, scales, pre=6000, post=300, thresh=0.7, min_size=16):
-    anchors0 = generate_anchors_reference(scales)
+def proposal_reference(scores, deltas, im_info, feat_stride, scales, pre=6000, post=300, thresh=0.7, min_size=16,
+                       ratios=(0.5, 1, 2)):
+    anchors0 = generate_anchors_reference(scales, ratios)
     count = anchors0.shape[0]
     scores = scores[:, count:]
     height, width = scores.shape[-2:]
@@ -170,11 +171,16 @@ def _iou_plus_one(a, b):
     return F(inter / F(F(size_a + size_b) - inter))
 
 
-@pytest.mark.parametrize("param_str, scales", [("'feat_stride': 16", (8, 16, 32)),
-                                               ("{'feat_stride': 8, 'scales': [4, 8]}", (4, 8))])
-def test_proposal_layer_matches_py_faster_rcnn(param_str, scales):
+@pytest.mark.parametrize("param_str, scales, ratios", [
+    ("'feat_stride': 16", (8, 16, 32), (0.5, 1, 2)),
+    ("{'feat_stride': 8, 'scales': [4, 8]}", (4, 8), (0.5, 1, 2)),
+    # pva-faster-rcnn's proposal_layer.py also reads 'ratios'
+    ("{'feat_stride': 16, 'ratios': [0.333, 0.5, 0.667, 1, 1.5, 2, 3], 'scales': [2, 3, 5]}", (2, 3, 5),
+     (0.333, 0.5, 0.667, 1, 1.5, 2, 3)),
+])
+def test_proposal_layer_matches_py_faster_rcnn(param_str, scales, ratios):
     rng = np.random.default_rng(2)
-    anchors = 3 * len(scales)
+    anchors = len(ratios) * len(scales)
     height, width = 9, 12
     logits = rng.normal(0, 2, (1, anchors, height, width))
     foreground = 1 / (1 + np.exp(-logits))
@@ -186,7 +192,8 @@ def test_proposal_layer_matches_py_faster_rcnn(param_str, scales):
     layer.python_param.param_str = param_str
     converted, (rois, kept_scores) = _run_without_blobs(layer, [scores.shape, deltas.shape, im_info.shape], scores, deltas, im_info)
     expected_rois, expected_scores = proposal_reference(scores, deltas, im_info, int(parse_param_str(layer, param_str)
-                                                                                         ["feat_stride"]), scales)
+                                                                                         ["feat_stride"]), scales,
+                                                    ratios=np.array(ratios))
     assert converted.top_shapes == [(1, 5), (1, 1)]
     assert rois.shape == expected_rois.shape and rois.shape[0] > 10
     np.testing.assert_allclose(rois, expected_rois, rtol=1e-6, atol=1e-4)  # exp: numpy's and torch's differ by an ulp

@@ -14,6 +14,7 @@ from caffe2torch.layers import (  # noqa: F401,E402
     normalization,
     pooling,
     rcnn,
+    reduction,
     shape,
 )
 

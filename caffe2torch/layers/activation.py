@@ -1,4 +1,4 @@
-"""Converters for Caffe's element-wise neuron layers (ReLU, PReLU, Sigmoid, ..., Exp, Log) and Softmax."""
+"""Converters for Caffe's element-wise neuron layers (ReLU, ReLU6, Clip, Swish, PReLU, Sigmoid, ..., Log) and Softmax."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from caffe2torch.layers.registry import (
     on_meta,
     parse_param_str,
 )
+from caffe2torch.bvlc import Clip, Swish
 from caffe2torch.forks import DropoutScaledAtTest
 from caffe2torch.modules import AbsVal, Exp, Log, Power, Threshold
 
@@ -46,6 +47,41 @@ def convert_relu(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) ->
     shapes = _neuron_setup(layer, inputs, blobs)
     slope = _f32(layer.relu_param.negative_slope)
     return Converted(nn.LeakyReLU(slope) if slope else nn.ReLU(), shapes)
+
+
+@converter("ReLU6")
+def convert_relu6(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    """MobileNet forks' min(max(x, 0) + negative_slope * min(x, 0), 6): nn.ReLU6, or a clamped nn.LeakyReLU.
+
+    The slope is relu6_param's (MobileNet-YOLO, SSD forks) or relu_param's (NVCaffe).
+    """
+    shapes = _neuron_setup(layer, inputs, blobs)
+    slope = _f32(layer.relu6_param.negative_slope if layer.HasField("relu6_param")
+                 else layer.relu_param.negative_slope)
+    if not slope:
+        return Converted(nn.ReLU6(), shapes)
+    return Converted(nn.Sequential(nn.LeakyReLU(slope), nn.Hardtanh(-math.inf, 6.0)), shapes)
+
+
+@converter("Clip")
+def convert_clip(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    """std::max(min, std::min(x, max)): NaN becomes min, unlike torch.clamp."""
+    shapes = _neuron_setup(layer, inputs, blobs)
+    param = layer.clip_param
+    if not (param.HasField("min") and param.HasField("max")):
+        raise CaffeError(f"layer {layer.name!r} (Clip): clip_param needs min and max")
+    low, high = _f32(param.min), _f32(param.max)
+    if not low <= high:
+        raise CaffeError(f"layer {layer.name!r} (Clip): min {low} exceeds max {high}")
+    return Converted(Clip(low, high), shapes)
+
+
+@converter("Swish")
+def convert_swish(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    """x * sigmoid(beta * x): nn.SiLU for beta 1."""
+    shapes = _neuron_setup(layer, inputs, blobs)
+    beta = _f32(layer.swish_param.beta)
+    return Converted(nn.SiLU() if beta == 1.0 else Swish(beta), shapes)
 
 
 @converter("PReLU")

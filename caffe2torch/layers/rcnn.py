@@ -60,22 +60,28 @@ def convert_psroi_pooling(layer, inputs: Sequence[Shape], blobs: Sequence[np.nda
 @converter("Python:rpn.proposal_layer.ProposalLayer")
 def convert_proposal(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
     """py-faster-rcnn's RPN proposals with its cfg.TEST values (pre-NMS 6000, post-NMS 300, NMS 0.7,
-    min size 16); param_str gives feat_stride and scales."""
+    min size 16); param_str gives feat_stride, scales and (pva-faster-rcnn) ratios."""
     expect_bottoms(layer, inputs, 3)
     expect_blobs(layer, blobs, 0)
     params = parse_param_str(layer, layer.python_param.param_str)
     if "feat_stride" not in params:
         raise _fail(layer, "param_str must give 'feat_stride'")
-    scales = tuple(params.get("scales", (8, 16, 32)))
+    scales, ratios = params.get("scales", (8, 16, 32)), params.get("ratios", (0.5, 1, 2))
+    try:
+        scales, ratios = tuple(float(v) for v in scales), tuple(float(v) for v in ratios)
+    except (TypeError, ValueError):
+        raise _fail(layer, f"param_str's scales {scales!r} and ratios {ratios!r} must be lists of numbers") from None
+    if not scales or not ratios or min(scales + ratios) <= 0:
+        raise _fail(layer, "param_str's scales and ratios must be non-empty lists of positive numbers")
     scores, deltas = tuple(inputs[0]), tuple(inputs[1])
-    anchors = 3 * len(scales)
+    anchors = len(ratios) * len(scales)
     if len(scores) != 4 or scores[1] != 2 * anchors:
         raise _fail(layer, f"bottom 0 (the objectness scores) has shape {scores}: expected 2 x {anchors} channels "
-                           f"for {len(scales)} scales and 3 ratios")
+                           f"for {len(scales)} scales and {len(ratios)} ratios")
     if len(deltas) != 4 or deltas[1] != 4 * anchors or deltas[2:] != scores[2:]:
         raise _fail(layer, f"bottom 1 (the box deltas) has shape {deltas}: expected 4 x {anchors} channels on "
                            f"the scores' {scores[2]} x {scores[3]} map")
     if len(layer.top) > 2:
         raise _fail(layer, "has at most two tops (rois, scores)")
-    module = Proposal(int(params["feat_stride"]), scales, with_scores=len(layer.top) == 2)
+    module = Proposal(int(params["feat_stride"]), scales, with_scores=len(layer.top) == 2, ratios=ratios)
     return Converted(module, [(1, 5), (1, 1)][:max(1, len(layer.top))])

@@ -1,4 +1,4 @@
-"""Converters for Caffe's data-movement layers: Concat, Slice, Split, Flatten, Reshape, Crop, ArgMax."""
+"""Converters for Caffe's data-movement layers: Concat, Slice, Split, Flatten, Reshape, Crop, Tile, ArgMax."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 from torch import nn
 
+from caffe2torch.bvlc import Tile
 from caffe2torch.errors import CaffeError
 from caffe2torch.layers.registry import (
     Converted,
@@ -185,6 +186,18 @@ def convert_crop(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) ->
             )
         top[axis] = reference[axis]
     return Converted(Crop(start, offsets, reference[start:rank]), [tuple(top)])
+
+
+@converter("Tile")
+def convert_tile(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    """The axes from `axis` on repeated `tiles` times along `axis` (tile_layer.cpp)."""
+    shape = _single_bottom(layer, inputs, blobs)
+    param = layer.tile_param
+    axis = canonical_axis(layer, param.axis, len(shape))
+    if not param.HasField("tiles") or param.tiles < 1:
+        raise _fail(layer, "tile_param needs tiles >= 1")
+    top = shape[:axis] + (shape[axis] * param.tiles,) + shape[axis + 1:]
+    return Converted(Tile(axis, param.tiles), [top])
 
 
 @converter("ArgMax")

@@ -1,0 +1,104 @@
+"""Torch modules for BVLC layer types no torch module means exactly: Clip, Swish, Tile, Reduction, MVN.
+
+The same contract as caffe2torch.modules (torch only, so a standalone `model.py` can embed them;
+`extra_repr` is the constructor's keyword arguments). Each follows BVLC Caffe's CPU forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from caffe2torch.modules import _kwargs
+
+
+class Clip(nn.Module):
+    """clip_layer.cpp: std::max(min, std::min(x, max)), which makes NaN `min` (torch.clamp keeps NaN)."""
+
+    def __init__(self, min: float, max: float) -> None:
+        super().__init__()
+        self.min, self.max = float(min), float(max)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nan_to_num(torch.clamp(x, self.min, self.max), nan=self.min)
+
+    def extra_repr(self) -> str:
+        return _kwargs(min=self.min, max=self.max)
+
+
+class Swish(nn.Module):
+    """swish_layer.cpp: x * sigmoid(beta * x) (beta 1 is nn.SiLU)."""
+
+    def __init__(self, beta: float) -> None:
+        super().__init__()
+        self.beta = float(beta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x * self.beta)
+
+    def extra_repr(self) -> str:
+        return _kwargs(beta=self.beta)
+
+
+class Tile(nn.Module):
+    """tile_layer.cpp: the axes from `axis` on, repeated `tiles` times along `axis`."""
+
+    def __init__(self, axis: int, tiles: int) -> None:
+        super().__init__()
+        self.axis, self.tiles = int(axis), int(tiles)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        repeats = [1] * x.dim()
+        repeats[self.axis] = self.tiles
+        return x.repeat(repeats)
+
+    def extra_repr(self) -> str:
+        return _kwargs(axis=self.axis, tiles=self.tiles)
+
+
+class Reduction(nn.Module):
+    """reduction_layer.cpp: each slice from `axis` on reduced to one value (SUM, ASUM, SUMSQ or MEAN), times
+    `coeff` (MEAN: coeff / count, in float32 as the layer stores it). The top keeps the axes before `axis`."""
+
+    def __init__(self, operation: str, axis: int, coeff: float) -> None:
+        super().__init__()
+        if operation not in ("SUM", "ASUM", "SUMSQ", "MEAN"):
+            raise ValueError(f"unknown reduction {operation!r}")
+        self.operation, self.axis, self.coeff = operation, int(axis), float(coeff)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(x.shape[:self.axis] + (-1,))
+        if self.operation == "ASUM":
+            flat = flat.abs()
+        elif self.operation == "SUMSQ":
+            flat = flat * flat
+        total = flat.sum(-1)
+        return total * self.coeff if self.coeff != 1.0 else total
+
+    def extra_repr(self) -> str:
+        return _kwargs(operation=self.operation, axis=self.axis, coeff=self.coeff)
+
+
+class MVN(nn.Module):
+    """mvn_layer.cpp: x - mean over each channel's plane (or each sample, `across_channels`); with
+    `normalize_variance`, divided by sqrt(E[(x - mean)^2]) + eps (the biased variance, eps outside the root).
+    The means are sums times float32(1 / count), as the layer's gemv."""
+
+    def __init__(self, normalize_variance: bool, across_channels: bool, eps: float, count: int) -> None:
+        super().__init__()
+        self.normalize_variance, self.across_channels = bool(normalize_variance), bool(across_channels)
+        self.eps, self.count = float(eps), int(count)
+        self.register_buffer("inverse", torch.tensor(1.0 / self.count, dtype=torch.float32), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = (1, 2, 3) if self.across_channels else (2, 3)
+        inverse = self.inverse.to(x.dtype)
+        centred = x - x.sum(dims, keepdim=True) * inverse
+        if not self.normalize_variance:
+            return centred
+        variance = (centred * centred).sum(dims, keepdim=True) * inverse
+        return centred / (torch.sqrt(variance) + self.eps)
+
+    def extra_repr(self) -> str:
+        return _kwargs(normalize_variance=self.normalize_variance, across_channels=self.across_channels,
+                       eps=self.eps, count=self.count)

@@ -1,0 +1,45 @@
+"""Converters for Caffe's reducing layers: Reduction (SUM, ASUM, SUMSQ, MEAN) and MVN."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from caffe2torch.bvlc import MVN, Reduction
+from caffe2torch.errors import CaffeError
+from caffe2torch.layers.registry import Converted, Shape, canonical_axis, converter, expect_blobs, expect_bottoms
+from proto import caffe_pb2
+
+_OPERATIONS = {caffe_pb2.ReductionParameter.SUM: "SUM", caffe_pb2.ReductionParameter.ASUM: "ASUM",
+               caffe_pb2.ReductionParameter.SUMSQ: "SUMSQ", caffe_pb2.ReductionParameter.MEAN: "MEAN"}
+
+
+@converter("Reduction")
+def convert_reduction(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    """One value per slice from `axis` on (axis 0 by default: the whole blob, a 0-axis top); MEAN scales by
+    coeff / count, computed in float32 as reduction_layer.cpp's Reshape."""
+    expect_bottoms(layer, inputs, 1)
+    expect_blobs(layer, blobs, 0)
+    param = layer.reduction_param
+    shape = tuple(inputs[0])
+    axis = canonical_axis(layer, param.axis, len(shape))
+    operation = _OPERATIONS[param.operation]
+    coeff = np.float32(param.coeff)
+    if operation == "MEAN":
+        coeff = np.float32(coeff / np.float32(int(np.prod(shape[axis:], dtype=np.int64))))
+    return Converted(Reduction(operation, axis, float(coeff)), [shape[:axis]])
+
+
+@converter("MVN")
+def convert_mvn(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    """Mean (and with normalize_variance, standard deviation) normalisation per channel plane or per sample."""
+    expect_bottoms(layer, inputs, 1)
+    expect_blobs(layer, blobs, 0)
+    shape = tuple(inputs[0])
+    if len(shape) != 4:
+        raise CaffeError(f"layer {layer.name!r} (MVN): input must have 4 axes (N, C, H, W), got {shape}")
+    param = layer.mvn_param
+    count = shape[1] * shape[2] * shape[3] if param.across_channels else shape[2] * shape[3]
+    module = MVN(param.normalize_variance, param.across_channels, float(np.float32(param.eps)), count)
+    return Converted(module, [shape])
