@@ -19,6 +19,7 @@ from caffe2torch import bvlc as bvlc_modules
 from caffe2torch import detection as detection_modules
 from caffe2torch import forks as fork_modules
 from caffe2torch import rcnn as rcnn_modules
+from caffe2torch import yolo as yolo_modules
 from caffe2torch import modules as caffe_modules
 from caffe2torch.errors import CaffeError
 from caffe2torch.model import META_KEY, LayerCall, NetInfo, net_info, python_names
@@ -31,7 +32,7 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _DECONV = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Our files of modules whose source a generated model.py embeds (they import only torch, math and each other).
-_RUNTIME = (caffe_modules, bvlc_modules, detection_modules, fork_modules, rcnn_modules)
+_RUNTIME = (caffe_modules, bvlc_modules, detection_modules, fork_modules, rcnn_modules, yolo_modules)
 _RUNTIME_NAMES = {module.__name__ for module in _RUNTIME}
 
 

@@ -346,6 +346,7 @@ _UPSTREAM_PARAMS = {
     "ROIPooling": ("domain_transform_param", "roi_pooling_param"),  # Microsoft/caffe 147
     "PSROIPooling": ("bias_channel_param", "psroi_pooling_param"),  # Microsoft/caffe 149
     "CropCenter": ("bias_channel_param", "crop_center_param"),  # lltcggie/caffe 149
+    "Reorg": ("bias_channel_param", "reorg_param"),  # MobileNet-YOLO 149
 }
 
 

@@ -16,6 +16,7 @@ from caffe2torch.layers import (  # noqa: F401,E402
     rcnn,
     reduction,
     shape,
+    yolo,
 )
 
 __all__ = ["CONVERTERS", "Converted", "Shape", "convert_layer", "converter", "register_converter", "supported_types"]
