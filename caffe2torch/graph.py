@@ -204,6 +204,7 @@ def build_graph(
             raise ShapelessInput(f"{source}: input {name!r} has no shape{origin}; give one with --input-shape")
         if any(d <= 0 for d in shape):
             raise CaffeError(f"{source}: input {name!r} has a non-positive dimension in shape {shape}")
+    _resolve_auto_crops(graph)
     names = [layer.name for layer in graph.layers]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
@@ -211,6 +212,24 @@ def build_graph(
         graph.notes.append(f"layer names used more than once: {', '.join(map(repr, duplicates[:5]))}; each gets a "
                            f"module of its own")
     return graph
+
+
+def _resolve_auto_crops(graph: NetGraph) -> None:
+    """HED / RCF's AutoCrop takes its offsets from the whole net: worked out here and written into a copy of
+    the layer's crop_param (axis 2), which its converter reads."""
+    from caffe2torch.coords import auto_crop_offsets
+
+    crops: dict[str, tuple[int, int]] = {}
+    for index, layer in enumerate(graph.layers):
+        if layer.type != "AutoCrop":
+            continue
+        offsets = crops[layer.name] = auto_crop_offsets(graph.layers, index, crops)
+        param = caffe_pb2.LayerParameter()
+        param.CopyFrom(layer.param)
+        param.crop_param.axis = 2
+        param.crop_param.ClearField("offset")
+        param.crop_param.offset.extend(offsets)
+        layer.param = param
 
 
 def _drop_unread_inputs(graph: NetGraph) -> None:

@@ -1,4 +1,5 @@
-"""Converters for Caffe's data-movement layers: Concat, Slice, Split, Flatten, Reshape, Crop, Tile, ArgMax."""
+"""Converters for Caffe's data-movement layers: Concat, Slice, Split, Flatten, Reshape, Crop (and AutoCrop), Tile,
+ArgMax."""
 
 from __future__ import annotations
 
@@ -186,6 +187,15 @@ def convert_crop(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) ->
             )
         top[axis] = reference[axis]
     return Converted(Crop(start, offsets, reference[start:rank]), [tuple(top)])
+
+
+@converter("AutoCrop")
+def convert_auto_crop(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    """HED / RCF's AutoCrop: a Crop from axis 2 at the offsets the net's coordinate maps give (caffe2torch.coords,
+    worked out when the net's graph is built)."""
+    if len(layer.crop_param.offset) != 2:
+        raise _fail(layer, "its offsets come from the net's coordinate maps: convert the whole net")
+    return convert_crop(layer, inputs, blobs)
 
 
 @converter("Tile")
