@@ -18,15 +18,15 @@ SCORING_TYPES = {"Accuracy", "SegAccuracy", "HDF5Output", "MatWrite", "Detection
 
 
 def is_scoring(layer_type: str) -> bool:
-    return layer_type in SCORING_TYPES or layer_type.endswith("Loss")
+    return layer_type in SCORING_TYPES or layer_type.endswith(("Loss", "Accuracy"))
 
 
 def is_data_layer(param: caffe_pb2.LayerParameter) -> bool:
-    """A layer that reads a dataset: a data type, or a Python layer with no bottoms that no converter claims
-    (FCN's voc_layers, ...)."""
+    """A layer that reads a dataset: a data type, or a layer with no bottoms that no converter claims and that
+    is a Python layer (FCN's voc_layers, ...) or a fork's *Data type (HED's ImageLabelmapData, ...)."""
     if param.type in DATA_TYPES:
         return True
-    if param.type == "Python" and not param.bottom:
+    if not param.bottom and (param.type == "Python" or param.type.endswith("Data")):
         from caffe2torch.layers.registry import CONVERTERS, converter_key
 
         return converter_key(param) not in CONVERTERS

@@ -215,6 +215,10 @@ def test_a_train_val_net_converts_as_a_deploy_net_with_notes():
     # A data layer that does not say its size needs --input-shape, and says so.
     with pytest.raises(CaffeError, match=r"input 'data' has no shape \(data layer 'data' \(Data\) does not say its size\); give one with --input-shape"):
         build_graph(parse_prototxt(TRAIN_VAL.replace("transform_param { crop_size: 12 } ", "")))
+    # A fork's *Data type (HED's ImageLabelmapData) reads a dataset too; a fork's *Accuracy only scores.
+    forked = TRAIN_VAL.replace('type: "Data"', 'type: "ImageLabelmapData"').replace('"Accuracy"', '"MultiLabelAccuracy"')
+    graph = build_graph(parse_prototxt(forked))
+    assert graph.inputs == {"data": (1, 3, 12, 12)} and [layer.name for layer in graph.layers] == ["conv", "relu", "fc"]
 
 
 def test_duplicate_layer_names_are_accepted_as_caffe_does():
