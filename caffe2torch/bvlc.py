@@ -1,4 +1,5 @@
-"""Torch modules for BVLC layer types no torch module means exactly: Clip, Swish, Tile, Reduction, MVN.
+"""Torch modules for BVLC layer types no torch module means exactly: Clip, Swish, Tile, Reduction, MVN, SPP,
+Embed, Parameter, BatchReindex.
 
 The same contract as caffe2torch.modules (torch only, so a standalone `model.py` can embed them;
 `extra_repr` is the constructor's keyword arguments). Each follows BVLC Caffe's CPU forward.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from caffe2torch.modules import _kwargs
+from caffe2torch.modules import Pool2d, _kwargs
 
 
 class Clip(nn.Module):
@@ -102,3 +103,73 @@ class MVN(nn.Module):
     def extra_repr(self) -> str:
         return _kwargs(normalize_variance=self.normalize_variance, across_channels=self.across_channels,
                        eps=self.eps, count=self.count)
+
+
+def spp_level(size: int, level: int) -> tuple[int, int]:
+    """spp_layer.cpp's GetPoolingParam along one axis: (kernel = stride, pad) for 2^level bins."""
+    bins = 2 ** level
+    kernel = -(-size // bins)
+    return kernel, (kernel * bins - size + 1) // 2
+
+
+class SPP(nn.Module):
+    """spp_layer.cpp: Caffe pooling (`Pool2d`) at 1, 2, 4, ... bins per axis, each flattened, concatenated on
+    the channels; a pyramid of height 1 is the one pooling, unflattened ([N, C, 1, 1])."""
+
+    def __init__(self, method: str, pyramid_height: int, input_size: tuple) -> None:
+        super().__init__()
+        self.method, self.pyramid_height = method, int(pyramid_height)
+        self.input_size = tuple(int(n) for n in input_size)
+        levels = []
+        for level in range(self.pyramid_height):
+            (kh, ph), (kw, pw) = (spp_level(n, level) for n in self.input_size)
+            levels.append(Pool2d(method, (kh, kw), (kh, kw), (ph, pw), self.input_size))
+        self.levels = nn.ModuleList(levels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pyramid_height == 1:
+            return self.levels[0](x)
+        return torch.cat([pool(x).flatten(1) for pool in self.levels], dim=1)
+
+    def extra_repr(self) -> str:
+        return _kwargs(method=self.method, pyramid_height=self.pyramid_height, input_size=self.input_size)
+
+
+class Embed(nn.Module):
+    """embed_layer.cpp: each input value, truncated to an integer, picks a row of `weight` [input_dim, num_output]
+    (plus `bias`); the top gains a last axis of num_output."""
+
+    def __init__(self, input_dim: int, num_output: int, bias: bool = True) -> None:
+        super().__init__()
+        self.input_dim, self.num_output = int(input_dim), int(num_output)
+        self.weight = nn.Parameter(torch.empty(self.input_dim, self.num_output))
+        self.bias = nn.Parameter(torch.empty(self.num_output)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.embedding(x.long(), self.weight)
+        return out + self.bias if self.bias is not None else out
+
+    def extra_repr(self) -> str:
+        return _kwargs(input_dim=self.input_dim, num_output=self.num_output, bias=self.bias is not None)
+
+
+class ParameterBlob(nn.Module):
+    """parameter_layer.hpp: a layer with no bottom whose top is its one (learnable) blob."""
+
+    def __init__(self, shape: tuple) -> None:
+        super().__init__()
+        self.shape = tuple(int(d) for d in shape)
+        self.value = nn.Parameter(torch.empty(self.shape))
+
+    def forward(self) -> torch.Tensor:
+        return self.value.clone()  # a tensor of its own, as a layer's output (in-place layers after it stay local)
+
+    def extra_repr(self) -> str:
+        return _kwargs(shape=self.shape)
+
+
+class BatchReindex(nn.Module):
+    """batch_reindex_layer.cpp: the rows of the first bottom at the indices of the second (truncated to integers)."""
+
+    def forward(self, x: torch.Tensor, permutation: torch.Tensor) -> torch.Tensor:
+        return x.index_select(0, permutation.reshape(-1).long())

@@ -82,6 +82,9 @@ def constructor(module: nn.Module) -> str:
         nn.Hardtanh: lambda m: f"min_val={caffe_modules._literal(m.min_val)}, max_val={caffe_modules._literal(m.max_val)}",
         nn.ZeroPad2d: lambda m: f"{m.padding!r}",
         nn.Flatten: lambda m: f"start_dim={m.start_dim}, end_dim={m.end_dim}",
+        nn.Unflatten: lambda m: f"{m.dim}, {tuple(m.unflattened_size)!r}",
+        nn.Unfold: lambda m: (f"{m.kernel_size!r}, dilation={m.dilation!r}, padding={m.padding!r}, "
+                              f"stride={m.stride!r}"),
         nn.Identity: lambda m: "",
         nn.Upsample: lambda m: f"scale_factor={m.scale_factor!r}, mode={m.mode!r}",
         nn.LocalResponseNorm: lambda m: f"{m.size}, alpha={m.alpha!r}, beta={m.beta!r}, k={m.k!r}",

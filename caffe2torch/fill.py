@@ -73,6 +73,11 @@ def placeholder_specs(layer, shapes: Sequence[Shape]) -> list[tuple[Shape, float
         filler = param.scale_filler
         value = filler.value if param.HasField("scale_filler") and filler.type == "constant" else 1.0
         return [((() if param.channel_shared else (_channels(layer, shapes),)), value)]
+    if kind == "Embed":
+        param = layer.embed_param
+        return [((param.input_dim, param.num_output), 0.0)] + ([((param.num_output,), 0.0)] if param.bias_term else [])
+    if kind == "Parameter":
+        return [(tuple(int(d) for d in layer.parameter_param.shape.dim), 0.0)]
     if kind in ("Scale", "Bias") and len(shapes) == 1:
         return _scale_bias_specs(layer, shapes[0])
     # Every other type has no parameters.

@@ -1,7 +1,9 @@
-"""BVLC's Clip, Swish, Tile, Reduction and MVN, and the MobileNet forks' ReLU6, against loops of their CPU forward.
+"""BVLC's Clip, Swish, Tile, Reduction, MVN, SPP, Embed, Parameter, BatchReindex and Im2col, and the MobileNet
+forks' ReLU6, against loops of their CPU forward.
 
 clip_layer.cpp, swish_layer.cpp (with sigmoid_layer.cpp's 0.5 * tanh(0.5 x) + 0.5), tile_layer.cpp,
-reduction_layer.cpp, mvn_layer.cpp, and relu6_layer.cpp of eric612/MobileNet-YOLO.
+reduction_layer.cpp, mvn_layer.cpp, spp_layer.cpp (over pooling_layer.cpp), embed_layer.cpp,
+parameter_layer.hpp, batch_reindex_layer.cpp, im2col.cpp, and relu6_layer.cpp of eric612/MobileNet-YOLO.
 """
 
 from __future__ import annotations
@@ -96,6 +98,82 @@ def test_mvn_subtracts_the_mean_and_divides_by_the_deviation_plus_eps(normalize_
         convert_layer(layer, [(2, 3)], [])
 
 
+def caffe_pool(x, method, kernel, stride, pad):
+    """pooling_layer.cpp: ceil output size, the padding clip, MAX from -FLT_MAX, AVE over the padded window."""
+    _, _, height, width = x.shape
+    out_size = []
+    for n, k, s, p in zip((height, width), kernel, stride, pad):
+        o = -(-(n + 2 * p - k) // s) + 1
+        if any(pad) and (o - 1) * s >= n + p:
+            o -= 1
+        out_size.append(o)
+    out = np.zeros(x.shape[:2] + tuple(out_size), np.float64)
+    for ph in range(out_size[0]):
+        for pw in range(out_size[1]):
+            hs, ws = ph * stride[0] - pad[0], pw * stride[1] - pad[1]
+            he, we = min(hs + kernel[0], height + pad[0]), min(ws + kernel[1], width + pad[1])
+            count = (he - hs) * (we - ws)
+            hs, ws, he, we = max(hs, 0), max(ws, 0), min(he, height), min(we, width)
+            window = x[:, :, hs:he, ws:we]
+            out[:, :, ph, pw] = window.max((2, 3)) if method == "MAX" else window.sum((2, 3)) / count
+    return out
+
+
+@pytest.mark.parametrize("method", ["MAX", "AVE"])
+@pytest.mark.parametrize("height, size", [(3, (7, 9)), (1, (5, 6)), (2, (6, 6))])
+def test_spp_pools_each_pyramid_level_as_caffe_and_concatenates(method, height, size):
+    rng = np.random.default_rng(13)
+    x = rng.normal(0, 1, (2, 3) + size).astype(F)
+    layer = layer_from_text(f'name: "spp" type: "SPP" spp_param {{ pyramid_height: {height} pool: {method} }}')
+    converted, out = run_layer(layer, [x.shape], [], x)
+    levels = []
+    for level in range(height):  # GetPoolingParam: kernel = stride = ceil(size / 2^level), pad (remainder + 1) / 2
+        kernels = [int(np.ceil(n / 2 ** level)) for n in size]
+        pads = [(k * 2 ** level - n + 1) // 2 for k, n in zip(kernels, size)]
+        levels.append(caffe_pool(x, method, kernels, kernels, pads))
+    expected = levels[0] if height == 1 else np.concatenate([v.reshape(2, -1) for v in levels], axis=1)
+    assert converted.top_shapes == [expected.shape]
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_embed_picks_rows_by_index_and_adds_the_bias():
+    rng = np.random.default_rng(14)
+    weight, bias = rng.normal(0, 1, (6, 4)).astype(F), rng.normal(0, 1, 4).astype(F)
+    x = np.array([[0, 5, 2], [3, 3, 1]], F)
+    layer = layer_from_text('name: "e" type: "Embed" embed_param { num_output: 4 input_dim: 6 }')
+    converted, out = run_layer(layer, [x.shape], [weight, bias], x)
+    assert converted.top_shapes == [(2, 3, 4)]
+    np.testing.assert_array_equal(out, weight[x.astype(int)] + bias)  # caffe_copy of row index, then + bias
+
+
+def test_batch_reindex_and_parameter_and_im2col():
+    x = np.arange(4 * 3, dtype=F).reshape(4, 3)
+    _, out = run_layer(layer_from_text('name: "b" type: "BatchReindex"'), [x.shape, (5,)], [],
+                       x, np.array([3, 0, 0, 2, 1], F))
+    np.testing.assert_array_equal(out, x[[3, 0, 0, 2, 1]])
+    value = np.arange(6, dtype=F).reshape(2, 3)
+    converted, out = run_layer(layer_from_text('name: "p" type: "Parameter" parameter_param { shape { dim: 2 dim: 3 '
+                                               '} }'), [], [value])
+    assert converted.top_shapes == [(2, 3)]
+    np.testing.assert_array_equal(out, value)
+    image = np.arange(2 * 2 * 5 * 6, dtype=F).reshape(2, 2, 5, 6)
+    layer = layer_from_text('name: "i" type: "Im2col" convolution_param { kernel_h: 3 kernel_w: 2 stride: 2 pad: 1 '
+                            'dilation: 1 }')
+    converted, out = run_layer(layer, [image.shape], [], image)
+    out_h, out_w = (5 + 2 - 3) // 2 + 1, (6 + 2 - 2) // 2 + 1
+    expected = np.zeros((2, 2 * 3 * 2, out_h, out_w), F)
+    for c in range(2):  # im2col_cpu: channel c, kernel row, kernel column, then output rows and columns
+        for kh in range(3):
+            for kw in range(2):
+                for oh in range(out_h):
+                    for ow in range(out_w):
+                        h, w = oh * 2 - 1 + kh, ow * 2 - 1 + kw
+                        if 0 <= h < 5 and 0 <= w < 6:
+                            expected[:, (c * 3 + kh) * 2 + kw, oh, ow] = image[:, c, h, w]
+    assert converted.top_shapes == [expected.shape]
+    np.testing.assert_array_equal(out, expected)
+
+
 MORE_BVLC = """name: "more"
 input: "data" input_shape { dim: 1 dim: 3 dim: 6 dim: 6 }
 layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" convolution_param { num_output: 4 kernel_size: 3 } }
@@ -105,6 +183,10 @@ layer { name: "swish" type: "Swish" bottom: "mvn" top: "swish" swish_param { bet
 layer { name: "clip" type: "Clip" bottom: "swish" top: "clip" clip_param { min: -1 max: 1 } }
 layer { name: "tile" type: "Tile" bottom: "clip" top: "tile" tile_param { axis: 1 tiles: 2 } }
 layer { name: "sum" type: "Reduction" bottom: "tile" top: "sum" reduction_param { operation: SUMSQ axis: 2 } }
+layer { name: "spp" type: "SPP" bottom: "conv" top: "spp" spp_param { pyramid_height: 2 pool: AVE } }
+layer { name: "cols" type: "Im2col" bottom: "conv" top: "cols" convolution_param { kernel_size: 2 stride: 2 } }
+layer { name: "bias" type: "Parameter" top: "bias" parameter_param { shape { dim: 1 dim: 20 } } }
+layer { name: "spp_bias" type: "Eltwise" bottom: "spp" bottom: "bias" top: "spp_bias" }
 """
 
 
@@ -114,10 +196,11 @@ def test_more_bvlc_types_in_a_net_export_run_in_half_and_write_standalone_code(t
 
     net = random_net(tmp_path, MORE_BVLC, std=0.5)
     x = torch.randn(1, 3, 6, 6)
-    out = net(x)
-    assert out.shape == (1, 8)
+    outputs = net(x)  # Caffe's output blobs, sorted by name: cols, spp_bias, sum
+    assert [tuple(o.shape) for o in outputs] == [(1, 16, 2, 2), (1, 20), (1, 8)]
     for fmt in ("onnx", "pt2", "torchscript"):
         assert export(net, fmt, tmp_path / f"net.{fmt}").max_rel <= 1e-5, fmt
-    assert torch.allclose(copy.deepcopy(net).half()(x.half()).float(), out, rtol=0.05, atol=0.1)
+    half = copy.deepcopy(net).half()(x.half())
+    assert all(torch.allclose(h.float(), o, rtol=0.05, atol=0.1) for h, o in zip(half, outputs))
     save_net(net, tmp_path / "folder")
-    assert torch.equal(load_standalone(tmp_path / "folder")(x), net(x))
+    assert all(torch.equal(a, b) for a, b in zip(load_standalone(tmp_path / "folder")(x), net(x)))

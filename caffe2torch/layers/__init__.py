@@ -11,6 +11,7 @@ from caffe2torch.layers import (  # noqa: F401,E402
     elementwise,
     forks,
     interp,
+    lookup,
     normalization,
     pooling,
     rcnn,

@@ -237,3 +237,28 @@ def convert_inner_product(layer, inputs: list[Shape], blobs: list[np.ndarray]) -
     else:
         linear = on_meta(InnerProduct, k, num_output, bias=bool(param.bias_term), axis=axis)
     return Converted(assign(linear, weight=weight, bias=bias), [shape[:axis] + (num_output,)])
+
+
+@converter("Im2col")
+def convert_im2col(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> Converted:
+    """Each output position's patch as channels (C slowest, then kernel rows and columns): nn.Unfold, unflattened
+    to [N, C * kh * kw, out_h, out_w] (2-D, axis 1)."""
+    expect_bottoms(layer, inputs, 1)
+    expect_blobs(layer, blobs, 0)
+    param = layer.convolution_param
+    shape = tuple(inputs[0])
+    if len(shape) != 4 or canonical_axis(layer, param.axis, len(shape)) != 1:
+        raise CaffeError(f"layer {layer.name!r} (Im2col): only 2-D inputs (N, C, H, W) with axis 1 are supported, "
+                         f"got {shape}")
+    kernel = _hw_or_repeated(layer, param, "kernel", 2, None)
+    stride = _hw_or_repeated(layer, param, "stride", 2, 1)
+    pad = _hw_or_repeated(layer, param, "pad", 2, 0)
+    dilation = _per_axis(layer, list(param.dilation), "dilation", 2, 1)
+    if min(kernel + stride + dilation) < 1:
+        raise CaffeError(f"layer {layer.name!r} (Im2col): kernel, stride and dilation must be positive")
+    out = [(n + 2 * p - (d * (k - 1) + 1)) // s + 1 for n, k, s, p, d in zip(shape[2:], kernel, stride, pad, dilation)]
+    if min(out) <= 0:
+        raise CaffeError(f"layer {layer.name!r} (Im2col): the kernel does not fit the padded {shape[2:]} input")
+    module = nn.Sequential(nn.Unfold(tuple(kernel), dilation=tuple(dilation), padding=tuple(pad), stride=tuple(stride)),
+                           nn.Unflatten(2, tuple(out)))
+    return Converted(module, [(shape[0], shape[1] * kernel[0] * kernel[1], *out)])

@@ -1,10 +1,14 @@
-"""Converter for Pooling (MAX, AVE) with Caffe's ceil output size, clipping rule, AVE divisor and empty windows."""
+"""Converters for Pooling (MAX, AVE) with Caffe's ceil output size, clipping rule, AVE divisor and empty windows,
+and for SPP (spatial pyramid pooling)."""
 
 from __future__ import annotations
+
+import math
 
 from caffe2torch.errors import CaffeError
 from caffe2torch.layers.registry import Converted, Shape, converter, expect_blobs, expect_bottoms
 from caffe2torch.limits import check_top
+from caffe2torch.bvlc import SPP, spp_level
 from caffe2torch.modules import Pool2d, caffe_pooled_size
 from proto import caffe_pb2
 
@@ -112,3 +116,32 @@ def convert_pooling(layer, inputs: list[Shape], blobs: list) -> Converted:
     module = Pool2d(methods[param.pool], kernel, stride, pad, size, ceil=not floor, mask=len(layer.top) == 2,
                     pad_end=None if pad_end == pad else pad_end)
     return Converted(module, [shape[:2] + module.output_size] * (2 if module.mask else 1))
+
+
+@converter("SPP")
+def convert_spp(layer, inputs: list[Shape], blobs: list) -> Converted:
+    """Caffe pooling at 2^level bins per axis for each pyramid level (kernel = stride = ceil(size / bins), pad
+    (kernel * bins - size + 1) / 2), flattened and concatenated; height 1 keeps the [N, C, 1, 1] pooling."""
+    expect_bottoms(layer, inputs, 1)
+    expect_blobs(layer, blobs, 0)
+    param = layer.spp_param
+    shape = tuple(inputs[0])
+    if len(shape) != 4:
+        raise CaffeError(f"layer {layer.name!r} (SPP): input must have 4 axes (N, C, H, W), got {shape}")
+    if param.pyramid_height < 1:
+        raise CaffeError(f"layer {layer.name!r} (SPP): pyramid_height must be at least 1")
+    if param.pool == caffe_pb2.SPPParameter.STOCHASTIC:
+        raise CaffeError(f"layer {layer.name!r} (SPP): STOCHASTIC pooling has no CPU forward in Caffe; not supported")
+    size = shape[2:]
+    for level in range(param.pyramid_height):
+        for n in size:
+            kernel, pad = spp_level(n, level)
+            if pad >= kernel and pad:  # PoolingLayer's CHECK_LT(pad, kernel)
+                raise CaffeError(f"layer {layer.name!r} (SPP): level {level} of a {size[0]} x {size[1]} input needs "
+                                 f"pad {pad} with kernel {kernel}; Caffe refuses it")
+    method = MAX if param.pool == caffe_pb2.SPPParameter.MAX else AVE
+    module = SPP(method, param.pyramid_height, size)
+    if param.pyramid_height == 1:
+        return Converted(module, [shape[:2] + module.levels[0].output_size])
+    features = sum(shape[1] * math.prod(pool.output_size) for pool in module.levels)
+    return Converted(module, [(shape[0], features)])
