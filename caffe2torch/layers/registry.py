@@ -92,6 +92,14 @@ def register_converter(type_name: str, *, replace: bool = False) -> Callable[[Co
     return register
 
 
+# BVLC types with a forward that have no converter, and why (the message for any other type: no converter).
+_NOT_CONVERTED = {
+    "RNN": "recurrent layers (unrolled over time with their `cont` input) are not converted: type",
+    "LSTM": "recurrent layers (unrolled over time with their `cont` input) are not converted: type",
+    "Filter": "a layer whose output size depends on the data is not converted: type",
+}
+
+
 def supported_types() -> list[str]:
     return sorted(CONVERTERS)
 
@@ -108,8 +116,9 @@ def convert_layer(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -
     key = converter_key(layer)
     fn = CONVERTERS.get(key)
     if fn is None:
+        why = _NOT_CONVERTED.get(key, "no converter for type")
         raise CaffeError(
-            f"layer {layer.name!r}: no converter for type {key!r}; register one with "
+            f"layer {layer.name!r}: {why} {key!r}; register one with "
             f"@caffe2torch.register_converter({key!r}) (README: 'Plugins'). Built in: "
             f"{', '.join(t for t in supported_types() if ':' not in t)}"
         )
