@@ -12,7 +12,7 @@ from torch import nn
 from caffe2torch.errors import CaffeError
 from caffe2torch.forks import Axpy, MaxUnpool, ResizeBilinear, ShuffleChannel
 from caffe2torch.layers.convolution import convert_convolution
-from caffe2torch.layers.registry import Converted, Shape, converter, expect_blobs, expect_bottoms
+from caffe2torch.layers.registry import Converted, Shape, converter, expect_blobs, expect_bottoms, image_shape
 from caffe2torch.modules import Crop
 from proto import caffe_pb2
 
@@ -27,9 +27,7 @@ def convert_upsample(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]
     expect_bottoms(layer, inputs, 1, 2)
     expect_blobs(layer, blobs, 0)
     param = layer.upsample_param
-    shape = tuple(inputs[0])
-    if len(shape) != 4:
-        raise _fail(layer, f"input must have 4 axes (N, C, H, W), got {shape}")
+    shape = image_shape(layer, inputs)
     if len(inputs) == 1:
         if param.HasField("scale_h") or param.HasField("upsample_h"):
             raise _fail(layer, "with one bottom (nearest-neighbour upsampling) only `scale` is understood")
@@ -108,10 +106,8 @@ def convert_padding(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray])
     both >= 0; both <= 0 crops instead (nn.ZeroPad2d takes negative amounts as crops)."""
     expect_bottoms(layer, inputs, 1)
     expect_blobs(layer, blobs, 0)
-    shape = tuple(inputs[0])
+    shape = image_shape(layer, inputs)
     beg, end = layer.padding_param.pad_beg, layer.padding_param.pad_end
-    if len(shape) != 4:
-        raise _fail(layer, f"input must have 4 axes (N, C, H, W), got {shape}")
     if (beg < 0 < end) or (end < 0 < beg):
         raise _fail(layer, f"pad_beg {beg} and pad_end {end} must both be >= 0 or both <= 0")
     size = (shape[2] + beg + end, shape[3] + beg + end)
@@ -142,11 +138,9 @@ def convert_resize_bilinear(layer, inputs: Sequence[Shape], blobs: Sequence[np.n
     expect_bottoms(layer, inputs, 1)
     expect_blobs(layer, blobs, 0)
     param = layer.resize_bilinear_param
-    shape = tuple(inputs[0])
     if param.data_format not in ("NCHW", "NHWC"):
         raise _fail(layer, f"data_format {param.data_format!r} is not supported (NCHW and NHWC are)")
-    if len(shape) != 4:
-        raise _fail(layer, f"input must have 4 axes, got {shape}")
+    shape = image_shape(layer, inputs)
     modes = [name for name in ("align_corners", "half_pixel_centers", "pytorch_half_pixel") if getattr(param, name)]
     if len(modes) > 1:
         raise _fail(layer, f"{' and '.join(modes)} exclude each other")

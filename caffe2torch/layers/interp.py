@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from caffe2torch.errors import CaffeError
-from caffe2torch.layers.registry import Converted, Shape, converter, expect_blobs, expect_bottoms
+from caffe2torch.layers.registry import Converted, Shape, converter, expect_blobs, expect_bottoms, image_shape
 from caffe2torch.limits import check_top
 from caffe2torch.modules import Interp
 
@@ -63,9 +63,7 @@ def convert_interp(layer, inputs: list[Shape], blobs: list) -> Converted:
     """Crop by the (non-positive) pads, then corner-aligned bilinear resize to the size the rules give."""
     expect_bottoms(layer, inputs, 1)
     expect_blobs(layer, blobs, 0)
-    shape = tuple(inputs[0])
-    if len(shape) != 4:
-        raise CaffeError(f"layer {layer.name!r} (Interp): input must have 4 axes (N, C, H, W), got {shape}")
+    shape = image_shape(layer, inputs)
     param = layer.interp_param
     pad_beg, pad_end = int(param.pad_beg), int(param.pad_end)
     if pad_beg > 0 or pad_end > 0:

@@ -12,7 +12,7 @@ from caffe2torch.errors import CaffeError
 from caffe2torch.forks import BatchStatNorm
 from caffe2torch.layers.convolution import fit_blob
 from caffe2torch.layers.registry import (Converted, Shape, assign, canonical_axis, converter, expect_blobs,
-                                         expect_bottoms, on_meta)
+                                         expect_bottoms, image_shape, on_meta)
 from caffe2torch.modules import (AddOperand, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d,
                                  LRNWithinChannel, Scale)
 from proto import caffe_pb2
@@ -219,9 +219,7 @@ def convert_lrn(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> Converte
     expect_bottoms(layer, inputs, 1)
     expect_blobs(layer, blobs, 0)
     param = layer.lrn_param
-    shape = tuple(inputs[0])
-    if len(shape) != 4:
-        raise CaffeError(f"layer {layer.name!r} (LRN): input must have 4 axes (N, C, H, W), got {shape}")
+    shape = image_shape(layer, inputs)
     if param.local_size % 2 != 1:
         raise CaffeError(f"layer {layer.name!r} (LRN): local_size must be odd, got {param.local_size}")
     size, alpha, beta = int(param.local_size), _as_float32(param.alpha), _as_float32(param.beta)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from caffe2torch.errors import CaffeError
-from caffe2torch.layers.registry import Converted, Shape, converter, expect_blobs, expect_bottoms
+from caffe2torch.layers.registry import Converted, Shape, converter, expect_blobs, expect_bottoms, image_shape
 from caffe2torch.limits import check_top
 from caffe2torch.bvlc import SPP, spp_level
 from caffe2torch.modules import Pool2d, caffe_pooled_size
@@ -70,9 +70,7 @@ def convert_pooling(layer, inputs: list[Shape], blobs: list) -> Converted:
         )
     if len(layer.top) > 2 or len(layer.top) == 2 and param.pool != caffe_pb2.PoolingParameter.MAX:
         raise CaffeError(f"layer {layer.name!r} (Pooling): only MAX pooling has a second (mask) top, and no third")
-    shape = tuple(inputs[0])
-    if len(shape) != 4:
-        raise CaffeError(f"layer {layer.name!r} (Pooling): input must have 4 axes (N, C, H, W), got {shape}")
+    shape = image_shape(layer, inputs)
     pad = _pair(layer, param, "pad", 0)
     stride = _pair(layer, param, "stride", 1)
     if param.global_pooling:
@@ -125,9 +123,7 @@ def convert_spp(layer, inputs: list[Shape], blobs: list) -> Converted:
     expect_bottoms(layer, inputs, 1)
     expect_blobs(layer, blobs, 0)
     param = layer.spp_param
-    shape = tuple(inputs[0])
-    if len(shape) != 4:
-        raise CaffeError(f"layer {layer.name!r} (SPP): input must have 4 axes (N, C, H, W), got {shape}")
+    shape = image_shape(layer, inputs)
     if param.pyramid_height < 1:
         raise CaffeError(f"layer {layer.name!r} (SPP): pyramid_height must be at least 1")
     if param.pool == caffe_pb2.SPPParameter.STOCHASTIC:

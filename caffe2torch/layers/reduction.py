@@ -7,8 +7,8 @@ from typing import Sequence
 import numpy as np
 
 from caffe2torch.bvlc import MVN, Reduction
-from caffe2torch.errors import CaffeError
-from caffe2torch.layers.registry import Converted, Shape, canonical_axis, converter, expect_blobs, expect_bottoms
+from caffe2torch.layers.registry import (Converted, Shape, canonical_axis, converter, expect_blobs, expect_bottoms,
+                                         image_shape)
 from proto import caffe_pb2
 
 _OPERATIONS = {caffe_pb2.ReductionParameter.SUM: "SUM", caffe_pb2.ReductionParameter.ASUM: "ASUM",
@@ -36,9 +36,7 @@ def convert_mvn(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> 
     """Mean (and with normalize_variance, standard deviation) normalisation per channel plane or per sample."""
     expect_bottoms(layer, inputs, 1)
     expect_blobs(layer, blobs, 0)
-    shape = tuple(inputs[0])
-    if len(shape) != 4:
-        raise CaffeError(f"layer {layer.name!r} (MVN): input must have 4 axes (N, C, H, W), got {shape}")
+    shape = image_shape(layer, inputs)
     param = layer.mvn_param
     count = shape[1] * shape[2] * shape[3] if param.across_channels else shape[2] * shape[3]
     module = MVN(param.normalize_variance, param.across_channels, float(np.float32(param.eps)), count)

@@ -140,6 +140,15 @@ def expect_bottoms(layer, inputs: Sequence[Shape], *counts: int) -> None:
         raise CaffeError(f"layer {layer.name!r} ({layer.type}): expected {wanted} bottoms, got {len(inputs)}")
 
 
+def image_shape(layer, inputs: Sequence[Shape], index: int = 0) -> Shape:
+    """Bottom `index`'s shape, which must have Caffe's 4 legacy axes (N, C, H, W)."""
+    shape = tuple(inputs[index])
+    if len(shape) != 4:
+        which = "input" if len(inputs) == 1 else f"bottom {index}"
+        raise CaffeError(f"layer {layer.name!r} ({layer.type}): {which} must have 4 axes (N, C, H, W), got {shape}")
+    return shape
+
+
 def expect_shape(layer, what: str, actual: Sequence[int], expected: Sequence[int]) -> None:
     """A parameter blob whose shape differs from what the layer needs: name the layer and both shapes."""
     if tuple(actual) != tuple(expected):

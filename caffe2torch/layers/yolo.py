@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 
 from caffe2torch.errors import CaffeError
-from caffe2torch.layers.registry import Converted, Shape, converter, expect_blobs, expect_bottoms
+from caffe2torch.layers.registry import Converted, Shape, converter, expect_blobs, expect_bottoms, image_shape
 from caffe2torch.yolo import Reorg, YoloV2Output, YoloV3Output
 
 
@@ -16,11 +16,7 @@ def _fail(layer, message: str) -> CaffeError:
 
 
 def _maps(layer, inputs: Sequence[Shape]) -> list[Shape]:
-    shapes = [tuple(shape) for shape in inputs]
-    for index, shape in enumerate(shapes):
-        if len(shape) != 4:
-            raise _fail(layer, f"bottom {index} must have 4 axes (N, C, H, W), got {shape}")
-    return shapes
+    return [image_shape(layer, inputs, index) for index in range(len(inputs))]
 
 
 @converter("Reorg")
