@@ -13,6 +13,11 @@ from torch import nn
 from caffe2torch.modules import Pool2d, _kwargs
 
 
+def _float32_if_half(x: torch.Tensor) -> torch.Tensor:
+    """float16 / bfloat16 as float32, for sums over many values; other dtypes as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class Clip(nn.Module):
     """clip_layer.cpp: std::max(min, std::min(x, max)), which makes NaN `min` (torch.clamp keeps NaN)."""
 
@@ -21,7 +26,9 @@ class Clip(nn.Module):
         self.min, self.max = float(min), float(max)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nan_to_num(torch.clamp(x, self.min, self.max), nan=self.min)
+        # Bounds as tensors of x's dtype: a bound past float16's range becomes +-inf there, as a cast would.
+        low, high = x.new_tensor(self.min), x.new_tensor(self.max)
+        return torch.where(torch.isnan(x), low, torch.clamp(x, low, high))
 
     def extra_repr(self) -> str:
         return _kwargs(min=self.min, max=self.max)
@@ -68,13 +75,13 @@ class Reduction(nn.Module):
         self.operation, self.axis, self.coeff = operation, int(axis), float(coeff)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(x.shape[:self.axis] + (-1,))
+        flat = _float32_if_half(x).reshape(x.shape[:self.axis] + (-1,))  # half precision sums in float32, then back
         if self.operation == "ASUM":
             flat = flat.abs()
         elif self.operation == "SUMSQ":
             flat = flat * flat
         total = flat.sum(-1)
-        return total * self.coeff if self.coeff != 1.0 else total
+        return (total * self.coeff if self.coeff != 1.0 else total).to(x.dtype)
 
     def extra_repr(self) -> str:
         return _kwargs(operation=self.operation, axis=self.axis, coeff=self.coeff)
@@ -93,12 +100,13 @@ class MVN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dims = (1, 2, 3) if self.across_channels else (2, 3)
-        inverse = self.inverse.to(x.dtype)
-        centred = x - x.sum(dims, keepdim=True) * inverse
-        if not self.normalize_variance:
-            return centred
-        variance = (centred * centred).sum(dims, keepdim=True) * inverse
-        return centred / (torch.sqrt(variance) + self.eps)
+        work = _float32_if_half(x)  # half precision: float32 sums (a plane's sum of squares overflows float16)
+        inverse = self.inverse.to(work.dtype)
+        centred = work - work.sum(dims, keepdim=True) * inverse
+        if self.normalize_variance:
+            variance = (centred * centred).sum(dims, keepdim=True) * inverse
+            centred = centred / (torch.sqrt(variance) + self.eps)
+        return centred.to(x.dtype)
 
     def extra_repr(self) -> str:
         return _kwargs(normalize_variance=self.normalize_variance, across_channels=self.across_channels,

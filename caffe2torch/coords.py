@@ -2,10 +2,14 @@
 
 Each layer maps its top's coordinates to its bottom's by y = a * x + b per spatial axis
 (include/caffe/util/coords.hpp): a convolution or pooling by FilterMap(extent, stride, pad).inv(),
-a deconvolution by FilterMap itself, a Crop or AutoCrop by (1, -offset), point-wise layers by the
-identity. auto_crop_layer.cpp composes the maps from each bottom back to where their paths meet; the
-crop is minus the offset of first bottom -> second bottom. Exact fractions here, where the fork uses
-float and checks the result is (1, -integer).
+a deconvolution by FilterMap itself, an AutoCrop by (1, -crop), the neuron layers, Concat, Eltwise,
+LRN, MVN, Slice, Softmax and Split by the identity; any other layer has none (the fork aborts). A BVLC
+Crop maps by (1, -offsets[0]), (1, -offsets[1]) as the fork's crop_layer.hpp has it: the offsets of
+axes 0 and 1 (N and C), so an axis-2 crop maps as the identity there, and here. auto_crop_layer.cpp
+composes the maps from each bottom back to where their paths meet (through first bottoms, and each
+blob's first producer, so in-place layers are never crossed); the crop is minus the offset of first
+bottom -> second bottom. Exact fractions here, where the fork uses float and checks the result is
+(1, -integer).
 """
 
 from __future__ import annotations
@@ -17,10 +21,9 @@ from proto import caffe_pb2
 
 Map = tuple[tuple[Fraction, Fraction], tuple[Fraction, Fraction]]  # (scale, offset) for H and W
 IDENTITY: Map = ((Fraction(1), Fraction(0)), (Fraction(1), Fraction(0)))
-# Layers whose coord_map is the identity in the fork (neuron layers included).
+# Layers whose coord_map is the identity in the fork: its own list and every NeuronLayer (the forks' ReLU6 too).
 POINTWISE = {"Concat", "Eltwise", "LRN", "MVN", "Slice", "Softmax", "Split", "ReLU", "PReLU", "Sigmoid", "TanH",
-             "AbsVal", "BNLL", "Dropout", "Exp", "Log", "Power", "Threshold", "ELU", "BatchNorm", "Scale", "Bias",
-             "BN", "ReLU6", "Clip", "Swish"}
+             "AbsVal", "BNLL", "Dropout", "Exp", "Log", "Power", "Threshold", "ELU", "ReLU6", "Clip", "Swish"}
 
 
 def _compose(left: Map, right: Map) -> Map:
@@ -71,10 +74,11 @@ def coord_map(param: caffe_pb2.LayerParameter, crops: dict[str, tuple[int, int]]
         return _inverse(_filter_map(kernel, stride, pad))
     if kind == "Crop":
         crop = param.crop_param
-        offsets = list(crop.offset) or [0]
+        given = list(crop.offset) or [0]
         axis = crop.axis if crop.axis >= 0 else 4 + crop.axis
-        shifts = [0 if d < axis else (offsets[0] if len(offsets) == 1 else offsets[d - axis]) for d in (2, 3)]
-        return tuple((Fraction(1), Fraction(-s)) for s in shifts)
+        # crop_layer.cpp's offsets, one per axis of a 4-axis blob; coord_map reads those of axes 0 and 1.
+        offsets = [0 if d < axis else (given[0] if len(given) == 1 else given[d - axis]) for d in (0, 1)]
+        return tuple((Fraction(1), Fraction(-s)) for s in offsets)
     if kind == "AutoCrop" and param.name in crops:
         return tuple((Fraction(1), Fraction(-s)) for s in crops[param.name])
     return None
@@ -113,8 +117,10 @@ def auto_crop_offsets(layers: list, index: int, crops: dict[str, tuple[int, int]
             through = layers[producer[blob]]
             step = coord_map(through.param, crops)
             if step is None:
+                why = ("global pooling, whose kernel is its input's size, is not mapped here"
+                       if through.type == "Pooling" else "which has no coordinate map in the fork")
                 raise CaffeError(f"{where}: the path to {meet!r} passes layer {through.name!r} ({through.type}), "
-                                 f"which has no coordinate map in the fork")
+                                 f"{why}")
             composed = _compose(composed, step)
             blob = through.bottoms[0]
         maps.append(composed)

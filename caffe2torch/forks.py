@@ -56,6 +56,29 @@ class DropoutScaledAtTest(nn.Module):
         return _kwargs(ratio=self.ratio, factor=self.factor)
 
 
+class BoundedReLU(nn.Module):
+    """synopsys-caffe's ReLU with relu6 / maximum / minimum: max(x, 0) + negative_slope * min(x, 0), NaN made 0,
+    then min(., upper) and then max(., lower) where given (`upper` folds relu6's 6 and maximum)."""
+
+    def __init__(self, negative_slope: float = 0.0, upper: float | None = None, lower: float | None = None) -> None:
+        super().__init__()
+        self.negative_slope = float(negative_slope)
+        self.upper = None if upper is None else float(upper)
+        self.lower = None if lower is None else float(lower)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.leaky_relu(x, self.negative_slope) if self.negative_slope else torch.relu(x)
+        y = torch.nan_to_num(y, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+        if self.upper is not None:
+            y = torch.clamp(y, max=self.upper)
+        if self.lower is not None:
+            y = torch.clamp(y, min=self.lower)
+        return y
+
+    def extra_repr(self) -> str:
+        return _kwargs(negative_slope=self.negative_slope, upper=self.upper, lower=self.lower)
+
+
 class BatchStatNorm(nn.Module):
     """SegNet's BN in LEARN mode: normalised with the batch's own statistics, in every phase.
 

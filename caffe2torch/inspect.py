@@ -34,7 +34,7 @@ def describe(file: Path, prototxt: Path | None = None, input_shape=None) -> dict
         failures = []
         for size in ASSUMED_SIZES:
             try:
-                conversion = convert(*file_pair, on_warning=lambda _: None, assumed_size=size)
+                conversion = convert(*file_pair, input_shape, on_warning=lambda _: None, assumed_size=size)
                 break
             except CaffeError as error:
                 failures.append(f"at {size[0]}x{size[1]}: {error}")

@@ -431,8 +431,12 @@ def ambiguous_binary_fields(net: caffe_pb2.NetParameter, source: str) -> list[st
         if layer.type == "Pooling" and layer.pooling_param.HasField("round_mode"):
             mode = caffe_pb2.PoolingParameter.RoundMode.Name(layer.pooling_param.round_mode)
             found.append(f"{source}: layer {layer.name!r}: Pooling field 13 is read as BVLC's round_mode ({mode}); "
-                         f"the ceil_mode forks store ceil_mode there with 0 and 1 swapped: give the deploy "
-                         f"prototxt if the model comes from one")
+                         f"the ceil_mode forks store ceil_mode there with 0 and 1 swapped, synopsys-caffe its "
+                         f"pad_type: give the deploy prototxt if the model comes from one")
+        if layer.type in ("Convolution", "Deconvolution") and layer.convolution_param.HasField("pad_type"):
+            found.append(f"{source}: layer {layer.name!r}: Convolution field 19 is read as synopsys-caffe's pad_type "
+                         f"({layer.convolution_param.pad_type}); DeepLab v1 stores hole_w there: give the deploy "
+                         f"prototxt if the model comes from DeepLab v1")
     return found
 
 

@@ -58,3 +58,25 @@ def test_auto_crop_says_why_it_cannot_align(tmp_path, edits, match):
         text = text.replace(old, new, *count)
     with pytest.raises(CaffeError, match=f"layer 'crop2' \\(AutoCrop\\): {match}"):
         random_net(tmp_path, text, std=0.5)
+
+
+def test_the_walk_follows_the_forks_maps_for_crop_and_in_place_layers(tmp_path):
+    """The fork's Crop maps by its N and C offsets (the identity for an axis-2 crop); in-place layers are never
+    crossed (each blob's first producer), but a BatchNorm writing a new blob has no map there."""
+    from fractions import Fraction
+
+    from caffe2torch.coords import IDENTITY, coord_map
+    from tests.conftest import layer_from_text
+
+    assert coord_map(layer_from_text('name: "c" type: "Crop" crop_param { axis: 2 offset: 3 }'), {}) == IDENTITY
+    assert coord_map(layer_from_text('name: "c" type: "Crop" crop_param { axis: 0 offset: 0 offset: 2 offset: 5 '
+                                     'offset: 7 }'), {}) == ((1, 0), (1, Fraction(-2)))
+    text = RCF_LIKE.replace('layer { name: "relu1"', 'layer { name: "bn1" type: "BatchNorm" bottom: "conv1" '
+                            'top: "conv1" }\nlayer { name: "relu1"')
+    assert random_net(tmp_path, text, std=0.5).crop2.offsets == (1, 1)  # in place: not on the walk
+    text = (text.replace('bottom: "conv1" top: "conv1" }\nlayer { name: "relu1" type: "ReLU" bottom: "conv1" '
+                         'top: "conv1"', 'bottom: "conv1" top: "bn1" }\nlayer { name: "relu1" type: "ReLU" '
+                         'bottom: "bn1" top: "conv1b"').replace('bottom: "conv1" top: "pool1"', 'bottom: "conv1b" top: "pool1"'))
+    with pytest.raises(CaffeError, match="layer 'crop2' \\(AutoCrop\\): the path to 'data' passes layer 'bn1' "
+                                         "\\(BatchNorm\\), which has no coordinate map in the fork"):
+        random_net(tmp_path, text, std=0.5)

@@ -293,3 +293,17 @@ layer { name: "py" type: "Python" bottom: "act" top: "py"
     finally:
         CONVERTERS.pop("HSwish", None)
         CONVERTERS.pop("Python:rpn.scale_layer.ScaleLayer", None)
+
+
+def test_the_runtime_files_model_py_embeds_define_each_name_once():
+    """codegen copies classes and helpers by name from several files: one name must mean one thing."""
+    import inspect
+
+    from caffe2torch import codegen
+
+    owners: dict[str, list[str]] = {}
+    for runtime in codegen._RUNTIME:
+        for name, value in vars(runtime).items():
+            if (inspect.isclass(value) or inspect.isfunction(value)) and value.__module__ == runtime.__name__:
+                owners.setdefault(name, []).append(runtime.__name__)
+    assert {name: files for name, files in owners.items() if len(files) > 1} == {}

@@ -212,3 +212,25 @@ def test_the_bvlc_types_left_out_say_why(kind, why):
     with pytest.raises(CaffeError, match=f"layer 'l': {why} .*type '{kind}'; register one with "
                                          f"@caffe2torch.register_converter\\('{kind}'\\)"):
         convert_layer(layer_from_text(f'name: "l" type: "{kind}"'), [(2, 3)], [])
+
+
+def test_sums_over_large_planes_stay_right_in_half_precision():
+    """MVN and Reduction sum in float32 under float16 (a 256 x 256 plane's sum of squares overflows it)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 256, 256) * 2 + 1
+    mvn = convert_layer(layer_from_text('name: "m" type: "MVN"'), [tuple(x.shape)], []).module
+    half = mvn(x.half())
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), mvn(x), rtol=0.01, atol=0.01)
+    mean = convert_layer(layer_from_text('name: "r" type: "Reduction" reduction_param { operation: MEAN axis: 1 }'),
+                         [tuple(x.shape)], []).module
+    torch.testing.assert_close(mean(x.half()).float(), mean(x), rtol=0.01, atol=0.01)
+
+
+def test_clip_in_half_precision_and_at_infinities():
+    clip = convert_layer(layer_from_text('name: "c" type: "Clip" clip_param { min: -1e6 max: 1e6 }'), [(5,)], []).module
+    x = torch.tensor([float("nan"), float("-inf"), -2.0, 3.0, float("inf")])
+    # std::max(min, std::min(x, max)) in float32: NaN -> min, infinities -> the bounds
+    assert clip(x).tolist() == [-1e6, -1e6, -2.0, 3.0, 1e6]
+    # In float16 the bounds are +-inf (as a cast makes them): NaN -> -inf, the rest unchanged.
+    assert clip(x.half()).tolist() == [float("-inf"), float("-inf"), -2.0, 3.0, float("inf")]

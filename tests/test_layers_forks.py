@@ -393,6 +393,13 @@ def test_a_python_data_layer_becomes_an_input(tmp_path):
     assert ("input 'data' (from data layer 'data' (Python voc_layers.VOCSegDataLayer)) has no size in the net: "
             "shown for 1x3x224x224; give --input-shape for the size you use") in info["notes"]
     assert describe(path, input_shape=(1, 3, 8, 8))["inputs"] == {"data": [1, 3, 8, 8]}
+    # A size the user gives is kept while another input's is assumed.
+    path.write_text(path.read_text().replace(
+        'layer { name: "conv"', 'layer { name: "aux" type: "ImageData" top: "aux" image_data_param { source: "x" } }\n'
+        'layer { name: "join" type: "Concat" bottom: "data" bottom: "aux" top: "both" }\nlayer { name: "conv"')
+        .replace('bottom: "data" top: "score"', 'bottom: "both" top: "score"'))
+    info = describe(path, input_shape={"aux": (1, 1, 224, 224)})
+    assert info["inputs"] == {"data": [1, 3, 224, 224], "aux": [1, 1, 224, 224]}
 
 
 def test_inspect_describes_a_shapeless_net_at_the_first_usual_size_it_builds_at(tmp_path):

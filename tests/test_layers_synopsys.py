@@ -262,3 +262,45 @@ def test_padded_per_side_nets_export_run_in_half_and_write_standalone_code(tmp_p
     assert torch.allclose(copy.deepcopy(net).half()(x.half()).float(), out, rtol=0.05, atol=0.05)
     save_net(net, tmp_path / "folder")
     assert torch.equal(load_standalone(tmp_path / "folder")(x), net(x))
+
+
+def test_padding_that_the_fork_would_misread_is_refused():
+    for text, shape, match in [
+        ('type: "Pooling" pooling_param { pool: MAX kernel_size: 2 pad_l: 2 }', (1, 1, 4, 4),
+         "pad_t/b 0/0 and pad_l/r 2/0 must be smaller than the kernel \\(2, 2\\)"),
+        ('type: "Convolution" convolution_param { num_output: 1 kernel_size: 1 pad_l: -3 pad_r: -1 }', (1, 1, 4, 4),
+         "pad -3 and -1 on axis W crop all 4 rows or columns away"),
+        ('type: "Deconvolution" convolution_param { num_output: 1 kernel_h: 3 kernel_w: 1 stride_h: 1 stride_w: 2 '
+         'bias_term: false pad_l: -2 pad_r: 2 }', (1, 1, 4, 1), "pad -2 and 2 on axis W crop all 1 rows"),
+    ]:
+        layer = layer_from_text(f'name: "x" {text}')
+        blobs = [] if layer.type == "Pooling" else [np.zeros((1, 1, 3 if "kernel_h: 3" in text else 1,
+                                                              1), F)] + ([np.zeros(1, F)] if "bias_term" not in text else [])
+        with pytest.raises(CaffeError, match=f"layer 'x' \\({layer.type}\\): {match}"):
+            convert_layer(layer, [shape], blobs)
+    # synopsys checks pad_h / pad_w by value: explicit zeros beside pad_type 1 are fine
+    layer = layer_from_text('name: "x" type: "Convolution" convolution_param { num_output: 1 kernel_size: 3 '
+                            'pad_h: 0 pad_w: 0 pad_type: 1 stride: 2 }')
+    assert convert_layer(layer, [(1, 1, 5, 5)], [np.zeros((1, 1, 3, 3), F), np.zeros(1, F)]).top_shapes == \
+        [(1, 1, 3, 3)]
+
+
+def test_synopsys_relu_caps_and_floors_and_zeroes_nan():
+    x = np.array([[np.nan, -np.inf, -1.0, -0.01, 3.0, 7.0, np.inf]], F)
+    for text, expected in [
+        ("relu6: true", [0, 0, 0, 0, 3, 6, 6]),
+        ("negative_slope: 0.1 maximum: 5 minimum: -0.05", [0, -0.05, -0.05, F(0.1) * F(-0.01), 3, 5, 5]),
+        ("relu6: true maximum: 8", [0, 0, 0, 0, 3, 6, 6]),
+    ]:
+        _, out = run_layer(layer_from_text(f'name: "r" type: "ReLU" relu_param {{ {text} }}'), [x.shape], [], x)
+        # relu_layer.cpp (synopsys): max(x, 0) + slope * min(x, 0); NaN -> 0; min(., 6); min(., maximum); max(., minimum)
+        np.testing.assert_array_equal(out[0], np.array(expected, F))
+
+
+def test_resize_bilinear_refuses_a_scale_that_is_no_size():
+    for scale in ("inf", "nan", "-2", "0"):
+        layer = layer_from_text(f'name: "r" type: "ResizeBilinear" resize_bilinear_param {{ data_format: "NCHW" '
+                                f'output_width: 4 scale_height: {scale} }}')
+        with pytest.raises(CaffeError, match="layer 'r' \\(ResizeBilinear\\): scale .* for a missing output_height "
+                                             "must be a positive number"):
+            convert_layer(layer, [(1, 1, 3, 3)], [])

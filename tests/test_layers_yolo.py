@@ -139,10 +139,11 @@ def test_yolov2_detection_output_matches_the_fork(threshold):
     assert (out.shape[2] > 3) if threshold < 0.5 else (out[0, 0, 0, 1] == -1)
 
 
-@pytest.mark.parametrize("threshold", [0.2, 0.6])
-def test_yolov3_detection_output_matches_the_fork(threshold):
+@pytest.mark.parametrize("threshold, batch", [(0.2, 1), (0.6, 1), (0.4, 2)])
+def test_yolov3_detection_output_matches_the_fork(threshold, batch):
+    """With a batch of 2, both images' boxes land in one list at image index 0, as in the fork."""
     rng = np.random.default_rng(12)
-    maps = [rng.normal(0, 1.5, (1, 3 * 7, 4, 6)).astype(F), rng.normal(0, 1.5, (1, 3 * 7, 8, 12)).astype(F)]
+    maps = [rng.normal(0, 1.5, (batch, 3 * 7, 4, 6)).astype(F), rng.normal(0, 1.5, (batch, 3 * 7, 8, 12)).astype(F)]
     biases = [10, 14, 23, 27, 37, 58, 81, 82, 135, 169, 344, 319]
     layer = layer_from_text(f'name: "det" type: "Yolov3DetectionOutput" yolov3_detection_output_param {{ '
                             f'num_classes: 2 confidence_threshold: {threshold} nms_threshold: 0.45 '
@@ -167,6 +168,10 @@ def test_yolo_outputs_check_their_bottoms():
          'anchors_scale: 8 mask: 0 mask: 1 mask: 2 biases: 1 biases: 2 }', [(1, 21, 4, 4)],
          "mask 2 names a bias pair beyond the 1 given"),
         ('type: "Reorg" reorg_param { stride: 2 }', [(1, 6, 4, 4)], "6 channels are not a multiple of stride"),
+        ('type: "Yolov3DetectionOutput" yolov3_detection_output_param { num_classes: 2 }', [],
+         "needs at least one bottom"),
+        ('type: "YoloDetectionOutput" yolo_detection_output_param { num_classes: 2 num_box: 0 }', [(1, 0, 3, 3)],
+         "num_classes and num_box must be at least 1"),
     ]:
         layer = layer_from_text(f'name: "x" {text}')
         with pytest.raises(CaffeError, match=f"layer 'x' \\({layer.type}\\): {match}"):

@@ -317,3 +317,10 @@ def test_pooling_field_13_in_a_binary_is_flagged_as_ambiguous():
     net = parse_caffemodel(caffe_pb2.NetParameter(layer=[layer]).SerializeToString(), "m.caffemodel")
     [message] = ambiguous_binary_fields(net, "m.caffemodel")
     assert message.startswith("m.caffemodel: layer 'pool1': Pooling field 13 is read as BVLC's round_mode (CEIL)")
+    # Convolution field 19: synopsys-caffe's pad_type here, DeepLab v1's hole_w there.
+    conv = caffe_pb2.LayerParameter(name="conv1", type="Convolution")
+    conv.convolution_param.pad_type = 1
+    net = parse_caffemodel(caffe_pb2.NetParameter(layer=[conv]).SerializeToString(), "m.caffemodel")
+    assert ambiguous_binary_fields(net, "m.caffemodel") == [
+        "m.caffemodel: layer 'conv1': Convolution field 19 is read as synopsys-caffe's pad_type (1); DeepLab v1 "
+        "stores hole_w there: give the deploy prototxt if the model comes from DeepLab v1"]

@@ -22,7 +22,7 @@ from caffe2torch.layers.registry import (
     parse_param_str,
 )
 from caffe2torch.bvlc import Clip, Swish
-from caffe2torch.forks import DropoutScaledAtTest
+from caffe2torch.forks import BoundedReLU, DropoutScaledAtTest
 from caffe2torch.modules import AbsVal, Exp, Log, Power, Threshold
 
 
@@ -45,7 +45,12 @@ def convert_relu(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) ->
     Caffe's ReLU(-inf) is NaN (0 * -inf); torch's is 0, the only difference.
     """
     shapes = _neuron_setup(layer, inputs, blobs)
-    slope = _f32(layer.relu_param.negative_slope)
+    param = layer.relu_param
+    slope = _f32(param.negative_slope)
+    if param.relu6 or param.maximum > 0 or param.minimum != 0:  # synopsys-caffe's bounded ReLU
+        caps = ([6.0] if param.relu6 else []) + ([_f32(param.maximum)] if param.maximum > 0 else [])
+        return Converted(BoundedReLU(slope, min(caps) if caps else None,
+                                     _f32(param.minimum) if param.minimum != 0 else None), shapes)
     return Converted(nn.LeakyReLU(slope) if slope else nn.ReLU(), shapes)
 
 

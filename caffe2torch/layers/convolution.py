@@ -135,11 +135,20 @@ class _ConvGeometry:
         where = f"layer {layer.name!r} ({layer.type})"
         if self.num_spatial != 2:
             raise CaffeError(f"{where}: pad_l/r/t/b and pad_type need a 2-D convolution")
-        if list(param.pad) or param.HasField("pad_h") or param.HasField("pad_w") or sided and param.pad_type:
+        if list(param.pad) or param.pad_h or param.pad_w or sided and param.pad_type:  # base_conv_layer.cpp's CHECKs
             raise CaffeError(f"{where}: give one of pad (or pad_h/pad_w), pad_l/r/t/b and pad_type")
         if sided:
             self.pad = [int(param.pad_t), int(param.pad_l)]
             self.pad_end = [int(param.pad_b), int(param.pad_r)]
+            # What a negative pad crops (from the input, or a positive one from a deconvolution's full output)
+            # must leave something on that axis; the fork would read outside the blob.
+            full = [n if layer.type == "Convolution" else s * (n - 1) + e
+                    for n, s, e in zip(shape[self.axis + 1:], self.stride, self.extents())]
+            sign = -1 if layer.type == "Convolution" else 1
+            for axis, (n, near, far) in enumerate(zip(full, self.pad, self.pad_end)):
+                if max(sign * near, 0) + max(sign * far, 0) >= n:
+                    raise CaffeError(f"{where}: pad {near} and {far} on axis {'HW'[axis]} crop all {n} rows or "
+                                     f"columns away")
             return
         if param.pad_type != 1:
             raise CaffeError(f"{where}: unknown pad_type {param.pad_type} (0: Caffe's, 1: SAME)")

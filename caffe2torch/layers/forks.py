@@ -12,6 +12,7 @@ from torch import nn
 from caffe2torch.errors import CaffeError
 from caffe2torch.forks import Axpy, MaxUnpool, ResizeBilinear, ShuffleChannel
 from caffe2torch.layers.convolution import convert_convolution
+from caffe2torch.limits import check_top
 from caffe2torch.layers.registry import Converted, Shape, converter, expect_blobs, expect_bottoms, image_shape
 from caffe2torch.modules import Crop
 from proto import caffe_pb2
@@ -148,9 +149,15 @@ def convert_resize_bilinear(layer, inputs: Sequence[Shape], blobs: Sequence[np.n
     out = []
     for n, given, field, scale in ((size[0], param.output_height, "output_height", param.scale_height),
                                    (size[1], param.output_width, "output_width", param.scale_width)):
-        out.append(int(given) if param.HasField(field) else math.floor(np.float32(n) * np.float32(scale)))
+        if param.HasField(field):
+            out.append(int(given))
+            continue
+        if not math.isfinite(scale) or scale <= 0:
+            raise _fail(layer, f"scale {scale} for a missing {field} must be a positive number")
+        out.append(math.floor(np.float32(n) * np.float32(scale)))
     if min(out) <= 0:
         raise _fail(layer, f"output size {tuple(out)} is not positive")
-    module = ResizeBilinear(size, out, modes[0] if modes else "asymmetric", param.data_format)
     top = shape[:2] + tuple(out) if param.data_format == "NCHW" else (shape[0], *out, shape[3])
+    check_top(layer, top)  # before the tables of that size are built
+    module = ResizeBilinear(size, out, modes[0] if modes else "asymmetric", param.data_format)
     return Converted(module, [top])

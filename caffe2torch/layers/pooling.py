@@ -49,6 +49,11 @@ def _side_pads(layer, param, size: tuple[int, int], kernel: tuple[int, int], str
                          f"pad_type")
     if sided:
         t, l, b, r = (int(getattr(param, name)) for name in _SIDES)
+        if max(t, b) >= kernel[0] or max(l, r) >= kernel[1]:
+            # The fork does not check, and then pools windows lying wholly in the padding (dividing by their
+            # unclipped, negative extents); Caffe itself refuses pad >= kernel.
+            raise CaffeError(f"layer {layer.name!r} (Pooling): pad_t/b {t}/{b} and pad_l/r {l}/{r} must be smaller "
+                             f"than the kernel {kernel}")
         return (t, l), (b, r)
     if param.pad_type != 1:
         raise CaffeError(f"layer {layer.name!r} (Pooling): unknown pad_type {param.pad_type} (0: Caffe's, 1: SAME)")

@@ -57,6 +57,8 @@ def convert_yolo_detection_output(layer, inputs: Sequence[Shape], blobs: Sequenc
     param = layer.yolo_detection_output_param
     if not param.HasField("num_classes"):
         raise _fail(layer, "yolo_detection_output_param must give num_classes")
+    if param.num_classes < 1 or param.num_box < 1:
+        raise _fail(layer, "num_classes and num_box must be at least 1")
     if param.coords != 4:
         raise _fail(layer, f"coords {param.coords}: the fork reads 4")
     _check_channels(layer, shapes, param.num_box, param.num_classes)
@@ -75,10 +77,14 @@ def convert_yolov3_detection_output(layer, inputs: Sequence[Shape], blobs: Seque
     """YOLOv3 boxes from one map per scale (anchors chosen by `mask`), per-class sigmoid scores,
     class-agnostic NMS; [1, 1, K, 7]."""
     expect_blobs(layer, blobs, 0)
+    if not inputs:
+        raise _fail(layer, "needs at least one bottom (one map per scale)")
     shapes = _maps(layer, inputs)
     param = layer.yolov3_detection_output_param
     if not param.HasField("num_classes"):
         raise _fail(layer, "yolov3_detection_output_param must give num_classes")
+    if param.num_classes < 1 or param.num_box < 1:
+        raise _fail(layer, "num_classes and num_box must be at least 1")
     if param.gaussian_box:
         raise _fail(layer, "gaussian_box (Gaussian YOLOv3) is not supported")
     if len(shapes) != param.mask_group_num:
@@ -89,7 +95,7 @@ def convert_yolov3_detection_output(layer, inputs: Sequence[Shape], blobs: Seque
         raise _fail(layer, f"{len(param.mask)} mask entries for {len(shapes)} maps of {param.num_box} boxes")
     if len(param.anchors_scale) < len(shapes):
         raise _fail(layer, f"{len(param.anchors_scale)} anchors_scale values for {len(shapes)} maps")
-    if max(param.mask) >= len(param.biases) // 2:
+    if not param.mask or max(param.mask) >= len(param.biases) // 2:
         raise _fail(layer, f"mask {max(param.mask)} names a bias pair beyond the {len(param.biases) // 2} given")
     module = YoloV3Output(param.num_classes, param.num_box, tuple(param.biases), tuple(param.anchors_scale),
                           tuple(param.mask), param.confidence_threshold, param.nms_threshold)
