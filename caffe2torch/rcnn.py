@@ -46,7 +46,7 @@ class ROIPool(nn.Module):
     def forward(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         pooled_h, pooled_w = self.pooled_size
         height, width = features.shape[2:]
-        boxes = rois.float()
+        boxes = rois.float().reshape(-1, 5)  # [R, 5] or R-FCN's [R, 5, 1, 1]
         corners = _round_half_away(boxes[:, 1:5] * torch.tensor(self.spatial_scale, dtype=torch.float32,
                                                                  device=boxes.device)).long().cpu()
         batch = boxes[:, 0].long().tolist()  # C's (int) conversion truncates
@@ -98,7 +98,7 @@ class PSROIPool(nn.Module):
     def forward(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         group = self.group_size
         height, width = features.shape[2:]
-        boxes = rois.float().cpu()
+        boxes = rois.float().cpu().reshape(-1, 5)  # [R, 5] or R-FCN's [R, 5, 1, 1]
         scale = torch.tensor(self.spatial_scale, dtype=torch.float32)
         start_w, start_h = _round_half_away(boxes[:, 1]) * scale, _round_half_away(boxes[:, 2]) * scale
         end_w = (_round_half_away(boxes[:, 3]) + 1.0) * scale

@@ -64,6 +64,10 @@ def test_roi_pooling_matches_fork_loop():
     converted, out = _run_without_blobs(layer, [x.shape, ROIS.shape], x, ROIS)
     assert converted.top_shapes == [(6, 3, 3, 4)]
     np.testing.assert_array_equal(out, roi_pooling_reference(x, ROIS, 3, 4, 0.25))
+    # R-FCN's deploy nets feed the regions as [R, 5, 1, 1]: the same values.
+    rois4 = ROIS.reshape(-1, 5, 1, 1)
+    _, out4 = _run_without_blobs(layer, [x.shape, rois4.shape], x, rois4)
+    np.testing.assert_array_equal(out4, out)
 
 
 def psroi_reference(x, rois, output_dim, group, scale):
@@ -98,6 +102,9 @@ def test_psroi_pooling_matches_fork_kernel():
     converted, out = _run_without_blobs(layer, [x.shape, ROIS.shape], x, ROIS)
     assert converted.top_shapes == [(6, 2, 3, 3)]
     np.testing.assert_allclose(out, psroi_reference(x, ROIS, 2, 3, 0.25), rtol=1e-6, atol=1e-6)
+    rois4 = ROIS.reshape(-1, 5, 1, 1)  # R-FCN's deploy nets feed the regions as [R, 5, 1, 1]
+    _, out4 = _run_without_blobs(layer, [x.shape, rois4.shape], x, rois4)
+    np.testing.assert_array_equal(out4, out)
     with pytest.raises(CaffeError, match="input has 18 channels; output_dim 3 x group_size 3"):
         convert_layer(layer_from_text('name: "p" type: "PSROIPooling" psroi_pooling_param { spatial_scale: 1 output_dim: 3 '
                              'group_size: 3 }'), [x.shape, ROIS.shape], [])
