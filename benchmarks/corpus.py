@@ -1,11 +1,13 @@
 """Run `caffe2torch inspect` over a folder of third-party prototxts and count what builds, per model family.
 
-    python benchmarks/corpus.py CORPUS_DIR [--manifest CORPUS_DIR/manifest.tsv] [--timeout 300]
+    python benchmarks/corpus.py CORPUS_DIR [--manifest CORPUS_DIR/manifest.tsv] [--timeout 300] [--run]
 
 CORPUS_DIR holds the .prototxt files (kept out of this repository); the optional manifest is a TSV
 with a header and the columns index, repo, commit, path, family, model, where a file's name starts
 with its index. Prints one line per file (OK with the outputs and their shapes, or the one-line
-error) and then the counts; exits 0 whatever the counts.
+error) and then the counts; exits 0 whatever the counts. With --run, each net that builds is also
+given random weights (seed 0) and run at batch 1 on random inputs, saved as a folder, and its
+standalone model.py run on the same inputs: OK only when the outputs are identical.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import subprocess
 import sys
 from collections import Counter
@@ -35,12 +38,76 @@ def inspect_file(path: Path, timeout: int) -> tuple[bool, str]:
     return True, f"{len(info['layers'])} layers; {outputs}"
 
 
+def run_file(path: Path, timeout: int) -> str:
+    try:
+        result = subprocess.run([sys.executable, __file__, str(path), "--check"], capture_output=True, text=True,
+                                timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"timed out after {timeout} s"
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        return "failed: " + (lines[-1] if lines else f"exit status {result.returncode}")
+    return result.stdout.strip()
+
+
+def run_check(path: Path) -> str:
+    """In this process: convert (at inspect's assumed size where the net gives none), run, save, rerun model.py."""
+    import importlib.util
+    import tempfile
+
+    import torch
+
+    from caffe2torch.conversion import convert
+    from caffe2torch.errors import ShapelessInput
+    from caffe2torch.folder import save_net
+    from caffe2torch.inspect import ASSUMED_SIZES
+
+    try:
+        net = convert(None, path, on_warning=lambda _: None).net
+    except ShapelessInput:
+        for size in ASSUMED_SIZES:
+            try:
+                net = convert(None, path, on_warning=lambda _: None, assumed_size=size).net
+                break
+            except Exception:  # noqa: BLE001 - the next usual size
+                continue
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.normal_(0, 0.05)
+    inputs = []
+    for name, shape in net.meta["caffe"].inputs.items():
+        shape = (1,) + tuple(shape[1:])
+        if name == "im_info":  # R-CNN: height, width, scale
+            inputs.append(torch.tensor([600.0, 800.0, 1.0] + [1.0] * (math.prod(shape) - 3)).reshape(shape))
+        elif name == "rois":  # one region in image 0
+            inputs.append(torch.tensor([0.0, 1.0, 1.0, 50.0, 50.0]).reshape(shape))
+        else:
+            inputs.append(torch.randn(shape))
+    with torch.no_grad():
+        outputs = net(*inputs)
+        folder = Path(tempfile.mkdtemp()) / "net"
+        save_net(net, folder)
+        spec = importlib.util.spec_from_file_location("standalone", folder / "model.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        again = module.load(folder)(*inputs)
+    outputs, again = (o if isinstance(o, tuple) else (o,) for o in (outputs, again))
+    same = len(outputs) == len(again) and all(torch.equal(a, b) for a, b in zip(outputs, again))
+    return ("OK" if same else "DIFFERENT") + "\t" + ", ".join("x".join(map(str, o.shape)) for o in outputs)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("corpus", type=Path)
     parser.add_argument("--manifest", type=Path)
     parser.add_argument("--timeout", type=int, default=300)
+    parser.add_argument("--run", action="store_true", help="also run each net and its standalone model.py")
+    parser.add_argument("--check", action="store_true", help=argparse.SUPPRESS)  # one file, in this process
     args = parser.parse_args()
+    if args.check:
+        print(run_check(args.corpus))
+        return 0
     manifest = args.manifest or args.corpus / "manifest.tsv"
     families: dict[str, str] = {}
     if manifest.is_file():
@@ -48,15 +115,22 @@ def main() -> int:
             for row in csv.DictReader(handle, delimiter="\t"):
                 families[row["index"]] = row["family"]
     files = sorted(args.corpus.rglob("*.prototxt"))
-    built, total = Counter(), Counter()
+    built, total, ran = Counter(), Counter(), Counter()
     for path in files:
         ok, text = inspect_file(path, args.timeout)
         family = families.get(path.name.split("_")[0], "unlabelled")
         total[family] += 1
         built[family] += ok
         print(f"{'OK' if ok else 'FAIL'}\t{path.name}\t{text}", flush=True)
+        if ok and args.run:
+            outcome = run_file(path, args.timeout)
+            ran[family] += outcome.startswith("OK")
+            print(f"  run: {outcome}", flush=True)
     print(f"\n{sum(built.values())} of {len(files)} build: " +
           ", ".join(f"{family} {built[family]}/{total[family]}" for family in sorted(total)))
+    if args.run:
+        print(f"{sum(ran.values())} run, and their model.py gives the same outputs: " +
+              ", ".join(f"{family} {ran[family]}/{built[family]}" for family in sorted(total)))
     return 0
 
 
