@@ -40,7 +40,14 @@ def convert_reorg(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -
     return Converted(Reorg(s, param.reverse), [top])
 
 
-def _check_channels(layer, shapes: list[Shape], num_box: int, num_classes: int) -> None:
+def _check_counts(layer, field: str, shapes: list[Shape]) -> None:
+    """num_classes given and positive, num_box positive, each map num_box x (5 + classes) channels."""
+    param = getattr(layer, field)
+    if not param.HasField("num_classes"):
+        raise _fail(layer, f"{field} must give num_classes")
+    if param.num_classes < 1 or param.num_box < 1:
+        raise _fail(layer, "num_classes and num_box must be at least 1")
+    num_box, num_classes = param.num_box, param.num_classes
     wanted = num_box * (5 + num_classes)
     for index, shape in enumerate(shapes):
         if shape[1] != wanted:
@@ -54,14 +61,10 @@ def convert_yolo_detection_output(layer, inputs: Sequence[Shape], blobs: Sequenc
     expect_bottoms(layer, inputs, 1, 2)
     expect_blobs(layer, blobs, 0)
     shapes = _maps(layer, inputs)
+    _check_counts(layer, "yolo_detection_output_param", shapes)
     param = layer.yolo_detection_output_param
-    if not param.HasField("num_classes"):
-        raise _fail(layer, "yolo_detection_output_param must give num_classes")
-    if param.num_classes < 1 or param.num_box < 1:
-        raise _fail(layer, "num_classes and num_box must be at least 1")
     if param.coords != 4:
         raise _fail(layer, f"coords {param.coords}: the fork reads 4")
-    _check_channels(layer, shapes, param.num_box, param.num_classes)
     for index, shape in enumerate(shapes):
         if shape[2] != shape[3]:
             raise _fail(layer, f"bottom {index} is {shape[2]} x {shape[3]}: the fork reads a square map")
@@ -81,15 +84,11 @@ def convert_yolov3_detection_output(layer, inputs: Sequence[Shape], blobs: Seque
         raise _fail(layer, "needs at least one bottom (one map per scale)")
     shapes = _maps(layer, inputs)
     param = layer.yolov3_detection_output_param
-    if not param.HasField("num_classes"):
-        raise _fail(layer, "yolov3_detection_output_param must give num_classes")
-    if param.num_classes < 1 or param.num_box < 1:
-        raise _fail(layer, "num_classes and num_box must be at least 1")
     if param.gaussian_box:
         raise _fail(layer, "gaussian_box (Gaussian YOLOv3) is not supported")
     if len(shapes) != param.mask_group_num:
         raise _fail(layer, f"{len(shapes)} bottoms but mask_group_num {param.mask_group_num}: one map per group")
-    _check_channels(layer, shapes, param.num_box, param.num_classes)
+    _check_counts(layer, "yolov3_detection_output_param", shapes)
     groups = len(param.mask) // len(shapes)
     if groups < param.num_box:
         raise _fail(layer, f"{len(param.mask)} mask entries for {len(shapes)} maps of {param.num_box} boxes")
