@@ -1,7 +1,7 @@
 """Standalone PyTorch source for a converted net: modules built with their hyper-parameters, one line per layer.
 
 The generated `model.py` needs only torch. It holds the source of every Caffe-specific module it
-uses (from `caffe2torch.modules`, `.detection`, `.forks` and `.rcnn`), a `Net` class whose attribute names are the state_dict keys of
+uses (from the files in `_RUNTIME`), a `Net` class whose attribute names are the state_dict keys of
 the converted GraphModule, and `load()`. Caffe's own names reach the file only as escaped string
 literals (`ascii()`), so no layer or file name can inject code.
 """
@@ -107,8 +107,9 @@ def _is_plugin(kind: type) -> bool:
     return not module.startswith(("torch.", "caffe2torch.")) and module not in ("__main__", "builtins")
 
 
-def _runtime_source(used: set[type]) -> str:
-    """The source of our module classes used, with every helper and constant they name, in file order."""
+def _runtime_source(used: set[type]) -> tuple[str, list[str]]:
+    """The source of our module classes used, with every helper and constant they name, in file order;
+    and the files it comes from."""
     defined = {name: value for runtime in _RUNTIME for name, value in vars(runtime).items()
                if (inspect.isclass(value) or inspect.isfunction(value)) and value.__module__ == runtime.__name__}
     constants = {name: value for runtime in _RUNTIME for name, value in vars(runtime).items()
@@ -128,8 +129,9 @@ def _runtime_source(used: set[type]) -> str:
     ordered = sorted(wanted, key=lambda name: (files.index(defined[name].__module__),
                                                inspect.getsourcelines(defined[name])[1]))
     header = "".join(f"{name} = {constants[name]!r}\n" for name in sorted(named))
-    return (header + "\n\n" if header else "") + "\n\n".join(
+    source = (header + "\n\n" if header else "") + "\n\n".join(
         inspect.getsource(defined[name]).rstrip() + "\n" for name in ordered)
+    return source, [file for file in files if any(defined[name].__module__ == file for name in ordered)]
 
 
 def _classes(module: nn.Module) -> set[type]:
@@ -183,7 +185,7 @@ def generate_source(net: fx.GraphModule, origin: str = "") -> str:
                 forward.append(f"        return {variables[result]}")
     constructors = [f"        self.{name} = {constructor(child)}" for name, child in net.named_children()]
     layers = {node.target: (call.layer, call.type) for node, call in _calls(net)}
-    runtime = _runtime_source(used)
+    runtime, runtime_files = _runtime_source(used)
     plugins = sorted({(kind.__module__, kind.__name__) for kind in used if _is_plugin(kind)})
     header = [
         '"""A Caffe net converted by caffe2torch into standalone PyTorch (needs only torch).',
@@ -215,7 +217,7 @@ def generate_source(net: fx.GraphModule, origin: str = "") -> str:
         "",
     ]
     if runtime:
-        header += ["", "# ---- Caffe-specific modules (from caffe2torch.modules, .detection, .forks and .rcnn) ----", "", runtime.rstrip(), ""]
+        header += ["", f"# ---- Caffe-specific modules (from {', '.join(runtime_files)}) ----", "", runtime.rstrip(), ""]
     body = [
         "",
         "class Net(nn.Module):",

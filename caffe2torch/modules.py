@@ -32,6 +32,19 @@ def caffe_pooled_size(size: int, kernel: int, stride: int, pad: int, clip: bool,
     return out
 
 
+def greedy_nms(count: int, suppresses, limit: int = -1, device=None) -> list[int]:
+    """Greedy non-maximum suppression over `count` candidates sorted best first: keep the best one left,
+    drop every later one `suppresses(best, rest)` marks (a bool tensor over the index tensor `rest`), repeat.
+    Stops after `limit` kept (-1: none); costs kept x candidates, where a full overlap matrix costs candidates^2."""
+    kept: list[int] = []
+    remaining = torch.arange(count, device=device)
+    while remaining.numel() and len(kept) != limit:
+        best, rest = remaining[0], remaining[1:]
+        kept.append(int(best))
+        remaining = rest[~suppresses(best, rest)]
+    return kept
+
+
 def _literal(value) -> str:
     """Python source for a value: repr, except infinities and NaN, whose repr is no Python expression."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from caffe2torch.modules import _kwargs
+from caffe2torch.modules import _kwargs, greedy_nms
 
 
 def _round_half_away(x: torch.Tensor) -> torch.Tensor:
@@ -157,25 +157,19 @@ def generate_anchors(scales: tuple, ratios: tuple = (0.5, 1.0, 2.0), base_size: 
     return torch.cat(out)
 
 
-def rpn_nms(boxes: torch.Tensor, threshold: float) -> list[int]:
-    """py-faster-rcnn's GPU NMS on boxes sorted by score: suppress IoU > threshold, areas with the +1."""
+def rpn_nms(boxes: torch.Tensor, threshold: float, limit: int = -1) -> list[int]:
+    """py-faster-rcnn's GPU NMS on boxes sorted by score: suppress IoU > threshold, areas with the +1;
+    the first `limit` kept (-1: all)."""
     x1, y1, x2, y2 = boxes.unbind(1)
     areas = (x2 - x1 + 1) * (y2 - y1 + 1)
-    kept: list[int] = []
-    suppressed = torch.zeros(boxes.shape[0], dtype=torch.bool)
-    rows = max(1, (1 << 22) // max(1, boxes.shape[0]))
-    for start in range(0, boxes.shape[0], rows):
-        block = slice(start, start + rows)
-        width = (torch.minimum(x2[block, None], x2[None]) - torch.maximum(x1[block, None], x1[None]) + 1).clamp(min=0)
-        height = (torch.minimum(y2[block, None], y2[None]) - torch.maximum(y1[block, None], y1[None]) + 1).clamp(min=0)
+
+    def suppresses(best: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+        width = (torch.minimum(x2[best], x2[rest]) - torch.maximum(x1[best], x1[rest]) + 1).clamp(min=0)
+        height = (torch.minimum(y2[best], y2[rest]) - torch.maximum(y1[best], y1[rest]) + 1).clamp(min=0)
         inter = width * height
-        overlaps = (inter / (areas[block, None] + areas[None] - inter) > threshold).cpu()
-        for offset in range(overlaps.shape[0]):
-            index = start + offset
-            if not suppressed[index]:
-                kept.append(index)
-                suppressed |= overlaps[offset]
-    return kept
+        return inter / (areas[best] + areas[rest] - inter) > threshold
+
+    return greedy_nms(boxes.shape[0], suppresses, limit, boxes.device)
 
 
 class Proposal(nn.Module):
@@ -225,9 +219,7 @@ class Proposal(nn.Module):
         if self.pre_nms_top_n > 0:
             order = order[:self.pre_nms_top_n]
         boxes, scores = boxes[order], scores[order]
-        kept = rpn_nms(boxes, self.nms_thresh)
-        if self.post_nms_top_n > 0:
-            kept = kept[:self.post_nms_top_n]
+        kept = rpn_nms(boxes, self.nms_thresh, self.post_nms_top_n if self.post_nms_top_n > 0 else -1)
         index = torch.tensor(kept, dtype=torch.long, device=boxes.device)
         rois = torch.cat([boxes.new_zeros(len(kept), 1), boxes[index]], dim=1)
         if self.with_scores:

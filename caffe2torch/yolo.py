@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from caffe2torch.modules import _kwargs
+from caffe2torch.modules import _kwargs, greedy_nms
 
 
 class Reorg(nn.Module):
@@ -40,24 +40,18 @@ class Reorg(nn.Module):
 def yolo_nms(boxes: torch.Tensor, threshold: float) -> list[int]:
     """The fork's ApplyNms over (x, y, w, h) boxes sorted by confidence, all classes together: a box
     suppresses every later one whose IoU (centre/size overlaps, each step in float32) is >= threshold.
-
-    Taken greedily (the best remaining box is kept and suppresses the rest it overlaps), which keeps the
-    same boxes as the fork's double loop in time proportional to kept x candidates.
-    """
+    Taken greedily (`greedy_nms`), which keeps the same boxes as the fork's double loop."""
     x, y, w, h = boxes.unbind(1)
     left, right, top, bottom = x - w / 2, x + w / 2, y - h / 2, y + h / 2
     areas = w * h
-    kept: list[int] = []
-    remaining = torch.arange(boxes.shape[0], device=boxes.device)
-    while remaining.numel():
-        best, rest = remaining[0], remaining[1:]
+
+    def suppresses(best: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
         across = torch.minimum(right[best], right[rest]) - torch.maximum(left[best], left[rest])
         down = torch.minimum(bottom[best], bottom[rest]) - torch.maximum(top[best], top[rest])
         inter = torch.where((across < 0) | (down < 0), torch.zeros_like(across), across * down)
-        iou = inter / (areas[best] + areas[rest] - inter)
-        kept.append(int(best))
-        remaining = rest[~(iou >= threshold)]  # a NaN IoU suppresses nothing, as the fork's `>=`
-    return kept
+        return inter / (areas[best] + areas[rest] - inter) >= threshold  # NaN suppresses nothing, as `>=` there
+
+    return greedy_nms(boxes.shape[0], suppresses, device=boxes.device)
 
 
 def yolo_rows(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, h: torch.Tensor, label: torch.Tensor,

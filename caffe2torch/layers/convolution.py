@@ -22,9 +22,16 @@ from caffe2torch.layers.registry import (
 )
 from caffe2torch.modules import BatchAxes, InnerProduct
 
-_SIDES = ("pad_t", "pad_l", "pad_b", "pad_r")
+# synopsys-caffe's padding per side, read as (top, left) then (bottom, right); Pooling has the same fields.
+SIDES = ("pad_t", "pad_l", "pad_b", "pad_r")
 _CONV_MODULES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _DECONV_MODULES = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+
+
+def same_padding(size: int, kernel: int, stride: int) -> int:
+    """synopsys-caffe's TensorFlow "SAME" (pad_type 1, its im2col and pooling alike): the padding the undilated
+    kernel needs beyond the input for ceil(size / stride) windows; the near side gets half of it, rounded down."""
+    return max(kernel - (stride if size % stride == 0 else size % stride), 0)
 
 
 def fit_blob(layer, what: str, blob: np.ndarray, expected: Sequence[int]) -> torch.Tensor:
@@ -129,7 +136,7 @@ class _ConvGeometry:
         """synopsys-caffe's pad_l/r/t/b (2-D, any sign) and pad_type 1, TensorFlow's "SAME" as its im2col has it:
         ceil(size / stride) outputs, the near side padded by half of what the undilated kernel needs beyond the
         input (rounded down), the far side by whatever the outputs then reach."""
-        sided = any(getattr(param, name) for name in _SIDES)
+        sided = any(getattr(param, name) for name in SIDES)
         if not sided and param.pad_type == 0:
             return
         where = f"layer {layer.name!r} ({layer.type})"
@@ -156,8 +163,7 @@ class _ConvGeometry:
             raise CaffeError(f"{where}: pad_type 1 (SAME) is read by synopsys-caffe's Convolution only")
         for axis, (n, k, s, extent) in enumerate(zip(shape[self.axis + 1:], self.kernel, self.stride,
                                                      self.extents())):
-            along = max(k - (s if n % s == 0 else n % s), 0)
-            self.pad[axis] = along // 2
+            self.pad[axis] = same_padding(n, k, s) // 2
             self.pad_end[axis] = (-(-n // s) - 1) * s + extent - n - self.pad[axis]
 
     @property

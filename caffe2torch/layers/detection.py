@@ -9,13 +9,9 @@ import numpy as np
 import torch
 
 from caffe2torch.detection import LOWEST_FLOAT, DetectionOutput, Normalize, Permute, PriorBox
-from caffe2torch.errors import CaffeError
-from caffe2torch.layers.registry import Converted, Shape, assign, converter, expect_blobs, expect_bottoms, on_meta
+from caffe2torch.layers.registry import (Converted, Shape, assign, converter, expect_blobs, expect_bottoms, layer_error,
+                                         on_meta)
 from proto import caffe_pb2
-
-
-def _fail(layer, message: str) -> CaffeError:
-    return CaffeError(f"layer {layer.name!r} ({layer.type}): {message}")
 
 
 @converter("Normalize")
@@ -25,13 +21,13 @@ def convert_normalize(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray
     expect_blobs(layer, blobs, 1)
     shape = tuple(inputs[0])
     if not 2 <= len(shape) <= 4:  # the fork reads num/channels/height/width
-        raise _fail(layer, f"needs a bottom of 2 to 4 axes, has shape {shape}")
+        raise layer_error(layer, f"needs a bottom of 2 to 4 axes, has shape {shape}")
     param = layer.norm_param
     scale = np.asarray(blobs[0], dtype=np.float32).reshape(-1)
     wanted = 1 if param.channel_shared else shape[1]
     if scale.size != wanted:
         kind = "channel_shared" if param.channel_shared else f"{shape[1]} channels"
-        raise _fail(layer, f"scale blob has {scale.size} values, expected {wanted} ({kind})")
+        raise layer_error(layer, f"scale blob has {scale.size} values, expected {wanted} ({kind})")
     module = on_meta(Normalize, shape[1], across_spatial=param.across_spatial, channel_shared=param.channel_shared,
                      eps=param.eps)
     return Converted(assign(module, weight=torch.from_numpy(scale.copy())), [shape])
@@ -46,9 +42,9 @@ def convert_permute(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray])
     order: list[int] = []
     for axis in layer.permute_param.order:
         if axis >= len(shape):
-            raise _fail(layer, f"order {axis} out of range for a {len(shape)}-axis bottom")
+            raise layer_error(layer, f"order {axis} out of range for a {len(shape)}-axis bottom")
         if axis in order:
-            raise _fail(layer, f"order {axis} given twice")
+            raise layer_error(layer, f"order {axis} given twice")
         order.append(int(axis))
     order += [axis for axis in range(len(shape)) if axis not in order]
     return Converted(Permute(tuple(order)), [tuple(shape[axis] for axis in order)])
@@ -66,20 +62,20 @@ def prior_sizes(layer) -> tuple[list[float], int]:
     """
     param = layer.prior_box_param
     if not param.min_size:
-        raise _fail(layer, "must provide min_size")
+        raise layer_error(layer, "must provide min_size")
     if any(size <= 0 for size in param.min_size):
-        raise _fail(layer, "min_size must be positive")
+        raise layer_error(layer, "min_size must be positive")
     if param.max_size and len(param.max_size) != len(param.min_size):
-        raise _fail(layer, f"{len(param.max_size)} max_size for {len(param.min_size)} min_size; give one each")
+        raise layer_error(layer, f"{len(param.max_size)} max_size for {len(param.min_size)} min_size; give one each")
     for low, high in zip(param.min_size, param.max_size):
         if not high > low:
-            raise _fail(layer, f"max_size {high:g} must be greater than min_size {low:g}")
+            raise layer_error(layer, f"max_size {high:g} must be greater than min_size {low:g}")
     ratios = [1.0]
     for ratio in param.aspect_ratio:
         if any(abs(ratio - known) < 1e-6 for known in ratios):
             continue
         if ratio <= 0:
-            raise _fail(layer, f"aspect_ratio {ratio:g} must be positive")
+            raise layer_error(layer, f"aspect_ratio {ratio:g} must be positive")
         ratios.append(ratio)
         if param.flip:
             ratios.append(_float32(1.0 / ratio))
@@ -102,14 +98,14 @@ def _pair_or_single(layer, prefix: str, single: str) -> tuple | None:
     param = layer.prior_box_param
     if param.HasField(f"{prefix}_h") or param.HasField(f"{prefix}_w"):
         if param.HasField(single):
-            raise _fail(layer, f"either {single} or {prefix}_h/{prefix}_w should be specified; not both")
+            raise layer_error(layer, f"either {single} or {prefix}_h/{prefix}_w should be specified; not both")
         value = (getattr(param, f"{prefix}_h"), getattr(param, f"{prefix}_w"))
     elif param.HasField(single):
         value = (getattr(param, single),) * 2
     else:
         return None
     if min(value) <= 0:
-        raise _fail(layer, f"{single if param.HasField(single) else prefix + '_h and ' + prefix + '_w'} should be "
+        raise layer_error(layer, f"{single if param.HasField(single) else prefix + '_h and ' + prefix + '_w'} should be "
                            f"larger than 0")
     return value
 
@@ -122,12 +118,12 @@ def convert_prior_box(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray
     param = layer.prior_box_param
     feature = tuple(inputs[0])
     if len(feature) != 4:
-        raise _fail(layer, f"needs a 4-axis bottom 0, has shape {feature}")
+        raise layer_error(layer, f"needs a 4-axis bottom 0, has shape {feature}")
     sizes, priors = prior_sizes(layer)
     image = _pair_or_single(layer, "img", "img_size")
     if image is None:
         if len(inputs) != 2 or len(inputs[1]) != 4:
-            raise _fail(layer, "needs the image as bottom 1 (or img_size / img_h, img_w) to scale its boxes")
+            raise layer_error(layer, "needs the image as bottom 1 (or img_size / img_h, img_w) to scale its boxes")
         image = (inputs[1][2], inputs[1][3])
     step = _pair_or_single(layer, "step", "step")
     if step is None:
@@ -135,9 +131,9 @@ def convert_prior_box(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray
                 _float32(np.float32(image[1]) / np.float32(feature[3])))
     variance = [float(v) for v in param.variance] or [_float32(0.1)]
     if len(variance) not in (1, 4):
-        raise _fail(layer, f"give 1 or 4 variance values, not {len(variance)}")
+        raise layer_error(layer, f"give 1 or 4 variance values, not {len(variance)}")
     if any(v <= 0 for v in variance):
-        raise _fail(layer, "variance values must be positive")
+        raise layer_error(layer, "variance values must be positive")
     module = PriorBox((feature[2], feature[3]), image, step, param.offset, tuple(sizes), param.clip, tuple(variance))
     return Converted(module, [(1, 2, feature[2] * feature[3] * priors * 4)])
 
@@ -149,23 +145,23 @@ def convert_detection_output(layer, inputs: Sequence[Shape], blobs: Sequence[np.
     expect_blobs(layer, blobs, 0)
     param = layer.detection_output_param
     if not param.HasField("num_classes"):
-        raise _fail(layer, "must specify num_classes")
+        raise layer_error(layer, "must specify num_classes")
     loc, conf, prior = (tuple(shape) for shape in inputs[:3])
     if len(prior) < 3 or prior[0] != 1 or prior[1] != 2 or prior[2] % 4:
-        raise _fail(layer, f"bottom 2 must be PriorBox's [1, 2, priors*4] top, has shape {prior}")
+        raise layer_error(layer, f"bottom 2 must be PriorBox's [1, 2, priors*4] top, has shape {prior}")
     count = prior[2] // 4
     loc_classes = 1 if param.share_location else param.num_classes
     if math.prod(loc[1:]) != count * loc_classes * 4:
-        raise _fail(layer, f"bottom 0 (locations) has shape {loc}: expected {count * loc_classes * 4} values per "
+        raise layer_error(layer, f"bottom 0 (locations) has shape {loc}: expected {count * loc_classes * 4} values per "
                            f"image for {count} priors")
     if math.prod(conf[1:]) != count * param.num_classes or conf[0] != loc[0]:
-        raise _fail(layer, f"bottom 1 (confidences) has shape {conf}: expected {loc[0]} x "
+        raise layer_error(layer, f"bottom 1 (confidences) has shape {conf}: expected {loc[0]} x "
                            f"{count * param.num_classes} for {count} priors and {param.num_classes} classes")
     nms = param.nms_param
     if not 0 < nms.eta <= 1:
-        raise _fail(layer, f"nms_param.eta {nms.eta:g} must be in (0, 1]")
+        raise layer_error(layer, f"nms_param.eta {nms.eta:g} must be in (0, 1]")
     if nms.nms_threshold < 0:
-        raise _fail(layer, "nms_threshold must be non negative")
+        raise layer_error(layer, "nms_threshold must be non negative")
     warnings = []
     if param.HasField("save_output_param") and param.save_output_param.output_directory:
         warnings.append("save_output_param (the fork's result files) is not reproduced; the detections are the "

@@ -9,17 +9,13 @@ from typing import Sequence
 import numpy as np
 from torch import nn
 
-from caffe2torch.errors import CaffeError
 from caffe2torch.forks import Axpy, MaxUnpool, ResizeBilinear, ShuffleChannel
 from caffe2torch.layers.convolution import convert_convolution
 from caffe2torch.limits import check_top
-from caffe2torch.layers.registry import Converted, Shape, converter, expect_blobs, expect_bottoms, image_shape
+from caffe2torch.layers.registry import (Converted, Shape, converter, expect_blobs, expect_bottoms, image_shape,
+                                         layer_error)
 from caffe2torch.modules import Crop
 from proto import caffe_pb2
-
-
-def _fail(layer, message: str) -> CaffeError:
-    return CaffeError(f"layer {layer.name!r} ({layer.type}): {message}")
 
 
 @converter("Upsample")
@@ -31,26 +27,26 @@ def convert_upsample(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]
     shape = image_shape(layer, inputs)
     if len(inputs) == 1:
         if param.HasField("scale_h") or param.HasField("upsample_h"):
-            raise _fail(layer, "with one bottom (nearest-neighbour upsampling) only `scale` is understood")
+            raise layer_error(layer, "with one bottom (nearest-neighbour upsampling) only `scale` is understood")
         if param.scale < 1:
-            raise _fail(layer, f"scale must be at least 1, got {param.scale}")
+            raise layer_error(layer, f"scale must be at least 1, got {param.scale}")
         return Converted(nn.Upsample(scale_factor=float(param.scale), mode="nearest"),
                          [shape[:2] + (shape[2] * param.scale, shape[3] * param.scale)])
     if tuple(inputs[1]) != shape:
-        raise _fail(layer, f"the mask (bottom 1) has shape {tuple(inputs[1])}, the data {shape}: they must agree")
+        raise layer_error(layer, f"the mask (bottom 1) has shape {tuple(inputs[1])}, the data {shape}: they must agree")
     if param.HasField("upsample_h") and param.HasField("upsample_w"):
         size = (param.upsample_h, param.upsample_w)
         if min(size) <= 1:
-            raise _fail(layer, "upsample_h and upsample_w must be greater than 1")
+            raise layer_error(layer, "upsample_h and upsample_w must be greater than 1")
     else:
         if param.HasField("scale_h") != param.HasField("scale_w") or param.HasField("scale_h") and param.HasField("scale"):
-            raise _fail(layer, "give upsample_h and upsample_w, or scale, or scale_h and scale_w")
+            raise layer_error(layer, "give upsample_h and upsample_w, or scale, or scale_h and scale_w")
         scale = (param.scale_h, param.scale_w) if param.HasField("scale_h") else (param.scale, param.scale)
         if min(scale) <= 1:
-            raise _fail(layer, f"scale must be greater than 1, got {scale}")
+            raise layer_error(layer, f"scale must be greater than 1, got {scale}")
         pad_out = (param.pad_out_h, param.pad_out_w)
         if any(pad and s != 2 for pad, s in zip(pad_out, scale)):
-            raise _fail(layer, "pad_out_h / pad_out_w need scale 2")
+            raise layer_error(layer, "pad_out_h / pad_out_w need scale 2")
         size = (shape[2] * scale[0] - int(pad_out[0]), shape[3] * scale[1] - int(pad_out[1]))
     return Converted(MaxUnpool(size), [shape[:2] + tuple(size)])
 
@@ -62,7 +58,7 @@ def convert_shuffle_channel(layer, inputs: Sequence[Shape], blobs: Sequence[np.n
     shape = tuple(inputs[0])
     group = layer.shuffle_channel_param.group
     if len(shape) < 2 or group < 1 or shape[1] % group:
-        raise _fail(layer, f"group {group} must divide the channels of a bottom of shape {shape}")
+        raise layer_error(layer, f"group {group} must divide the channels of a bottom of shape {shape}")
     return Converted(ShuffleChannel(group), [shape])
 
 
@@ -73,9 +69,9 @@ def convert_axpy(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) ->
     expect_blobs(layer, blobs, 0)
     scale, x, y = (tuple(shape) for shape in inputs)
     if len(x) < 2 or tuple(scale[:2]) != tuple(x[:2]) or math.prod(scale[2:]) != 1:
-        raise _fail(layer, f"bottom 0 (the scale) has shape {scale}: expected {x[0]} x {x[1]} (x 1 x 1) for x {x}")
+        raise layer_error(layer, f"bottom 0 (the scale) has shape {scale}: expected {x[0]} x {x[1]} (x 1 x 1) for x {x}")
     if x != y:
-        raise _fail(layer, f"bottoms 1 and 2 must have the same shape, got {x} and {y}")
+        raise layer_error(layer, f"bottoms 1 and 2 must have the same shape, got {x} and {y}")
     return Converted(Axpy(), [x])
 
 
@@ -83,7 +79,7 @@ def convert_axpy(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) ->
 def convert_convolution_depthwise(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
     """conv_dw_layer.cpp: one filter per input channel; num_output and group are not read (out = in channels)."""
     if not inputs:
-        raise _fail(layer, "needs a bottom")
+        raise layer_error(layer, "needs a bottom")
     param = layer.convolution_param
     channels = tuple(inputs[0])[param.axis % len(inputs[0])] if inputs[0] else 0
     depthwise = caffe_pb2.LayerParameter()
@@ -110,10 +106,10 @@ def convert_padding(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray])
     shape = image_shape(layer, inputs)
     beg, end = layer.padding_param.pad_beg, layer.padding_param.pad_end
     if (beg < 0 < end) or (end < 0 < beg):
-        raise _fail(layer, f"pad_beg {beg} and pad_end {end} must both be >= 0 or both <= 0")
+        raise layer_error(layer, f"pad_beg {beg} and pad_end {end} must both be >= 0 or both <= 0")
     size = (shape[2] + beg + end, shape[3] + beg + end)
     if min(size) <= 0:
-        raise _fail(layer, f"padding {beg}, {end} leaves nothing of {shape}")
+        raise layer_error(layer, f"padding {beg}, {end} leaves nothing of {shape}")
     return Converted(nn.ZeroPad2d((beg, end, beg, end)), [shape[:2] + size])
 
 
@@ -125,10 +121,10 @@ def convert_crop_center(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarr
     shape = tuple(inputs[0])
     crop = [int(c) for c in layer.crop_center_param.crop_size]
     if len(crop) != len(shape):
-        raise _fail(layer, f"give one crop_size per axis ({len(shape)} for shape {shape}), got {len(crop)}")
+        raise layer_error(layer, f"give one crop_size per axis ({len(shape)} for shape {shape}), got {len(crop)}")
     sizes = tuple(n - 2 * c for n, c in zip(shape, crop))
     if min(sizes) <= 0:
-        raise _fail(layer, f"crop_size {crop} leaves nothing of shape {shape}")
+        raise layer_error(layer, f"crop_size {crop} leaves nothing of shape {shape}")
     start = 1 if crop[0] == 0 else 0  # leave the batch axis free unless it is cropped
     return Converted(Crop(start, tuple(crop[start:]), sizes[start:]), [sizes])
 
@@ -140,11 +136,11 @@ def convert_resize_bilinear(layer, inputs: Sequence[Shape], blobs: Sequence[np.n
     expect_blobs(layer, blobs, 0)
     param = layer.resize_bilinear_param
     if param.data_format not in ("NCHW", "NHWC"):
-        raise _fail(layer, f"data_format {param.data_format!r} is not supported (NCHW and NHWC are)")
+        raise layer_error(layer, f"data_format {param.data_format!r} is not supported (NCHW and NHWC are)")
     shape = image_shape(layer, inputs)
     modes = [name for name in ("align_corners", "half_pixel_centers", "pytorch_half_pixel") if getattr(param, name)]
     if len(modes) > 1:
-        raise _fail(layer, f"{' and '.join(modes)} exclude each other")
+        raise layer_error(layer, f"{' and '.join(modes)} exclude each other")
     size = shape[2:] if param.data_format == "NCHW" else shape[1:3]
     out = []
     for n, given, field, scale in ((size[0], param.output_height, "output_height", param.scale_height),
@@ -153,10 +149,10 @@ def convert_resize_bilinear(layer, inputs: Sequence[Shape], blobs: Sequence[np.n
             out.append(int(given))
             continue
         if not math.isfinite(scale) or scale <= 0:
-            raise _fail(layer, f"scale {scale} for a missing {field} must be a positive number")
+            raise layer_error(layer, f"scale {scale} for a missing {field} must be a positive number")
         out.append(math.floor(np.float32(n) * np.float32(scale)))
     if min(out) <= 0:
-        raise _fail(layer, f"output size {tuple(out)} is not positive")
+        raise layer_error(layer, f"output size {tuple(out)} is not positive")
     top = shape[:2] + tuple(out) if param.data_format == "NCHW" else (shape[0], *out, shape[3])
     check_top(layer, top)  # before the tables of that size are built
     module = ResizeBilinear(size, out, modes[0] if modes else "asymmetric", param.data_format)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from caffe2torch.errors import CaffeError
+from caffe2torch.layers.convolution import SIDES, same_padding
 from caffe2torch.layers.registry import Converted, Shape, converter, expect_blobs, expect_bottoms, image_shape
 from caffe2torch.limits import check_top
 from caffe2torch.bvlc import SPP, spp_level
@@ -31,9 +32,6 @@ def _pair(layer, param, name: str, default: int | None) -> tuple[int, int] | Non
     return None
 
 
-_SIDES = ("pad_t", "pad_l", "pad_b", "pad_r")
-
-
 def _side_pads(layer, param, size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int]
                ) -> tuple[tuple[int, int], tuple[int, int]] | None:
     """synopsys-caffe's padding per side ((top, left), (bottom, right)), or None where the net uses pad / pad_h / pad_w.
@@ -41,14 +39,14 @@ def _side_pads(layer, param, size: tuple[int, int], kernel: tuple[int, int], str
     pad_type 1 is TensorFlow's "SAME" as the fork computes it: ceil(size / stride) windows, the padding the
     kernel needs beyond the input split with the smaller half first.
     """
-    sided = any(getattr(param, name) for name in _SIDES)
+    sided = any(getattr(param, name) for name in SIDES)
     if not sided and param.pad_type == 0:
         return None
     if param.HasField("pad") or param.HasField("pad_h") or param.HasField("pad_w") or sided and param.pad_type:
         raise CaffeError(f"layer {layer.name!r} (Pooling): give one of pad (or pad_h/pad_w), pad_l/r/t/b and "
                          f"pad_type")
     if sided:
-        t, l, b, r = (int(getattr(param, name)) for name in _SIDES)
+        t, l, b, r = (int(getattr(param, name)) for name in SIDES)
         if max(t, b) >= kernel[0] or max(l, r) >= kernel[1]:
             # The fork does not check, and then pools windows lying wholly in the padding (dividing by their
             # unclipped, negative extents); Caffe itself refuses pad >= kernel.
@@ -57,7 +55,7 @@ def _side_pads(layer, param, size: tuple[int, int], kernel: tuple[int, int], str
         return (t, l), (b, r)
     if param.pad_type != 1:
         raise CaffeError(f"layer {layer.name!r} (Pooling): unknown pad_type {param.pad_type} (0: Caffe's, 1: SAME)")
-    along = [max(k - (s if n % s == 0 else n % s), 0) for n, k, s in zip(size, kernel, stride)]
+    along = [same_padding(n, k, s) for n, k, s in zip(size, kernel, stride)]
     return (along[0] // 2, along[1] // 2), (along[0] - along[0] // 2, along[1] - along[1] // 2)
 
 

@@ -63,13 +63,11 @@ CONVERTERS: dict[str, ConverterFn] = {}
 
 
 def converter(*type_names: str) -> Callable[[ConverterFn], ConverterFn]:
-    """Register a function as the converter of one or more Caffe layer types."""
+    """Register a built-in function as the converter of one or more Caffe layer types."""
 
     def register(fn: ConverterFn) -> ConverterFn:
         for name in type_names:
-            if name in CONVERTERS:
-                raise RuntimeError(f"two converters registered for Caffe type {name!r}")
-            CONVERTERS[name] = fn
+            register_converter(name)(fn)
         return fn
 
     return register
@@ -140,12 +138,17 @@ def expect_bottoms(layer, inputs: Sequence[Shape], *counts: int) -> None:
         raise CaffeError(f"layer {layer.name!r} ({layer.type}): expected {wanted} bottoms, got {len(inputs)}")
 
 
+def layer_error(layer, message: str) -> CaffeError:
+    """The one-line error of a layer: its name and type, then `message`."""
+    return CaffeError(f"layer {layer.name!r} ({layer.type}): {message}")
+
+
 def image_shape(layer, inputs: Sequence[Shape], index: int = 0) -> Shape:
     """Bottom `index`'s shape, which must have Caffe's 4 legacy axes (N, C, H, W)."""
     shape = tuple(inputs[index])
     if len(shape) != 4:
         which = "input" if len(inputs) == 1 else f"bottom {index}"
-        raise CaffeError(f"layer {layer.name!r} ({layer.type}): {which} must have 4 axes (N, C, H, W), got {shape}")
+        raise layer_error(layer, f"{which} must have 4 axes (N, C, H, W), got {shape}")
     return shape
 
 

@@ -6,13 +6,9 @@ from typing import Sequence
 
 import numpy as np
 
-from caffe2torch.errors import CaffeError
-from caffe2torch.layers.registry import Converted, Shape, converter, expect_blobs, expect_bottoms, image_shape
+from caffe2torch.layers.registry import (Converted, Shape, converter, expect_blobs, expect_bottoms, image_shape,
+                                         layer_error)
 from caffe2torch.yolo import Reorg, YoloV2Output, YoloV3Output
-
-
-def _fail(layer, message: str) -> CaffeError:
-    return CaffeError(f"layer {layer.name!r} ({layer.type}): {message}")
 
 
 def _maps(layer, inputs: Sequence[Shape]) -> list[Shape]:
@@ -27,15 +23,15 @@ def convert_reorg(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -
     (n, c, h, w), = _maps(layer, inputs)
     param = layer.reorg_param
     if not param.HasField("stride") or param.stride < 1:
-        raise _fail(layer, "reorg_param needs stride >= 1")
+        raise layer_error(layer, "reorg_param needs stride >= 1")
     s = int(param.stride)
     if c % (s * s):
-        raise _fail(layer, f"{c} channels are not a multiple of stride^2 = {s * s}")
+        raise layer_error(layer, f"{c} channels are not a multiple of stride^2 = {s * s}")
     if param.reverse:
         top = (n, c // (s * s), h * s, w * s)
     else:
         if h % s or w % s:
-            raise _fail(layer, f"a {h} x {w} map does not divide by stride {s}")
+            raise layer_error(layer, f"a {h} x {w} map does not divide by stride {s}")
         top = (n, c * s * s, h // s, w // s)
     return Converted(Reorg(s, param.reverse), [top])
 
@@ -44,14 +40,14 @@ def _check_counts(layer, field: str, shapes: list[Shape]) -> None:
     """num_classes given and positive, num_box positive, each map num_box x (5 + classes) channels."""
     param = getattr(layer, field)
     if not param.HasField("num_classes"):
-        raise _fail(layer, f"{field} must give num_classes")
+        raise layer_error(layer, f"{field} must give num_classes")
     if param.num_classes < 1 or param.num_box < 1:
-        raise _fail(layer, "num_classes and num_box must be at least 1")
+        raise layer_error(layer, "num_classes and num_box must be at least 1")
     num_box, num_classes = param.num_box, param.num_classes
     wanted = num_box * (5 + num_classes)
     for index, shape in enumerate(shapes):
         if shape[1] != wanted:
-            raise _fail(layer, f"bottom {index} has {shape[1]} channels: expected num_box {num_box} x "
+            raise layer_error(layer, f"bottom {index} has {shape[1]} channels: expected num_box {num_box} x "
                                f"(5 + {num_classes} classes) = {wanted}")
 
 
@@ -64,12 +60,12 @@ def convert_yolo_detection_output(layer, inputs: Sequence[Shape], blobs: Sequenc
     _check_counts(layer, "yolo_detection_output_param", shapes)
     param = layer.yolo_detection_output_param
     if param.coords != 4:
-        raise _fail(layer, f"coords {param.coords}: the fork reads 4")
+        raise layer_error(layer, f"coords {param.coords}: the fork reads 4")
     for index, shape in enumerate(shapes):
         if shape[2] != shape[3]:
-            raise _fail(layer, f"bottom {index} is {shape[2]} x {shape[3]}: the fork reads a square map")
+            raise layer_error(layer, f"bottom {index} is {shape[2]} x {shape[3]}: the fork reads a square map")
     if len(param.biases) < 2 * param.num_box:
-        raise _fail(layer, f"{len(param.biases)} biases for {param.num_box} boxes: needs {2 * param.num_box}")
+        raise layer_error(layer, f"{len(param.biases)} biases for {param.num_box} boxes: needs {2 * param.num_box}")
     module = YoloV2Output(param.num_classes, param.num_box, tuple(param.biases), param.confidence_threshold,
                           param.nms_threshold)
     return Converted(module, [(1, 1, 1, 7)])  # Caffe's shape before the first forward: K is data-dependent
@@ -81,21 +77,21 @@ def convert_yolov3_detection_output(layer, inputs: Sequence[Shape], blobs: Seque
     class-agnostic NMS; [1, 1, K, 7]."""
     expect_blobs(layer, blobs, 0)
     if not inputs:
-        raise _fail(layer, "needs at least one bottom (one map per scale)")
+        raise layer_error(layer, "needs at least one bottom (one map per scale)")
     shapes = _maps(layer, inputs)
     param = layer.yolov3_detection_output_param
     if param.gaussian_box:
-        raise _fail(layer, "gaussian_box (Gaussian YOLOv3) is not supported")
+        raise layer_error(layer, "gaussian_box (Gaussian YOLOv3) is not supported")
     if len(shapes) != param.mask_group_num:
-        raise _fail(layer, f"{len(shapes)} bottoms but mask_group_num {param.mask_group_num}: one map per group")
+        raise layer_error(layer, f"{len(shapes)} bottoms but mask_group_num {param.mask_group_num}: one map per group")
     _check_counts(layer, "yolov3_detection_output_param", shapes)
     groups = len(param.mask) // len(shapes)
     if groups < param.num_box:
-        raise _fail(layer, f"{len(param.mask)} mask entries for {len(shapes)} maps of {param.num_box} boxes")
+        raise layer_error(layer, f"{len(param.mask)} mask entries for {len(shapes)} maps of {param.num_box} boxes")
     if len(param.anchors_scale) < len(shapes):
-        raise _fail(layer, f"{len(param.anchors_scale)} anchors_scale values for {len(shapes)} maps")
+        raise layer_error(layer, f"{len(param.anchors_scale)} anchors_scale values for {len(shapes)} maps")
     if not param.mask or max(param.mask) >= len(param.biases) // 2:
-        raise _fail(layer, f"mask {max(param.mask)} names a bias pair beyond the {len(param.biases) // 2} given")
+        raise layer_error(layer, f"mask {max(param.mask)} names a bias pair beyond the {len(param.biases) // 2} given")
     module = YoloV3Output(param.num_classes, param.num_box, tuple(param.biases), tuple(param.anchors_scale),
                           tuple(param.mask), param.confidence_threshold, param.nms_threshold)
     return Converted(module, [(1, 1, 1, 7)])  # Caffe's shape before the first forward: K is data-dependent
