@@ -19,7 +19,7 @@ import torch
 
 from caffe2torch.conversion import convert
 from caffe2torch.model import layer_module
-from icnet_eval.pipeline import predict_train_ids
+from icnet_eval.predict import predict_train_ids
 from icnet_eval.metrics import ConfusionCounts
 
 FRAME = (1024, 2048)

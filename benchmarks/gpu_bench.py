@@ -1,11 +1,12 @@
 """The GPU figures of BENCHMARKS.md in one short run (for a session lent a GPU through the device tool).
 
-1. `icnet-eval time` at 1x3x1025x2049: exact fp32 (TF32 off, deterministic cuDNN) and --fast
-   (TF32 and cuDNN autotuning allowed), median of `--iterations` CUDA-event-timed forwards, next
-   to the paper's 33 ms on a TitanX; plus the caffe2torch fast path's parity is unchanged (the
-   forward is the same converted net).
+1. `icnet-eval time` at 1x3x1025x2049: the net exact mode runs (fast graph in float32, TF32 off,
+   deterministic cuDNN, CUDA graph) and the one --fast runs (float16, autotuned cuDNN, CUDA graph),
+   median of `--iterations` CUDA-event-timed forwards, next to the paper's 33 ms on a TitanX.
 2. End-to-end images/s of `icnet-eval` over a synthetic list of `--images` 1024x2048 frames
-   (untrained weights at full size, which cost the same as the released ones), exact and fast.
+   (untrained weights at full size, which cost the same as the released ones), exact and --fast,
+   with the median time per image of each stage (decode and resize in the workers; input, forward
+   and post on the device; PNG writes in their threads) and the main loop's wait for the loader.
 
 Writes JSON under --out (default $OUT or ./gpu-bench) and prints a markdown table.
 
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--input-size", type=int, nargs=2, default=None)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-bench")))
     args = parser.parse_args()
@@ -85,12 +87,16 @@ def main() -> None:
             out = work / ("fast" if fast else "exact")
             start = time.perf_counter()
             invoke(["--list", str(list_path), "--data-root", str(work), "--weights", str(weights), "--out", str(out),
-                    "--device", args.device, "--workers", str(args.workers), *size] + (["--fast-resize"] if fast else []))
+                    "--device", args.device, "--workers", str(args.workers), "--batch-size", str(args.batch_size),
+                    *size] + (["--fast"] if fast else []))
             seconds = time.perf_counter() - start
             report = json.loads((out / "report.json").read_text())
             shutil.copy(out / "report.json", args.out / f"report_{'fast' if fast else 'exact'}.json")
+            stages = ", ".join(f"{stage} {ms:.1f}" for stage, ms in report["timing"]["stages_ms_median"].items()
+                               if ms is not None)
             rows.append(f"| {args.images} images end to end, {'fast' if fast else 'exact'} | {seconds:.1f} s | "
-                        f"{args.images / seconds:.2f} images/s | forward median {report['timing']['forward_ms_median']:.1f} ms |")
+                        f"{args.images / seconds:.2f} images/s (loop only: {report['timing']['images_per_second']:.2f}) | medians per image (ms): {stages}; loader wait "
+                        f"{report['timing']['loader_wait_s']:.1f} s |")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print("| measure | value | rate | note |")

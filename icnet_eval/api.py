@@ -10,7 +10,8 @@ import torch
 
 from caffe2torch.errors import CaffeError
 from icnet_eval.data import preprocess
-from icnet_eval.pipeline import EvalOptions, numerics, predict_train_ids, resolve_device
+from icnet_eval.pipeline import EvalOptions, resolve_device
+from icnet_eval.predict import numerics, predict_train_ids
 from icnet_eval.pipeline import evaluate as run_evaluation
 from icnet_eval.model import LoadedModel, load_model
 

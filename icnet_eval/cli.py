@@ -62,8 +62,14 @@ device_option = click.option("--device", default=None,
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True, help="Processes decoding and resizing images.")
 @click.option("--fast-resize", is_flag=True,
-              help="Fast approximate mode: PyTorch's antialiased resize instead of MATLAB's, and PyTorch's fastest "
-                   "kernels (TF32, oneDNN), whose last bits vary with the thread count.")
+              help="Approximate mode: PyTorch's antialiased resize of the class scores instead of MATLAB's, the fast "
+                   "graph in float32 and PyTorch's fastest kernels (TF32, oneDNN), whose last bits vary with the "
+                   "thread count.")
+@click.option("--fast", is_flag=True,
+              help="Fastest approximate mode: the fast graph in half precision on a GPU (float32 on a CPU), "
+                   "PyTorch's resizes, CUDA graphs of whole batches. See BENCHMARKS.md for its agreement with exact.")
+@click.option("--fast-dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
+              help="The net's dtype under --fast  [default: float16 on a GPU, float32 on a CPU]")
 @click.option("--format", "output_format", default="trainids", show_default=True,
               help="trainids: gray trainId PNGs as the authors; labelids: labelId PNGs for the benchmark server.")
 @input_size_option
@@ -75,8 +81,8 @@ device_option = click.option("--device", default=None,
 @memory_option
 @click.version_option(package_name="caffe2torch")
 @click.pass_context
-def main(ctx: click.Context, list_path, data_root, weights, out, device, batch_size, workers, fast_resize,
-         output_format, input_size, prototxt, no_verify, redo, per_image, overlay) -> None:
+def main(ctx: click.Context, list_path, data_root, weights, out, device, batch_size, workers, fast_resize, fast,
+         fast_dtype, output_format, input_size, prototxt, no_verify, redo, per_image, overlay) -> None:
     """Evaluate ICNet on Cityscapes as its authors did (eval_sub.m + eval_acc.m).
 
     \b
@@ -93,11 +99,13 @@ def main(ctx: click.Context, list_path, data_root, weights, out, device, batch_s
     for option, value in (("--list", list_path), ("--data-root", data_root), ("--weights", weights)):
         if value is None:
             raise CaffeError(f"{option} is required")
-    from icnet_eval.pipeline import EvalOptions, evaluate, format_report
+    from icnet_eval.pipeline import EvalOptions, evaluate
+    from icnet_eval.report import format_report
 
     options = EvalOptions(list_path, data_root, weights, out, device, batch_size, workers, fast_resize,
                           output_format, tuple(input_size) if input_size else None, prototxt,
-                          verify_md5=not no_verify, resume=not redo, per_image=per_image, overlay=overlay)
+                          verify_md5=not no_verify, resume=not redo, per_image=per_image, overlay=overlay, fast=fast,
+                          fast_dtype=fast_dtype)
     report = evaluate(options, echo=_note)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun the first process speaks for all
@@ -117,7 +125,7 @@ def main(ctx: click.Context, list_path, data_root, weights, out, device, batch_s
                                       "otherwise, refusing values no trainId has).")
 def score(list_path: Path, data_root: Path, pred_dir: Path, json_path: Path | None, pred_format: str) -> None:
     """Score existing predictions against the labels, exactly as eval_acc.m."""
-    from icnet_eval.pipeline import _write_json, format_report, score_predictions
+    from icnet_eval.report import format_report, score_predictions, write_json as _write_json
 
     if json_path is not None and json_path.is_dir():
         raise CaffeError(f"--json {json_path}: is a folder, expected a file name")
@@ -153,12 +161,13 @@ def prototxt(height: int, width: int, bn: bool, output: Path | None) -> None:
 @device_option
 @click.option("--iterations", type=int, default=100, show_default=True)
 @click.option("--warmup", type=int, default=10, show_default=True)
-@click.option("--fast", is_flag=True, help="Allow TF32 and oneDNN (as --fast-resize runs do).")
+@click.option("--fast", is_flag=True, help="The net as --fast evaluations run it (half precision on a GPU).")
 @click.option("--no-verify", is_flag=True)
 @click.option("--json", "json_path", type=_path(dir_okay=False), help="Also write the figures as JSON (for BENCHMARKS.md).")
 def time_command(weights, prototxt, input_size, device, iterations, warmup, fast, no_verify, json_path) -> None:
     """Time the forward pass (no pre/post-processing) and compare it with the paper's 33 ms."""
-    from icnet_eval.pipeline import numerics, resolve_device
+    from icnet_eval.pipeline import resolve_device
+    from icnet_eval.predict import numerics, resolve_mode
     from icnet_eval.model import OFFICIAL_INPUT_SIZE, load_model, untrained_model
     from icnet_eval.timing import format_timing, time_forward
 
@@ -170,13 +179,14 @@ def time_command(weights, prototxt, input_size, device, iterations, warmup, fast
         model = untrained_model(size or OFFICIAL_INPUT_SIZE)
     else:
         model = load_model(weights, prototxt, size, not no_verify, on_warning=lambda m: _note(f"warning: {m}"))
-    with numerics(torch_device, exact=not fast):
-        result = time_forward(model, torch_device, iterations, warmup)
+    mode = resolve_mode(fast, False, None, torch_device)
+    with numerics(torch_device, exact=mode.exact):
+        result = time_forward(model, torch_device, iterations, warmup, mode=mode)
     click.echo(format_timing(result, model.definition))
     if json_path is not None:
         from caffe2torch.write import write_atomic
 
-        record = dict(result.as_dict(), definition=model.definition, fast=fast)
+        record = dict(result.as_dict(), definition=model.definition, fast=fast, mode=mode.name, dtype=mode.dtype_name)
         write_atomic(json_path, (json.dumps(record, indent=2) + "\n").encode())
 
 
@@ -189,7 +199,8 @@ def time_command(weights, prototxt, input_size, device, iterations, warmup, fast
 def demo(root: Path, device: str | None, workers: int, images: int) -> None:
     """Run the whole pipeline on a generated sample with untrained weights (seconds on a CPU)."""
     from icnet_eval.demo import DEMO_INPUT_SIZE, make_demo_set, released_weights_note
-    from icnet_eval.pipeline import EvalOptions, evaluate, format_report
+    from icnet_eval.pipeline import EvalOptions, evaluate
+    from icnet_eval.report import format_report
 
     if root.exists() and not root.is_dir():
         raise CaffeError(f"--dir {root}: is a file, expected a folder")

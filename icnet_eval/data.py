@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -221,13 +222,20 @@ def read_label_train_ids(entry: ListEntry) -> np.ndarray:
     return label
 
 
-def preprocess(image_bgr: np.ndarray, input_size: tuple[int, int]) -> torch.Tensor:
+def preprocess(image_bgr: np.ndarray, input_size: tuple[int, int], fast: bool = False) -> torch.Tensor:
     """eval_sub.m's input: uint8 MATLAB bilinear resize, single(img) - mean, BGR; as a 3 x H x W tensor.
 
     The resize treats channels independently and the mean is per channel, so working in
-    OpenCV's BGR order gives the same bits as resizing RGB and reordering afterwards.
+    OpenCV's BGR order gives the same bits as resizing RGB and reordering afterwards. `fast`:
+    PyTorch's antialiased bilinear resize (to uint8) instead of MATLAB's.
     """
-    resized = matlab_imresize(image_bgr, input_size)
+    if fast:
+        from icnet_eval.imresize import fast_resize
+
+        chw = torch.from_numpy(np.ascontiguousarray(image_bgr.transpose(2, 0, 1)))
+        resized = fast_resize(chw, input_size).numpy().transpose(1, 2, 0)
+    else:
+        resized = matlab_imresize(image_bgr, input_size)
     normalised = resized.astype(np.float32) - MEAN_BGR
     return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))
 
@@ -236,17 +244,19 @@ class EvaluationDataset(Dataset):
     """Decodes and preprocesses one list entry per item; user errors travel back as a message, not an exception.
 
     `existing_prediction(entry, image_size)` may return the trainId prediction already on disk
-    (resume): the item then carries it instead of a network input.
+    (resume): the item then carries it instead of a network input. Items carry their decode and
+    resize times in milliseconds ("times_ms").
     """
 
     def __init__(self, entries: Sequence[ListEntry], input_size: tuple[int, int],
                  existing_prediction: Callable[[ListEntry, tuple[int, int]], np.ndarray | None] | None = None,
-                 keep_image: bool = False, resize: bool = True):
+                 keep_image: bool = False, resize: bool = True, fast_resize: bool = False):
         self.entries = list(entries)
         self.input_size = input_size
         self.existing_prediction = existing_prediction
         self.keep_image = keep_image  # the decoded image travels with the item (for overlays)
         self.resize = resize  # False: the input is the decoded uint8 image, resized on the net's device
+        self.fast_resize = fast_resize  # PyTorch's resize instead of MATLAB's (--fast)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -254,8 +264,10 @@ class EvaluationDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         entry = self.entries[index]
         item: dict[str, Any] = {"index": index, "entry": entry, "input": None, "label": None, "instances": None,
-                                "prediction": None, "image_size": None, "image": None, "error": None}
+                                "prediction": None, "image_size": None, "image": None, "error": None,
+                                "times_ms": {}}
         try:
+            start = time.perf_counter()
             image = read_image_bgr(entry)
             item["image_size"] = image_size = image.shape[:2]
             if self.keep_image:
@@ -269,9 +281,14 @@ class EvaluationDataset(Dataset):
                 item["instances"] = read_instance_ids(entry, label.shape)
             if self.existing_prediction is not None:
                 item["prediction"] = self.existing_prediction(entry, image_size)
+            decoded = time.perf_counter()
+            item["times_ms"]["decode"] = (decoded - start) * 1000.0  # image, label and instances
             if item["prediction"] is None:
-                item["input"] = preprocess(image, self.input_size) if self.resize else \
-                    torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+                if self.resize:
+                    item["input"] = preprocess(image, self.input_size, self.fast_resize)
+                    item["times_ms"]["resize"] = (time.perf_counter() - decoded) * 1000.0
+                else:
+                    item["input"] = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         except CaffeError as error:
             item["error"] = str(error)
         return item
@@ -281,8 +298,19 @@ def _keep_list(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return batch
 
 
+def _single_threaded_worker(_: int) -> None:
+    """A loader process works on one core: no resize pool, no OpenCV or torch threads of its own (the
+    workers are the parallelism; nested pools made N workers fight over the cores)."""
+    from icnet_eval.imresize import set_resize_threads
+
+    set_resize_threads(1)
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
 def make_loader(dataset: EvaluationDataset, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
-    """Batches in list order; `workers` processes decode and resize while the network runs."""
+    """Batches in list order; `workers` single-threaded processes decode (and resize) while the network runs."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                       collate_fn=_keep_list, pin_memory=pin_memory and workers > 0,
+                      worker_init_fn=_single_threaded_worker if workers > 0 else None,
                       prefetch_factor=2 if workers > 0 else None, persistent_workers=False)

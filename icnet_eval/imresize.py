@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from caffe2torch.errors import CaffeError
 
-__all__ = ["contributions", "fast_resize", "matlab_imresize", "matlab_imresize_torch"]
+__all__ = ["contributions", "fast_resize", "matlab_imresize", "matlab_imresize_torch", "set_resize_threads"]
 
 # Values per job and float64 buffer: a block of rows this size (256 KiB) stays in the L2 cache.
 _BLOCK_VALUES = 32768
@@ -141,7 +141,20 @@ def _resize_block(src: np.ndarray, dst: np.ndarray, axis: int, method: str, bloc
         dst[block] = _apply_taps(src[block], 1, weights, indices, runs, 0, dst.shape[1], dst.dtype)
 
 
+_threads: int | None = None  # set_resize_threads; None: one per core, at most 8
+
+
+def set_resize_threads(threads: int | None) -> None:
+    """How many threads one NumPy resize uses (None: one per available core, at most 8). The evaluation's loader
+    workers set 1, so that N workers use N cores instead of N pools competing for them. Results do not depend
+    on it: the threads share out independent rows."""
+    global _threads
+    _threads = threads
+
+
 def _workers() -> int:
+    if _threads is not None:
+        return max(1, _threads)
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

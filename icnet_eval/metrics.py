@@ -148,16 +148,32 @@ class ConfusionCounts:
 
         Returns the image's own mIoU and pixel accuracy (percent), as eval_acc.m would give for it alone.
         """
-        intersection, area_pred, area_label, correct, labelled = image_counts(pred, label)
+        terms = image_instance_terms(pred, label, instances) if instances is not None else None
+        return self._count(*image_counts(pred, label), image_confusion(pred, label), terms)
+
+    def add_confusion(self, confusion: np.ndarray, instance_terms: np.ndarray | None = None) -> tuple[float, float]:
+        """`add` for a prediction of trainIds 0..18 given by its 19 x 19 confusion matrix over the labelled
+        pixels (`predict.label_confusion`, computed where the prediction is): eval_acc.m's intersection is
+        the diagonal, its prediction and label areas the column and row sums. Same return value as `add`."""
+        confusion = np.asarray(confusion, dtype=np.int64)
+        if confusion.shape != (NUM_CLASSES, NUM_CLASSES):
+            raise CaffeError(f"ConfusionCounts: expected a {NUM_CLASSES}x{NUM_CLASSES} matrix, got {confusion.shape}")
+        intersection = np.diagonal(confusion).copy()
+        correct = int(intersection.sum())
+        return self._count(intersection, confusion.sum(axis=0), confusion.sum(axis=1), correct,
+                           int(confusion.sum()), confusion, instance_terms)
+
+    def _count(self, intersection: np.ndarray, area_pred: np.ndarray, area_label: np.ndarray, correct: int,
+               labelled: int, confusion: np.ndarray, instance_terms: np.ndarray | None) -> tuple[float, float]:
         self.intersection += intersection
         self.area_pred += area_pred
         self.area_label += area_label
         self.pixel_correct += correct
         self.pixel_labeled += labelled
         self.images += 1
-        self.confusion += image_confusion(pred, label)
-        if instances is not None:
-            self.instance_terms += image_instance_terms(pred, label, instances)
+        self.confusion += confusion
+        if instance_terms is not None:
+            self.instance_terms += instance_terms
             self.instance_images += 1
         union = area_pred + area_label - intersection
         return (100.0 * float(np.mean(intersection / (union + MATLAB_EPS))),

@@ -1,30 +1,28 @@
-"""The evaluation run: forward, the authors' softmax / resize / argmax, PNG outputs, resume, sharding, report."""
+"""The evaluation run: loader, the device work of `predict` one batch ahead of the host's scoring and PNG writes,
+resume, sharding, report."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
 import os
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, TextIO
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from caffe2torch.errors import CaffeError
 from icnet_eval.cityscapes import CLASS_NAMES
-from icnet_eval.data import MEAN_BGR, EvaluationDataset, ListEntry, make_loader, parse_list
-from icnet_eval.imresize import fast_resize, matlab_imresize_torch
-from icnet_eval.metrics import ConfusionCounts
-from caffe2torch.write import write_atomic
+from icnet_eval.data import EvaluationDataset, ListEntry, make_loader, parse_list
+from icnet_eval.metrics import ConfusionCounts, image_instance_terms
 from icnet_eval.model import LoadedModel, load_model
-from icnet_eval.outputs import (REPORT_FILE, OutputStore, check_outputs_apart, check_run_file, delete_outputs,
-                               lock_out_dir, prepare_out_dir, write_run_file)
+from icnet_eval.outputs import (REPORT_FILE, OutputStore, PngWriter, check_outputs_apart, check_run_file,
+                                delete_outputs, lock_out_dir, prepare_out_dir, write_run_file)
+from icnet_eval.predict import Launched, Mode, Predictor, numerics, resolve_mode
+from icnet_eval.progress import Progress
+from icnet_eval.report import write_json
 
 
 @dataclass
@@ -49,61 +47,11 @@ class EvalOptions:
     overlay: bool = False
     # The MATLAB resize of the input on the net's device (default: on a GPU), else in the workers.
     resize_on_device: bool | None = None
-    writer_threads: int = 4  # PNG encoding and writing beside the main loop (0: in the main loop)
+    # PNG encoding and writing beside the main loop (0: in the main loop; None: half the cores, 2 to 8)
+    writer_threads: int | None = None
+    fast: bool = False  # half precision (on a GPU), fast graph, PyTorch's resizes, CUDA graphs
+    fast_dtype: str | None = None  # with fast: float16, bfloat16 or float32 (default float16 on a GPU)
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """eval_sub.m's `exp(score) ./ sum(exp(score), 3)` in float32, without max subtraction.
-
-    The sum runs over the classes in order, one addition at a time, so it gives the same bits on
-    every device. Logits above ~88 overflow to inf and give NaN, as they would in MATLAB.
-    """
-    scores = torch.exp(logits.float())
-    total = scores[0].clone()
-    for channel in range(1, scores.shape[0]):
-        total += scores[channel]
-    return scores / total
-
-
-def predict_train_ids(logits: torch.Tensor, image_size: tuple[int, int], fast: bool = False) -> np.ndarray:
-    """C x h x w logits -> H x W uint8 trainIds: softmax, resize to the image (MATLAB bilinear), argmax."""
-    probabilities = class_probabilities(logits)
-    resize = fast_resize if fast else matlab_imresize_torch
-    resized = resize(probabilities, tuple(image_size))
-    # MATLAB's max skips NaN (all-NaN gives the first class); torch.argmax would pick the NaN.
-    resized = torch.nan_to_num(resized, nan=-math.inf)
-    # torch.argmax returns the first maximal index: ties go to the lowest class, as MATLAB's max.
-    return torch.argmax(resized, dim=0).to(torch.uint8).cpu().numpy()
-
-
-class Progress:
-    """Images/s and ETA: one self-updating line on a terminal, a line per 10% in a log (long runs only)."""
-
-    def __init__(self, total: int, enabled: bool, stream: TextIO | None = None) -> None:
-        self.total, self.done, self.start = total, 0, time.perf_counter()
-        self.stream = stream or sys.stderr
-        self.terminal = getattr(self.stream, "isatty", lambda: False)()
-        self.enabled = enabled and (self.terminal or total >= 20)
-        self.next_log = total / 10
-
-    def update(self, count: int) -> None:
-        self.done += count
-        if not self.enabled or (not self.terminal and self.done < self.next_log):
-            return
-        self.next_log += self.total / 10
-        elapsed = time.perf_counter() - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        minutes, seconds = divmod(int((self.total - self.done) / rate if rate > 0 else 0), 60)
-        line = (f"[{self.done:>{len(str(self.total))}}/{self.total}] {rate:6.2f} images/s  "
-                f"ETA {minutes:d}:{seconds:02d}")
-        self.stream.write(f"\r{line} " if self.terminal else f"icnet-eval: {line}\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.terminal:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -117,44 +65,6 @@ def resolve_device(name: str | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CaffeError(f"--device {name}: CUDA is not available on this machine")
     return device
-
-
-@contextlib.contextmanager
-def numerics(device: torch.device, exact: bool = True) -> Iterator[None]:
-    """Exact mode: results that do not depend on the thread count, the run or TF32.
-
-    GPU: TF32 off, no cuDNN autotuning (its choice changes from run to run). CPU: oneDNN off; its
-    convolutions round differently with 1 and 2 threads (torchrun gives each process one thread),
-    while PyTorch's own im2col + GEMM path gives the same bits for any thread count, so a sharded
-    run reports exactly what a single process does. Fast mode leaves PyTorch's defaults.
-    """
-    if not exact:
-        yield
-        return
-    matmul_tf32, onednn = torch.backends.cuda.matmul.allow_tf32, torch.backends.mkldnn.enabled
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.mkldnn.enabled = device.type != "cpu"
-    try:
-        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.mkldnn.enabled = matmul_tf32, onednn
-
-
-def _write_json(path: Path, data: dict) -> None:
-    def clean(value):  # NaN is not JSON: a score that is 0 / 0 is written as null
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [clean(v) for v in value]
-        return value
-
-    try:
-        write_atomic(path, (json.dumps(clean(data), indent=2) + "\n").encode())
-    except OSError as error:
-        raise CaffeError(f"{path}: cannot write ({error.strerror or error})") from None
 
 
 class _Distributed:
@@ -197,128 +107,123 @@ class _Distributed:
             dist.destroy_process_group()
 
 
-def _options_record(options: EvalOptions, model: LoadedModel, device: torch.device, world: int) -> dict:
+def default_writer_threads() -> int:
+    """Half the cores this process may use, 2 to 8: PNG encoding of noisy predictions (about 140 ms an image on
+    one core) must keep up with a GPU, and the loader's workers need the other half."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 2
+    return max(2, min(8, cores // 2))
+
+
+def _options_record(options: EvalOptions, model: LoadedModel, device: torch.device, world: int, mode: Mode) -> dict:
     return {
         "list": str(options.list_path), "data_root": str(options.data_root),
         "weights": str(model.weights) if model.weights else None, "weights_md5": model.md5,
         "release": model.release.name if model.release else None, "definition": model.definition,
-        "input_size": list(model.input_size), "resize": "fast" if options.fast_resize else "matlab",
+        "input_size": list(model.input_size), "resize": "fast" if mode.torch_output_resize else "matlab",
+        "mode": mode.name, "dtype": mode.dtype_name,
         "format": options.output_format, "out": str(options.out), "device": str(device),
         "batch_size": options.batch_size, "workers": options.workers, "world_size": world,
         "verify_md5": options.verify_md5, **options.extra,
     }
 
 
-def _forward(net: torch.nn.Module, inputs: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, float]:
-    start = time.perf_counter()
-    with torch.inference_mode():
-        logits = net(inputs)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return logits, (time.perf_counter() - start) * 1000.0
-
-
-def network_inputs(items: list[dict], input_size: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """The batch the net reads: preprocessed by the workers, or (resize on the device) made here from the
-    decoded uint8 images with the same MATLAB-exact resize, so the bits are the same either way."""
-    if items[0]["input"].dtype != torch.uint8:
-        return torch.stack([item["input"] for item in items]).to(device, non_blocking=True)
-    mean = torch.tensor(MEAN_BGR, device=device).view(3, 1, 1)
-    resized = [matlab_imresize_torch(item["input"].to(device, non_blocking=True), input_size) for item in items]
-    return torch.stack([image.to(torch.float32) - mean for image in resized])
-
-
-class PngWriter:
-    """PNG encoding and atomic writes on a few threads beside the main loop (cv2 releases the GIL).
-
-    At most `limit` writes wait at a time; the first failure stops the run with its one-line error
-    at the next `submit` or at `finish`. Every file is written through a rename, so a run stopped
-    halfway resumes as before.
-    """
-
-    def __init__(self, threads: int) -> None:
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="png") if threads > 0 else None
-        self.pending: list[Future] = []
-        self.limit = 4 * max(threads, 1)
-
-    def _check(self, wait_for_room: bool) -> None:
-        while self.pending and (self.pending[0].done() or wait_for_room and len(self.pending) >= self.limit):
-            self.pending.pop(0).result()  # raises the job's CaffeError here
-
-    def submit(self, job: Callable[..., None], *args) -> None:
-        if self.pool is None:
-            job(*args)
-            return
-        self._check(wait_for_room=True)
-        self.pending.append(self.pool.submit(job, *args))
-
-    def finish(self) -> None:
-        """Wait for every write; the first failure is raised."""
-        if self.pool is None:
-            return
-        try:
-            for future in self.pending:
-                future.result()
-        finally:
-            self.abandon()
-
-    def abandon(self) -> None:
-        """Stop after the writes under way (the run failed elsewhere: its error is the one to report)."""
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pending.clear()
-
-
 # Per image: its own mIoU and pixel accuracy, then its cityscapesScripts instance terms.
 _PER_IMAGE_FIELDS = 2 + ConfusionCounts().instance_terms.size
+# The stages timed per image (milliseconds): in the workers, then on the device, then in the PNG threads.
+STAGES = ("decode", "resize", "input", "forward", "post", "write")
 
 
-def _run_shard(shard: list[ListEntry], net: torch.nn.Module, model: LoadedModel, store: OutputStore,
-               options: EvalOptions, device: torch.device, progress: Progress, per_image: np.ndarray,
-               positions: list[int]) -> tuple[ConfusionCounts, list[float], int]:
-    """Predict (or take from disk) every image of this process's share; returns counts, forward ms, resumed.
+@dataclass
+class _Shard:
+    """What one process's share of the list gives: counts, per-stage times, how many images were resumed."""
 
-    Row positions[i] of `per_image` gets image i's own scores and instance terms, so that they can be
-    summed in list order however the list was sharded (floating-point sums depend on their order).
+    counts: ConfusionCounts = field(default_factory=ConfusionCounts)
+    times_ms: dict[str, list[float]] = field(default_factory=lambda: {stage: [] for stage in STAGES})
+    resumed: int = 0
+    waited_s: float = 0.0  # the main loop waiting for the loader
+
+
+def _run_shard(shard: list[ListEntry], predictor: Predictor, store: OutputStore, options: EvalOptions,
+               progress: Progress, per_image: np.ndarray, positions: list[int]) -> _Shard:
+    """Predict (or take from disk) every image of this process's share.
+
+    The device works one batch ahead: batch k + 1 is queued before batch k's predictions are
+    scored and handed to the PNG threads. Row positions[i] of `per_image` gets image i's own
+    scores and instance terms, so that they can be summed in list order however the list was
+    sharded (floating-point sums depend on their order).
     """
-    counts, forward_ms, resumed = ConfusionCounts(), [], 0
+    result = _Shard()
     if not shard:
-        return counts, forward_ms, resumed
+        return result
+    device, mode = predictor.device, predictor.mode
     resize_here = device.type != "cpu" if options.resize_on_device is None else options.resize_on_device
-    dataset = EvaluationDataset(shard, model.input_size, store.existing_prediction, keep_image=store.overlay,
-                                resize=not resize_here)
+    dataset = EvaluationDataset(shard, predictor.model.input_size, store.existing_prediction,
+                                keep_image=store.overlay, resize=not resize_here, fast_resize=mode.torch_input_resize)
     loader = make_loader(dataset, options.batch_size, options.workers, pin_memory=device.type == "cuda")
-    writer = PngWriter(options.writer_threads)
+    writer = PngWriter(default_writer_threads() if options.writer_threads is None else options.writer_threads)
+
+    def finish(batch: list[dict], launched: Launched | None) -> None:
+        if launched is not None:
+            launched.wait()
+            for stage, value in launched.times_ms.items():
+                result.times_ms[stage].extend([value] * len(launched.items))
+            for item in launched.items:
+                writer.submit(store.write, item["entry"], item["prediction"])
+        if store.overlay:
+            for item in batch:
+                writer.submit(store.write_overlay, item["entry"], item["prediction"], item["image"],
+                              item["input"] is not None)
+        for item in batch:  # list order, so the totals never depend on timing
+            if item["label"] is None:
+                continue
+            row = per_image[positions[item["index"]]]
+            before = result.counts.instance_terms.copy()
+            if item.get("confusion") is not None:  # counted on the device
+                terms = None if item["instances"] is None else \
+                    image_instance_terms(item["prediction"], item["label"], item["instances"])
+                row[:2] = result.counts.add_confusion(item["confusion"], terms)
+            else:  # a prediction taken from disk, whatever its values
+                row[:2] = result.counts.add(item["prediction"], item["label"], item["instances"])
+            # as the difference of the running sums, as earlier releases stored it (same report bits)
+            row[2:] = result.counts.instance_terms - before
+        progress.update(len(batch))
+
+    pending: tuple[list[dict], Launched | None] | None = None
     try:
-        for batch in loader:
+        batches = iter(loader)
+        while True:
+            started = time.perf_counter()
+            batch = next(batches, None)
+            result.waited_s += time.perf_counter() - started
+            if batch is None:
+                break
             for item in batch:
                 if item["error"]:
                     raise CaffeError(item["error"])
+                for stage in ("decode", "resize"):
+                    if item["prediction"] is None and item["times_ms"].get(stage) is not None:
+                        result.times_ms[stage].append(item["times_ms"][stage])
             todo = [item for item in batch if item["prediction"] is None]
-            if todo:
-                inputs = network_inputs(todo, model.input_size, device)
-                logits, elapsed = _forward(net, inputs, device)
-                forward_ms.append(elapsed / len(todo))
-                for item, item_logits in zip(todo, logits):
-                    item["prediction"] = predict_train_ids(item_logits, item["image_size"], options.fast_resize)
-                    writer.submit(store.write, item["entry"], item["prediction"])
-            resumed += len(batch) - len(todo)
-            if store.overlay:
-                for item in batch:
-                    writer.submit(store.write_overlay, item["entry"], item["prediction"], item["image"],
-                                  item["input"] is not None)
-            for item in batch:  # list order, so the totals never depend on timing
-                if item["label"] is not None:
-                    before = counts.instance_terms.copy()
-                    row = per_image[positions[item["index"]]]
-                    row[:2] = counts.add(item["prediction"], item["label"], item["instances"])
-                    row[2:] = counts.instance_terms - before
-            progress.update(len(batch))
+            result.resumed += len(batch) - len(todo)
+            launched = predictor.launch(todo) if todo else None
+            if pending is not None:
+                finish(*pending)
+            pending = (batch, launched)
+        if pending is not None:
+            finish(*pending)
     except BaseException:
         writer.abandon()
         raise
     writer.finish()
-    return counts, forward_ms, resumed
+    result.times_ms["write"] = writer.times_ms
+    return result
+
+
+def _rounded(statistic: Callable, values: list[float]) -> float | None:
+    return round(float(statistic(values)), 3) if values else None
 
 
 def evaluate(options: EvalOptions, model: LoadedModel | None = None,
@@ -326,6 +231,7 @@ def evaluate(options: EvalOptions, model: LoadedModel | None = None,
     """Run the whole evaluation and return the report (also written to OUT/report.json by rank 0)."""
     echo = echo or (lambda message: print(message, file=sys.stderr))
     device = resolve_device(options.device)
+    mode = resolve_mode(options.fast, options.fast_resize, options.fast_dtype, device)
     if options.batch_size < 1 or options.workers < 0:
         raise CaffeError("--batch-size must be >= 1 and --workers >= 0")
     entries = parse_list(options.list_path, options.data_root)
@@ -343,8 +249,10 @@ def evaluate(options: EvalOptions, model: LoadedModel | None = None,
     prepare_out_dir(out)
     # the settings a user can name come first: the error names the first one that differs
     fingerprint = {"weights_md5": model.md5, "input_size": list(model.input_size),
-                   "resize": "fast" if options.fast_resize else "matlab", "format": options.output_format,
+                   "resize": "fast" if mode.torch_output_resize else "matlab", "format": options.output_format,
                    "data_root": str(Path(options.data_root).resolve()), "definition_md5": model.definition_md5}
+    if mode.name == "fast":  # earlier runs recorded no precision: theirs is float32 and the converted net
+        fingerprint["precision"] = mode.dtype_name
 
     dist = _Distributed(device)
     device = dist.device
@@ -380,16 +288,15 @@ def evaluate(options: EvalOptions, model: LoadedModel | None = None,
     if not store.resume:
         agreed(lambda: delete_outputs(store, shard))
     agreed(lambda: (write_run_file(out, fingerprint) if dist.rank == 0 else None, store.make_folders()))
-    # Exact mode keeps Caffe's order of operations in BN layers too (torch's BatchNorm is an ulp or two away).
-    net = model.evaluation_net(exact=not options.fast_resize).to(device).eval()
+    predictor = Predictor(model, device, mode)
     start = time.perf_counter()
     progress = Progress(len(shard), options.progress and dist.rank == 0)
     per_image = np.zeros((len(entries), _PER_IMAGE_FIELDS))
     failure: BaseException | None = None
     try:
-        with numerics(device, exact=not options.fast_resize):
-            counts, forward_ms, resumed = _run_shard(shard, net, model, store, options, device, progress,
-                                                     per_image, list(range(dist.rank, len(entries), dist.world)))
+        with numerics(device, exact=mode.exact):
+            done = _run_shard(shard, predictor, store, options, progress, per_image,
+                              list(range(dist.rank, len(entries), dist.world)))
     except BaseException as error:  # every rank must reach the reductions below, or the others wait forever
         failure = error
     finally:
@@ -407,7 +314,7 @@ def evaluate(options: EvalOptions, model: LoadedModel | None = None,
         dist.close()
         raise CaffeError(f"rank {dist.rank}: another process of the distributed run failed (see its message)")
 
-    local = np.concatenate([counts.to_array(), [len(shard), resumed]]).astype(np.float64)
+    local = np.concatenate([done.counts.to_array(), [len(shard), done.resumed]]).astype(np.float64)
     totals = dist.sum(local)
     per_image = dist.sum(per_image)  # each row comes from one rank: the sum is that row, exactly
     seconds = time.perf_counter() - start
@@ -423,117 +330,22 @@ def evaluate(options: EvalOptions, model: LoadedModel | None = None,
     else:
         report = {"miou": None, "pixel_accuracy": None, "class_iou": None, "class_accuracy": None,
                   "classes": list(CLASS_NAMES), "images": predicted}
-    report["options"] = _options_record(options, model, device, dist.world)
+    report["options"] = _options_record(options, model, device, dist.world, mode)
     report["timing"] = {
         "seconds": round(seconds, 3),
         "images_per_second": round(predicted / seconds, 3) if seconds > 0 else None,
         "images_inferred": predicted - resumed_total,
         "images_resumed": resumed_total,
         # per image, measured on rank 0's share
-        "forward_ms_median": round(float(np.median(forward_ms)), 3) if forward_ms else None,
-        "forward_ms_mean": round(float(np.mean(forward_ms)), 3) if forward_ms else None,
+        "forward_ms_median": _rounded(np.median, done.times_ms["forward"]),
+        "forward_ms_mean": _rounded(np.mean, done.times_ms["forward"]),
+        # where the time goes: medians per image of each stage, and the main loop's wait for the loader
+        "stages_ms_median": {stage: _rounded(np.median, done.times_ms[stage]) for stage in STAGES},
+        "loader_wait_s": round(done.waited_s, 3),
     }
     if dist.rank == 0:
-        _write_json(out / REPORT_FILE, report)
+        write_json(out / REPORT_FILE, report)
     if lock is not None:
         lock.close()
     dist.close()
-    return report
-
-
-def format_report(report: dict) -> str:
-    """The scores as tables, eval_acc.m's first (class IoU), then cityscapesScripts' categories and iIoU; all in
-    percent."""
-    if report.get("miou") is None:
-        return f"{report['images']} images predicted; the list has no labels, so nothing was scored"
-
-    def percent(value) -> str:
-        return "   n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:6.2f}"
-
-    instances = "class_iiou" in report
-    lines = ["==== Summary IoU (%) ====" + ("   iIoU (%)" if instances else "")]
-    for index, name in enumerate(report["classes"]):
-        extra = f"   {percent(report['class_iiou'][index])}" if instances else ""
-        lines.append(f"{index + 1:3d} {name:>16s}: {percent(report['class_iou'][index])}{extra}")
-    lines.append(f"Mean IoU over {len(report['classes'])} classes: {report['miou']:.2f}%"
-                 + (f"   (class iIoU mean {percent(report['class_miiou']).strip()}%)" if instances else ""))
-    lines.append(f"Pixel-wise Accuracy: {report['pixel_accuracy']:.2f}%")
-    if "category_iou" in report:
-        lines.append("==== Categories, IoU (%) as cityscapesScripts ====" + ("   iIoU (%)" if instances else ""))
-        for index, name in enumerate(report["categories"]):
-            extra = f"   {percent(report['category_iiou'][index])}" if instances else ""
-            lines.append(f"    {name:>16s}: {percent(report['category_iou'][index])}{extra}")
-        lines.append(f"Mean category IoU: {percent(report['category_miou']).strip()}%")
-    lines.append(f"({report['images']} images scored)")
-    return "\n".join(lines)
-
-
-PREDICTION_FORMATS = ("auto", "trainids", "labelids")
-
-
-def _prediction_source(pred_dir: Path, pred_format: str, echo: Callable[[str], None]) -> tuple[Path, str]:
-    """The folder of prediction PNGs and their format; an --out folder says both in its run file."""
-    from icnet_eval.outputs import RUN_FILE
-
-    if pred_format not in PREDICTION_FORMATS:
-        raise CaffeError(f"--format {pred_format}: expected one of {', '.join(PREDICTION_FORMATS)}")
-    if not pred_dir.is_dir():
-        raise CaffeError(f"--pred-dir {pred_dir}: no such folder")
-    recorded = None
-    if (pred_dir / RUN_FILE).is_file():
-        try:
-            recorded = json.loads((pred_dir / RUN_FILE).read_text(encoding="utf-8")).get("format")
-        except (OSError, ValueError, AttributeError):
-            raise CaffeError(f"--pred-dir {pred_dir}: its {RUN_FILE} cannot be read") from None
-        if pred_format != "auto" and recorded not in (None, pred_format):
-            raise CaffeError(f"--pred-dir {pred_dir}: holds {recorded} predictions (see {RUN_FILE}), not {pred_format}")
-        pred_format = recorded or pred_format
-    folder = {"labelids": "labelids"}.get(pred_format, "gray")
-    if (pred_dir / folder).is_dir():
-        pred_dir = pred_dir / folder
-        echo(f"note: reading the {'labelIds' if folder == 'labelids' else 'trainIds'} predictions in {pred_dir}")
-    return pred_dir, pred_format
-
-
-def score_predictions(list_path: Path, data_root: Path, pred_dir: Path,
-                      echo: Callable[[str], None] | None = None, pred_format: str = "auto") -> dict:
-    """eval_acc.m alone: score prediction PNGs against the list's labels.
-
-    trainId predictions are named like the authors' (label name, gtFine_labelTrainIds ->
-    leftImg8bit); labelId ones (`--format labelids` runs) as the benchmark server's files and are
-    mapped with the official table. `auto` takes the format an --out folder recorded and refuses
-    trainId predictions with values no trainId has (labelIds scored as trainIds give a wrong mIoU);
-    an explicit `trainids` scores any values as eval_acc.m does (above 19: the last bin).
-    """
-    from icnet_eval.cityscapes import LABEL_ID_TO_TRAIN_ID, NUM_CLASSES
-    from icnet_eval.data import read_gray_png, read_instance_ids, read_label_train_ids
-    from icnet_eval.outputs import server_name
-
-    echo = echo or (lambda message: print(message, file=sys.stderr))
-    entries = parse_list(list_path, data_root, need_images=False, need_labels=True)
-    if any(entry.label_is_label_ids for entry in entries):
-        echo("note: labelIds labels (*_labelIds.png, named so or standing in for a missing *_labelTrainIds.png) "
-             "are mapped to trainIds with the official Cityscapes table")
-    pred_dir, resolved = _prediction_source(Path(pred_dir), pred_format, echo)
-    counts = ConfusionCounts()
-    for entry in entries:
-        path = pred_dir / (server_name(entry) if resolved == "labelids" else entry.label_prediction_name)
-        if not path.is_file():
-            raise CaffeError(f"{entry.where}: prediction {path} does not exist")
-        prediction = read_gray_png(path, "prediction", entry)
-        if prediction is None:
-            raise CaffeError(f"{entry.where}: prediction {path} is not a readable PNG file")
-        if resolved == "labelids":
-            prediction = LABEL_ID_TO_TRAIN_ID[prediction]
-        elif resolved == "auto":
-            outside = prediction[(prediction >= NUM_CLASSES) & (prediction != 255)]
-            if outside.size:
-                raise CaffeError(f"{entry.where}: prediction {path} holds values no trainId has (e.g. "
-                                 f"{int(outside[0])}): labelIds? Score them with --format labelids "
-                                 f"(or --format trainids to count them as eval_acc.m would)")
-        label = read_label_train_ids(entry)
-        counts.add(prediction, label, read_instance_ids(entry, label.shape))
-    report = counts.summary()
-    report["options"] = {"list": str(list_path), "data_root": str(data_root), "pred_dir": str(pred_dir),
-                         "format": resolved}
     return report

@@ -14,7 +14,7 @@ from caffe2torch.write import write_atomic
 from icnet_eval.api import segment
 from icnet_eval.cityscapes import colorize
 from icnet_eval.model import LoadedModel, load_model
-from icnet_eval.pipeline import Progress
+from icnet_eval.progress import Progress
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".m4v")

@@ -10,6 +10,7 @@ import torch
 
 from caffe2torch.errors import CaffeError
 from icnet_eval.model import LoadedModel
+from icnet_eval.predict import Mode
 
 # Zhao et al., "ICNet for Real-Time Semantic Segmentation on High-Resolution Images", ECCV 2018:
 # 33 ms per 1024x2048 image (30.3 fps) in Caffe on one NVIDIA Titan X.
@@ -50,19 +51,23 @@ class TimingResult:
 
 
 def time_forward(model: LoadedModel, device: torch.device, iterations: int = 100, warmup: int = 10,
-                 seed: int = 0) -> TimingResult:
+                 seed: int = 0, mode: Mode | None = None) -> TimingResult:
     """Time `iterations` forward passes on one 1x3xHxW input after `warmup` untimed ones.
 
+    The net is the one an evaluation in `mode` runs (default exact), CUDA graph included on a GPU.
     GPU: CUDA events around each forward, read after one synchronisation at the end, so timing
     adds no stall between iterations. CPU: perf_counter around each forward.
     """
+    from icnet_eval.predict import Predictor
+
+    mode = mode or Mode()
     if iterations < 1 or warmup < 0:
         raise CaffeError("--iterations must be >= 1 and --warmup >= 0")
     height, width = model.input_size
     generator = torch.Generator().manual_seed(seed)
     # pixel-like values: mean-subtracted intensities of a few tens
-    inputs = (torch.randn(1, 3, height, width, generator=generator) * 50.0).to(device)
-    net = model.net.to(device).eval()
+    inputs = (torch.randn(1, 3, height, width, generator=generator) * 50.0).to(device, mode.dtype)
+    net = Predictor(model, device, mode).forward
     times: list[float] = []
     with torch.inference_mode():
         for _ in range(warmup):

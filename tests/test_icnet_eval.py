@@ -22,7 +22,7 @@ from icnet_eval.cityscapes import LABEL_ID_TO_TRAIN_ID, TRAIN_ID_TO_LABEL_ID
 from icnet_eval.cli import main
 from icnet_eval.data import MEAN_RGB, ListEntry, parse_list, preprocess
 from icnet_eval.demo import street_scene
-from icnet_eval.pipeline import class_probabilities, predict_train_ids
+from icnet_eval.predict import class_probabilities, predict_train_ids
 from icnet_eval.imresize import matlab_imresize
 from icnet_eval.model import write_untrained_caffemodel
 from icnet_eval.netdef import icnet_prototxt
@@ -378,7 +378,7 @@ def test_generated_net_reproduces_caffe_argmax(reference_dir):
     """--input-size path: the generated 257x513 definition with Caffe-written weights gives Caffe's argmax."""
     import h5py
 
-    from icnet_eval.pipeline import numerics
+    from icnet_eval.predict import numerics
     from icnet_eval.model import load_model
 
     model = load_model(reference_dir / "icnet_merged_1025x2049.caffemodel", None, (257, 513))

@@ -123,6 +123,25 @@ def test_rgb_icnet_input_resize_matches_reference(reference_dir):
     _assert_equal_except_ties(independent, expected, ties)
 
 
+def test_the_gpu_passes_equal_the_numpy_resize_on_the_shared_vectors(reference_dir):
+    """The whole-tensor passes a GPU runs (here on the CPU) give the NumPy resize's bits on the shared ICNet input
+    and gray cases; the NumPy resize with one thread (as in a loader worker) too."""
+    from icnet_eval.imresize import set_resize_threads
+
+    folder = reference_dir / "imresize"
+    for name, size in (("rgb_1024x2048.png", (1025, 2049)), ("gray_37x53.png", (80, 101)), ("gray_37x53.png", (16, 23))):
+        image = np.array(Image.open(folder / name))
+        volume = image[None] if image.ndim == 2 else image.transpose(2, 0, 1)
+        by_numpy = matlab_imresize(image, size)
+        by_passes = _resize_chw_torch_ops(torch.from_numpy(np.ascontiguousarray(volume)), size, "bilinear").numpy()
+        np.testing.assert_array_equal(by_passes[0] if image.ndim == 2 else by_passes.transpose(1, 2, 0), by_numpy)
+        set_resize_threads(1)
+        try:
+            np.testing.assert_array_equal(matlab_imresize(image, size), by_numpy)
+        finally:
+            set_resize_threads(None)
+
+
 @pytest.mark.parametrize("size", [(16, 23), (80, 101), (37, 20)])
 def test_gray_cases_match_reference(reference_dir, size):
     folder = reference_dir / "imresize"

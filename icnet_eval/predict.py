@@ -1,0 +1,284 @@
+"""The device side of an evaluation: the net each mode runs, its input batch, and the post (softmax, resize,
+argmax, confusion counts) up to the uint8 prediction, the only image that comes back to the host.
+
+Three modes:
+
+* exact (default): the authors' numerics. On the CPU the converted net with BN in Caffe's order
+  (reports and PNGs bit-identical to earlier releases); on a GPU the fast graph in float32 with
+  TF32 off and deterministic cuDNN, one image at a time in a CUDA graph (the same report from run
+  to run, and for any --batch-size). MATLAB's resize both ways.
+* fast-resize: PyTorch's resize of the class probabilities, the fast graph in float32.
+* fast: the fast graph in half precision (float16 on a GPU by default), PyTorch's resize of the
+  input and of the probabilities, the whole batch in a CUDA graph.
+
+Work is only queued here: `Predictor.launch` returns at once on a GPU, and `Launched.wait` blocks
+until that batch's predictions have arrived, so the next batch's forward overlaps the host work
+(scoring, PNG writes) of the previous one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from caffe2torch.errors import CaffeError
+from icnet_eval.cityscapes import NUM_CLASSES
+from icnet_eval.data import MEAN_BGR
+from icnet_eval.imresize import fast_resize, matlab_imresize_torch
+from icnet_eval.model import LoadedModel
+
+MODES = ("exact", "fast-resize", "fast")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_GRAPH_SHAPES = 2  # CUDA graphs kept per run: the full batch and the last, shorter one
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How an evaluation computes: `name` in MODES and the net's dtype."""
+
+    name: str = "exact"
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def exact(self) -> bool:
+        return self.name == "exact"
+
+    @property
+    def torch_output_resize(self) -> bool:
+        return self.name != "exact"
+
+    @property
+    def torch_input_resize(self) -> bool:
+        return self.name == "fast"
+
+    @property
+    def dtype_name(self) -> str:
+        return next(name for name, dtype in DTYPES.items() if dtype == self.dtype)
+
+
+def resolve_mode(fast: bool, fast_resize: bool, dtype: str | None, device: torch.device) -> Mode:
+    """--fast / --fast-resize / --fast-dtype as a Mode; half precision by default only on a GPU (CPU
+    float16 convolutions are slower than float32 ones)."""
+    if dtype is not None and dtype not in DTYPES:
+        raise CaffeError(f"--fast-dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    if dtype is not None and not fast:
+        raise CaffeError("--fast-dtype needs --fast")
+    if fast:
+        return Mode("fast", DTYPES[dtype or ("float16" if device.type == "cuda" else "float32")])
+    return Mode("fast-resize" if fast_resize else "exact")
+
+
+@contextlib.contextmanager
+def numerics(device: torch.device, exact: bool = True) -> Iterator[None]:
+    """Exact mode: results that do not depend on the thread count, the run or TF32.
+
+    GPU: TF32 off, no cuDNN autotuning (its choice changes from run to run). CPU: oneDNN off; its
+    convolutions round differently with 1 and 2 threads (torchrun gives each process one thread),
+    while PyTorch's own im2col + GEMM path gives the same bits for any thread count, so a sharded
+    run reports exactly what a single process does. Otherwise PyTorch's fastest: TF32 and cuDNN's
+    autotuner.
+    """
+    matmul_tf32, onednn = torch.backends.cuda.matmul.allow_tf32, torch.backends.mkldnn.enabled
+    torch.backends.cuda.matmul.allow_tf32 = not exact
+    if exact:
+        torch.backends.mkldnn.enabled = device.type != "cpu"
+    try:
+        with torch.backends.cudnn.flags(enabled=True, benchmark=not exact, deterministic=exact, allow_tf32=not exact):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.mkldnn.enabled = matmul_tf32, onednn
+
+
+def runtime_net(model: LoadedModel, device: torch.device, mode: Mode) -> torch.nn.Module:
+    """The module a mode runs on a device (see the module docstring)."""
+    if mode.exact and device.type == "cpu":
+        return model.evaluation_net(exact=True).to(device).eval()
+    from caffe2torch.fast import optimize
+
+    # Folded and laid out in float32, then cast: folding in half precision would round twice.
+    return optimize(model.net.to(device)).to(mode.dtype)
+
+
+def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """eval_sub.m's `exp(score) ./ sum(exp(score), 3)` in float32, without max subtraction.
+
+    The sum runs over the classes in order, one addition at a time, so it gives the same bits on
+    every device. Logits above ~88 overflow to inf and give NaN, as they would in MATLAB.
+    """
+    scores = torch.exp(logits.float())
+    total = scores[0].clone()
+    for channel in range(1, scores.shape[0]):
+        total += scores[channel]
+    return scores / total
+
+
+def first_argmax(volume: torch.Tensor) -> torch.Tensor:
+    """C x H x W -> H x W uint8: the first class of largest value, NaN never winning (all-NaN gives class 0).
+
+    MATLAB's `max` on the probabilities, which is torch.argmax of the NaN-free volume (first
+    maximal index), computed as a running maximum over the classes: one pass over contiguous
+    planes instead of a strided reduction (4x faster on a CPU), the same result bit for bit.
+    """
+    best = torch.nan_to_num(volume[0], nan=-math.inf)
+    classes = torch.zeros(volume.shape[1:], dtype=torch.uint8, device=volume.device)
+    for channel in range(1, volume.shape[0]):
+        value = torch.nan_to_num(volume[channel], nan=-math.inf)
+        classes.masked_fill_(value > best, channel)  # strictly greater: ties stay with the lower class
+        best = torch.maximum(best, value)
+    return classes
+
+
+def predicted_train_ids(logits: torch.Tensor, image_size: tuple[int, int], fast: bool = False) -> torch.Tensor:
+    """C x h x w logits -> H x W uint8 trainIds on the logits' device: softmax, resize to the image, argmax."""
+    # the fast graph's scores are channels_last: the per-class planes below want them contiguous
+    probabilities = class_probabilities(logits.contiguous())
+    resize = fast_resize if fast else matlab_imresize_torch
+    return first_argmax(resize(probabilities, tuple(image_size)))
+
+
+def predict_train_ids(logits: torch.Tensor, image_size: tuple[int, int], fast: bool = False) -> np.ndarray:
+    """`predicted_train_ids` as a NumPy array on the host."""
+    return predicted_train_ids(logits, image_size, fast).cpu().numpy()
+
+
+def label_confusion(prediction: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """19 x 19 counts (rows label, columns prediction) over the pixels eval_acc.m scores, on their device.
+
+    For trainId predictions (0..18, as the net gives) this is `metrics.image_confusion`, and every
+    count of eval_acc.m follows from it (`ConfusionCounts.add_confusion`). Labels are trainIds with
+    255 (and eval_acc.m's 254) ignored; `read_label_train_ids` refuses anything else.
+    """
+    scored = label < NUM_CLASSES
+    pairs = label[scored].long() * NUM_CLASSES + prediction[scored].long()
+    return torch.bincount(pairs, minlength=NUM_CLASSES * NUM_CLASSES).view(NUM_CLASSES, NUM_CLASSES)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the device: from pinned memory, asynchronously."""
+    if device.type == "cuda" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()  # a pageable copy would wait for the work already queued
+    return tensor.to(device, non_blocking=True)
+
+
+def network_inputs(items: list[dict], input_size: tuple[int, int], device: torch.device,
+                   mode: Mode = Mode()) -> torch.Tensor:
+    """The batch the net reads: preprocessed by the workers, or (resize on the device) made here from the
+    decoded uint8 images with the same resize, so the bits are the same either way."""
+    if items[0]["input"].dtype != torch.uint8:
+        return torch.stack([_to_device(item["input"], device) for item in items]).to(mode.dtype)
+    mean = torch.tensor(MEAN_BGR, device=device).view(3, 1, 1)
+    resize = fast_resize if mode.torch_input_resize else matlab_imresize_torch
+    resized = [resize(_to_device(item["input"], device), input_size) for item in items]
+    return torch.stack([image.to(torch.float32) - mean for image in resized]).to(mode.dtype)
+
+
+class _Clock:
+    """Elapsed milliseconds between marks: CUDA events on a GPU (read once the work is done), else the wall."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[Any] = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def spans_ms(self) -> list[float]:
+        pairs = zip(self.marks, self.marks[1:])
+        if self.cuda:
+            return [begin.elapsed_time(end) for begin, end in pairs]
+        return [(end - begin) * 1000.0 for begin, end in pairs]
+
+
+@dataclass
+class Launched:
+    """One batch's queued device work; `wait` fills each item's "prediction" (and "confusion")."""
+
+    items: list[dict]
+    predictions: list[torch.Tensor]
+    confusions: list[torch.Tensor | None]
+    clock: _Clock
+    done: Any = None  # the CUDA event after the last copy back
+    times_ms: dict[str, float] = field(default_factory=dict)
+
+    def wait(self) -> None:
+        if self.done is not None:
+            self.done.synchronize()
+        spans = self.clock.spans_ms()
+        self.times_ms = {name: span / len(self.items) for name, span in zip(("input", "forward", "post"), spans)}
+        for item, prediction, confusion in zip(self.items, self.predictions, self.confusions):
+            item["prediction"] = prediction.numpy()
+            item["confusion"] = confusion.numpy() if confusion is not None else None
+
+
+class Predictor:
+    """Runs a mode's net and post on a device; CUDA graphs where the shapes repeat (GPU only)."""
+
+    def __init__(self, model: LoadedModel, device: torch.device, mode: Mode) -> None:
+        self.model, self.device, self.mode = model, device, mode
+        self.net = runtime_net(model, device, mode)
+        self.graphs: dict[tuple[int, ...], Any] = {}
+        self.use_graphs = device.type == "cuda"
+
+    def _run(self, inputs: torch.Tensor) -> torch.Tensor:
+        key = tuple(inputs.shape)
+        if self.use_graphs and key not in self.graphs and len(self.graphs) < _GRAPH_SHAPES:
+            from caffe2torch.fast import cuda_graph
+
+            try:
+                self.graphs[key] = cuda_graph(self.net, inputs)
+            except CaffeError:  # a layer whose output size depends on the data: run it eagerly
+                self.use_graphs = False
+        graph = self.graphs.get(key) if self.use_graphs else None
+        return graph(inputs) if graph is not None else self.net(inputs)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The net's scores for a batch. Exact mode on a GPU runs one image at a time, so the result cannot
+        depend on --batch-size (cuDNN may pick other kernels for other batch shapes)."""
+        with torch.inference_mode():
+            if self.mode.exact and self.device.type == "cuda" and inputs.shape[0] > 1:
+                return torch.cat([self._run(image[None]).clone() for image in inputs])
+            return self._run(inputs)
+
+    def launch(self, items: list[dict]) -> Launched:
+        """Queue the forward and the post of `items` (dicts from EvaluationDataset) on the device."""
+        clock = _Clock(self.device)
+        clock.mark()
+        inputs = network_inputs(items, self.model.input_size, self.device, self.mode)
+        clock.mark()
+        logits = self.forward(inputs)
+        clock.mark()
+        predictions, confusions = [], []
+        pinned = self.device.type == "cuda"
+        with torch.inference_mode():
+            for item, item_logits in zip(items, logits):
+                prediction = predicted_train_ids(item_logits, item["image_size"], self.mode.torch_output_resize)
+                confusion = None
+                if item["label"] is not None:
+                    label = _to_device(torch.from_numpy(item["label"]), self.device)
+                    confusion = label_confusion(prediction, label)
+                predictions.append(_to_host(prediction, pinned))
+                confusions.append(_to_host(confusion, pinned) if confusion is not None else None)
+        clock.mark()
+        done = None
+        if pinned:
+            done = torch.cuda.Event()
+            done.record()
+        return Launched(items, predictions, confusions, clock, done)
+
+
+def _to_host(tensor: torch.Tensor, pinned: bool) -> torch.Tensor:
+    if not pinned:
+        return tensor.cpu()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
