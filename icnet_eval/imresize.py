@@ -215,6 +215,15 @@ def matlab_imresize(array: np.ndarray, size: tuple[int, int], method: str = "bil
     return resized[0] if array.ndim == 2 else np.ascontiguousarray(resized.transpose(1, 2, 0))
 
 
+@functools.lru_cache(maxsize=64)
+def _device_contributions(in_length: int, out_length: int, method: str,
+                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`contributions` as float64 weights and indices on `device`, kept: copying them from the host each time
+    would wait for all the work queued on a GPU."""
+    weights, indices = contributions(in_length, out_length, method)
+    return (torch.tensor(weights, dtype=torch.float64, device=device), torch.tensor(indices, device=device))
+
+
 def _resize_chw_torch_ops(volume: torch.Tensor, out_hw: tuple[int, int], method: str) -> torch.Tensor:
     """Same passes as `_resize_chw_numpy` with whole-tensor torch operations (for GPUs).
 
@@ -224,12 +233,10 @@ def _resize_chw_torch_ops(volume: torch.Tensor, out_hw: tuple[int, int], method:
     current = volume
     for axis in _pass_order(tuple(volume.shape[1:]), out_hw):
         dim = 1 + axis
-        weights_np, indices_np = contributions(current.shape[dim], out_hw[axis], method)
-        indices = torch.tensor(indices_np, device=current.device)
-        if weights_np.shape[1] == 1:
+        weights, indices = _device_contributions(current.shape[dim], out_hw[axis], method, current.device)
+        if weights.shape[1] == 1:
             current = current.index_select(dim, indices[:, 0])
             continue
-        weights = torch.tensor(weights_np, device=current.device, dtype=torch.float64)
         view = [1, 1, 1]
         view[dim] = -1
         acc = current.index_select(dim, indices[:, 0]).to(torch.float64) * weights[:, 0].view(view)

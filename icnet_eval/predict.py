@@ -19,6 +19,8 @@ until that batch's predictions have arrived, so the next batch's forward overlap
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -101,8 +103,9 @@ def runtime_net(model: LoadedModel, device: torch.device, mode: Mode) -> torch.n
         return model.evaluation_net(exact=True).to(device).eval()
     from caffe2torch.fast import optimize
 
-    # Folded and laid out in float32, then cast: folding in half precision would round twice.
-    return optimize(model.net.to(device)).to(mode.dtype)
+    # Built on the target device (its choices depend on it) from a copy, so the loaded net stays where it was;
+    # folded and laid out in float32, then cast: folding in half precision would round twice.
+    return optimize(copy.deepcopy(model.net).to(device)).to(mode.dtype)
 
 
 def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
@@ -154,9 +157,12 @@ def label_confusion(prediction: torch.Tensor, label: torch.Tensor) -> torch.Tens
     count of eval_acc.m follows from it (`ConfusionCounts.add_confusion`). Labels are trainIds with
     255 (and eval_acc.m's 254) ignored; `read_label_train_ids` refuses anything else.
     """
-    scored = label < NUM_CLASSES
-    pairs = label[scored].long() * NUM_CLASSES + prediction[scored].long()
-    return torch.bincount(pairs, minlength=NUM_CLASSES * NUM_CLASSES).view(NUM_CLASSES, NUM_CLASSES)
+    # No boolean indexing and no bincount: both need a count on the host, which would stall a GPU's queue.
+    cells = NUM_CLASSES * NUM_CLASSES
+    pairs = torch.where(label < NUM_CLASSES, label.long() * NUM_CLASSES + prediction.long(), cells).flatten()
+    counts = torch.zeros(cells + 1, dtype=torch.int64, device=pairs.device)
+    counts.index_add_(0, pairs, torch.ones_like(pairs))  # integer sums: exact in any order
+    return counts[:cells].view(NUM_CLASSES, NUM_CLASSES)
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -172,10 +178,15 @@ def network_inputs(items: list[dict], input_size: tuple[int, int], device: torch
     decoded uint8 images with the same resize, so the bits are the same either way."""
     if items[0]["input"].dtype != torch.uint8:
         return torch.stack([_to_device(item["input"], device) for item in items]).to(mode.dtype)
-    mean = torch.tensor(MEAN_BGR, device=device).view(3, 1, 1)
+    mean = _mean_on(device)
     resize = fast_resize if mode.torch_input_resize else matlab_imresize_torch
     resized = [resize(_to_device(item["input"], device), input_size) for item in items]
     return torch.stack([image.to(torch.float32) - mean for image in resized]).to(mode.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _mean_on(device: torch.device) -> torch.Tensor:
+    return torch.tensor(MEAN_BGR, device=device).view(3, 1, 1)  # made once: a copy from the host waits for the GPU
 
 
 class _Clock:

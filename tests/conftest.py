@@ -1,9 +1,12 @@
 """Shared pytest fixtures: location of the read-only Caffe reference data, and converted reference nets."""
+import os
 from pathlib import Path
 
 import pytest
 
-REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+# ../shared/reference beside the repo; CAFFE2TORCH_REFERENCE names another copy (e.g. the files a GPU run carries).
+REFERENCE_DIR = Path(os.environ.get("CAFFE2TORCH_REFERENCE") or
+                     Path(__file__).resolve().parents[1].parent / "shared" / "reference")
 
 # The unit nets of ../shared/reference/units (README: "Unit nets").
 UNITS = [
