@@ -19,6 +19,18 @@ UNITS = [
 REFERENCE_NETS = UNITS + ["icnet_257x513"]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: on a shared 2-core machine, spinning OpenMP threads make the evaluation
+    tests 10x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     """The Caffe reference data folder beside the repo; skips the test when it is absent."""
