@@ -227,26 +227,33 @@ class CUDAGraphed:
         if not all(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
             raise CaffeError("cuda_graph() needs the example inputs on the CUDA device the net is on")
         self.net = net
-        self.inputs = [x.clone() for x in example_inputs]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.inference_mode():
-            for _ in range(warmup):  # lazy initialisation and cuDNN's choices happen outside the capture
-                net(*self.inputs)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(self.graph):
-            self.outputs = net(*self.inputs)
+        self.device = example_inputs[0].device
+        with torch.cuda.device(self.device), torch.inference_mode():
+            self.inputs = [x.clone() for x in example_inputs]
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(warmup):  # lazy initialisation and cuDNN's choices happen outside the capture
+                    net(*self.inputs)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: CUDA calls of other threads (a DataLoader's pin-memory thread, writers freeing
+            # pinned buffers) do not invalidate this capture
+            capture = torch.cuda.Stream(self.device)
+            with torch.cuda.graph(self.graph, stream=capture, capture_error_mode="thread_local"):
+                self.outputs = net(*self.inputs)
 
     def __call__(self, *inputs: torch.Tensor):
         if len(inputs) != len(self.inputs):
             raise TypeError(f"the captured net takes {len(self.inputs)} inputs, got {len(inputs)}")
-        for static, value in zip(self.inputs, inputs):
-            if value.shape != static.shape or value.dtype != static.dtype:
-                raise ValueError(f"this CUDA graph was captured for inputs of shape {tuple(static.shape)} and dtype "
-                                 f"{static.dtype}, got {tuple(value.shape)} {value.dtype}: capture another one")
-            static.copy_(value, non_blocking=True)
-        self.graph.replay()
+        # the static inputs are inference tensors: they can only be written in inference mode
+        with torch.cuda.device(self.device), torch.inference_mode():
+            for static, value in zip(self.inputs, inputs):
+                if value.shape != static.shape or value.dtype != static.dtype:
+                    raise ValueError(f"this CUDA graph was captured for inputs of shape {tuple(static.shape)} and "
+                                     f"dtype {static.dtype}, got {tuple(value.shape)} {value.dtype}: capture another one")
+                static.copy_(value, non_blocking=True)
+            self.graph.replay()
         return self.outputs
 
 

@@ -11,7 +11,7 @@ import torch
 from caffe2torch.errors import CaffeError
 from icnet_eval.data import preprocess
 from icnet_eval.pipeline import EvalOptions, resolve_device
-from icnet_eval.predict import numerics, predict_train_ids
+from icnet_eval.predict import numerics, predict_train_ids, resolve_mode, runtime_net
 from icnet_eval.pipeline import evaluate as run_evaluation
 from icnet_eval.model import LoadedModel, load_model
 
@@ -28,16 +28,18 @@ def segment(image_bgr: np.ndarray, model: LoadedModel | str | os.PathLike, devic
     converted folder). The net's input is the image resized to the net's input size (MATLAB's
     bilinear imresize on uint8), in BGR order, minus the mean (B 103.939, G 116.779, R 123.68),
     0-255 scale, N x 3 x H x W float32; its output is 19 class scores, which are softmaxed,
-    resized back to the image and arg-maxed (ties to the lowest class). `fast` uses torch's resize.
+    resized back to the image and arg-maxed (ties to the lowest class). `fast` uses torch's resize (as
+    `--fast-resize`).
     """
     image = np.asarray(image_bgr)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise CaffeError(f"segment() takes an H x W x 3 uint8 BGR image, got {image.dtype} {image.shape}")
     loaded = _model(model)
     target = resolve_device(device)
-    net = loaded.evaluation_net(exact=not fast).to(target).eval()
+    mode = resolve_mode(False, fast, None, target)
+    net = runtime_net(loaded, target, mode)  # the net icnet-eval runs in that mode on that device
     inputs = preprocess(image, loaded.input_size)[None].to(target)
-    with numerics(target, exact=not fast), torch.inference_mode():
+    with numerics(target, exact=mode.exact), torch.inference_mode():
         logits = net(inputs)[0]
     return predict_train_ids(logits, image.shape[:2], fast=fast)
 

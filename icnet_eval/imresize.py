@@ -218,10 +218,14 @@ def matlab_imresize(array: np.ndarray, size: tuple[int, int], method: str = "bil
 @functools.lru_cache(maxsize=64)
 def _device_contributions(in_length: int, out_length: int, method: str,
                           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """`contributions` as float64 weights and indices on `device`, kept: copying them from the host each time
-    would wait for all the work queued on a GPU."""
+    """`contributions` as float64 weights and indices on `device`, kept, and copied from pinned memory: a copy
+    from pageable memory would wait for all the work queued on a GPU."""
     weights, indices = contributions(in_length, out_length, method)
-    return (torch.tensor(weights, dtype=torch.float64, device=device), torch.tensor(indices, device=device))
+    tables = (torch.from_numpy(np.array(weights, dtype=np.float64)), torch.from_numpy(np.array(indices)))  # writable copies
+    if device.type == "cuda":
+        tables = tuple(table.pin_memory() for table in tables)
+    weights_on, indices_on = (table.to(device, non_blocking=True) for table in tables)
+    return weights_on, indices_on
 
 
 def _resize_chw_torch_ops(volume: torch.Tensor, out_hw: tuple[int, int], method: str) -> torch.Tensor:

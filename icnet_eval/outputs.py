@@ -240,8 +240,9 @@ def check_run_file(out: Path, fingerprint: dict, store: OutputStore, entries: li
         changed = [key for key in fingerprint if recorded.get(key) != fingerprint[key]]
         if changed:
             key = changed[0]
+            before = repr(recorded[key]) if key in recorded else "not recorded"
             raise CaffeError(
-                f"--out {out}: holds predictions made with another {key} ({recorded.get(key)!r}, now "
+                f"--out {out}: holds predictions made with another {key} ({before}, now "
                 f"{fingerprint[key]!r}); use another --out, or --redo to replace them"
             )
     elif store.any_exists(entries):

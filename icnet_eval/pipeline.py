@@ -3,6 +3,7 @@ resume, sharding, report."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -200,15 +201,23 @@ def _run_shard(shard: list[ListEntry], predictor: Predictor, store: OutputStore,
             result.waited_s += time.perf_counter() - started
             if batch is None:
                 break
-            for item in batch:
-                if item["error"]:
-                    raise CaffeError(item["error"])
-                for stage in ("decode", "resize"):
-                    if item["prediction"] is None and item["times_ms"].get(stage) is not None:
-                        result.times_ms[stage].append(item["times_ms"][stage])
-            todo = [item for item in batch if item["prediction"] is None]
+            try:
+                for item in batch:
+                    if item["error"]:
+                        raise CaffeError(item["error"])
+                    for stage in ("decode", "resize"):
+                        if item["prediction"] is None and item["times_ms"].get(stage) is not None:
+                            result.times_ms[stage].append(item["times_ms"][stage])
+                todo = [item for item in batch if item["prediction"] is None]
+                launched = predictor.launch(todo) if todo else None
+            except Exception:
+                # the batch already computed is written before the error is reported: a resume starts after it
+                if pending is not None:
+                    with contextlib.suppress(Exception):
+                        finish(*pending)
+                        writer.finish()
+                raise
             result.resumed += len(batch) - len(todo)
-            launched = predictor.launch(todo) if todo else None
             if pending is not None:
                 finish(*pending)
             pending = (batch, launched)
@@ -251,7 +260,11 @@ def evaluate(options: EvalOptions, model: LoadedModel | None = None,
     fingerprint = {"weights_md5": model.md5, "input_size": list(model.input_size),
                    "resize": "fast" if mode.torch_output_resize else "matlab", "format": options.output_format,
                    "data_root": str(Path(options.data_root).resolve()), "definition_md5": model.definition_md5}
-    if mode.name == "fast":  # earlier runs recorded no precision: theirs is float32 and the converted net
+    # Keys earlier runs did not record are added only where their value differs from what those runs did
+    # (the converted net, float32), so their folders still resume.
+    if not (mode.exact and device.type == "cpu"):
+        fingerprint["net"] = "fast graph"
+    if mode.name == "fast":
         fingerprint["precision"] = mode.dtype_name
 
     dist = _Distributed(device)
@@ -288,13 +301,16 @@ def evaluate(options: EvalOptions, model: LoadedModel | None = None,
     if not store.resume:
         agreed(lambda: delete_outputs(store, shard))
     agreed(lambda: (write_run_file(out, fingerprint) if dist.rank == 0 else None, store.make_folders()))
-    predictor = Predictor(model, device, mode)
+    predictor = Predictor(model, device, mode, options.batch_size)
     start = time.perf_counter()
     progress = Progress(len(shard), options.progress and dist.rank == 0)
     per_image = np.zeros((len(entries), _PER_IMAGE_FIELDS))
     failure: BaseException | None = None
     try:
         with numerics(device, exact=mode.exact):
+            predictor.capture()  # before the loader's threads make CUDA calls of their own, out of the timings
+            if predictor.graph_error:
+                echo(f"note: the net runs without a CUDA graph ({predictor.graph_error})")
             done = _run_shard(shard, predictor, store, options, progress, per_image,
                               list(range(dist.rank, len(entries), dist.world)))
     except BaseException as error:  # every rank must reach the reductions below, or the others wait forever
@@ -331,6 +347,7 @@ def evaluate(options: EvalOptions, model: LoadedModel | None = None,
         report = {"miou": None, "pixel_accuracy": None, "class_iou": None, "class_accuracy": None,
                   "classes": list(CLASS_NAMES), "images": predicted}
     report["options"] = _options_record(options, model, device, dist.world, mode)
+    report["options"]["cuda_graph"] = predictor.graph is not None
     report["timing"] = {
         "seconds": round(seconds, 3),
         "images_per_second": round(predicted / seconds, 3) if seconds > 0 else None,

@@ -9,7 +9,7 @@ Three modes:
   to run, and for any --batch-size). MATLAB's resize both ways.
 * fast-resize: PyTorch's resize of the class probabilities, the fast graph in float32.
 * fast: the fast graph in half precision (float16 on a GPU by default), PyTorch's resize of the
-  input and of the probabilities, the whole batch in a CUDA graph.
+  input and of the probabilities, whole batches in a CUDA graph.
 
 Work is only queued here: `Predictor.launch` returns at once on a GPU, and `Launched.wait` blocks
 until that batch's predictions have arrived, so the next batch's forward overlaps the host work
@@ -37,7 +37,6 @@ from icnet_eval.model import LoadedModel
 
 MODES = ("exact", "fast-resize", "fast")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_GRAPH_SHAPES = 2  # CUDA graphs kept per run: the full batch and the last, shorter one
 
 
 @dataclass(frozen=True)
@@ -98,14 +97,20 @@ def numerics(device: torch.device, exact: bool = True) -> Iterator[None]:
 
 
 def runtime_net(model: LoadedModel, device: torch.device, mode: Mode) -> torch.nn.Module:
-    """The module a mode runs on a device (see the module docstring)."""
+    """The module a mode runs on a device (see the module docstring): the converted net in Caffe's BN order for
+    exact mode on a CPU, else the fast graph."""
     if mode.exact and device.type == "cpu":
         return model.evaluation_net(exact=True).to(device).eval()
     from caffe2torch.fast import optimize
 
-    # Built on the target device (its choices depend on it) from a copy, so the loaded net stays where it was;
-    # folded and laid out in float32, then cast: folding in half precision would round twice.
-    return optimize(copy.deepcopy(model.net).to(device)).to(mode.dtype)
+    # Made once per model, device and dtype (segmenting a video asks for it every frame).
+    cache = model.__dict__.setdefault("_runtime_nets", {})
+    key = (str(device), mode.dtype)
+    if key not in cache:
+        # Built on the target device (its choices depend on it) from a copy, so the loaded net stays where it
+        # was; folded and laid out in float32, then cast: folding in half precision would round twice.
+        cache[key] = optimize(copy.deepcopy(model.net).to(device)).to(mode.dtype)
+    return cache[key]
 
 
 def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
@@ -175,7 +180,8 @@ def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 def network_inputs(items: list[dict], input_size: tuple[int, int], device: torch.device,
                    mode: Mode = Mode()) -> torch.Tensor:
     """The batch the net reads: preprocessed by the workers, or (resize on the device) made here from the
-    decoded uint8 images with the same resize, so the bits are the same either way."""
+    decoded uint8 images with the same resize (MATLAB's gives the same bits on every device; PyTorch's
+    antialiased one, under --fast, may differ in the last bit between CPU and GPU)."""
     if items[0]["input"].dtype != torch.uint8:
         return torch.stack([_to_device(item["input"], device) for item in items]).to(mode.dtype)
     mean = _mean_on(device)
@@ -186,20 +192,20 @@ def network_inputs(items: list[dict], input_size: tuple[int, int], device: torch
 
 @functools.lru_cache(maxsize=None)
 def _mean_on(device: torch.device) -> torch.Tensor:
-    return torch.tensor(MEAN_BGR, device=device).view(3, 1, 1)  # made once: a copy from the host waits for the GPU
+    return _to_device(torch.from_numpy(MEAN_BGR.copy()), device).view(3, 1, 1)  # made once, copied without a wait
 
 
 class _Clock:
     """Elapsed milliseconds between marks: CUDA events on a GPU (read once the work is done), else the wall."""
 
     def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
+        self.device, self.cuda = device, device.type == "cuda"
         self.marks: list[Any] = []
 
     def mark(self) -> None:
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))
             self.marks.append(event)
         else:
             self.marks.append(time.perf_counter())
@@ -233,33 +239,56 @@ class Launched:
 
 
 class Predictor:
-    """Runs a mode's net and post on a device; CUDA graphs where the shapes repeat (GPU only)."""
+    """Runs a mode's net and post on a device, in a CUDA graph on a GPU (one image at a time in exact mode,
+    whole batches padded to `batch_size` otherwise, so one graph serves the run)."""
 
-    def __init__(self, model: LoadedModel, device: torch.device, mode: Mode) -> None:
-        self.model, self.device, self.mode = model, device, mode
+    def __init__(self, model: LoadedModel, device: torch.device, mode: Mode, batch_size: int = 1) -> None:
+        if device.type == "cuda":  # "cuda" means the current device; events and streams below need its index
+            device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+            torch.cuda.set_device(device)
+        self.model, self.device, self.mode, self.batch_size = model, device, mode, batch_size
         self.net = runtime_net(model, device, mode)
-        self.graphs: dict[tuple[int, ...], Any] = {}
-        self.use_graphs = device.type == "cuda"
+        self.graph: Any = None
+        self.graph_error: str | None = None  # why the net runs without a CUDA graph on a GPU, if it does
+
+    @property
+    def graph_batch(self) -> int:
+        return 1 if self.mode.exact else self.batch_size
+
+    def capture(self) -> None:
+        """Capture the CUDA graph now (GPU only; before a loader's threads start, and out of the timings)."""
+        if self.device.type != "cuda" or self.graph is not None or self.graph_error is not None:
+            return
+        from caffe2torch.fast import cuda_graph
+
+        height, width = self.model.input_size
+        example = torch.zeros(self.graph_batch, 3, height, width, device=self.device, dtype=self.mode.dtype)
+        try:
+            self.graph = cuda_graph(self.net, example)
+        except (CaffeError, RuntimeError) as error:  # e.g. a layer whose output size depends on the data
+            self.graph_error = str(error).splitlines()[0] if str(error) else type(error).__name__
 
     def _run(self, inputs: torch.Tensor) -> torch.Tensor:
-        key = tuple(inputs.shape)
-        if self.use_graphs and key not in self.graphs and len(self.graphs) < _GRAPH_SHAPES:
-            from caffe2torch.fast import cuda_graph
-
-            try:
-                self.graphs[key] = cuda_graph(self.net, inputs)
-            except CaffeError:  # a layer whose output size depends on the data: run it eagerly
-                self.use_graphs = False
-        graph = self.graphs.get(key) if self.use_graphs else None
-        return graph(inputs) if graph is not None else self.net(inputs)
+        self.capture()
+        count = inputs.shape[0]
+        if self.graph is None or count > self.graph_batch:
+            return self.net(inputs)
+        if count < self.graph_batch:  # the last, shorter batch (or one with resumed images): pad, then drop
+            inputs = torch.cat([inputs, inputs[-1:].expand(self.graph_batch - count, -1, -1, -1)])
+        return self.graph(inputs)[:count]
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """The net's scores for a batch. Exact mode on a GPU runs one image at a time, so the result cannot
         depend on --batch-size (cuDNN may pick other kernels for other batch shapes)."""
         with torch.inference_mode():
-            if self.mode.exact and self.device.type == "cuda" and inputs.shape[0] > 1:
-                return torch.cat([self._run(image[None]).clone() for image in inputs])
-            return self._run(inputs)
+            if not (self.mode.exact and self.device.type == "cuda" and inputs.shape[0] > 1):
+                return self._run(inputs)
+            first = self._run(inputs[:1])
+            scores = torch.empty((inputs.shape[0], *first.shape[1:]), dtype=first.dtype, device=first.device)
+            scores[:1].copy_(first)  # the graph's output is overwritten by the next replay
+            for index in range(1, inputs.shape[0]):
+                scores[index:index + 1].copy_(self._run(inputs[index:index + 1]))
+            return scores
 
     def launch(self, items: list[dict]) -> Launched:
         """Queue the forward and the post of `items` (dicts from EvaluationDataset) on the device."""
@@ -283,8 +312,8 @@ class Predictor:
         clock.mark()
         done = None
         if pinned:
-            done = torch.cuda.Event()
-            done.record()
+            done = torch.cuda.Event(blocking=True)  # waiting for it sleeps instead of spinning a core
+            done.record(torch.cuda.current_stream(self.device))
         return Launched(items, predictions, confusions, clock, done)
 
 

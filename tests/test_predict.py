@@ -244,3 +244,54 @@ def test_exact_on_the_gpu_agrees_with_the_cpu_and_with_itself(reference_dir):
     first = runs[0].items[0]["prediction"]
     assert all(np.array_equal(item["prediction"], first) for run in runs for item in run.items)
     assert float((first == cpu.items[0]["prediction"]).mean()) >= 0.9999
+
+
+def test_a_shorter_batch_is_padded_to_the_captured_graph(small_model):
+    """Under --fast one CUDA graph of --batch-size images serves the run: a shorter batch is padded with its last
+    image and the extra scores dropped. Checked on the CPU with a stand-in for the graph."""
+    predictor = Predictor(small_model, CPU, Mode("fast", torch.float32), batch_size=3)
+    seen = []
+
+    def graph(inputs):
+        seen.append(inputs.shape[0])
+        return predictor.net(inputs)
+
+    predictor.graph = graph
+    inputs = torch.randn(2, 3, *SMALL, generator=torch.Generator().manual_seed(1)) * 50
+    with torch.inference_mode():
+        got = predictor.forward(inputs)
+        eager = predictor.net(inputs)
+    assert seen == [3] and got.shape[0] == 2
+    assert torch.allclose(got, eager, rtol=1e-5, atol=1e-4)  # oneDNN may block a batch of 3 differently
+
+
+def test_an_error_in_the_next_batch_keeps_the_batch_already_computed(tmp_path, small_set):
+    """The device works one batch ahead; when the next batch fails (here an unreadable image), the predictions
+    already made are still written, so a resume starts after them."""
+    root, weights = small_set
+    broken = tmp_path / "data"
+    import shutil
+
+    shutil.copytree(root, broken)
+    (broken / "c2_leftImg8bit.png").write_bytes(b"not a png")
+    result = _run(broken, weights, tmp_path / "out")
+    assert result.exit_code != 0 and "c2_leftImg8bit.png is not a readable image" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "out" / "gray").iterdir()) == ["c0_leftImg8bit.png", "c1_leftImg8bit.png"]
+
+
+def test_folders_of_the_converted_net_and_of_the_fast_graph_are_not_mixed(tmp_path, small_set):
+    """A --fast-resize run records that its predictions come from the fast graph; a folder that does not say so
+    (made by an earlier version, with the converted net) is not resumed with it."""
+    root, weights = small_set
+    out = tmp_path / "out"
+    assert _run(root, weights, out, "--fast-resize").exit_code == 0
+    run_file = out / "icnet-eval-run.json"
+    recorded = json.loads(run_file.read_text())
+    assert recorded["net"] == "fast graph" and "precision" not in recorded
+    del recorded["net"]
+    run_file.write_text(json.dumps(recorded))
+    again = _run(root, weights, out, "--fast-resize")
+    assert again.exit_code != 0 and "another net (not recorded, now 'fast graph')" in again.stderr
+    exact = tmp_path / "exact"
+    assert _run(root, weights, exact).exit_code == 0
+    assert "net" not in json.loads((exact / "icnet-eval-run.json").read_text())  # as earlier versions wrote it
