@@ -46,7 +46,7 @@ class EvalOptions:
     progress: bool = True
     per_image: bool = False
     overlay: bool = False
-    # The MATLAB resize of the input on the net's device (default: on a GPU), else in the workers.
+    # The input resize (MATLAB's, or PyTorch's under --fast) on the net's device (default: on a GPU), else in the workers.
     resize_on_device: bool | None = None
     # PNG encoding and writing beside the main loop (0: in the main loop; None: half the cores, 2 to 8)
     writer_threads: int | None = None
