@@ -220,17 +220,20 @@ def demo(root: Path, device: str | None, workers: int, images: int) -> None:
 @click.option("-o", "--out", type=_path(), default=Path("icnet-segment"), show_default=True,
               help="Folder for <name>_color.png and <name>_overlay.png (a video: <name>_overlay.mp4).")
 @device_option
-@click.option("--fast-resize", is_flag=True, help="PyTorch's resize instead of MATLAB's (faster).")
+@click.option("--fast-resize", is_flag=True, help="PyTorch's resize of the class scores instead of MATLAB's.")
+@click.option("--fast", is_flag=True, help="As icnet-eval --fast: half precision on a GPU, PyTorch's resizes.")
+@click.option("--fast-dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
+              help="The net's dtype under --fast  [default: float16 on a GPU, float32 on a CPU]")
 @input_size_option
 @click.option("--prototxt", type=_path(), help="Deploy net definition for weights the manifest does not know.")
 @memory_option
-def segment_command(source: Path, weights: Path, out: Path, device: str | None, fast_resize: bool, input_size,
-                    prototxt: Path | None) -> None:
+def segment_command(source: Path, weights: Path, out: Path, device: str | None, fast_resize: bool, fast: bool,
+                    fast_dtype: str | None, input_size, prototxt: Path | None) -> None:
     """Segment SOURCE (an image, a folder of images or a video) without labels: colour maps and overlays."""
     from icnet_eval.segment import segment_input
 
     written = segment_input(source, weights, out, device, fast_resize, prototxt,
-                            tuple(input_size) if input_size else None, echo=_note)
+                            tuple(input_size) if input_size else None, echo=_note, fast=fast, fast_dtype=fast_dtype)
     _note(f"wrote {len(written)} files to {out}")
 
 

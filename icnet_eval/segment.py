@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import cv2
 import numpy as np
+import torch
 
 from caffe2torch.errors import CaffeError
 from caffe2torch.write import write_atomic
-from icnet_eval.api import segment
 from icnet_eval.cityscapes import colorize
+from icnet_eval.data import preprocess
 from icnet_eval.model import LoadedModel, load_model
+from icnet_eval.predict import Mode, Predictor, numerics, resolve_mode
 from icnet_eval.progress import Progress
+
+Key = TypeVar("Key")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".m4v")
@@ -50,12 +54,43 @@ def _read_image(path: Path) -> np.ndarray:
     return image
 
 
-def _segment_images(paths: list[Path], model: LoadedModel, out: Path, device: str | None, fast: bool,
-                    progress: Progress) -> list[Path]:
+class Segmenter:
+    """The net icnet-eval runs in a mode on a device, fed one image at a time; on a GPU the next image is queued
+    before the previous one's colour maps are made (and its MATLAB resize runs there too)."""
+
+    def __init__(self, model: LoadedModel, device: torch.device, mode: Mode) -> None:
+        self.model, self.device, self.mode = model, device, mode
+        self.predictor = Predictor(model, device, mode)
+
+    def _item(self, image_bgr: np.ndarray) -> dict:
+        if self.device.type == "cpu":
+            network_input = preprocess(image_bgr, self.model.input_size, self.mode.torch_input_resize)
+        else:  # uint8: resized where the net runs
+            network_input = torch.from_numpy(np.ascontiguousarray(image_bgr.transpose(2, 0, 1)))
+        return {"input": network_input, "image_size": image_bgr.shape[:2], "label": None}
+
+    def stream(self, images: Iterable[tuple[Key, np.ndarray]]) -> Iterator[tuple[Key, np.ndarray, np.ndarray]]:
+        """(key, image) in, (key, image, trainIds) out, in the same order."""
+        pending = None
+        with numerics(self.device, exact=self.mode.exact):
+            self.predictor.capture()
+            for key, image in images:
+                launched = self.predictor.launch([self._item(image)])
+                if pending is not None:
+                    yield self._finish(*pending)
+                pending = (key, image, launched)
+            if pending is not None:
+                yield self._finish(*pending)
+
+    @staticmethod
+    def _finish(key, image, launched):
+        launched.wait()
+        return key, image, launched.items[0]["prediction"]
+
+
+def _segment_images(paths: list[Path], segmenter: Segmenter, out: Path, progress: Progress) -> list[Path]:
     written = []
-    for path in paths:
-        image = _read_image(path)
-        train_ids = segment(image, model, device, fast)
+    for path, image, train_ids in segmenter.stream((path, _read_image(path)) for path in paths):
         for suffix, array in (("color", color_bgr(train_ids)), ("overlay", overlay(image, train_ids))):
             target = out / f"{path.stem}_{suffix}.png"
             _png(target, array)
@@ -64,8 +99,17 @@ def _segment_images(paths: list[Path], model: LoadedModel, out: Path, device: st
     return written
 
 
-def _segment_video(path: Path, model: LoadedModel, out: Path, device: str | None, fast: bool,
-                   echo: Callable[[str], None]) -> list[Path]:
+def _frames(capture: cv2.VideoCapture) -> Iterator[tuple[int, np.ndarray]]:
+    index = 0
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            return
+        yield index, frame
+        index += 1
+
+
+def _segment_video(path: Path, segmenter: Segmenter, out: Path, echo: Callable[[str], None]) -> list[Path]:
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
         raise CaffeError(f"{path}: OpenCV cannot open this video")
@@ -77,16 +121,13 @@ def _segment_video(path: Path, model: LoadedModel, out: Path, device: str | None
     progress = Progress(frames, enabled=True)
     count = 0
     try:
-        while True:
-            ok, frame = capture.read()
-            if not ok:
-                break
+        for _, frame, train_ids in segmenter.stream(_frames(capture)):
             if writer is None:
                 writer = cv2.VideoWriter(str(partial), cv2.VideoWriter_fourcc(*"mp4v"), fps,
                                          (frame.shape[1], frame.shape[0]))
                 if not writer.isOpened():
                     raise CaffeError(f"{target}: OpenCV cannot write an mp4 video here")
-            writer.write(overlay(frame, segment(frame, model, device, fast)))
+            writer.write(overlay(frame, train_ids))
             count += 1
             progress.update(1)
     finally:
@@ -103,31 +144,36 @@ def _segment_video(path: Path, model: LoadedModel, out: Path, device: str | None
 
 
 def segment_input(source: str | os.PathLike, weights: str | os.PathLike, out: str | os.PathLike,
-                  device: str | None = None, fast: bool = False, prototxt=None, input_size=None,
-                  echo: Callable[[str], None] | None = None) -> list[Path]:
+                  device: str | None = None, fast_resize: bool = False, prototxt=None, input_size=None,
+                  echo: Callable[[str], None] | None = None, fast: bool = False,
+                  fast_dtype: str | None = None) -> list[Path]:
     """Segment an image, every image of a folder, or a video; returns the files written into `out`.
 
     Images give <stem>_color.png and <stem>_overlay.png, a video <stem>_overlay.mp4 (the frames with
-    the colour map blended over them, at the video's frame rate).
+    the colour map blended over them, at the video's frame rate). The modes are icnet-eval's.
     """
+    from icnet_eval.pipeline import resolve_device
+
     echo = echo or (lambda _: None)
     source, out = Path(source), Path(out)
+    target = resolve_device(device)
+    mode = resolve_mode(fast, fast_resize, fast_dtype, target)
     if not source.exists():
         raise CaffeError(f"{source}: no such file or folder")
     if out.exists() and not out.is_dir():
         raise CaffeError(f"-o {out}: is a file, expected a folder")
     model = load_model(weights, prototxt, input_size, on_warning=lambda message: echo(f"warning: {message}"))
     out.mkdir(parents=True, exist_ok=True)
+    segmenter = Segmenter(model, target, mode)
     if source.is_dir():
         images = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not images:
             raise CaffeError(f"{source}: holds no images ({', '.join(IMAGE_SUFFIXES)})")
         progress = Progress(len(images), enabled=True)
         try:
-            return _segment_images(images, model, out, device, fast, progress)
+            return _segment_images(images, segmenter, out, progress)
         finally:
             progress.close()
     if source.suffix.lower() in VIDEO_SUFFIXES:
-        return _segment_video(source, model, out, device, fast, echo)
-    progress = Progress(1, enabled=False)
-    return _segment_images([source], model, out, device, fast, progress)
+        return _segment_video(source, segmenter, out, echo)
+    return _segment_images([source], segmenter, out, Progress(1, enabled=False))

@@ -295,3 +295,31 @@ def test_folders_of_the_converted_net_and_of_the_fast_graph_are_not_mixed(tmp_pa
     exact = tmp_path / "exact"
     assert _run(root, weights, exact).exit_code == 0
     assert "net" not in json.loads((exact / "icnet-eval-run.json").read_text())  # as earlier versions wrote it
+
+
+def test_segment_runs_the_evaluation_modes(tmp_path, small_set):
+    """`icnet-eval segment --fast` takes icnet-eval's modes; exact segment gives exactly the evaluation's trainIds
+    (its colour maps match the evaluation's colour PNGs)."""
+    import cv2
+
+    root, weights = small_set
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(2):
+        (images / f"c{index}.png").write_bytes((root / f"c{index}_leftImg8bit.png").read_bytes())
+    common = ["--weights", str(weights), "--input-size", *map(str, SMALL), "--device", "cpu"]
+    exact = CliRunner().invoke(main, ["segment", str(images), "-o", str(tmp_path / "exact"), *common])
+    assert exact.exit_code == 0, exact.output
+    evaluation = _run(root, weights, tmp_path / "eval")
+    assert evaluation.exit_code == 0, evaluation.output
+    for index in range(2):
+        assert np.array_equal(cv2.imread(str(tmp_path / "exact" / f"c{index}_color.png")),
+                              cv2.imread(str(tmp_path / "eval" / "color" / f"c{index}_leftImg8bit.png")))
+    fast = CliRunner().invoke(main, ["segment", str(images), "-o", str(tmp_path / "fast"), "--fast",
+                                     "--fast-dtype", "float16", *common])
+    assert fast.exit_code == 0, fast.output
+    assert sorted(p.name for p in (tmp_path / "fast").iterdir()) == ["c0_color.png", "c0_overlay.png",
+                                                                     "c1_color.png", "c1_overlay.png"]
+    wrong = CliRunner().invoke(main, ["segment", str(images), "-o", str(tmp_path / "x"), "--fast-dtype", "float16",
+                                      *common])
+    assert wrong.exit_code != 0 and "--fast-dtype needs --fast" in wrong.stderr and not (tmp_path / "x").exists()
