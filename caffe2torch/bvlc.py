@@ -10,12 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from caffe2torch.modules import Pool2d, _kwargs
-
-
-def _float32_if_half(x: torch.Tensor) -> torch.Tensor:
-    """float16 / bfloat16 as float32, for sums over many values; other dtypes as they are."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+from caffe2torch.modules import Pool2d, _float32_if_half, _kwargs
 
 
 class Clip(nn.Module):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from caffe2torch.modules import _kwargs
+from caffe2torch.modules import _float32_if_half, _kwargs
 
 # Caffe's -FLT_MAX: DetectionOutput's confidence threshold when none is given.
 LOWEST_FLOAT = -3.4028234663852886e38
@@ -35,7 +35,7 @@ class Normalize(nn.Module):
         self.weight = nn.Parameter(torch.ones(1 if self.channel_shared else self.channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        work = _float32_if_half(x)
         if self.across_spatial:
             norm = torch.sqrt(work.square().flatten(1).sum(1) + self.eps)
             # Caffe scales by Dtype(1.0 / norm): double division rounded once, the same as a float32 one.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from caffe2torch.modules import _kwargs
+from caffe2torch.modules import _float32_if_half, _kwargs
 
 
 class MaxUnpool(nn.Module):
@@ -93,7 +93,7 @@ class BatchStatNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(self.channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        work = _float32_if_half(x)
         per_channel = (1, -1) + (1,) * (x.dim() - 2)
         spatial = list(range(2, x.dim()))
         mean = (work.mean(spatial) if spatial else work).mean(0)

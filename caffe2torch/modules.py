@@ -59,6 +59,11 @@ def _kwargs(**values) -> str:
     return ", ".join(f"{name}={_literal(value)}" for name, value in values.items())
 
 
+def _float32_if_half(x: torch.Tensor) -> torch.Tensor:
+    """float16 / bfloat16 as float32, for sums over many values; other dtypes as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class Pool2d(nn.Module):
     """Caffe MAX / AVE pooling on a fixed H x W, window layout and divisors as Caffe's CPU layer.
 
