@@ -1,4 +1,4 @@
-"""Memory a net will need, judged from Caffe's shapes before anything large is allocated.
+"""Memory a net will need, judged from Caffe's shapes before anything large is allocated; what the machine offers.
 
 A hostile or mistaken definition (a huge num_output, Interp size or input size) would otherwise
 try to allocate tens of GB to TB and end in a MemoryError traceback or the kernel's OOM killer.
@@ -39,6 +39,14 @@ def available_memory() -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 16 << 30
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity on Linux, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def memory_limit(explicit: int | str | None = None) -> int:

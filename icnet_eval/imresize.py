@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -11,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from caffe2torch.errors import CaffeError
+from caffe2torch.limits import available_cores
 
 __all__ = ["contributions", "fast_resize", "matlab_imresize", "matlab_imresize_torch", "set_resize_threads"]
 
@@ -155,11 +155,7 @@ def set_resize_threads(threads: int | None) -> None:
 def _workers() -> int:
     if _threads is not None:
         return max(1, _threads)
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 8))
+    return max(1, min(available_cores(), 8))
 
 
 def _resize_chw_numpy(volume: np.ndarray, out_hw: tuple[int, int], method: str) -> np.ndarray:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from caffe2torch.errors import CaffeError
+from caffe2torch.limits import available_cores
 from icnet_eval.cityscapes import CLASS_NAMES
 from icnet_eval.data import EvaluationDataset, ListEntry, make_loader, parse_list
 from icnet_eval.metrics import ConfusionCounts, image_instance_terms
@@ -111,11 +112,7 @@ class _Distributed:
 def default_writer_threads() -> int:
     """Half the cores this process may use, 2 to 8: PNG encoding of noisy predictions (about 140 ms an image on
     one core) must keep up with a GPU, and the loader's workers need the other half."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 2
-    return max(2, min(8, cores // 2))
+    return max(2, min(8, available_cores() // 2))
 
 
 def _options_record(options: EvalOptions, model: LoadedModel, device: torch.device, world: int, mode: Mode) -> dict:
