@@ -105,3 +105,8 @@ def colorize(train_ids: np.ndarray) -> np.ndarray:
     lut = np.tile(np.array(_VOID_COLOR, dtype=np.uint8), (256, 1))
     lut[:NUM_CLASSES] = PALETTE
     return lut[_as_uint8_ids(train_ids, "colorize")]
+
+
+def color_bgr(train_ids: np.ndarray) -> np.ndarray:
+    """`colorize` in OpenCV's BGR order, contiguous (what cv2 writes and blends)."""
+    return np.ascontiguousarray(colorize(train_ids)[..., ::-1])

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from caffe2torch.errors import CaffeError
-from icnet_eval.cityscapes import LABEL_ID_TO_TRAIN_ID, NUM_CLASSES, colorize, train_ids_to_label_ids
+from icnet_eval.cityscapes import LABEL_ID_TO_TRAIN_ID, NUM_CLASSES, color_bgr, colorize, train_ids_to_label_ids
 from icnet_eval.data import IMAGE_TAG, ListEntry
 from caffe2torch.write import write_atomic
 
@@ -87,6 +87,14 @@ def _encode_png(array: np.ndarray, path: Path, source: str | None = None) -> byt
     return data[:end] + _png_chunk(b"tEXt", SOURCE_KEY + b"\0" + source.encode("latin-1")) + data[end:]
 
 
+def write_png(path: Path, array: np.ndarray, source: str | None = None) -> None:
+    """Encode and write a PNG through a temporary file and a rename; a failure is one CaffeError line."""
+    try:
+        write_atomic(path, _encode_png(array, path, source))
+    except OSError as error:
+        raise CaffeError(f"{path}: cannot write ({error.strerror or error})") from None
+
+
 class OutputStore:
     """Where one run's PNGs go; picklable so DataLoader workers can run the resume check."""
 
@@ -123,10 +131,7 @@ class OutputStore:
         source = source_id(entry.image)
         if not fresh and self.resume and self._decode_complete(path, cv2.IMREAD_UNCHANGED, source) is not None:
             return
-        try:
-            write_atomic(path, _encode_png(overlay(image_bgr, train_ids), path, source))
-        except OSError as error:
-            raise CaffeError(f"{path}: cannot write ({error.strerror or error})") from None
+        write_png(path, overlay(image_bgr, train_ids), source)
 
     def any_exists(self, entries: list[ListEntry]) -> bool:
         return any(path.exists() for entry in entries for path in self.paths(entry).values())
@@ -140,12 +145,9 @@ class OutputStore:
         paths = self.paths(entry)
         ids = train_ids if self.output_format == "trainids" else train_ids_to_label_ids(train_ids)
         source = source_id(entry.image)
-        kinds = ((self.main_kind, ids), ("color", np.ascontiguousarray(colorize(train_ids)[..., ::-1])))
+        kinds = ((self.main_kind, ids), ("color", color_bgr(train_ids)))
         for kind, array in kinds:
-            try:
-                write_atomic(paths[kind], _encode_png(array, paths[kind], source if kind == self.main_kind else None))
-            except OSError as error:
-                raise CaffeError(f"{paths[kind]}: cannot write ({error.strerror or error})") from None
+            write_png(paths[kind], array, source if kind == self.main_kind else None)
 
     @staticmethod
     def _decode_complete(path: Path, flags: int, source: str | None = None) -> np.ndarray | None:

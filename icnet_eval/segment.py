@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from caffe2torch.errors import CaffeError
-from caffe2torch.write import write_atomic
-from icnet_eval.cityscapes import colorize
+from icnet_eval.cityscapes import color_bgr
 from icnet_eval.data import preprocess
 from icnet_eval.model import LoadedModel, load_model
+from icnet_eval.outputs import write_png
 from icnet_eval.predict import Mode, Predictor, numerics, resolve_mode
 from icnet_eval.progress import Progress
 
@@ -26,24 +26,9 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".m4
 OVERLAY_ALPHA = 0.5
 
 
-def color_bgr(train_ids: np.ndarray) -> np.ndarray:
-    """The Cityscapes colour map of a trainId image, in OpenCV's BGR order."""
-    return np.ascontiguousarray(colorize(train_ids)[..., ::-1])
-
-
 def overlay(image_bgr: np.ndarray, train_ids: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
     """The image with the colour map blended over it (alpha of the colours), rounded to uint8."""
     return cv2.addWeighted(color_bgr(train_ids), alpha, image_bgr, 1.0 - alpha, 0.0)
-
-
-def _png(path: Path, array: np.ndarray) -> None:
-    ok, encoded = cv2.imencode(".png", array)
-    if not ok:
-        raise CaffeError(f"{path}: PNG encoding failed")
-    try:
-        write_atomic(path, encoded.tobytes())
-    except OSError as error:
-        raise CaffeError(f"{path}: cannot write ({error.strerror or error})") from None
 
 
 def _read_image(path: Path) -> np.ndarray:
@@ -93,7 +78,7 @@ def _segment_images(paths: list[Path], segmenter: Segmenter, out: Path, progress
     for path, image, train_ids in segmenter.stream((path, _read_image(path)) for path in paths):
         for suffix, array in (("color", color_bgr(train_ids)), ("overlay", overlay(image, train_ids))):
             target = out / f"{path.stem}_{suffix}.png"
-            _png(target, array)
+            write_png(target, array)
             written.append(target)
         progress.update(1)
     return written
