@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -125,14 +124,14 @@ def main(ctx: click.Context, list_path, data_root, weights, out, device, batch_s
                                       "otherwise, refusing values no trainId has).")
 def score(list_path: Path, data_root: Path, pred_dir: Path, json_path: Path | None, pred_format: str) -> None:
     """Score existing predictions against the labels, exactly as eval_acc.m."""
-    from icnet_eval.report import format_report, score_predictions, write_json as _write_json
+    from icnet_eval.report import format_report, score_predictions, write_json
 
     if json_path is not None and json_path.is_dir():
         raise CaffeError(f"--json {json_path}: is a folder, expected a file name")
     report = score_predictions(list_path, data_root, pred_dir, echo=_note, pred_format=pred_format)
     click.echo(format_report(report))
     if json_path is not None:
-        _write_json(json_path, report)
+        write_json(json_path, report)
 
 
 @main.command()
@@ -184,10 +183,10 @@ def time_command(weights, prototxt, input_size, device, iterations, warmup, fast
         result = time_forward(model, torch_device, iterations, warmup, mode=mode)
     click.echo(format_timing(result, model.definition))
     if json_path is not None:
-        from caffe2torch.write import write_atomic
+        from icnet_eval.report import write_json
 
-        record = dict(result.as_dict(), definition=model.definition, fast=fast, mode=mode.name, dtype=mode.dtype_name)
-        write_atomic(json_path, (json.dumps(record, indent=2) + "\n").encode())
+        write_json(json_path, dict(result.as_dict(), definition=model.definition, fast=fast, mode=mode.name,
+                                   dtype=mode.dtype_name))
 
 
 @main.command()

@@ -10,7 +10,7 @@ import torch
 
 from caffe2torch.errors import CaffeError
 from icnet_eval.model import LoadedModel
-from icnet_eval.predict import Mode
+from icnet_eval.predict import Mode, Predictor
 
 # Zhao et al., "ICNet for Real-Time Semantic Segmentation on High-Resolution Images", ECCV 2018:
 # 33 ms per 1024x2048 image (30.3 fps) in Caffe on one NVIDIA Titan X.
@@ -58,8 +58,6 @@ def time_forward(model: LoadedModel, device: torch.device, iterations: int = 100
     GPU: CUDA events around each forward, read after one synchronisation at the end, so timing
     adds no stall between iterations. CPU: perf_counter around each forward.
     """
-    from icnet_eval.predict import Predictor
-
     mode = mode or Mode()
     if iterations < 1 or warmup < 0:
         raise CaffeError("--iterations must be >= 1 and --warmup >= 0")
