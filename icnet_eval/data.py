@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
 import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,9 +311,45 @@ def _single_threaded_worker(_: int) -> None:
     torch.set_num_threads(1)
 
 
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Loader workers start from a forkserver (a fresh process that has run no thread pool), never as forks of this
+    process: a fork copies every thread pool's state without its threads, and OpenCV's pool, once used here (a large
+    cv2.resize, icnet_eval.segment()), then deadlocks the worker for good in pthread_cond_destroy. The server imports
+    this module once; each worker is a fork of it, so a run starts in a fraction of a second after the first."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+@contextlib.contextmanager
+def _main_script_hidden():
+    """A forkserver worker runs the parent's __main__ script again unless that is guarded by `if __name__ ==
+    '__main__'` (and fails if it is not); the workers unpickle only this package's objects, so they are not told of
+    the script while they start."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None) if getattr(main, "__spec__", None) is None else None
+    if path is None:
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = path
+
+
+class EvaluationLoader(DataLoader):
+    """A DataLoader whose worker processes start safely from any caller (see `worker_context`)."""
+
+    def __iter__(self):
+        with _main_script_hidden():
+            return super().__iter__()
+
+
 def make_loader(dataset: EvaluationDataset, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
     """Batches in list order; `workers` single-threaded processes decode (and resize) while the network runs."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      collate_fn=_keep_list, pin_memory=pin_memory and workers > 0,
-                      worker_init_fn=_single_threaded_worker if workers > 0 else None,
-                      prefetch_factor=2 if workers > 0 else None, persistent_workers=False)
+    return EvaluationLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                            collate_fn=_keep_list, pin_memory=pin_memory and workers > 0,
+                            worker_init_fn=_single_threaded_worker if workers > 0 else None,
+                            prefetch_factor=2 if workers > 0 else None, persistent_workers=False,
+                            multiprocessing_context=worker_context() if workers > 0 else None)

@@ -697,3 +697,28 @@ def test_a_failed_background_write_stops_the_run_and_resume_finishes_it(tmp_path
     result = run_cli(eval_args(dataset, weights, out))
     assert result.exit_code == 0, result.output
     assert scores(load_report(out)) == scores(load_report(baseline))
+
+
+def test_loader_workers_start_safely_after_opencv_threads(tmp_path, baseline, dataset, weights):
+    """Forked loader workers deadlocked for good (pthread_cond_destroy in OpenCV's pool) once the parent had used
+    OpenCV's threads; forkserver workers start from a process that has none. The script is not guarded by
+    `if __name__ == "__main__"`: the workers must not run it again."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import json, sys, cv2, numpy as np, icnet_eval\n"
+        "cv2.setNumThreads(4)\n"
+        "big = np.random.default_rng(0).integers(0, 255, (3000, 4000, 3), dtype=np.uint8)\n"
+        "for _ in range(3):\n"
+        "    cv2.resize(big, (2000, 1500))  # starts OpenCV's thread pool in this process\n"
+        f"report = icnet_eval.evaluate({str(dataset / 'val.txt')!r}, {str(dataset)!r}, {str(weights)!r},\n"
+        f"                             out={str(tmp_path / 'out')!r}, workers=2, device='cpu',\n"
+        f"                             input_size=({SMALL_INPUT[0]}, {SMALL_INPUT[1]}))\n"
+        "print(json.dumps(report['miou']))\n")
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    try:
+        result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240,
+                                env=environment, cwd=tmp_path)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the evaluation hung after OpenCV's thread pool was used (loader workers forked?)")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == load_report(baseline)["miou"]
