@@ -77,7 +77,16 @@ def _set_memory_limit(ctx, param, value: str | None) -> None:
             parse_size(value)
         except CaffeError as error:
             raise click.BadParameter(str(error)) from None
+        previous = os.environ.get(ENVIRONMENT)
         os.environ[ENVIRONMENT] = value  # read where nets are built (caffe2torch.limits.memory_limit)
+
+        def restore() -> None:  # for this command only: a caller running several (tests, scripts) keeps its own
+            if previous is None:
+                os.environ.pop(ENVIRONMENT, None)
+            else:
+                os.environ[ENVIRONMENT] = previous
+
+        ctx.call_on_close(restore)
 
 
 memory_option = click.option("--max-memory", metavar="SIZE", expose_value=False, callback=_set_memory_limit,
@@ -108,9 +117,12 @@ def convert(model: Path, prototxt: Path | None, input_shape: str | None, output:
     """
     from caffe2torch.conversion import convert as run_convert
     from caffe2torch.folder import check_target, save_net
+    from caffe2torch.protect import ReadFiles
 
     folder = output or model.with_name(weights_stem(model) + "_torch")
-    check_target(folder.absolute(), force)  # before the work, so a refusal costs nothing
+    # before the work, so a refusal costs nothing; again once the definition found beside the weights is known
+    check_target(folder.absolute(), force, ReadFiles([(model, "the model being converted"),
+                                                      (prototxt, "the net definition being used")]))
     conversion = run_convert(model, prototxt, _parse_shape(input_shape), verify_md5=not no_verify, on_warning=_warn)
     for note in conversion.notes:
         _note(note)
@@ -121,7 +133,7 @@ def convert(model: Path, prototxt: Path | None, input_shape: str | None, output:
     meta = {"source": model.name, "md5": conversion.md5,
             "prototxt": str(conversion.prototxt_path) if conversion.prototxt_path else "(stored in the caffemodel)",
             "release": conversion.release.name if conversion.release else None}
-    save_net(conversion.net, folder, meta, force=force)
+    save_net(conversion.net, folder, meta, force=force, read=conversion.read_files())
     info = conversion.net.meta["caffe"]
     click.echo(f"converted {len(info.modules)} layers; inputs {_shapes(info.inputs)}; outputs {', '.join(info.outputs)}")
     click.echo(f"wrote {folder}/  (load with: net = caffe2torch.load({str(folder)!r}), or model.py's load())")
@@ -303,20 +315,25 @@ def export(model: Path, prototxt: Path | None, input_shape: str | None, fmt: str
     from caffe2torch.export import ExportMismatch
     from caffe2torch.export import export as run_export
 
+    from caffe2torch.protect import ReadFiles
+
     if model.is_dir():
         from caffe2torch.folder import load
 
         if prototxt is not None or input_shape is not None:
             raise CaffeError("--prototxt and --input-shape do not apply to a converted folder")
+        read = ReadFiles([(model, "the converted folder being exported")])
+        read.check_file(output, "-o")  # before the work
         net = load(model)
     else:
+        read = ReadFiles([(model, "the model being exported"), (prototxt, "the net definition being used")])
+        read.check_file(output, "-o")  # before the work
         conversion = _convert_quietly(model, prototxt, _parse_shape(input_shape), not no_verify)
         for note in conversion.notes:
             _note(note)
-        net = conversion.net
+        net, read = conversion.net, conversion.read_files()
     try:
-        check = run_export(net, fmt, output, tolerance, force=force,
-                           protect=[model] + ([prototxt] if prototxt is not None else []))
+        check = run_export(net, fmt, output, tolerance, force=force, read=read)
     except ExportMismatch as error:
         _fail(str(error), EXIT_MISMATCH)
     click.echo(f"wrote {check.path} ({fmt}); checked against the PyTorch net: max abs error {check.max_abs:.3g}, "

@@ -12,6 +12,7 @@ from torch import fx
 from caffe2torch import manifest
 from caffe2torch.errors import CaffeError
 from caffe2torch.model import from_net_parameter, layer_calls, unmatched_weights
+from caffe2torch.protect import ReadFiles
 from caffe2torch.read import (UnknownField, ambiguous_binary_fields, read_prototxt, read_weights,
                               unknown_binary_fields)
 from caffe2torch.write import weights_stem
@@ -31,6 +32,12 @@ class Conversion:
     trained: dict
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    def read_files(self) -> ReadFiles:
+        """The files this conversion read (the weights, the definition wherever it was found): no output may touch
+        them."""
+        return ReadFiles([(self.weights_path, "the model being converted"),
+                          (self.prototxt_path, "the net definition being used")])
 
 
 def prototxt_beside(weights_path: Path) -> Path | None:

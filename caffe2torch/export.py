@@ -26,6 +26,7 @@ from torch import fx, nn
 
 from caffe2torch.errors import CaffeError
 from caffe2torch.model import layer_calls, unexportable_layers, net_info
+from caffe2torch.protect import ReadFiles
 from caffe2torch.refinput import reference_inputs
 from caffe2torch.write import current_umask
 
@@ -256,11 +257,13 @@ def blame(net: fx.GraphModule, fmt: str, inputs: tuple, tolerance: float, folder
 
 
 def export(net: fx.GraphModule, fmt: str, path: str | os.PathLike, tolerance: float = TOLERANCE,
-           seed: int = 0, force: bool = False, protect: Sequence[str | os.PathLike] = ()) -> ExportCheck:
+           seed: int = 0, force: bool = False, protect: Sequence[str | os.PathLike] = (),
+           read: ReadFiles | None = None) -> ExportCheck:
     """Write `net` as `fmt` to `path` and check it; a mismatch deletes the file and raises ExportMismatch.
 
-    An existing file is replaced only with `force`, and never one of `protect` (the model the net
-    came from, or anything inside its folder).
+    An existing file is replaced only with `force`, and never a file the run read (`read`, e.g.
+    `Conversion.read_files()`: the model, its definition wherever it was found; `protect`: more
+    paths), nor anything inside a folder among them.
     """
     if fmt not in FORMATS:
         raise CaffeError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
@@ -274,10 +277,10 @@ def export(net: fx.GraphModule, fmt: str, path: str | os.PathLike, tolerance: fl
     path = Path(path)
     if path.is_dir():
         raise CaffeError(f"{path}: is a folder; give the file to write")
-    resolved = path.resolve()
-    for source in map(Path, protect):
-        if resolved == source.resolve() or source.is_dir() and source.resolve() in resolved.parents:
-            raise CaffeError(f"{path}: is (or lies inside) the model being exported; choose another output file")
+    read = read or ReadFiles()
+    for source in protect:
+        read.add(source, "the model being exported")
+    read.check_file(path, "-o")
     if path.exists() and not force:
         raise CaffeError(f"{path}: exists; pass --force to replace it")
     net = net.eval()

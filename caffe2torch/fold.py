@@ -262,9 +262,11 @@ def fold_files(model: str | os.PathLike, prototxt: str | os.PathLike | None, out
     from caffe2torch.conversion import convert
     from caffe2torch.folder import check_target, save_net
     from caffe2torch.model import from_net_parameter
+    from caffe2torch.protect import ReadFiles
 
     model, output_dir = Path(model), Path(output_dir)
-    check_target(output_dir.absolute(), force)
+    check_target(output_dir.absolute(), force, ReadFiles([(model, "the model being folded"),
+                                                          (prototxt, "the net definition being used")]))
     conversion = convert(model, prototxt, input_shape, verify_md5=verify_md5, on_warning=on_warning)
     definition, blobs, folded = fold_net(conversion.definition, conversion.trained)
     source = f"{conversion.prototxt_path or model} (folded)"
@@ -279,7 +281,7 @@ def fold_files(model: str | os.PathLike, prototxt: str | os.PathLike | None, out
     meta = {"source": model.name, "md5": conversion.md5, "folded": folded,
             "prototxt": str(conversion.prototxt_path) if conversion.prototxt_path else "(stored in the caffemodel)",
             "release": conversion.release.name if conversion.release else None}
-    save_net(net, output_dir, meta, force=force, extra=extra)
+    save_net(net, output_dir, meta, force=force, extra=extra, read=conversion.read_files())
 
     kinds: dict[str, int] = {}
     types = {layer.name: layer.type for layer in conversion.definition.layer}

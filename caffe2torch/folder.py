@@ -25,6 +25,7 @@ from torch import fx
 from caffe2torch.codegen import WEIGHTS_FILE, check_standalone, generate_source
 from caffe2torch.errors import CaffeError
 from caffe2torch.model import from_net_parameter, net_info
+from caffe2torch.protect import ReadFiles
 from caffe2torch.read import parse_prototxt
 from caffe2torch.write import current_umask
 
@@ -97,10 +98,13 @@ def _not_ours(folder: Path) -> str | None:
     return None
 
 
-def check_target(folder: Path, force: bool) -> None:
-    """Refuse to write where it could destroy anything caffe2torch did not write itself."""
+def check_target(folder: Path, force: bool, read: ReadFiles | None = None) -> None:
+    """Refuse to write where it could destroy anything caffe2torch did not write itself, or anything this run reads
+    (`read`: the model, the definition, wherever they lie)."""
     if folder.is_symlink():
         raise CaffeError(f"{folder}: is a symbolic link; give the folder itself or another output path")
+    if read is not None:
+        read.check_folder(folder, "-o")
     if folder.exists() and not folder.is_dir():
         raise CaffeError(f"{folder}: exists and is not a folder")
     if folder.is_dir() and any(folder.iterdir()):
@@ -111,36 +115,77 @@ def check_target(folder: Path, force: bool) -> None:
             raise CaffeError(f"{folder}: holds an earlier caffe2torch output; pass --force to replace it")
 
 
-def write_folder(folder: str | os.PathLike, files: dict[str, bytes], force: bool = False) -> Path:
-    """Write the files as one new folder: built beside the target, then renamed into place."""
-    folder = Path(folder).absolute()
+def _staged(parent: Path, name: str, files: dict[str, bytes]) -> Path:
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=parent))
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the result is an ordinary folder
+    for file_name, data in files.items():
+        (staging / file_name).write_bytes(data)
+        (staging / file_name).chmod(0o666 & ~current_umask())
+    return staging
+
+
+def _swap_in(staging: Path, folder: Path, force: bool) -> None:
+    """Rename the staged folder into place; an earlier output of ours is moved aside first and put back on failure."""
+    if folder.is_dir() and any(folder.iterdir()):
+        check_target(folder, force)  # still ours, right before it goes
+        backup = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
+        backup.rmdir()
+        folder.rename(backup)
+        try:
+            staging.rename(folder)
+        except BaseException:
+            backup.rename(folder)  # the earlier output stays where it was
+            raise
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(staging, folder)  # an empty folder in the way is replaced, as rename(2) allows
+
+
+def _write_inside(folder: Path, files: dict[str, bytes], force: bool) -> None:
+    """Where the parent cannot take a staging folder (read-only) but the target folder can be written: each file
+    written under a temporary name inside it and renamed, meta.json (the manifest that makes the folder ours)
+    removed first and written last, so an interrupted write never passes for a finished one."""
     check_target(folder, force)
+    old = set()
+    if any(folder.iterdir()):
+        meta = json.loads((folder / META).read_text(encoding="utf-8"))
+        old = set(meta["files"]) | {META}
+        (folder / META).unlink()
+    for name in [n for n in files if n != META] + [META]:
+        handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=folder)
+        try:
+            with os.fdopen(handle, "wb") as file:
+                file.write(files[name])
+            os.chmod(temporary, 0o666 & ~current_umask())
+            os.replace(temporary, folder / name)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+    for name in old - set(files):
+        (folder / name).unlink(missing_ok=True)
+
+
+def write_folder(folder: str | os.PathLike, files: dict[str, bytes], force: bool = False,
+                 read: ReadFiles | None = None) -> Path:
+    """Write the files as one new folder: built beside the target, then renamed into place (or, where only the
+    target folder is writable, written inside it)."""
+    folder = Path(folder).absolute()
+    check_target(folder, force, read)
     parent = folder.parent
     staging = None
+    where = parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=parent))
-        staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the result is an ordinary folder
-        for name, data in files.items():
-            (staging / name).write_bytes(data)
-            (staging / name).chmod(0o666 & ~current_umask())
-        if folder.is_dir() and any(folder.iterdir()):
-            check_target(folder, force)  # still ours, right before it goes
-            backup = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=parent))
-            backup.rmdir()
-            folder.rename(backup)
-            try:
-                staging.rename(folder)
-            except BaseException:
-                backup.rename(folder)  # the earlier output stays where it was
-                raise
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(staging, folder)  # an empty folder in the way is replaced, as rename(2) allows
+        if folder.is_dir() and not os.access(parent, os.W_OK | os.X_OK) and os.access(folder, os.W_OK | os.X_OK):
+            where = folder
+            _write_inside(folder, files, force)
+            return folder
+        staging = _staged(parent, folder.name, files)
+        where = folder
+        _swap_in(staging, folder, force)
     except OSError as error:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-        where = parent if staging is None else folder
         raise CaffeError(f"{where}: cannot write the converted folder ({error.strerror or error})") from None
     except BaseException:
         if staging is not None:
@@ -150,9 +195,9 @@ def write_folder(folder: str | os.PathLike, files: dict[str, bytes], force: bool
 
 
 def save_net(net: fx.GraphModule, folder: str | os.PathLike, meta: dict[str, Any] | None = None,
-             force: bool = False, extra: dict[str, bytes] | None = None) -> Path:
+             force: bool = False, extra: dict[str, bytes] | None = None, read: ReadFiles | None = None) -> Path:
     """Write a converted (possibly fine-tuned) net; `caffe2torch.load(folder)` gives it back."""
-    return write_folder(folder, folder_contents(net, meta, extra), force)
+    return write_folder(folder, folder_contents(net, meta, extra), force, read)
 
 
 def read_meta(folder: Path) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -307,3 +309,59 @@ def test_converters_check_the_budget_before_building_tables(tmp_path):
     result = run("inspect", prototxt, "--max-memory", "10G")
     _assert_one_line_error(result)
     assert "layer 'zoom' (Interp) (top 1x1x2000000001x2000000001) needs" in result.output
+
+
+def test_outputs_never_replace_what_the_run_reads(reference_dir, tmp_path):
+    """fold-bn's folder holds a caffemodel and prototxt; converting them into that same folder with --force would
+    delete the model being read: refused, as is a definition found beside the weights."""
+    units = reference_dir / "units"
+    folded = tmp_path / "folded"
+    assert run("fold-bn", units / "unit_batchnorm_scale_bias.caffemodel", "--prototxt",
+               units / "unit_batchnorm_scale_bias.prototxt", "-o", folded).exit_code == 0
+    model = folded / "unit_batchnorm_scale_bias_folded.caffemodel"
+    before = {p.name: p.read_bytes() for p in folded.iterdir()}
+    for command in ("convert", "fold-bn"):
+        result = run(command, model, "-o", folded, "--force")
+        _assert_one_line_error(result)
+        assert "which this run reads" in result.output and "choose another -o" in result.output
+        assert {p.name: p.read_bytes() for p in folded.iterdir()} == before
+
+
+def _convert_inside_read_only_parent(reference_dir, tmp_path):
+    units = reference_dir / "units"
+    parent = tmp_path / "ro"
+    out = parent / "out"
+    out.mkdir(parents=True)
+    parent.chmod(0o555)
+    try:
+        convert = ("convert", units / "unit_conv_basic.caffemodel", "--prototxt", units / "unit_conv_basic.prototxt",
+                   "-o", out)
+        for extra in ((), ("--force",)):  # into the empty folder, then over our own output
+            result = run(*convert, *extra)
+            assert result.exit_code == 0, result.output
+            assert sorted(p.name for p in out.iterdir()) == ["meta.json", "model.py", "net.prototxt", "weights.pt"]
+            assert sorted(p.name for p in parent.iterdir()) == ["out"]
+        from caffe2torch.folder import load
+        assert load(out) is not None
+    finally:
+        parent.chmod(0o755)
+
+
+def test_convert_writes_inside_the_target_when_the_parent_refuses(reference_dir, tmp_path, monkeypatch):
+    """`convert -o ro/out`: a writable folder in a read-only parent gets the files written inside it (no staging folder
+    beside it). Root (CI) writes through read-only modes, so the parent's refusal is made where the code meets it."""
+    import caffe2torch.folder as folder_module
+
+    real_access = os.access
+    parent = (tmp_path / "ro").resolve()
+    monkeypatch.setattr(folder_module.os, "access",
+                        lambda path, mode, **kw: False if Path(path).resolve() == parent else real_access(path, mode))
+    real_mkdtemp = folder_module.tempfile.mkdtemp
+
+    def mkdtemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).resolve() == parent:
+            raise PermissionError(13, "Permission denied", str(dir))
+        return real_mkdtemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(folder_module.tempfile, "mkdtemp", mkdtemp)
+    _convert_inside_read_only_parent(reference_dir, tmp_path)

@@ -147,7 +147,13 @@ def test_export_never_overwrites_its_model_or_a_file_unasked(reference_dir, tmp_
     runner = CliRunner()
     for extra in ((), ("--force",)):
         result = runner.invoke(main, ["export", str(model), "--format", "torchscript", "-o", str(model), *extra])
-        assert result.exit_code == 2 and "is (or lies inside) the model being exported" in result.output
+        assert result.exit_code == 2 and "is the model being exported, which this run reads" in result.output
+        # the definition found beside the weights is read too: --force never replaces it
+        definition = tmp_path / "unit_conv_basic.prototxt"
+        before = definition.read_bytes()
+        result = runner.invoke(main, ["export", str(model), "--format", "safetensors", "-o", str(definition), *extra])
+        assert result.exit_code == 2 and "is the net definition being used, which this run reads" in result.output
+        assert definition.read_bytes() == before
     assert model.read_bytes() == original
     mine = tmp_path / "mine.pt"
     mine.write_bytes(b"my own file")
@@ -158,4 +164,4 @@ def test_export_never_overwrites_its_model_or_a_file_unasked(reference_dir, tmp_
     assert runner.invoke(main, ["convert", str(model), "-o", str(folder)]).exit_code == 0
     result = runner.invoke(main, ["export", str(folder), "--format", "safetensors", "-o", str(folder / "weights.pt"),
                                   "--force"])
-    assert result.exit_code == 2 and "lies inside" in result.output
+    assert result.exit_code == 2 and "is inside the converted folder being exported" in result.output
