@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from caffe2torch.errors import CaffeError
-from icnet_eval.data import preprocess
+from icnet_eval.data import check_pixels, preprocess
 from icnet_eval.pipeline import EvalOptions, resolve_device
 from icnet_eval.predict import numerics, predict_train_ids, resolve_mode, runtime_net
 from icnet_eval.pipeline import evaluate as run_evaluation
@@ -34,6 +34,7 @@ def segment(image_bgr: np.ndarray, model: LoadedModel | str | os.PathLike, devic
     image = np.asarray(image_bgr)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise CaffeError(f"segment() takes an H x W x 3 uint8 BGR image, got {image.dtype} {image.shape}")
+    check_pixels(image.shape[:2], "segment(): the image")  # its class scores at full size come next
     loaded = _model(model)
     target = resolve_device(device)
     mode = resolve_mode(False, fast, None, target)

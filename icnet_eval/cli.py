@@ -40,6 +40,18 @@ class _Group(click.Group):
             _fail("interrupted; run the same command again to resume", EXIT_INTERRUPTED)
 
 
+def _check_not_read(target: Path, read: list) -> None:
+    from caffe2torch.protect import ReadFiles
+
+    ReadFiles(read).check_file(target, "--json")
+
+
+def _entries(list_path: Path, data_root: Path) -> list:
+    from icnet_eval.data import parse_list
+
+    return parse_list(list_path, data_root, need_images=False, need_labels=True)
+
+
 def _path(**kwargs) -> click.Path:
     # existence is checked by our code, which names the option and fits on one line
     return click.Path(path_type=Path, **kwargs)
@@ -126,8 +138,11 @@ def score(list_path: Path, data_root: Path, pred_dir: Path, json_path: Path | No
     """Score existing predictions against the labels, exactly as eval_acc.m."""
     from icnet_eval.report import format_report, score_predictions, write_json
 
-    if json_path is not None and json_path.is_dir():
-        raise CaffeError(f"--json {json_path}: is a folder, expected a file name")
+    if json_path is not None:
+        if json_path.is_dir():
+            raise CaffeError(f"--json {json_path}: is a folder, expected a file name")
+        _check_not_read(json_path, [(list_path, "the list"), (pred_dir, "the prediction folder")] +
+                        [(entry.label, f"the label of {entry.where}") for entry in _entries(list_path, data_root)])
     report = score_predictions(list_path, data_root, pred_dir, echo=_note, pred_format=pred_format)
     click.echo(format_report(report))
     if json_path is not None:
@@ -170,6 +185,8 @@ def time_command(weights, prototxt, input_size, device, iterations, warmup, fast
     from icnet_eval.model import OFFICIAL_INPUT_SIZE, load_model, untrained_model
     from icnet_eval.timing import format_timing, time_forward
 
+    if json_path is not None:  # before the work
+        _check_not_read(json_path, [(weights, "the weights"), (prototxt, "the net definition")])
     torch_device = resolve_device(device)
     size = tuple(input_size) if input_size else None
     if weights is None:

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from caffe2torch.errors import CaffeError
+from icnet_eval.header import image_size
 from icnet_eval.imresize import matlab_imresize
 
 DEFAULT_INPUT_SIZE = (1025, 2049)
@@ -154,7 +155,8 @@ def read_instance_ids(entry: ListEntry, shape: tuple[int, int]) -> np.ndarray | 
     if entry.instances is None:
         return None
     data = _read_bytes(entry.instances, "instanceIds image", entry)
-    array = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    array = decode_checked(data, cv2.IMREAD_UNCHANGED, f"{entry.where}: instanceIds image {entry.instances}",
+                           ID_BYTES_PER_PIXEL)
     if array is None or array.ndim != 2 or array.dtype.kind not in "ui":
         raise CaffeError(f"{entry.where}: {entry.instances} is not a one-channel integer PNG (instanceIds)")
     if array.shape != tuple(shape):
@@ -173,31 +175,54 @@ def _read_bytes(path: Path, what: str, entry: ListEntry) -> np.ndarray:
 # Bytes per image pixel the evaluation holds at once after the forward: 19 class planes of float32
 # probabilities at the image size, their resize and the temporaries of softmax and argmax.
 BYTES_PER_PIXEL = 19 * 4 * 3
+# Bytes per pixel of a label, prediction or instanceIds image while it is scored: the decoded array (up to
+# 32-bit instanceIds), its trainIds and the masks and indices of the confusion counts.
+ID_BYTES_PER_PIXEL = 16
+
+
+def check_pixels(size: tuple[int, int], what: str, bytes_per_pixel: int = BYTES_PER_PIXEL) -> None:
+    """Refuse an image whose evaluation would need more than the memory limit: one line naming it and its size."""
+    from caffe2torch.limits import format_bytes, memory_limit
+
+    needed = int(size[0]) * int(size[1]) * bytes_per_pixel
+    if needed > memory_limit():
+        raise CaffeError(f"{what} is {size[0]}x{size[1]}: evaluating it needs {format_bytes(needed)}, more than the "
+                         f"memory limit (--max-memory)")
+
+
+def decode_checked(data: np.ndarray, flags: int, what: str, bytes_per_pixel: int) -> np.ndarray | None:
+    """cv2.imdecode, after the size the file's header states is checked against the memory limit (a small file can
+    hold a huge image); None when OpenCV cannot decode it. A format whose header is not read here is checked
+    once decoded, within OpenCV's own pixel limit."""
+    if not data.size:
+        return None
+    size = image_size(data)
+    if size is not None:
+        check_pixels(size, what, bytes_per_pixel)
+    array = cv2.imdecode(data, flags)
+    if array is not None and size is None:
+        check_pixels(array.shape[:2], what, bytes_per_pixel)
+    return array
 
 
 def read_image_bgr(entry: ListEntry) -> np.ndarray:
     """The image as H x W x 3 uint8 in OpenCV's BGR order, without EXIF rotation (MATLAB's imread ignores it).
 
-    An image too large to evaluate within the memory limit is refused here, before the
-    per-pixel class probabilities (76 bytes a pixel, three times) are allocated for it.
+    An image too large to evaluate within the memory limit is refused from its header, before it is
+    decoded and before the per-pixel class probabilities (76 bytes a pixel, three times) are allocated.
     """
-    from caffe2torch.limits import format_bytes, memory_limit
-
     data = _read_bytes(entry.image, "image", entry)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
+    image = decode_checked(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION,
+                           f"{entry.where}: image {entry.image}", BYTES_PER_PIXEL)
     if image is None:
         raise CaffeError(f"{entry.where}: image {entry.image} is not a readable image file")
-    needed = image.shape[0] * image.shape[1] * BYTES_PER_PIXEL
-    if needed > memory_limit():
-        raise CaffeError(f"{entry.where}: image {entry.image} is {image.shape[0]}x{image.shape[1]}: evaluating it "
-                         f"needs {format_bytes(needed)}, more than the memory limit (--max-memory)")
     return image
 
 
 def read_gray_png(path: Path, what: str, entry: ListEntry) -> np.ndarray | None:
     """A single-channel 8-bit PNG as H x W uint8; None when it cannot be decoded."""
     data = _read_bytes(path, what, entry)
-    array = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    array = decode_checked(data, cv2.IMREAD_UNCHANGED, f"{entry.where}: {what} {path}", ID_BYTES_PER_PIXEL)
     if array is None:
         return None
     if array.ndim != 2 or array.dtype != np.uint8:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import struct
@@ -18,10 +19,13 @@ import numpy as np
 from caffe2torch.errors import CaffeError
 from icnet_eval.cityscapes import LABEL_ID_TO_TRAIN_ID, NUM_CLASSES, color_bgr, colorize, train_ids_to_label_ids
 from icnet_eval.data import IMAGE_TAG, ListEntry
+from icnet_eval.header import image_size as header_size
+from caffe2torch.protect import ReadFiles
 from caffe2torch.write import write_atomic
 
 FORMATS = ("trainids", "labelids")
 RUN_FILE = "icnet-eval-run.json"
+LOCK_FILE = ".icnet-eval.lock"
 REPORT_FILE = "report.json"
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
@@ -87,12 +91,79 @@ def _encode_png(array: np.ndarray, path: Path, source: str | None = None) -> byt
     return data[:end] + _png_chunk(b"tEXt", SOURCE_KEY + b"\0" + source.encode("latin-1")) + data[end:]
 
 
-def write_png(path: Path, array: np.ndarray, source: str | None = None) -> None:
-    """Encode and write a PNG through a temporary file and a rename; a failure is one CaffeError line."""
+def write_png(path: Path, array: np.ndarray, source: str | None = None) -> bytes:
+    """Encode and write a PNG through a temporary file and a rename (returns its bytes); a failure is one CaffeError
+    line."""
+    data = _encode_png(array, path, source)
     try:
-        write_atomic(path, _encode_png(array, path, source))
+        write_atomic(path, data)
     except OSError as error:
         raise CaffeError(f"{path}: cannot write ({error.strerror or error})") from None
+    return data
+
+
+SEGMENT_FILES = "icnet-segment.json"
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class OutputFolder:
+    """A folder a command writes loose files into (icnet-eval segment's -o). A file already there is replaced only
+    when this tool wrote it (listed with its sha256 in icnet-segment.json and unchanged since), never a file of the
+    user's, and never a file the run reads."""
+
+    def __init__(self, folder: Path, read: ReadFiles, manifest_name: str = SEGMENT_FILES) -> None:
+        self.folder, self.read = Path(folder), read
+        self.manifest = self.folder / manifest_name
+        self.files = self._load()
+        self.changed, self.saved = False, time.monotonic()
+
+    def _load(self) -> dict[str, str]:
+        if not self.manifest.exists() and not self.manifest.is_symlink():
+            return {}
+        problem = f"{self.manifest}: is not the list of files icnet-eval segment wrote; remove it or choose another -o"
+        if self.manifest.is_symlink() or not self.manifest.is_file():
+            raise CaffeError(problem)
+        try:
+            data = json.loads(self.manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise CaffeError(problem) from None
+        files = data.get("files") if isinstance(data, dict) else None
+        if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+            raise CaffeError(problem)
+        return files
+
+    def ours(self, path: Path) -> bool:
+        digest = self.files.get(path.name)
+        return (digest is not None and path.parent.resolve() == self.folder.resolve() and not path.is_symlink()
+                and path.is_file() and _sha256_file(path) == digest)
+
+    def check(self, targets: list[Path]) -> None:
+        """Refuse, before any work, every target that is read by the run or is a file this tool did not write."""
+        self.read.check_file(self.manifest, "-o")
+        for target in targets:
+            self.read.check_file(target, "-o")
+            if (target.exists() or target.is_symlink()) and not self.ours(target):
+                raise CaffeError(f"{target}: exists and was not written by icnet-eval segment (it is not in "
+                                 f"{self.manifest.name}); move it away or choose another -o")
+
+    def record(self, path: Path, data: bytes | None = None) -> None:
+        self.files[path.name] = hashlib.sha256(data).hexdigest() if data is not None else _sha256_file(path)
+        self.changed = True
+        if time.monotonic() - self.saved > 5.0:  # a run killed outright leaves at most 5 s of files unlisted
+            self.save()
+
+    def save(self) -> None:
+        if self.changed:
+            write_atomic(self.manifest, (json.dumps({"files": self.files}, indent=1, sort_keys=True) + "\n").encode())
+            self.changed = False
+        self.saved = time.monotonic()
 
 
 class OutputStore:
@@ -150,9 +221,10 @@ class OutputStore:
             write_png(paths[kind], array, source if kind == self.main_kind else None)
 
     @staticmethod
-    def _decode_complete(path: Path, flags: int, source: str | None = None) -> np.ndarray | None:
-        """The decoded PNG, or None when it is missing, cut short, unreadable or (with `source`) made
-        from another version of the input."""
+    def _decode_complete(path: Path, flags: int, source: str | None = None,
+                         size: tuple[int, int] | None = None) -> np.ndarray | None:
+        """The decoded PNG, or None when it is missing, cut short, unreadable, (with `source`) made from another
+        version of the input or (with `size`, read from its header before decoding) of another size."""
         try:
             data = path.read_bytes()
         except OSError:
@@ -160,6 +232,8 @@ class OutputStore:
         if not data.endswith(_PNG_END):  # interrupted copy or a foreign partial file: checked before decoding
             return None
         if source is not None and png_text(data, SOURCE_KEY) != source:
+            return None
+        if size is not None and header_size(data) != tuple(size):
             return None
         return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
 
@@ -172,7 +246,7 @@ class OutputStore:
         if not self.resume:
             return None
         paths = self.paths(entry)
-        ids = self._decode_complete(paths[self.main_kind], cv2.IMREAD_UNCHANGED, source_id(entry.image))
+        ids = self._decode_complete(paths[self.main_kind], cv2.IMREAD_UNCHANGED, source_id(entry.image), image_size)
         if ids is None or ids.ndim != 2 or ids.dtype != np.uint8 or ids.shape != tuple(image_size):
             return None
         if self.output_format == "trainids":
@@ -183,25 +257,24 @@ class OutputStore:
             train_ids = LABEL_ID_TO_TRAIN_ID[ids]
             if (train_ids == 255).any():
                 return None
-        color = self._decode_complete(paths["color"], cv2.IMREAD_COLOR)
+        color = self._decode_complete(paths["color"], cv2.IMREAD_COLOR, size=image_size)
         if color is None or not np.array_equal(color[..., ::-1], colorize(train_ids)):
             return None
         return train_ids
 
 
-def check_outputs_apart(store: OutputStore, entries: list[ListEntry]) -> None:
-    """Refuse an --out where a prediction would be written over (or, with --redo, delete) an input file."""
-    inputs: dict[Path, ListEntry] = {}
+def check_outputs_apart(store: OutputStore, entries: list[ListEntry], read: ReadFiles | None = None) -> None:
+    """Refuse an --out where a file of the run (a prediction, the report, the run file, the lock) would be written
+    over (or, with --redo, delete) a file the run reads: an image, a label, the list, the weights, the definition."""
+    read = read or ReadFiles()
     for entry in entries:
-        for path in (entry.image, entry.label):
-            if path is not None:
-                inputs[path.resolve()] = entry
+        read.add(entry.image, f"the image of {entry.where}")
+        read.add(entry.label, f"the label of {entry.where}")
     for entry in entries:
         for path in store.paths(entry).values():
-            other = inputs.get(path.resolve())
-            if other is not None:
-                raise CaffeError(f"--out {store.out}: the prediction {path} of {entry.where} is an input file of "
-                                 f"{other.where}; choose another --out")
+            read.check_file(path, "--out")
+    for name in (REPORT_FILE, RUN_FILE, LOCK_FILE):
+        read.check_file(store.out / name, "--out")
 
 
 def lock_out_dir(out: Path):
@@ -209,7 +282,7 @@ def lock_out_dir(out: Path):
 
     Two runs writing one --out at once would interleave predictions of different settings.
     """
-    path = out / ".icnet-eval.lock"
+    path = out / LOCK_FILE
     handle = open(path, "a+", encoding="ascii")  # noqa: SIM115 - held until the run ends
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

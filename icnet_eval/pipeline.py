@@ -16,6 +16,7 @@ import torch
 
 from caffe2torch.errors import CaffeError
 from caffe2torch.limits import available_cores
+from caffe2torch.protect import ReadFiles
 from icnet_eval.cityscapes import CLASS_NAMES
 from icnet_eval.data import EvaluationDataset, ListEntry, make_loader, parse_list
 from icnet_eval.metrics import ConfusionCounts, image_instance_terms
@@ -251,7 +252,8 @@ def evaluate(options: EvalOptions, model: LoadedModel | None = None,
     if model is None:
         model = load_model(options.weights, options.prototxt, options.input_size, options.verify_md5,
                            on_warning=lambda message: echo(f"warning: {message}"))
-    check_outputs_apart(store, entries)
+    check_outputs_apart(store, entries, ReadFiles([(options.list_path, "the list"), (options.weights, "the weights"),
+                                                   (options.prototxt, "the net definition")]))
     prepare_out_dir(out)
     # the settings a user can name come first: the error names the first one that differs
     fingerprint = {"weights_md5": model.md5, "input_size": list(model.input_size),

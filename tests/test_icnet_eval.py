@@ -451,7 +451,8 @@ def test_predictions_never_overwrite_or_delete_inputs(tmp_path, dataset, weights
     for extra in ((), ("--redo",)):
         result = run_cli(eval_args(root, weights, root, *extra, list_name="in_out.txt"))
         assert result.exit_code == 2, result.output
-        assert "is an input file of" in result.stderr and "choose another --out" in result.stderr
+        assert "is the image of" in result.stderr and "which this run reads" in result.stderr
+        assert "choose another --out" in result.stderr
         assert (root / "gray" / f"{stem}.png").read_bytes() == before
 
 

@@ -319,7 +319,8 @@ def test_segment_runs_the_evaluation_modes(tmp_path, small_set):
                                      "--fast-dtype", "float16", *common])
     assert fast.exit_code == 0, fast.output
     assert sorted(p.name for p in (tmp_path / "fast").iterdir()) == ["c0_color.png", "c0_overlay.png",
-                                                                     "c1_color.png", "c1_overlay.png"]
+                                                                     "c1_color.png", "c1_overlay.png",
+                                                                     "icnet-segment.json"]
     wrong = CliRunner().invoke(main, ["segment", str(images), "-o", str(tmp_path / "x"), "--fast-dtype", "float16",
                                       *common])
     assert wrong.exit_code != 0 and "--fast-dtype needs --fast" in wrong.stderr and not (tmp_path / "x").exists()

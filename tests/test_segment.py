@@ -1,0 +1,205 @@
+"""icnet-eval segment and the image readers: never a file of the user's or of the run's inputs written, every output
+named apart, and image sizes checked from their headers before anything is decoded."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from icnet_eval.cli import main
+from icnet_eval.demo import street_scene
+from icnet_eval.header import image_size
+from icnet_eval.model import write_untrained_caffemodel
+from icnet_eval.netdef import icnet_prototxt
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("net")
+    weights = write_untrained_caffemodel(folder / "icnet_untrained.caffemodel", seed=1)
+    prototxt = folder / "small.prototxt"
+    prototxt.write_text(icnet_prototxt(193, 385, False))
+    return weights, prototxt
+
+
+def _image(path: Path, seed: int = 10) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), street_scene(seed, (64, 128))[0][..., ::-1])
+    return path
+
+
+def _segment(net, source: Path, out: Path, *extra: str):
+    weights, prototxt = net
+    return CliRunner().invoke(main, ["segment", str(source), "--weights", str(weights), "--prototxt", str(prototxt),
+                                     "--device", "cpu", "-o", str(out), *extra])
+
+
+def _one_line_error(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("icnet-eval: error")]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_the_input_folder_is_never_the_output_folder(net, tmp_path):
+    """`segment f -o f` overwrote the user's f/a_color.png and then segmented its own outputs."""
+    folder = tmp_path / "f"
+    _image(folder / "a.png")
+    (folder / "a_color.png").write_bytes(b"the user's own file")
+    before = _files(folder)
+    line = _one_line_error(_segment(net, folder, folder))
+    assert "is the folder of the images being segmented" in line
+    assert _files(folder) == before
+
+
+def test_files_of_the_user_are_never_replaced_and_own_files_are(net, tmp_path):
+    source = _image(tmp_path / "in" / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a_overlay.png").write_bytes(b"mine")
+    line = _one_line_error(_segment(net, source, out))
+    assert "a_overlay.png: exists and was not written by icnet-eval segment" in line
+    assert _files(out) == {"a_overlay.png": b"mine"}
+    (out / "a_overlay.png").unlink()
+    first = _segment(net, source, out)
+    assert first.exit_code == 0, first.output
+    written = _files(out)
+    assert sorted(written) == ["a_color.png", "a_overlay.png", "icnet-segment.json"]
+    again = _segment(net, source, out)  # its own earlier outputs are replaced
+    assert again.exit_code == 0, again.output
+    assert _files(out) == written
+    (out / "a_color.png").write_bytes(b"edited by the user")  # changed since: the user's now
+    line = _one_line_error(_segment(net, source, out))
+    assert "a_color.png: exists and was not written" in line
+    assert (out / "a_color.png").read_bytes() == b"edited by the user"
+
+
+def test_inputs_of_the_run_are_never_written(net, tmp_path):
+    """An image named like another image's output: the second would overwrite the first input."""
+    folder = tmp_path / "in"
+    _image(folder / "a.png")
+    _image(folder / "b.png", seed=11)
+    out = tmp_path / "out"
+    _image(out / "a.png")  # a file the run reads lives in -o
+    single = _segment(net, out / "a.png", out)
+    assert single.exit_code == 0, single.output  # a_color.png beside its image is no input
+    weights, _ = net
+    clash = _segment(net, folder / "a.png", weights.parent)  # writes beside the weights: allowed, they differ
+    assert clash.exit_code == 0, clash.output
+    renamed = tmp_path / "x"
+    _image(renamed / "a.png")
+    _image(renamed / "a_color.png", seed=12)
+    result = _segment(net, renamed / "a.png", renamed)
+    line = _one_line_error(result)  # a_color.png is an image of the user's (and an input of another run)
+    assert "a_color.png: exists and was not written" in line
+
+
+def test_images_sharing_a_stem_get_outputs_of_their_own(net, tmp_path):
+    """a.png and a.jpg both became a_color.png: 4 files reported, 2 written."""
+    folder = tmp_path / "in"
+    _image(folder / "a.png")
+    _image(folder / "a.jpg", seed=11)
+    out = tmp_path / "out"
+    result = _segment(net, folder, out)
+    assert result.exit_code == 0, result.output
+    assert "wrote 4 files" in result.stderr
+    names = sorted(p.name for p in out.iterdir() if p.suffix == ".png")
+    assert names == ["a.jpg_color.png", "a.jpg_overlay.png", "a.png_color.png", "a.png_overlay.png"]
+    assert not np.array_equal(cv2.imread(str(out / "a.jpg_overlay.png")), cv2.imread(str(out / "a.png_overlay.png")))
+
+
+def _png_claiming(path: Path, height: int, width: int) -> Path:
+    """A valid small PNG whose header states another size: what a hostile 200 KB file of 6000 x 12000 looks like
+    to every reader before it decodes."""
+    ok, encoded = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))
+    data = bytearray(encoded.tobytes())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR's data follows its length and type at 8..16
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # the CRC of type and data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_huge_images_are_refused_from_their_header_before_decoding(net, tmp_path, monkeypatch):
+    import icnet_eval.data
+
+    huge = _png_claiming(tmp_path / "in" / "huge.png", 6000, 12000)
+    assert image_size(np.fromfile(huge, dtype=np.uint8)) == (6000, 12000)
+    decoded = []
+    real = icnet_eval.data.cv2.imdecode
+    monkeypatch.setattr(icnet_eval.data.cv2, "imdecode", lambda *a: decoded.append(a) or real(*a))
+    line = _one_line_error(_segment(net, huge, tmp_path / "out", "--max-memory", "2G"))
+    assert "huge.png is 6000x12000" in line and "more than the memory limit" in line
+    assert decoded == [] and not (tmp_path / "out" / "huge_color.png").exists()
+    # the evaluation reads images, labels and predictions the same way
+    weights, prototxt = net
+    (tmp_path / "list.txt").write_text("in/huge.png\n")
+    result = CliRunner().invoke(main, ["--list", str(tmp_path / "list.txt"), "--data-root", str(tmp_path),
+                                       "--weights", str(weights), "--prototxt", str(prototxt), "--device", "cpu",
+                                       "--workers", "0", "--out", str(tmp_path / "eval"), "--max-memory", "2G"])
+    assert "huge.png is 6000x12000" in _one_line_error(result)
+    assert decoded == []
+
+
+def test_video_frames_are_checked_against_the_memory_limit(net, tmp_path):
+    video = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 4, (1024, 512))
+    for _ in range(2):
+        writer.write(street_scene(10, (512, 1024))[0])
+    writer.release()
+    # the small net fits 100 MiB, a frame's class scores at 512 x 1024 (114 MiB) do not
+    line = _one_line_error(_segment(net, video, tmp_path / "out", "--max-memory", "100M"))
+    assert "clip.mp4: a frame is 512x1024" in line
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    result = _segment(net, video, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["clip_overlay.mp4", "icnet-segment.json"]
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".bmp", ".webp", ".tiff", ".ppm", ".pgm", ".pam", ".hdr", ".ras",
+                                    ".gif"])
+def test_header_sizes_match_what_opencv_decodes(suffix):
+    rng = np.random.default_rng(0)
+    for height, width in ((1, 1), (7, 13), (300, 17), (1025, 2049)):
+        image = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+        if suffix == ".pgm":
+            image = image[..., 0]
+        ok, encoded = cv2.imencode(suffix, image)
+        assert ok
+        assert image_size(encoded) == (height, width)
+        assert cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED).shape[:2] == (height, width)
+    assert image_size(b"not an image at all") is None
+    assert image_size(encoded.tobytes()[:20]) in (None, (height, width))  # a cut header: None, never an exception
+
+
+def test_json_reports_never_replace_what_the_run_reads(net, tmp_path):
+    weights, prototxt = net
+    before = prototxt.read_bytes()
+    result = CliRunner().invoke(main, ["time", "--weights", str(weights), "--prototxt", str(prototxt),
+                                       "--device", "cpu", "--iterations", "1", "--warmup", "0",
+                                       "--json", str(prototxt)])
+    assert "is the net definition, which this run reads" in _one_line_error(result)
+    assert prototxt.read_bytes() == before
+    image = _image(tmp_path / "img.png")
+    (tmp_path / "list.txt").write_text("img.png img.png\n")
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    for target, what in ((tmp_path / "list.txt", "is the list"), (image, "is the label of"),
+                         (preds / "x.json", "is inside the prediction folder")):
+        data = target.read_bytes() if target.exists() else None
+        result = CliRunner().invoke(main, ["score", "--list", str(tmp_path / "list.txt"), "--data-root",
+                                           str(tmp_path), "--pred-dir", str(preds), "--json", str(target)])
+        assert what in _one_line_error(result)
+        assert (target.read_bytes() if target.exists() else None) == data
