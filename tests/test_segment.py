@@ -203,3 +203,42 @@ def test_json_reports_never_replace_what_the_run_reads(net, tmp_path):
                                            str(tmp_path), "--pred-dir", str(preds), "--json", str(target)])
         assert what in _one_line_error(result)
         assert (target.read_bytes() if target.exists() else None) == data
+
+
+def test_damaged_images_and_videos_end_in_one_line_or_a_result(net, tmp_path):
+    """Seeded mutations (bytes flipped, headers rewritten, files cut) of an image and a video: segment either
+    segments what it can decode or stops with one line, never a traceback."""
+    rng = np.random.default_rng(1234)
+    image = cv2.imencode(".png", street_scene(10, (64, 128))[0])[1].tobytes()
+    jpeg = cv2.imencode(".jpg", street_scene(11, (64, 128))[0])[1].tobytes()
+    video = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 4, (128, 64))
+    writer.write(street_scene(10, (64, 128))[0])
+    writer.release()
+    clip = video.read_bytes()
+    outcomes = set()
+    for case in range(24):
+        original, suffix = [(image, ".png"), (jpeg, ".jpg"), (clip, ".mp4")][case % 3]
+        data = bytearray(original)
+        kind = case // 3 % 4
+        if kind == 0:  # a cut file
+            data = data[:int(rng.integers(1, len(data)))]
+        elif kind == 1:  # random bytes flipped, the header included
+            for position in rng.integers(0, min(len(data), 64), 4):
+                data[position] ^= int(rng.integers(1, 256))
+        elif kind == 2:  # sizes in the header rewritten to extremes
+            position = int(rng.integers(8, min(len(data) - 4, 40)))
+            data[position:position + 4] = bytes(rng.choice([b"\xff\xff\xff\xff", b"\x00\x00\x00\x00",
+                                                            b"\x7f\xff\xff\xff"]))
+        else:  # noise after a valid start
+            data[len(data) // 2:] = rng.integers(0, 256, len(data) - len(data) // 2, dtype=np.uint8).tobytes()
+        source = tmp_path / f"case{case}{suffix}"
+        source.write_bytes(bytes(data))
+        assert image_size(bytes(data)) is None or len(image_size(bytes(data))) == 2
+        result = _segment(net, source, tmp_path / f"out{case}", "--max-memory", "4G")
+        assert result.exit_code in (0, 2), (case, result.output)
+        assert result.exception is None or isinstance(result.exception, SystemExit), (case, result.exception)
+        if result.exit_code == 2:
+            _one_line_error(result)
+        outcomes.add(result.exit_code)
+    assert outcomes == {0, 2}  # the mutations do reach both ends
