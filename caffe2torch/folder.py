@@ -117,10 +117,14 @@ def check_target(folder: Path, force: bool, read: ReadFiles | None = None) -> No
 
 def _staged(parent: Path, name: str, files: dict[str, bytes]) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=parent))
-    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the result is an ordinary folder
-    for file_name, data in files.items():
-        (staging / file_name).write_bytes(data)
-        (staging / file_name).chmod(0o666 & ~current_umask())
+    try:
+        staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the result is an ordinary folder
+        for file_name, data in files.items():
+            (staging / file_name).write_bytes(data)
+            (staging / file_name).chmod(0o666 & ~current_umask())
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return staging
 
 
