@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from caffe2torch.modules import Pool2d, _float32_if_half, _kwargs
+from caffe2torch.modules import _float32_if_half, _kwargs, caffe_pool2d, dims
 
 
 class Clip(nn.Module):
@@ -116,26 +116,28 @@ def spp_level(size: int, level: int) -> tuple[int, int]:
 
 
 class SPP(nn.Module):
-    """spp_layer.cpp: Caffe pooling (`Pool2d`) at 1, 2, 4, ... bins per axis, each flattened, concatenated on
-    the channels; a pyramid of height 1 is the one pooling, unflattened ([N, C, 1, 1])."""
+    """spp_layer.cpp: Caffe pooling at 1, 2, 4, ... bins per axis of the input it gets (kernel = stride =
+    ceil(size / bins)), each flattened, concatenated on the channels; a pyramid of height 1 is the one pooling,
+    unflattened ([N, C, 1, 1])."""
 
-    def __init__(self, method: str, pyramid_height: int, input_size: tuple) -> None:
+    def __init__(self, method: str, pyramid_height: int) -> None:
         super().__init__()
         self.method, self.pyramid_height = method, int(pyramid_height)
-        self.input_size = tuple(int(n) for n in input_size)
-        levels = []
-        for level in range(self.pyramid_height):
-            (kh, ph), (kw, pw) = (spp_level(n, level) for n in self.input_size)
-            levels.append(Pool2d(method, (kh, kw), (kh, kw), (ph, pw), self.input_size))
-        self.levels = nn.ModuleList(levels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pyramid_height == 1:
-            return self.levels[0](x)
-        return torch.cat([pool(x).flatten(1) for pool in self.levels], dim=1)
+        return caffe_spp(x, self.method, self.pyramid_height)
 
     def extra_repr(self) -> str:
-        return _kwargs(method=self.method, pyramid_height=self.pyramid_height, input_size=self.input_size)
+        return _kwargs(method=self.method, pyramid_height=self.pyramid_height)
+
+
+@torch.fx.wrap
+def caffe_spp(x: torch.Tensor, method: str, pyramid_height: int) -> torch.Tensor:
+    pooled = []
+    for level in range(pyramid_height):
+        (kh, ph), (kw, pw) = (spp_level(n, level) for n in dims(x, -2, -1))
+        pooled.append(caffe_pool2d(x, method, (kh, kw), (kh, kw), (ph, pw), (ph, pw)))
+    return pooled[0] if pyramid_height == 1 else torch.cat([p.flatten(1) for p in pooled], dim=1)
 
 
 class Embed(nn.Module):

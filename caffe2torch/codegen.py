@@ -25,8 +25,8 @@ from caffe2torch.errors import CaffeError
 from caffe2torch.model import META_KEY, LayerCall, NetInfo, net_info, python_names
 
 WEIGHTS_FILE = "weights.pt"
-# What a converted net's graph calls besides its modules: the input-shape checks and multi-top unpacking.
-_ALLOWED_FUNCTIONS = {operator.getitem, operator.eq, torch._assert}
+# What a converted net's graph calls besides its modules: multi-top unpacking.
+_ALLOWED_FUNCTIONS = {operator.getitem}
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _DECONV = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -146,7 +146,6 @@ def generate_source(net: fx.GraphModule, origin: str = "") -> str:
     taken: set[str] = set()  # locals of forward(); python_names keeps clear of self, torch and the like
     blob_names = python_names([info.input_names[i] for i in range(len(info.input_names))], taken, prefix="input")
     forward: list[str] = []
-    checks: list[str] = []
     local_names: dict[str, str] = {}
 
     def variable(blob: str) -> str:
@@ -158,12 +157,6 @@ def generate_source(net: fx.GraphModule, origin: str = "") -> str:
     for node, blob, arg in zip(placeholders, info.input_names, blob_names):
         local_names[blob] = arg
         variables[node] = arg
-    for blob, shape in info.inputs.items():
-        fixed = tuple(shape[1:]) if len(shape) > 1 else tuple(shape)
-        size = f"{local_names[blob]}.shape[1:]" if len(shape) > 1 else f"{local_names[blob]}.shape"
-        wanted = "N" + "".join(f"x{d}" for d in fixed) if len(shape) > 1 else "x".join(map(str, shape))
-        message = (f"input {blob!r} must have shape {wanted}; it was converted for {'x'.join(map(str, shape))}")
-        checks.append(f"        torch._assert({size} == {fixed!r}, {ascii(message)})")
     for node in net.graph.nodes:
         call = node.meta.get(META_KEY)
         if node.op == "call_module" and isinstance(call, LayerCall):
@@ -192,7 +185,8 @@ def generate_source(net: fx.GraphModule, origin: str = "") -> str:
         "",
         "`load()` returns the net with the weights stored beside this file (a state_dict, loadable with",
         "`torch.load(..., weights_only=True)`); `python model.py` runs one forward on zeros of the shape",
-        "the net was converted for and prints each output's name and shape. Variables in `forward` are",
+        "the net was converted for (INPUT_SHAPES, an example: sizes come from the inputs, as Caffe's",
+        "Reshape() computes them) and prints each output's name and shape. Variables in `forward` are",
         "named after Caffe's blobs, modules after Caffe's layers (names sanitised for Python).",
         '"""',
         f"# Caffe net name: {ascii(info.name)}",
@@ -228,7 +222,6 @@ def generate_source(net: fx.GraphModule, origin: str = "") -> str:
         *constructors,
         "",
         f"    def forward(self, {', '.join(blob_names)}):",
-        *checks,
         *forward,
         "",
         "",
@@ -275,7 +268,7 @@ def check_standalone(net: fx.GraphModule) -> None:
             raise CaffeError("this graph was changed by a pass (e.g. caffe2torch.fast.optimize); "
                              "save the converted net itself")
         foreign = (node.op == "call_function" and node.target not in _ALLOWED_FUNCTIONS
-                   or node.op == "call_method" and node.target != "size" or node.op == "get_attr")
+                   or node.op == "call_method" or node.op == "get_attr")
         if foreign:
             raise CaffeError(f"the graph calls {node.target}, which a converted net does not; "
                              f"save the converted net itself")

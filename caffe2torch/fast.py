@@ -32,7 +32,7 @@ from torch import fx, nn
 
 from caffe2torch.errors import CaffeError
 from caffe2torch.model import net_info, unexportable_layers
-from caffe2torch.modules import Eltwise, Interp, Pool2d
+from caffe2torch.modules import Eltwise, Interp, Pool2d, caffe_pool2d, dims, interp_size, pool_geometry
 from caffe2torch.passes import call_of, fold_norms, merge_into, module_of, only_user, replace_calls
 
 FRESH = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear,
@@ -67,37 +67,61 @@ class ConvReLU(nn.Module):
 
 
 class FastInterp(nn.Module):
-    """Corner-aligned bilinear resize by torch's kernel (exact subsampling when the step is an integer)."""
+    """Corner-aligned bilinear resize by torch's kernel (exact subsampling when the step is an integer), at the
+    size the fork's rules give for the input it gets."""
 
     def __init__(self, interp: Interp, channels_last: bool) -> None:
         super().__init__()
-        self.pad_beg, self.cropped, self.output_size = interp.pad_beg, interp.cropped, interp.output_size
-        self.memory = torch.channels_last if channels_last else torch.contiguous_format
+        self.shrink, self.zoom, self.height, self.width = interp.shrink, interp.zoom, interp.height, interp.width
+        self.pad_beg, self.pad_end, self.channels_last = interp.pad_beg, interp.pad_end, bool(channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        start = -self.pad_beg
-        (height, width), (out_h, out_w) = self.cropped, self.output_size
-        x = x[:, :, start:start + height, start:start + width]
-        if (height, width) == (out_h, out_w):
-            return x.clone(memory_format=self.memory)
-        if (height, width) == (1, 1):
-            return x.expand(-1, -1, out_h, out_w).contiguous(memory_format=self.memory)
-        steps = [(n - 1) // (m - 1) if m > 1 and (n - 1) % (m - 1) == 0 else 0
-                 for n, m in ((height, out_h), (width, out_w))]
-        if all(steps):  # source positions fall exactly on samples
-            return x[:, :, :: steps[0], :: steps[1]].contiguous(memory_format=self.memory)
-        # torch keeps the input's layout; a 1-pixel-wide map is ambiguous, so say which.
-        return F.interpolate(x.contiguous(memory_format=self.memory), size=(out_h, out_w), mode="bilinear",
-                             align_corners=True)
+        return fast_interp(x, self.shrink, self.zoom, self.height, self.width, self.pad_beg, self.pad_end,
+                           self.channels_last)
 
 
-class FastMaxPool(nn.MaxPool2d):
-    """torch's ceil-mode MAX pooling where its window layout is Caffe's, with Caffe's special values kept:
-    NaN never wins and a window of nothing but -inf gives the dtype's lowest value (-FLT_MAX in float32)."""
+@torch.fx.wrap
+def fast_interp(x: torch.Tensor, shrink, zoom, height, width, pad_beg: int, pad_end: int,
+                channels_last: bool) -> torch.Tensor:
+    memory = torch.channels_last if channels_last else torch.contiguous_format
+    height_in, width_in = (n + pad_beg + pad_end for n in dims(x, -2, -1))
+    out_h, out_w = interp_size((height_in, width_in), shrink, zoom, height, width)
+    start = -pad_beg
+    x = x[:, :, start:start + height_in, start:start + width_in]
+    if (height_in, width_in) == (out_h, out_w):
+        return x.clone(memory_format=memory)
+    if (height_in, width_in) == (1, 1):
+        return x.expand(-1, -1, out_h, out_w).contiguous(memory_format=memory)
+    steps = [(n - 1) // (m - 1) if m > 1 and (n - 1) % (m - 1) == 0 else 0
+             for n, m in ((height_in, out_h), (width_in, out_w))]
+    if all(steps):  # source positions fall exactly on samples
+        return x[:, :, :: steps[0], :: steps[1]].contiguous(memory_format=memory)
+    # torch keeps the input's layout; a 1-pixel-wide map is ambiguous, so say which.
+    return F.interpolate(x.contiguous(memory_format=memory), size=(out_h, out_w), mode="bilinear", align_corners=True)
+
+
+class FastMaxPool(nn.Module):
+    """torch's ceil-mode MAX pooling where its window layout is Caffe's for the input it gets (else Caffe's own), with
+    Caffe's special values kept: NaN never wins and a window of nothing but -inf gives the dtype's lowest value
+    (-FLT_MAX in float32)."""
+
+    def __init__(self, kernel: tuple, stride: tuple, pad: tuple) -> None:
+        super().__init__()
+        self.kernel, self.stride, self.pad = tuple(kernel), tuple(stride), tuple(pad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.nan_to_num(x, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
-        return torch.nan_to_num(super().forward(x), nan=0.0, posinf=math.inf, neginf=None)
+        return fast_max_pool(x, self.kernel, self.stride, self.pad)
+
+
+@torch.fx.wrap
+def fast_max_pool(x: torch.Tensor, kernel: tuple, stride: tuple, pad: tuple) -> torch.Tensor:
+    size = dims(x, -2, -1)
+    torch_size = tuple(_torch_pool_size(*a) for a in zip(size, kernel, stride, pad))
+    if torch_size != pool_geometry(size, kernel, stride, pad, pad, True)[0]:
+        return caffe_pool2d(x, "MAX", kernel, stride, pad, pad)  # Caffe keeps a window torch drops: stay exact
+    x = torch.nan_to_num(x, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    y = F.max_pool2d(x, kernel, stride, pad, ceil_mode=True)
+    return torch.nan_to_num(y, nan=0.0, posinf=math.inf, neginf=None)
 
 
 class FastSum(nn.Module):
@@ -123,17 +147,16 @@ def _torch_pool_size(size: int, kernel: int, stride: int, pad: int) -> int:
 
 
 def _lean_pool(pool: Pool2d) -> nn.Module | None:
-    if pool.method != "MAX" or pool.mask or not pool.ceil or pool.pad_end != pool.pad or \
-            any(2 * p > k for p, k in zip(pool.pad, pool.kernel)):
+    if pool.method != "MAX" or pool.mask or not pool.ceil or pool.same or pool.kernel is None or \
+            pool.pad_end != pool.pad or any(2 * p > k for p, k in zip(pool.pad, pool.kernel)):
         return None
-    if tuple(_torch_pool_size(*a) for a in zip(pool.input_size, pool.kernel, pool.stride, pool.pad)) != pool.output_size:
-        return None  # Caffe keeps a window torch drops (empty windows): stay exact
-    return FastMaxPool(pool.kernel, pool.stride, pool.pad, ceil_mode=True)
+    return FastMaxPool(pool.kernel, pool.stride, pool.pad)
 
 
 def _owned(net: fx.GraphModule, value: fx.Node, reader: fx.Node) -> bool:
     """Whether `reader` may overwrite `value`: a fresh tensor of a module call that nothing else reads."""
-    return (value.op == "call_module" and isinstance(module_of(net, value), FRESH + (FastSum, ConvReLU, FastInterp))
+    fresh = FRESH + (FastSum, ConvReLU, FastInterp, FastMaxPool)
+    return (value.op == "call_module" and isinstance(module_of(net, value), fresh)
             and only_user(value) is reader and reader.args.count(value) == 1)
 
 

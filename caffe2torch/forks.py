@@ -9,34 +9,46 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from caffe2torch.modules import _float32_if_half, _kwargs
+from caffe2torch.modules import TableCache, _float32_if_half, _kwargs, dims
 
 
 class MaxUnpool(nn.Module):
-    """SegNet's Upsample with a mask: a zero map of `output_size`, each value written at its mask index.
+    """SegNet's Upsample with a mask: a zero map of the output size, each value written at its mask index.
 
-    The mask is MAX pooling's second top, a flat h * W + w index into the output plane (stored as
-    floats, as Caffe stores it). The fork skips no index; a negative one (an empty pooling
-    window's -1) would write before the plane there, and is dropped here.
+    The output size is upsample_layer.cpp's Reshape of the input it gets: `size` (upsample_h, upsample_w) when
+    given, else the input's size times `scale` less `pad_out`. The mask is MAX pooling's second top, a flat
+    h * W + w index into the output plane (stored as floats, as Caffe stores it). The fork skips no index; a
+    negative one (an empty pooling window's -1) would write before the plane there, and is dropped here.
     """
 
-    def __init__(self, output_size: tuple) -> None:
+    def __init__(self, size: tuple | None = None, scale: tuple = (2, 2), pad_out: tuple = (0, 0)) -> None:
         super().__init__()
-        self.output_size = tuple(int(n) for n in output_size)
+        self.size = None if size is None else tuple(int(n) for n in size)
+        self.scale, self.pad_out = tuple(int(n) for n in scale), tuple(int(n) for n in pad_out)
+
+    def output_size(self, size: tuple) -> tuple:
+        if self.size is not None:
+            return self.size
+        return tuple(n * s - p for n, s, p in zip(size, self.scale, self.pad_out))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        n, c = x.shape[:2]
-        index = mask.reshape(n, c, -1).long()
-        values = x.reshape(n, c, -1)
-        keep = index >= 0
-        out = x.new_zeros(n, c, self.output_size[0] * self.output_size[1] + 1)
-        # Dropped entries go to a spare last slot, cut off below (scatter needs a valid index).
-        slot = torch.where(keep, index, torch.full_like(index, out.shape[2] - 1))
-        out = out.scatter(2, slot, values)
-        return out[:, :, :-1].reshape(n, c, *self.output_size)
+        return max_unpool(x, mask, self.output_size(dims(x, -2, -1)))
 
     def extra_repr(self) -> str:
-        return _kwargs(output_size=self.output_size)
+        return _kwargs(size=self.size, scale=self.scale, pad_out=self.pad_out)
+
+
+@torch.fx.wrap
+def max_unpool(x: torch.Tensor, mask: torch.Tensor, size: tuple) -> torch.Tensor:
+    n, c = x.shape[:2]
+    index = mask.reshape(n, c, -1).long()
+    values = x.reshape(n, c, -1)
+    keep = index >= 0
+    out = x.new_zeros(n, c, size[0] * size[1] + 1)
+    # Dropped entries go to a spare last slot, cut off below (scatter needs a valid index).
+    slot = torch.where(keep, index, torch.full_like(index, out.shape[2] - 1))
+    out = out.scatter(2, slot, values)
+    return out[:, :, :-1].reshape(n, c, size[0], size[1])
 
 
 class DropoutScaledAtTest(nn.Module):
@@ -131,20 +143,20 @@ class Axpy(nn.Module):
         return y + scale * x
 
 
-def resize_table(size_in: int, size_out: int, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def resize_table(size_in: int, size_out: int, mode: str, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """synopsys-caffe's compute_interpolation_weights along one axis: lower and upper source index, lerp.
 
     scale = (in - 1) / (out - 1) with align_corners (out > 1), else in / out, in float32; the source
     position is i * scale, or (i + 0.5) * scale - 0.5 for the half-pixel modes (pytorch_half_pixel: -0.5
     for a single output), each step rounded to float32 as the fork's float arithmetic.
     """
-    n_in = torch.tensor(float(size_in), dtype=torch.float32)
-    n_out = torch.tensor(float(size_out), dtype=torch.float32)
+    n_in = torch.full((), size_in, dtype=torch.float32, device=device)
+    n_out = torch.full((), size_out, dtype=torch.float32, device=device)
     if mode == "align_corners" and size_out > 1:
         scale = (n_in - 1) / (n_out - 1)
     else:
         scale = n_in / n_out
-    i = torch.arange(size_out, dtype=torch.float32)
+    i = torch.arange(size_out, dtype=torch.float32, device=device)
     if mode in ("half_pixel_centers", "pytorch_half_pixel"):
         position = (i + 0.5) * scale - 0.5
         if mode == "pytorch_half_pixel" and size_out == 1:
@@ -157,40 +169,64 @@ def resize_table(size_in: int, size_out: int, mode: str) -> tuple[torch.Tensor, 
     return lower, upper, position - floor
 
 
-class ResizeBilinear(nn.Module):
-    """synopsys-caffe's ResizeBilinear (TensorFlow's resize_bilinear) on N x C x H x W.
+def resized_size(size: tuple, output_size: tuple, scale: tuple) -> tuple:
+    """The fork's top size: output_height / output_width where given, else floor(size * scale) in float32."""
+    return tuple(given if given is not None else
+                 int(torch.floor(torch.full((), n, dtype=torch.float32) * torch.tensor(f, dtype=torch.float32)))
+                 for n, given, f in zip(size, output_size, scale))
 
-    Each output is top + (bottom - top) * y_lerp, where top and bottom are left + (right - left) * x_lerp
-    of the rows at the lower and upper source index: the fork's compute_lerp, op for op in float32.
-    `mode`: "asymmetric" (TensorFlow's default), "align_corners", "half_pixel_centers" or "pytorch_half_pixel".
-    `layout` "NHWC" reads and writes N x H x W x C blobs (the fork's default data_format).
+
+class ResizeBilinear(nn.Module):
+    """synopsys-caffe's ResizeBilinear (TensorFlow's resize_bilinear) on N x C x H x W, at any input size.
+
+    The output is `output_size` where given (None: floor(size * scale) in float32, of the input it gets). Each
+    output is top + (bottom - top) * y_lerp, where top and bottom are left + (right - left) * x_lerp of the rows
+    at the lower and upper source index: the fork's compute_lerp, op for op in float32. `mode`: "asymmetric"
+    (TensorFlow's default), "align_corners", "half_pixel_centers" or "pytorch_half_pixel". `layout` "NHWC" reads
+    and writes N x H x W x C blobs (the fork's default data_format).
     """
 
-    def __init__(self, input_size: tuple, output_size: tuple, mode: str = "asymmetric", layout: str = "NCHW") -> None:
+    def __init__(self, output_size: tuple = (None, None), scale: tuple = (1.0, 1.0), mode: str = "asymmetric",
+                 layout: str = "NCHW") -> None:
         super().__init__()
         if mode not in ("asymmetric", "align_corners", "half_pixel_centers", "pytorch_half_pixel"):
             raise ValueError(f"unknown resize mode {mode!r}")
         if layout not in ("NCHW", "NHWC"):
             raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
-        self.input_size, self.output_size = tuple(int(n) for n in input_size), tuple(int(n) for n in output_size)
+        self.output_size = tuple(None if n is None else int(n) for n in output_size)
+        self.scale = tuple(float(f) for f in scale)
         self.mode, self.layout = mode, layout
-        for axis, n_in, n_out in zip("yx", self.input_size, self.output_size):
-            lower, upper, lerp = resize_table(n_in, n_out, mode)
-            self.register_buffer(f"{axis}_lower", lower, persistent=False)
-            self.register_buffer(f"{axis}_upper", upper, persistent=False)
-            self.register_buffer(f"{axis}_lerp", lerp.reshape(-1, 1) if axis == "y" else lerp, persistent=False)
-
-    def _across(self, rows: torch.Tensor) -> torch.Tensor:
-        left, right = rows.index_select(3, self.x_lower), rows.index_select(3, self.x_upper)
-        return left + (right - left) * self.x_lerp.to(rows.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layout == "NHWC":
-            x = x.permute(0, 3, 1, 2)
-        top = self._across(x.index_select(2, self.y_lower))
-        bottom = self._across(x.index_select(2, self.y_upper))
-        y = top + (bottom - top) * self.y_lerp.to(x.dtype)
-        return y.permute(0, 2, 3, 1).contiguous() if self.layout == "NHWC" else y
+        return resize_bilinear(x, self.output_size, self.scale, self.mode, self.layout)
 
     def extra_repr(self) -> str:
-        return _kwargs(input_size=self.input_size, output_size=self.output_size, mode=self.mode, layout=self.layout)
+        return _kwargs(output_size=self.output_size, scale=self.scale, mode=self.mode, layout=self.layout)
+
+
+def _resize_tables(size: tuple, out: tuple, mode: str, device, dtype) -> dict:
+    tables = {}
+    for axis, n_in, n_out in zip("yx", size, out):
+        lower, upper, lerp = resize_table(n_in, n_out, mode, device)
+        tables[axis] = (lower, upper, (lerp.reshape(-1, 1) if axis == "y" else lerp).to(dtype))
+    return tables
+
+
+@torch.fx.wrap
+def resize_bilinear(x: torch.Tensor, output_size: tuple, scale: tuple, mode: str, layout: str) -> torch.Tensor:
+    if layout == "NHWC":
+        x = x.permute(0, 3, 1, 2)
+    size = dims(x, 2, 3)
+    out = resized_size(size, output_size, scale)
+    tables = TableCache.get(("resize_bilinear", size, out, mode, x.device, x.dtype),
+                            lambda: _resize_tables(size, out, mode, x.device, x.dtype), x, *size, *out)
+    (y_lower, y_upper, y_lerp), (x_lower, x_upper, x_lerp) = tables["y"], tables["x"]
+
+    def across(rows: torch.Tensor) -> torch.Tensor:
+        left, right = rows.index_select(3, x_lower), rows.index_select(3, x_upper)
+        return left + (right - left) * x_lerp
+
+    top = across(x.index_select(2, y_lower))
+    bottom = across(x.index_select(2, y_upper))
+    y = top + (bottom - top) * y_lerp
+    return y.permute(0, 2, 3, 1).contiguous() if layout == "NHWC" else y

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from caffe2torch.errors import CaffeError
+from caffe2torch.errors import CaffeError, InputSizeError
 from caffe2torch.fill import placeholder_blobs, placeholder_bytes
 from caffe2torch.graph import NetGraph, build_graph, output_blobs
 from caffe2torch.layers import convert_layer
@@ -105,20 +105,71 @@ def _shape_text(shape: Shape) -> str:
     return "x".join(str(d) for d in shape)
 
 
-def _input_check(graph: fx.Graph, node: fx.Node, blob: str, shape: Shape, net_name: str) -> None:
-    """An assertion node: a wrong input size fails with the shape the net was converted for.
+class CaffeNet(fx.GraphModule):
+    """A converted net: a GraphModule whose every size comes from its inputs, as Caffe's Reshape() does.
 
-    Axis 0 (the batch) is free; every other size is fixed at conversion (pooling windows,
-    Interp tables and the like are computed for it).
+    A call that fails (a layer whose weights fix a size, an Eltwise of two sizes, a crop that does not
+    fit) raises InputSizeError naming the first layer that cannot take its bottoms, with the shapes the
+    net was converted for and the shapes it got, instead of torch's message from deep inside a kernel.
+    Tracers and compilers see the plain call.
     """
-    fixed = tuple(shape[1:]) if len(shape) > 1 else tuple(shape)
-    size = graph.call_method("size", (node,))
-    tail = graph.call_function(operator.getitem, (size, slice(1, None))) if len(shape) > 1 else size
-    same = graph.call_function(operator.eq, (tail, fixed))
-    wanted = "N" + "".join(f"x{d}" for d in fixed) if len(shape) > 1 else _shape_text(shape)
-    message = (f"{net_name or 'the net'}: input {blob!r} must have shape {wanted}; it was converted for "
-               f"{_shape_text(shape)} (convert again with --input-shape for another size)")
-    graph.call_function(torch._assert, (same, message))
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except (RuntimeError, ValueError, IndexError) as error:
+            if isinstance(error, CaffeError) or "out of memory" in str(error) or _tracing(args, kwargs):
+                raise
+            message = _diagnose(self, args, kwargs)
+            if message is None:
+                raise
+            raise InputSizeError(message) from None
+
+
+def _tracing(args, kwargs) -> bool:
+    compiling = getattr(torch.compiler, "is_compiling", None)
+    fake = any(type(x) not in (torch.Tensor, nn.Parameter) for x in [*args, *kwargs.values()])
+    symbolic = getattr(fx._symbolic_trace, "is_fx_symbolic_tracing", fx._symbolic_trace.is_fx_tracing)
+    return fake or torch.jit.is_tracing() or symbolic() or bool(compiling and compiling())
+
+
+def _brief(error: BaseException) -> str:
+    line = next((text.strip() for text in str(error).splitlines() if text.strip()), type(error).__name__)
+    return line if len(line) <= 160 else line[:157] + "..."
+
+
+def _diagnose(net: "CaffeNet", args, kwargs) -> str | None:
+    """Replay the graph layer by layer; the first layer call that fails, its bottoms' shapes and the converted ones."""
+    info = net_info(net)
+    try:
+        inputs = bind_inputs(net, args, kwargs)
+    except TypeError:
+        return None
+
+    class Replay(fx.Interpreter):
+        def run_node(self, node: fx.Node):
+            try:
+                return super().run_node(node)
+            except (RuntimeError, ValueError, IndexError) as error:
+                call = node.meta.get(META_KEY)
+                if node.op != "call_module" or not isinstance(call, LayerCall):
+                    raise
+                values = [self.env[a] for a in node.args if isinstance(a, fx.Node)]
+                got = ", ".join(f"{blob!r} {_shape_text(tuple(value.shape))}" for blob, value in
+                                zip(call.bottoms, values) if isinstance(value, torch.Tensor))
+                wanted = ", ".join(f"{_shape_text(info.blob_shapes[blob])}" for blob in call.bottoms
+                                   if blob in info.blob_shapes)
+                found.append(f"layer {call.layer!r} ({call.type}) cannot take bottoms {got} (the net was converted "
+                             f"for {wanted}; Caffe's Reshape() refuses this size too): {_brief(error)}")
+                raise
+
+    found: list[str] = []
+    with torch.no_grad():
+        try:
+            Replay(net).run(*inputs)
+        except Exception:  # noqa: BLE001 - the layer that failed is in `found`; otherwise the original error stands
+            pass
+    return found[0] if found else None
 
 
 def assemble(graph: NetGraph, weights: Mapping[str, Sequence[np.ndarray]],
@@ -142,8 +193,6 @@ def assemble(graph: NetGraph, weights: Mapping[str, Sequence[np.ndarray]],
     for blob, input_name in zip(graph.inputs, python_names(list(graph.inputs), set(names), prefix="input")):
         current[blob] = fx_graph.placeholder(input_name)
         current[blob].meta["caffe_blob"] = blob
-    for blob, shape in graph.inputs.items():
-        _input_check(fx_graph, current[blob], blob, shape, graph.name)
 
     modules: dict[str, nn.Module] = {}
     last_of_name = {layer.name: index for index, layer in enumerate(graph.layers)}
@@ -208,7 +257,7 @@ def assemble(graph: NetGraph, weights: Mapping[str, Sequence[np.ndarray]],
         fx_graph.output(current[outputs[0]])
     else:
         fx_graph.output(tuple(current[name] for name in outputs) if outputs else None)
-    net = fx.GraphModule(modules, fx_graph, class_name="CaffeNet")
+    net = CaffeNet(modules, fx_graph, class_name="CaffeNet")
     if definition is None:
         definition = caffe_pb2.NetParameter(name=graph.name)
     net.meta[META_KEY] = NetInfo(graph.name, dict(graph.inputs), outputs, shapes, definition,

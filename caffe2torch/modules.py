@@ -2,8 +2,10 @@
 
 This file imports nothing but torch and math: a converted folder's standalone `model.py` embeds
 the source of the classes it uses. Every forward uses only differentiable, exportable, dtype-safe
-torch ops on shapes fixed at conversion time (the batch size stays free), so a converted net
-trains, traces (fx, torch.export, jit.trace, ONNX) and runs in half precision. Each `extra_repr`
+torch ops, and takes its sizes from the tensors it gets, as Caffe's Reshape() does, so one
+converted net runs at any size Caffe's rules accept, trains, traces (fx, torch.export, jit.trace,
+ONNX) and runs in half precision. Tables that depend on a size are built once per size
+(`TableCache`); the functions that read sizes are fx leaves (`torch.fx.wrap`). Each `extra_repr`
 is exactly the constructor's keyword arguments, so `print(net)` shows the hyper-parameters and the
 code generator writes `ClassName(<extra_repr>)`.
 """
@@ -30,6 +32,141 @@ def caffe_pooled_size(size: int, kernel: int, stride: int, pad: int, clip: bool,
     if clip and (out - 1) * stride >= size + pad:
         out -= 1
     return out
+
+
+def _concrete(*sizes) -> bool:
+    return all(type(n) is int for n in sizes)
+
+
+def dims(x: torch.Tensor, *axes: int) -> tuple:
+    """x's sizes along `axes`: ints, or SymInts under torch.export; ints under torch.jit.trace too (its sizes are
+    traced tensors, which its ONNX export mishandles: a trace keeps the size of its example, as it always did)."""
+    if torch.jit.is_tracing():
+        return tuple(int(x.shape[a]) for a in axes)
+    return tuple(x.shape[a] for a in axes)
+
+
+class TableCache:
+    """Tables that depend on an input size (pooling divisors, interpolation indices and weights, priors), kept for
+    each size, device and dtype a net has met: the first call at a size builds them, later calls reuse them.
+
+    At most LIMIT tables are kept, the least recently used going first. Nothing is kept while a tracer or compiler
+    runs (its sizes may be symbolic, its tensors fake): it records the computation instead. Tables are made outside
+    inference mode, so a net that met a size under `torch.inference_mode` still trains at it. `keeping()` collects
+    what a CUDA graph capture used, which must outlive an eviction.
+    """
+
+    LIMIT = 512
+    tables: dict = {}
+    kept: list | None = None
+
+    @staticmethod
+    def usable(x: torch.Tensor, *sizes) -> bool:
+        if not _concrete(*sizes) or type(x) not in (torch.Tensor, nn.Parameter) or torch.jit.is_tracing():
+            return False
+        compiling = getattr(torch.compiler, "is_compiling", None)
+        return not (compiling is not None and compiling())
+
+    @classmethod
+    def get(cls, key: tuple, make, x: torch.Tensor, *sizes):
+        """`make()`'s result for `key`, built once per key (when x and sizes are concrete)."""
+        if not cls.usable(x, *sizes):
+            return make()
+        try:
+            value = cls.tables.pop(key)
+        except KeyError:
+            with torch.inference_mode(False), torch.no_grad():
+                value = make()
+            while len(cls.tables) >= cls.LIMIT:
+                cls.tables.pop(next(iter(cls.tables)), None)
+        cls.tables[key] = value  # last: the most recently used
+        if cls.kept is not None:
+            cls.kept.append(value)
+        return value
+
+
+def pool_geometry(size: tuple, kernel: tuple, stride: tuple, pad: tuple, pad_end: tuple, ceil: bool):
+    """Caffe's pooled size (out), the padding or cropping that makes the input span exactly the windows that hold
+    something (edges: F.pad's left, right, top, bottom), and how many trailing windows lie wholly past the input and
+    padding (empty: rows, columns; possible when the stride exceeds the kernel: appended as constants, so a stride
+    of 99999 never pads 99999 rows)."""
+    clip = any(pad) or any(pad_end)
+    out = tuple(caffe_pooled_size(n, k, s, p, clip, ceil, e) for n, k, s, p, e in zip(size, kernel, stride, pad, pad_end))
+    valid = tuple(min(o, -(-(n + p + e) // s)) for o, n, p, e, s in zip(out, size, pad, pad_end, stride))
+    (ph, pw), (kh, kw), (sh, sw), (h, w), (vh, vw) = pad, kernel, stride, size, valid
+    edges = (pw, (vw - 1) * sw + kw - pw - w, ph, (vh - 1) * sh + kh - ph - h)
+    return out, edges, (out[0] - vh, out[1] - vw)
+
+
+def _pool_divisor(method: str, size: tuple, kernel: tuple, stride: tuple, pad: tuple, pad_end: tuple, out: tuple,
+                  device, dtype, look: bool) -> tuple[torch.Tensor, bool]:
+    """AVE pooling's per-window factor kernel area / Caffe's count (padding counts for AVE, the ceil overhang never;
+    never padding for AVE_EXC_PAD), and whether any factor differs from 1 (with `look`; else assumed: a tracer
+    cannot look at values, and multiplying by 1 changes no bit)."""
+    counts = []
+    for k, s, p, e, n, o in zip(kernel, stride, pad, pad_end, size, out):
+        start = torch.arange(o, dtype=torch.float64, device=device) * s - p
+        if method == "AVE":
+            counts.append(torch.clamp(start + k, max=n + e) - start)
+        else:  # padding never counts
+            counts.append(torch.clamp(torch.clamp(start + k, max=n) - torch.clamp(start, min=0), min=0))
+    factor = (kernel[0] * kernel[1]) / (counts[0][:, None] * counts[1][None, :])  # kk / 0 = inf: Caffe's 0 / 0 = NaN
+    return factor.float().to(dtype), bool((factor != 1).any()) if look else True
+
+
+def same_padding(size: int, kernel: int, stride: int) -> int:
+    """synopsys-caffe's TensorFlow "SAME" (pad_type 1, its im2col and pooling alike): the padding the undilated
+    kernel needs beyond the input for ceil(size / stride) windows; the near side gets half of it, rounded down."""
+    return max(kernel - (stride if size % stride == 0 else size % stride), 0)
+
+
+@torch.fx.wrap
+def caffe_pool2d(x: torch.Tensor, method: str, kernel: tuple, stride: tuple, pad: tuple, pad_end: tuple,
+                 ceil: bool = True, mask: bool = False, same: bool = False):
+    """Caffe MAX / AVE pooling of x's last two axes at whatever size x has (see Pool2d)."""
+    size = dims(x, -2, -1)
+    if kernel is None:  # global pooling: one window over whatever size x has
+        kernel = size
+    if same:  # synopsys-caffe's SAME: ceil(size / stride) windows, the padding worked out for this size
+        along = [same_padding(n, k, s) for n, k, s in zip(size, kernel, stride)]
+        pad, pad_end, ceil = tuple(a // 2 for a in along), tuple(a - a // 2 for a in along), False
+    out, edges, empty = pool_geometry(size, kernel, stride, pad, pad_end, ceil)
+    concrete = _concrete(*edges, *empty)
+    pads = not concrete or any(edges)
+    tail = not concrete or any(empty)
+    if method == "MAX":
+        x = torch.nan_to_num(x, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+        if pads:
+            x = F.pad(x, edges, value=-math.inf)
+        if mask:
+            return _max_with_mask(x, kernel, stride, pad, size[1], empty, tail)
+        y = F.max_pool2d(x, kernel, stride)
+        if tail:
+            y = F.pad(y, (0, empty[1], 0, empty[0]), value=-math.inf)
+        return torch.nan_to_num(y, nan=0.0, posinf=math.inf, neginf=None)  # -inf: the dtype's lowest
+    if pads:
+        x = F.pad(x, edges)
+    y = F.avg_pool2d(x, kernel, stride)
+    if tail:
+        y = F.pad(y, (0, empty[1], 0, empty[0]))  # a sum of nothing, then 0/0 or 0/-n as in Caffe
+    look = TableCache.usable(y, *size)
+    factor, rescale = TableCache.get(("pool", method, kernel, stride, pad, pad_end, size, y.device, y.dtype),
+                                     lambda: _pool_divisor(method, size, kernel, stride, pad, pad_end, out,
+                                                           y.device, y.dtype, look), y, *size)
+    return y * factor if rescale else y
+
+
+def _max_with_mask(x: torch.Tensor, kernel: tuple, stride: tuple, pad: tuple, width_in, empty: tuple, tail: bool):
+    # torch's first maximum is Caffe's (a strict > scan from the window's top left).
+    y, index = F.max_pool2d(x, kernel, stride, return_indices=True)
+    (width,) = dims(x, -1)
+    mask = ((index // width - pad[0]) * width_in + index % width - pad[1]).float()
+    if tail:
+        y = F.pad(y, (0, empty[1], 0, empty[0]), value=-math.inf)
+        mask = F.pad(mask, (0, empty[1], 0, empty[0]), value=-1.0)
+    lowest = torch.finfo(y.dtype).min
+    mask = torch.where(y <= lowest, torch.full_like(mask, -1.0), mask)  # nothing beat Caffe's -FLT_MAX start
+    return torch.nan_to_num(y, nan=0.0, posinf=math.inf, neginf=None), mask
 
 
 def greedy_nms(count: int, suppresses, limit: int = -1, device=None) -> list[int]:
@@ -65,94 +202,79 @@ def _float32_if_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Pool2d(nn.Module):
-    """Caffe MAX / AVE pooling on a fixed H x W, window layout and divisors as Caffe's CPU layer.
+    """Caffe MAX / AVE pooling, its window layout and divisors as Caffe's CPU layer, at any input size.
 
-    The input is padded (or cropped) to exactly the rows and columns the windows span, so the
-    pooling itself has no padding and no ceil mode. MAX: NaN never wins and an empty window gives
-    the dtype's lowest value (Caffe's -FLT_MAX in float32). AVE: the sum over the window clipped
-    to the image, divided by Caffe's count (padding counts, the ceil overhang does not; 0 for an
-    empty window, so 0/0 = NaN as in Caffe). The divisor is kernel area times a precomputed
-    per-position factor, which is exactly 1 wherever Caffe divides by the full kernel area.
-    With `mask` (MAX only) it also returns Caffe's second top: each maximum's flat h * W + w
-    index in the input plane, -1 where Caffe's window found nothing above -FLT_MAX; float32
-    as Caffe stores it (exact up to 2^24 positions), whatever the input's dtype.
+    The output size is Caffe's Reshape() of the input it gets. The input is padded (or cropped)
+    to exactly the rows and columns the windows span, so the pooling itself has no padding and no
+    ceil mode. MAX: NaN never wins and an empty window gives the dtype's lowest value (Caffe's
+    -FLT_MAX in float32). AVE: the sum over the window clipped to the image, divided by Caffe's
+    count (padding counts, the ceil overhang does not; 0 for an empty window, so 0/0 = NaN as in
+    Caffe). A `kernel` of None is global pooling (the kernel is the input's size, as Caffe's Reshape
+    sets it). The divisor is kernel area times a per-position factor (built once per input size),
+    exactly 1 wherever Caffe divides by the full kernel area. With `mask` (MAX only) it also
+    returns Caffe's second top: each maximum's flat h * W + w index in the input plane, -1 where
+    Caffe's window found nothing above -FLT_MAX; float32 as Caffe stores it (exact up to 2^24
+    positions), whatever the input's dtype.
     """
 
-    def __init__(self, method: str, kernel: tuple, stride: tuple, pad: tuple, input_size: tuple,
-                 ceil: bool = True, mask: bool = False, pad_end: tuple | None = None) -> None:
+    def __init__(self, method: str, kernel: tuple | None, stride: tuple, pad: tuple, ceil: bool = True,
+                 mask: bool = False, pad_end: tuple | None = None, same: bool = False) -> None:
         super().__init__()
         if method not in ("MAX", "AVE", "AVE_EXC_PAD") or mask and method != "MAX":
             raise ValueError(f"pooling method must be 'MAX', 'AVE' or 'AVE_EXC_PAD' (a mask needs MAX), got {method!r}")
-        self.method, self.ceil, self.mask = method, bool(ceil), bool(mask)
-        self.kernel, self.stride = tuple(int(k) for k in kernel), tuple(int(s) for s in stride)
-        self.pad, self.input_size = tuple(int(p) for p in pad), tuple(int(n) for n in input_size)
+        self.method, self.ceil, self.mask, self.same = method, bool(ceil), bool(mask), bool(same)
+        # None: global pooling, one window over whatever size the input has
+        self.kernel = None if kernel is None else tuple(int(k) for k in kernel)
+        self.stride = tuple(int(s) for s in stride)
+        self.pad = tuple(int(p) for p in pad)
         # The bottom and right padding where it differs from the top and left (synopsys-caffe's pad_b, pad_r).
         self.pad_end = self.pad if pad_end is None else tuple(int(p) for p in pad_end)
-        clip = any(self.pad) or any(self.pad_end)
-        self.output_size = tuple(caffe_pooled_size(n, k, s, p, clip, self.ceil, e) for n, k, s, p, e in
-                                 zip(self.input_size, self.kernel, self.stride, self.pad, self.pad_end))
-        (ph, pw), (kh, kw), (sh, sw) = self.pad, self.kernel, self.stride
-        (h, w) = self.input_size
-        # Windows that start at or past size + pad hold nothing (possible without padding when the
-        # stride exceeds the kernel): they come last and are appended as constants, so the input is
-        # never padded out to them (a stride of 99999 would otherwise pad to 99999 rows).
-        vh, vw = (min(out, -(-(n + p + e) // s)) for out, n, p, e, s in zip(self.output_size, self.input_size,
-                                                                            self.pad, self.pad_end, self.stride))
-        self.empty = (self.output_size[0] - vh, self.output_size[1] - vw)
-        # F.pad amounts (left, right, top, bottom) for the other windows; negative ones crop rows no window reaches.
-        self.edges = (pw, (vw - 1) * sw + kw - pw - w, ph, (vh - 1) * sh + kh - ph - h)
-        self.rescale = False
-        if method != "MAX":
-            counts = []
-            for k, s, p, e, n, out in zip(self.kernel, self.stride, self.pad, self.pad_end, self.input_size,
-                                          self.output_size):
-                start = torch.arange(out, dtype=torch.float64) * s - p
-                if method == "AVE":
-                    counts.append(torch.clamp(start + k, max=n + e) - start)
-                else:  # padding never counts
-                    counts.append(torch.clamp(torch.clamp(start + k, max=n) - torch.clamp(start, min=0), min=0))
-            factor = (kh * kw) / (counts[0][:, None] * counts[1][None, :])  # kk / 0 = inf: Caffe's 0 / 0 = NaN
-            self.rescale = bool((factor != 1).any())
-            self.register_buffer("factor", factor.float(), persistent=False)
+
+    def output_size(self, size: tuple) -> tuple:
+        """Caffe's top size for an input of `size` (H, W)."""
+        if self.same:
+            return tuple(-(-n // s) for n, s in zip(size, self.stride))
+        kernel = tuple(size) if self.kernel is None else self.kernel
+        return pool_geometry(tuple(size), kernel, self.stride, self.pad, self.pad_end, self.ceil)[0]
 
     def forward(self, x: torch.Tensor):
-        if self.method == "MAX":
-            x = torch.nan_to_num(x, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
-            if any(self.edges):
-                x = F.pad(x, self.edges, value=-math.inf)
-            if self.mask:
-                return self._with_mask(x)
-            y = F.max_pool2d(x, self.kernel, self.stride)
-            if any(self.empty):
-                y = F.pad(y, (0, self.empty[1], 0, self.empty[0]), value=-math.inf)
-            return torch.nan_to_num(y, nan=0.0, posinf=math.inf, neginf=None)  # -inf: the dtype's lowest
-        if any(self.edges):
-            x = F.pad(x, self.edges)
-        y = F.avg_pool2d(x, self.kernel, self.stride)
-        if any(self.empty):
-            y = F.pad(y, (0, self.empty[1], 0, self.empty[0]))  # a sum of nothing, then 0/0 or 0/-n as in Caffe
-        return y * self.factor.to(y.dtype) if self.rescale else y
-
-    def _with_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # torch's first maximum is Caffe's (a strict > scan from the window's top left).
-        y, index = F.max_pool2d(x, self.kernel, self.stride, return_indices=True)
-        width = x.shape[-1]
-        mask = ((index // width - self.pad[0]) * self.input_size[1] + index % width - self.pad[1]).float()
-        if any(self.empty):
-            y = F.pad(y, (0, self.empty[1], 0, self.empty[0]), value=-math.inf)
-            mask = F.pad(mask, (0, self.empty[1], 0, self.empty[0]), value=-1.0)
-        lowest = torch.finfo(y.dtype).min
-        mask = torch.where(y <= lowest, torch.full_like(mask, -1.0), mask)  # nothing beat Caffe's -FLT_MAX start
-        return torch.nan_to_num(y, nan=0.0, posinf=math.inf, neginf=None), mask
+        return caffe_pool2d(x, self.method, self.kernel, self.stride, self.pad, self.pad_end, self.ceil, self.mask,
+                            self.same)
 
     def extra_repr(self) -> str:
         extra = ", mask=True" if self.mask else ""
         extra += f", pad_end={self.pad_end!r}" if self.pad_end != self.pad else ""
-        return _kwargs(method=self.method, kernel=self.kernel, stride=self.stride, pad=self.pad,
-                       input_size=self.input_size, ceil=self.ceil) + extra
+        extra += ", same=True" if self.same else ""
+        return _kwargs(method=self.method, kernel=self.kernel, stride=self.stride, pad=self.pad, ceil=self.ceil) + extra
 
 
-def interp_table(size_in: int, size_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+class SamePad2d(nn.Module):
+    """synopsys-caffe's SAME padding before a convolution (pad_type 1), worked out for the input it gets: ceil(size /
+    stride) outputs, the near side padded by half of what the undilated kernel needs (rounded down), the far side
+    by what the outputs then reach with the dilated `extent`."""
+
+    def __init__(self, kernel: tuple, stride: tuple, extent: tuple) -> None:
+        super().__init__()
+        self.kernel, self.stride, self.extent = (tuple(int(v) for v in t) for t in (kernel, stride, extent))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return same_pad2d(x, self.kernel, self.stride, self.extent)
+
+    def extra_repr(self) -> str:
+        return _kwargs(kernel=self.kernel, stride=self.stride, extent=self.extent)
+
+
+@torch.fx.wrap
+def same_pad2d(x: torch.Tensor, kernel: tuple, stride: tuple, extent: tuple) -> torch.Tensor:
+    pads = []
+    for n, k, s, e in zip(dims(x, -2, -1), kernel, stride, extent):
+        near = same_padding(n, k, s) // 2
+        pads.append((near, (-(-n // s) - 1) * s + e - n - near))
+    (top, bottom), (left, right) = pads
+    return F.pad(x, (left, right, top, bottom))
+
+
+def interp_table(size_in: int, size_out: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Source indices and weights along one axis, in float32 exactly as the fork's caffe_cpu_interp2.
 
     ratio = float(size_in - 1) / (size_out - 1) (0 for one output), position = ratio * i in
@@ -160,59 +282,94 @@ def interp_table(size_in: int, size_out: int) -> tuple[torch.Tensor, torch.Tenso
     is the same one at the last row/column.
     """
     if size_out > 1:
-        ratio = torch.tensor(size_in - 1, dtype=torch.float32) / torch.tensor(size_out - 1, dtype=torch.float32)
+        ratio = (torch.full((), size_in - 1, dtype=torch.float32, device=device)
+                 / torch.full((), size_out - 1, dtype=torch.float32, device=device))
     else:
-        ratio = torch.tensor(0.0)
-    position = ratio * torch.arange(size_out, dtype=torch.float32)
+        ratio = torch.zeros((), dtype=torch.float32, device=device)
+    position = ratio * torch.arange(size_out, dtype=torch.float32, device=device)
     index = position.to(torch.int64)
     next_index = index + (index < size_in - 1).to(torch.int64)
     far = position - index.to(torch.float32)
     return index, next_index, 1.0 - far, far
 
 
-class Interp(nn.Module):
-    """The PSPNet fork's Interp: crop by -pad_beg (both axes), then corner-aligned bilinear resize.
+def interp_size(size: tuple, shrink: int | None, zoom: int | None, height: int | None, width: int | None) -> tuple:
+    """The fork's InterpLayer::Reshape output size of an (effective, already cropped) input size, in its order of
+    precedence: shrink alone, zoom alone, height and width, both factors (shrink first)."""
+    if shrink is not None and zoom is None:
+        return tuple((n - 1) // shrink + 1 for n in size)
+    if zoom is not None and shrink is None:
+        return tuple(n + (n - 1) * (zoom - 1) for n in size)
+    if height is not None and width is not None:
+        return (height, width)
+    if shrink is None or zoom is None:
+        raise ValueError("Interp needs zoom_factor, shrink_factor, or both height and width")
+    return tuple(m + (m - 1) * (zoom - 1) for m in ((n - 1) // shrink + 1 for n in size))
 
-    Evaluates Caffe's h0 * (w0*p00 + w1*p01) + h1 * (w0*p10 + w1*p11) with separate float32
-    multiplies and adds in that order, so float32 results equal the fork's bit for bit.
+
+def _interp_tables(size_in: tuple, size_out: tuple, device, dtype) -> dict:
+    tables = {}
+    for axis, n_in, n_out in zip("hw", size_in, size_out):
+        index, next_index, near, far = interp_table(n_in, n_out, device)
+        shape = (-1, 1) if axis == "h" else (-1,)
+        tables[axis] = (index, next_index, near.reshape(shape).to(dtype), far.reshape(shape).to(dtype))
+    return tables
+
+
+@torch.fx.wrap
+def caffe_interp(x: torch.Tensor, shrink: int | None = None, zoom: int | None = None, height: int | None = None,
+                 width: int | None = None, pad_beg: int = 0, pad_end: int = 0) -> torch.Tensor:
+    """The fork's Interp of x's last two axes at whatever size x has (see Interp)."""
+    cropped = tuple(n + pad_beg + pad_end for n in dims(x, -2, -1))
+    out = interp_size(cropped, shrink, zoom, height, width)
+    start = -pad_beg
+    if start or pad_end:
+        x = x[:, :, start:start + cropped[0], start:start + cropped[1]]
+    if _concrete(*cropped, *out) and cropped == out:
+        return x.clone()
+    tables = TableCache.get(("interp", cropped, out, x.device, x.dtype),
+                            lambda: _interp_tables(cropped, out, x.device, x.dtype), x, *cropped, *out)
+    (h_index, h_next, h_near, h_far), (w_index, w_next, w_near, w_far) = tables["h"], tables["w"]
+
+    def horizontal(rows: torch.Tensor) -> torch.Tensor:
+        return rows.index_select(3, w_index) * w_near + rows.index_select(3, w_next) * w_far
+
+    if 2 * out[0] < cropped[0]:  # shrinking rows: interpolate only the source rows that are used
+        near, far = horizontal(x.index_select(2, h_index)), horizontal(x.index_select(2, h_next))
+    else:
+        per_row = horizontal(x)
+        near, far = per_row.index_select(2, h_index), per_row.index_select(2, h_next)
+    return near * h_near + far * h_far
+
+
+class Interp(nn.Module):
+    """The PSPNet fork's Interp: crop by -pad_beg (both axes), then corner-aligned bilinear resize, at any input size.
+
+    The output size follows the fork's rules from the input it gets (`shrink` / `zoom` factors, or a fixed
+    `height` and `width`). Evaluates Caffe's h0 * (w0*p00 + w1*p01) + h1 * (w0*p10 + w1*p11) with separate
+    float32 multiplies and adds in that order, so float32 results equal the fork's bit for bit; an output of
+    the cropped input's own size is a copy, as the fork's.
     """
 
-    def __init__(self, input_size: tuple, output_size: tuple, pad_beg: int = 0, pad_end: int = 0) -> None:
+    def __init__(self, shrink: int | None = None, zoom: int | None = None, height: int | None = None,
+                 width: int | None = None, pad_beg: int = 0, pad_end: int = 0) -> None:
         super().__init__()
-        self.input_size, self.output_size = tuple(int(n) for n in input_size), tuple(int(n) for n in output_size)
+        self.shrink, self.zoom = (None if v is None else int(v) for v in (shrink, zoom))
+        self.height, self.width = (None if v is None else int(v) for v in (height, width))
         self.pad_beg, self.pad_end = int(pad_beg), int(pad_end)
-        self.cropped = tuple(n + self.pad_beg + self.pad_end for n in self.input_size)
-        self.copy = self.cropped == self.output_size
-        # Shrinking rows: interpolate only the source rows that are used.
-        self.rows_first = 2 * self.output_size[0] < self.cropped[0]
-        for axis, n_in, n_out in zip("hw", self.cropped, self.output_size):
-            index, next_index, near, far = interp_table(n_in, n_out)
-            shape = (-1, 1) if axis == "h" else (-1,)
-            self.register_buffer(f"{axis}_index", index, persistent=False)
-            self.register_buffer(f"{axis}_next", next_index, persistent=False)
-            self.register_buffer(f"{axis}_near", near.reshape(shape), persistent=False)
-            self.register_buffer(f"{axis}_far", far.reshape(shape), persistent=False)
 
-    def _horizontal(self, rows: torch.Tensor) -> torch.Tensor:
-        near, far = self.w_near.to(rows.dtype), self.w_far.to(rows.dtype)  # tables follow the input's dtype
-        return rows.index_select(3, self.w_index) * near + rows.index_select(3, self.w_next) * far
+    def output_size(self, size: tuple) -> tuple:
+        """The fork's top size for an input of `size` (H, W)."""
+        cropped = tuple(n + self.pad_beg + self.pad_end for n in size)
+        return interp_size(cropped, self.shrink, self.zoom, self.height, self.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        start = -self.pad_beg
-        if start or self.pad_end:
-            x = x[:, :, start:start + self.cropped[0], start:start + self.cropped[1]]
-        if self.copy:
-            return x.clone()
-        if self.rows_first:
-            near, far = self._horizontal(x.index_select(2, self.h_index)), self._horizontal(x.index_select(2, self.h_next))
-        else:
-            per_row = self._horizontal(x)
-            near, far = per_row.index_select(2, self.h_index), per_row.index_select(2, self.h_next)
-        return near * self.h_near.to(near.dtype) + far * self.h_far.to(far.dtype)
+        return caffe_interp(x, self.shrink, self.zoom, self.height, self.width, self.pad_beg, self.pad_end)
 
     def extra_repr(self) -> str:
-        return _kwargs(input_size=self.input_size, output_size=self.output_size, pad_beg=self.pad_beg,
-                       pad_end=self.pad_end)
+        given = {name: value for name, value in (("shrink", self.shrink), ("zoom", self.zoom),
+                                                 ("height", self.height), ("width", self.width)) if value is not None}
+        return _kwargs(**given, pad_beg=self.pad_beg, pad_end=self.pad_end)
 
 
 class Eltwise(nn.Module):
@@ -396,17 +553,36 @@ class Concat(nn.Module):
 
 
 class Slice(nn.Module):
-    """Caffe Slice: consecutive pieces of one axis, one per top."""
+    """Caffe Slice: consecutive pieces of one axis, one per top: cut at `points` (Caffe's slice_point), or `tops`
+    equal pieces of whatever size the axis has."""
 
-    def __init__(self, axis: int, sizes: tuple) -> None:
+    def __init__(self, axis: int, points: tuple = (), tops: int = 1) -> None:
         super().__init__()
-        self.axis, self.sizes = int(axis), tuple(int(s) for s in sizes)
+        self.axis, self.points, self.tops = int(axis), tuple(int(p) for p in points), int(tops)
 
     def forward(self, x: torch.Tensor):
-        return tuple(torch.split(x, list(self.sizes), dim=self.axis)) if len(self.sizes) > 1 else x
+        return caffe_slice(x, self.axis, self.points, self.tops)
 
     def extra_repr(self) -> str:
-        return _kwargs(axis=self.axis, sizes=self.sizes)
+        return _kwargs(axis=self.axis, points=self.points, tops=self.tops)
+
+
+def slice_sizes(length: int, points: tuple, tops: int) -> list:
+    """The pieces' sizes along an axis of `length`, as SliceLayer::Reshape cuts it."""
+    if not points:
+        if _concrete(length) and length % tops:
+            raise ValueError(f"Slice: {tops} tops do not evenly divide an axis of size {length}")
+        return [length // tops] * tops
+    if _concrete(length) and points[-1] >= length:
+        raise ValueError(f"Slice: slice_point {points[-1]} leaves nothing of an axis of size {length}")
+    edges = (0,) + tuple(points)
+    return [b - a for a, b in zip(edges, edges[1:])] + [length - edges[-1]]
+
+
+@torch.fx.wrap
+def caffe_slice(x: torch.Tensor, axis: int, points: tuple, tops: int):
+    sizes = slice_sizes(dims(x, axis)[0], points, tops)
+    return tuple(torch.split(x, sizes, dim=axis)) if len(sizes) > 1 else x
 
 
 class Split(nn.Module):
@@ -424,32 +600,64 @@ class Split(nn.Module):
 
 
 class Crop(nn.Module):
-    """Upstream Caffe Crop: axes from `axis` on take the reference bottom's sizes, starting at `offsets`."""
+    """Upstream Caffe Crop: axes from `axis` on take the reference bottom's sizes (at run time), starting at
+    `offsets`. Without a reference (CropCenter), each cropped axis loses offsets[i] elements at both ends."""
 
-    def __init__(self, axis: int, offsets: tuple, sizes: tuple) -> None:
+    def __init__(self, axis: int, offsets: tuple) -> None:
         super().__init__()
-        self.axis, self.offsets, self.sizes = int(axis), tuple(int(o) for o in offsets), tuple(int(s) for s in sizes)
-        self.index = (slice(None),) * self.axis + tuple(slice(o, o + s) for o, s in zip(self.offsets, self.sizes))
+        self.axis, self.offsets = int(axis), tuple(int(o) for o in offsets)
 
     def forward(self, x: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
-        return x[self.index]  # the reference bottom only gives the sizes, fixed at conversion
+        return caffe_crop(x, reference, self.axis, self.offsets)
 
     def extra_repr(self) -> str:
-        return _kwargs(axis=self.axis, offsets=self.offsets, sizes=self.sizes)
+        return _kwargs(axis=self.axis, offsets=self.offsets)
+
+
+@torch.fx.wrap
+def caffe_crop(x: torch.Tensor, reference: torch.Tensor | None, axis: int, offsets: tuple) -> torch.Tensor:
+    axes = range(axis, axis + len(offsets))
+    have = dims(x, *axes)
+    sizes = dims(reference, *axes) if reference is not None else tuple(n - 2 * o for n, o in zip(have, offsets))
+    for a, o, n, m in zip(axes, offsets, sizes, have):
+        if _concrete(n, m) and (n <= 0 or o + n > m):  # CropLayer's CHECK
+            raise ValueError(f"Crop: a size {n} at offset {o} does not fit axis {a} of size {m}")
+    return x[(slice(None),) * axis + tuple(slice(o, o + n) for o, n in zip(offsets, sizes))]
+
+
+def caffe_reshape(shape: tuple, dims: tuple, axis: int = 0, num_axes: int = -1) -> list:
+    """ReshapeLayer::Reshape: the axes [axis, axis + num_axes) of `shape` replaced by `dims`, where 0 copies the
+    bottom's axis at that position and one -1 takes what the element count leaves."""
+    rank = len(shape)
+    start = axis if axis >= 0 else rank + axis + 1
+    end = rank if num_axes == -1 else start + num_axes
+    middle = [shape[start + i] if d == 0 else d for i, d in enumerate(dims)]
+    if -1 in middle:
+        known = math.prod(d for d in middle if d != -1) * math.prod(shape[:start]) * math.prod(shape[end:])
+        if _concrete(known) and (known == 0 or math.prod(shape) % known):
+            raise ValueError(f"Reshape: {math.prod(shape)} values cannot take the shape {list(dims)}")
+        middle[middle.index(-1)] = math.prod(shape) // known
+    return list(shape[:start]) + middle + list(shape[end:])
+
+
+@torch.fx.wrap
+def caffe_reshaped(x: torch.Tensor, dims: tuple, axis: int, num_axes: int) -> torch.Tensor:
+    return x.reshape(caffe_reshape(tuple(x.shape), dims, axis, num_axes))
 
 
 class Reshape(nn.Module):
-    """Caffe Reshape / Flatten to a shape fixed at conversion; None keeps the batch axis free."""
+    """Caffe Reshape (and Flatten with end_axis before axis) by Caffe's rules, applied to the input it gets: the
+    axes [axis, axis + num_axes) become `dims`, 0 copying an axis, -1 taking what the element count leaves."""
 
-    def __init__(self, shape: tuple) -> None:
+    def __init__(self, dims: tuple, axis: int = 0, num_axes: int = -1) -> None:
         super().__init__()
-        self.shape = tuple(None if d is None else int(d) for d in shape)
+        self.dims, self.axis, self.num_axes = tuple(int(d) for d in dims), int(axis), int(num_axes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape([x.shape[0] if d is None else d for d in self.shape])
+        return caffe_reshaped(x, self.dims, self.axis, self.num_axes)
 
     def extra_repr(self) -> str:
-        return _kwargs(shape=self.shape)
+        return _kwargs(dims=self.dims, axis=self.axis, num_axes=self.num_axes)
 
 
 def caffe_topk(x: torch.Tensor, k: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -479,25 +687,30 @@ def caffe_topk(x: torch.Tensor, k: int, dim: int) -> tuple[torch.Tensor, torch.T
 class ArgMax(nn.Module):
     """Caffe ArgMax: float indices (and/or values) of the top_k largest entries, ties to the larger index.
 
-    Without an axis the search runs over all axes but the first; the top is (N, 1 or 2, top_k, 1, ...).
+    Without an axis the search runs over all axes but the first; the top is (N, 1 or 2, top_k, 1, ...) with at
+    least 3 axes, as many as the bottom has.
     """
 
-    def __init__(self, top_k: int = 1, out_max_val: bool = False, axis: int | None = None,
-                 top_shape: tuple = ()) -> None:
+    def __init__(self, top_k: int = 1, out_max_val: bool = False, axis: int | None = None) -> None:
         super().__init__()
         self.top_k, self.out_max_val, self.axis = int(top_k), bool(out_max_val), axis
-        self.top_shape = tuple(int(d) for d in top_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.axis is not None:
-            values, indices = caffe_topk(x, self.top_k, self.axis)
-            return values if self.out_max_val else indices.to(x.dtype)
-        values, indices = caffe_topk(x.flatten(1), self.top_k, 1)
-        parts = [indices.to(x.dtype), values] if self.out_max_val else [indices.to(x.dtype)]
-        return torch.stack(parts, dim=1).reshape([x.shape[0]] + list(self.top_shape[1:]))
+        return caffe_argmax(x, self.top_k, self.out_max_val, self.axis)
 
     def extra_repr(self) -> str:
-        return _kwargs(top_k=self.top_k, out_max_val=self.out_max_val, axis=self.axis, top_shape=self.top_shape)
+        return _kwargs(top_k=self.top_k, out_max_val=self.out_max_val, axis=self.axis)
+
+
+@torch.fx.wrap
+def caffe_argmax(x: torch.Tensor, top_k: int, out_max_val: bool, axis: int | None) -> torch.Tensor:
+    if axis is not None:
+        values, indices = caffe_topk(x, top_k, axis)
+        return values if out_max_val else indices.to(x.dtype)
+    values, indices = caffe_topk(x.flatten(1), top_k, 1)
+    parts = [indices.to(x.dtype), values] if out_max_val else [indices.to(x.dtype)]
+    trailing = [1] * (max(x.dim(), 3) - 3)
+    return torch.stack(parts, dim=1).reshape([x.shape[0], len(parts), top_k] + trailing)
 
 
 class LRNWithinChannel(nn.Module):
@@ -507,18 +720,17 @@ class LRNWithinChannel(nn.Module):
     zeros count); Caffe ignores `k` in this mode. ACROSS_CHANNELS is torch.nn.LocalResponseNorm.
     """
 
-    def __init__(self, size: int, alpha: float, beta: float, input_size: tuple) -> None:
+    def __init__(self, size: int, alpha: float, beta: float) -> None:
         super().__init__()
         self.size, self.alpha, self.beta = int(size), float(alpha), float(beta)
-        self.input_size = tuple(int(n) for n in input_size)
         half = (self.size - 1) // 2
-        self.average = Pool2d("AVE", (self.size, self.size), (1, 1), (half, half), self.input_size)
+        self.average = Pool2d("AVE", (self.size, self.size), (1, 1), (half, half))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.pow(self.average(x * x) * self.alpha + 1, -self.beta)
 
     def extra_repr(self) -> str:
-        return _kwargs(size=self.size, alpha=self.alpha, beta=self.beta, input_size=self.input_size)
+        return _kwargs(size=self.size, alpha=self.alpha, beta=self.beta)
 
 
 class FrozenBatchNorm2d(nn.BatchNorm2d):
@@ -598,13 +810,13 @@ class InnerProduct(nn.Linear):
 class BatchAxes(nn.Module):
     """Run `inner` (a convolution) over the axes after `axis`; the axes before it act as one batch axis."""
 
-    def __init__(self, inner: nn.Module, axis: int, lead: tuple) -> None:
+    def __init__(self, inner: nn.Module, axis: int) -> None:
         super().__init__()
-        self.inner, self.axis, self.lead = inner, int(axis), tuple(int(d) for d in lead)
+        self.inner, self.axis = inner, int(axis)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.inner(x.flatten(0, self.axis - 1))
-        return y.unflatten(0, self.lead)
+        return y.unflatten(0, x.shape[:self.axis])
 
     def extra_repr(self) -> str:
-        return _kwargs(axis=self.axis, lead=self.lead)
+        return _kwargs(axis=self.axis)

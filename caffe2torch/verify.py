@@ -134,8 +134,9 @@ def _input_tensors(net: fx.GraphModule, reference: Reference, device: torch.devi
         if name not in reference.inputs:
             raise CaffeError(f"{reference.path}: no stored input {name!r}")
         value = reference.inputs[name]
-        if tuple(value.shape) != tuple(shape):
-            raise CaffeError(f"{reference.path}: input {name!r} has shape {value.shape}, the net expects {shape}")
+        if len(value.shape) != len(shape):  # another size is fine: the net takes its sizes from its inputs
+            raise CaffeError(f"{reference.path}: input {name!r} has shape {value.shape}, the net takes "
+                             f"{len(shape)}-axis inputs (converted for {tuple(shape)})")
         tensors[name] = torch.from_numpy(value.copy()).to(device)
     return tensors
 

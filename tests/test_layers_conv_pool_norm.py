@@ -129,7 +129,7 @@ def test_pooling_matches_caffe_loops(method, params, out) -> None:
     x[0, 0, 1, 1], x[0, 1, 2, 2], x[1, 2, 0, :] = np.nan, -np.inf, -np.inf
     layer = layer_from_text(f'name: "p" type: "Pooling" pooling_param {{ pool: {method} {params} }}')
     pool = convert_layer(layer, [x.shape], []).module
-    assert pool.output_size == out
+    assert pool.output_size(x.shape[2:]) == out
     top, = run(layer, [x])
     expected = pool_loops(x, method, pool.kernel, pool.stride, pool.pad, out)
     np.testing.assert_allclose(top, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
@@ -274,14 +274,19 @@ def test_interp_tables_keep_float32_ratio() -> None:
     assert index[-1] == 256 and next_index[-1] == 256 and (near + far == 1).all()
 
 
-def test_modules_are_built_for_the_converted_size() -> None:
-    """Window layouts and Interp tables are fixed at conversion: each module shows the size it was built for."""
+def test_modules_take_their_sizes_from_the_input() -> None:
+    """Window layouts and Interp tables follow the input, as Caffe's Reshape(): each module shows only its
+    parameters, and gives Caffe's sizes at any input size (global pooling: one window over the whole input)."""
     pool = layer_from_text('name: "p" type: "Pooling" pooling_param { pool: AVE global_pooling: true }')
     interp = layer_from_text('name: "i" type: "Interp" interp_param { zoom_factor: 2 }')
     pooled = convert_layer(pool, [(1, 2, 5, 7)], []).module
     zoomed = convert_layer(interp, [(1, 2, 5, 7)], []).module
-    assert repr(pooled) == "Pool2d(method='AVE', kernel=(5, 7), stride=(1, 1), pad=(0, 0), input_size=(5, 7), ceil=True)"
-    assert repr(zoomed) == "Interp(input_size=(5, 7), output_size=(9, 13), pad_beg=0, pad_end=0)"
+    assert repr(pooled) == "Pool2d(method='AVE', kernel=None, stride=(1, 1), pad=(0, 0), ceil=True)"
+    assert repr(zoomed) == "Interp(zoom=2, pad_beg=0, pad_end=0)"
+    x = torch.arange(2 * 9 * 4, dtype=torch.float32).reshape(1, 2, 9, 4)
+    assert torch.equal(pooled(x), x.mean((2, 3), keepdim=True))
+    assert zoomed(x).shape == (1, 2, 17, 7) and zoomed.output_size((9, 4)) == (17, 7)
+    assert torch.equal(zoomed(x)[:, :, ::2, ::2], x)
 
 
 def test_convolution_forms_axis_and_several_bottoms() -> None:

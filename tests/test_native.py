@@ -6,6 +6,7 @@ import copy
 import importlib
 import subprocess
 import sys
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -49,7 +50,7 @@ def test_icnet_is_a_graph_of_standard_modules(reference_dir):
     assert kinds == {"Conv2d": 64, "ReLU": 57, "Eltwise": 19, "Interp": 10, "Pool2d": 5, "Scale": 1}
     text = repr(net)
     assert "(conv1_1_3x3_s2): Conv2d(3, 32, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1))" in text
-    assert "(conv5_3_pool2): Pool2d(method='AVE', kernel=(5, 9), stride=(4, 8), pad=(0, 0), input_size=(9, 17)" in text
+    assert "(conv5_3_pool2): Pool2d(method='AVE', kernel=(5, 9), stride=(4, 8), pad=(0, 0), ceil=True)" in text
     assert "conv1_1_3x3_s2 = self.conv1_1_3x3_s2(" in net.code
     assert net_info(net).outputs == ["conv6_interp"]
     # Caffe's weights are parameters under the usual names.
@@ -141,7 +142,8 @@ def test_traces_and_exports_with_torch(reference_dir, name):
         want = net(*inputs)
         _same(fx.symbolic_trace(net)(*inputs), want)
         _same(torch.export.export(net, inputs).module()(*inputs), want)
-        with pytest.warns(torch.jit.TracerWarning):  # the input-shape check becomes a constant, as it should
+        with warnings.catch_warnings():  # a trace keeps the sizes of its example: the tracer may say so
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             traced = torch.jit.trace(net, inputs, check_trace=False)
         _same(traced(*inputs), want)
 
@@ -154,13 +156,26 @@ def test_torch_compile(reference_dir, name):
         _same(torch.compile(net)(*inputs), net(*inputs))
 
 
-def test_wrong_input_shape_names_the_converted_shape(reference_dir):
+def test_other_sizes_run_and_sizes_fixed_by_weights_name_the_layer(reference_dir):
+    """A convolution net takes any size (equal to a conversion at that size); an InnerProduct after spatial layers
+    refuses another size with one line naming the layer, the size it was converted for and the size it got."""
+    from caffe2torch.conversion import convert
+    from caffe2torch.errors import InputSizeError
+
+    units = reference_dir / "units"
     net = convert_reference(reference_dir, "unit_conv_basic")
-    with pytest.raises(AssertionError, match=r"input 'data' must have shape Nx3x13x17; it was converted for 1x3x13x17"):
-        net(torch.zeros(1, 3, 14, 17))
+    x = torch.randn(2, 3, 14, 19, generator=torch.Generator().manual_seed(0))
+    there = convert(units / "unit_conv_basic.caffemodel", units / "unit_conv_basic.prototxt", (1, 3, 14, 19),
+                    on_warning=lambda _: None).net
+    _same(net(x), there(x))
     assert net(torch.zeros(4, 3, 13, 17))[0].shape[0] == 4  # the batch size is free
-
-
+    fixed = convert_reference(reference_dir, "unit_innerproduct")
+    shape = net_info(fixed).inputs["data"]
+    with pytest.raises(InputSizeError) as raised:
+        fixed(torch.zeros(shape[0], shape[1], shape[2] + 1, *shape[3:]))
+    message = str(raised.value)
+    assert "\n" not in message and "layer 'ip" in message and "(InnerProduct)" in message
+    assert "converted for " + "x".join(map(str, shape)) in message
 def test_convert_is_callable_again_and_again(reference_dir):
     units = reference_dir / "units"
     nets = [caffe2torch.convert(units / "unit_conv_basic.caffemodel") for _ in range(2)]

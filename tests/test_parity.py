@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from caffe2torch.conversion import convert
 from caffe2torch.model import layer_calls
@@ -48,22 +49,36 @@ def test_icnet_257x513_isolated(reference_dir):
     assert {call.layer for _, call in layer_calls(conversion.net)} <= checked
 
 
-def test_icnet_257x513_free_running(reference_dir):
+@pytest.mark.parametrize("converted_at", [None, (2, 3, 260, 516)])
+def test_icnet_257x513_free_running(reference_dir, converted_at):
+    """At its own size, and converted at another size Caffe accepts for this definition (its pyramid pooling fixes
+    the conv5_3 map, so 257..260 rows): one converted net runs at the reference's size as real Caffe there."""
     reference = read_reference(reference_dir / "icnet_merged_257x513.ref.h5")
     conversion = convert(reference_dir / "icnet_merged_1025x2049.caffemodel",
-                         reference_dir / "icnet_merged_257x513.prototxt")
+                         reference_dir / "icnet_merged_257x513.prototxt", converted_at)
     report = verify_free_running(conversion.net, reference)
     _assert_passes(report, len(reference.layers))
     assert report.argmax_agreement >= 0.9995
 
 
-@pytest.mark.parametrize("name,prototxt", [
-    ("icnet_merged_1025x2049", "icnet_cityscapes.prototxt"),
-    ("icnet_bnnomerge_1025x2049", "icnet_cityscapes_bnnomerge.prototxt"),
+@pytest.mark.parametrize("name,prototxt,converted_at", [
+    ("icnet_merged_1025x2049", "icnet_cityscapes.prototxt", None),
+    ("icnet_bnnomerge_1025x2049", "icnet_cityscapes_bnnomerge.prototxt", (2, 3, 1028, 2052)),
 ])
-def test_icnet_full_resolution_free_running(reference_dir, name, prototxt):
+def test_icnet_full_resolution_free_running(reference_dir, name, prototxt, converted_at):
     reference = read_reference(reference_dir / f"{name}.ref.h5")
-    conversion = convert(reference_dir / f"{name}.caffemodel", reference_dir / prototxt)
+    conversion = convert(reference_dir / f"{name}.caffemodel", reference_dir / prototxt, converted_at)
     report = verify_free_running(conversion.net, reference)
     _assert_passes(report, len(reference.layers))
     assert report.argmax_agreement >= 0.9995
+
+
+def test_icnet_at_a_size_its_definition_cannot_take_names_the_layer(reference_dir):
+    """The official 1025x2049 definition fixes its pyramid's Interp outputs at 33x65, so at 257x513 Caffe's Eltwise
+    CHECK fails; the converted net says which layer, in one line."""
+    from caffe2torch.errors import InputSizeError
+
+    conversion = convert(reference_dir / "icnet_merged_1025x2049.caffemodel", reference_dir / "icnet_cityscapes.prototxt")
+    with pytest.raises(InputSizeError, match=r"^layer 'conv5_3_sum' \(Eltwise\) cannot take bottoms .*"
+                                             r"converted for 1x1024x33x65, 1x1024x33x65"):
+        conversion.net(torch.zeros(1, 3, 257, 513))

@@ -20,18 +20,12 @@ from caffe2torch.layers.registry import (
     expect_shape,
     on_meta,
 )
-from caffe2torch.modules import BatchAxes, InnerProduct
+from caffe2torch.modules import BatchAxes, InnerProduct, SamePad2d, same_padding
 
 # synopsys-caffe's padding per side, read as (top, left) then (bottom, right); Pooling has the same fields.
 SIDES = ("pad_t", "pad_l", "pad_b", "pad_r")
 _CONV_MODULES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _DECONV_MODULES = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
-
-
-def same_padding(size: int, kernel: int, stride: int) -> int:
-    """synopsys-caffe's TensorFlow "SAME" (pad_type 1, its im2col and pooling alike): the padding the undilated
-    kernel needs beyond the input for ceil(size / stride) windows; the near side gets half of it, rounded down."""
-    return max(kernel - (stride if size % stride == 0 else size % stride), 0)
 
 
 def fit_blob(layer, what: str, blob: np.ndarray, expected: Sequence[int]) -> torch.Tensor:
@@ -118,6 +112,7 @@ class _ConvGeometry:
             if min(values) < 1:
                 raise CaffeError(f"layer {layer.name!r} ({layer.type}): {name} must be positive, got {values}")
         self.pad_end = list(self.pad)  # the far side's padding; differs only with synopsys-caffe's pad_b / pad_r
+        self.same = False  # synopsys-caffe's pad_type 1: padding worked out for each input size
         self._side_pads(layer, param, shape)
         self.channels = shape[self.axis]
         self.num_output = int(param.num_output)
@@ -161,6 +156,7 @@ class _ConvGeometry:
             raise CaffeError(f"{where}: unknown pad_type {param.pad_type} (0: Caffe's, 1: SAME)")
         if layer.type != "Convolution":
             raise CaffeError(f"{where}: pad_type 1 (SAME) is read by synopsys-caffe's Convolution only")
+        self.same = True
         for axis, (n, k, s, extent) in enumerate(zip(shape[self.axis + 1:], self.kernel, self.stride,
                                                      self.extents())):
             self.pad[axis] = same_padding(n, k, s) // 2
@@ -187,7 +183,9 @@ def _conv_module(layer, blobs: Sequence[np.ndarray], g: _ConvGeometry, transpose
     conv = on_meta(factory, g.channels, g.num_output, tuple(g.kernel), stride=tuple(g.stride), padding=padding,
                    dilation=tuple(g.dilation), groups=g.group, bias=g.bias_term)
     assign(conv, weight=weight, bias=bias)
-    if not g.symmetric:  # padding per side: zero-pad (or crop) the input, or crop the transposed output
+    if g.same:  # worked out for the size the net gets, as the fork's Reshape does
+        conv = nn.Sequential(SamePad2d(tuple(g.kernel), tuple(g.stride), tuple(g.extents())), conv)
+    elif not g.symmetric:  # padding per side: zero-pad (or crop) the input, or crop the transposed output
         (top, left), (bottom, right) = g.pad, g.pad_end
         if transposed and g.bias_term and min(g.pad + g.pad_end) < 0:
             raise CaffeError(f"layer {layer.name!r} (Deconvolution): a negative pad_l/r/t/b with a bias term "
@@ -196,7 +194,7 @@ def _conv_module(layer, blobs: Sequence[np.ndarray], g: _ConvGeometry, transpose
             conv = nn.Sequential(conv, nn.ZeroPad2d((-left, -right, -top, -bottom)))
         else:
             conv = nn.Sequential(nn.ZeroPad2d((left, right, top, bottom)), conv)
-    return conv if g.axis == 1 else BatchAxes(conv, g.axis, g.shape[: g.axis])
+    return conv if g.axis == 1 else BatchAxes(conv, g.axis)
 
 
 @converter("Convolution")

@@ -38,6 +38,7 @@ def convert_upsample(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]
         size = (param.upsample_h, param.upsample_w)
         if min(size) <= 1:
             raise layer_error(layer, "upsample_h and upsample_w must be greater than 1")
+        module = MaxUnpool(size)
     else:
         if param.HasField("scale_h") != param.HasField("scale_w") or param.HasField("scale_h") and param.HasField("scale"):
             raise layer_error(layer, "give upsample_h and upsample_w, or scale, or scale_h and scale_w")
@@ -47,8 +48,8 @@ def convert_upsample(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]
         pad_out = (param.pad_out_h, param.pad_out_w)
         if any(pad and s != 2 for pad, s in zip(pad_out, scale)):
             raise layer_error(layer, "pad_out_h / pad_out_w need scale 2")
-        size = (shape[2] * scale[0] - int(pad_out[0]), shape[3] * scale[1] - int(pad_out[1]))
-    return Converted(MaxUnpool(size), [shape[:2] + tuple(size)])
+        module = MaxUnpool(None, scale, tuple(int(p) for p in pad_out))
+    return Converted(module, [shape[:2] + tuple(module.output_size(shape[2:]))])
 
 
 @converter("ShuffleChannel")
@@ -126,7 +127,7 @@ def convert_crop_center(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarr
     if min(sizes) <= 0:
         raise layer_error(layer, f"crop_size {crop} leaves nothing of shape {shape}")
     start = 1 if crop[0] == 0 else 0  # leave the batch axis free unless it is cropped
-    return Converted(Crop(start, tuple(crop[start:]), sizes[start:]), [sizes])
+    return Converted(Crop(start, tuple(crop[start:])), [sizes])
 
 
 @converter("ResizeBilinear")
@@ -142,18 +143,21 @@ def convert_resize_bilinear(layer, inputs: Sequence[Shape], blobs: Sequence[np.n
     if len(modes) > 1:
         raise layer_error(layer, f"{' and '.join(modes)} exclude each other")
     size = shape[2:] if param.data_format == "NCHW" else shape[1:3]
-    out = []
+    out, given_size, scales = [], [], []
     for n, given, field, scale in ((size[0], param.output_height, "output_height", param.scale_height),
                                    (size[1], param.output_width, "output_width", param.scale_width)):
+        scales.append(float(np.float32(scale)))
         if param.HasField(field):
             out.append(int(given))
+            given_size.append(int(given))
             continue
         if not math.isfinite(scale) or scale <= 0:
             raise layer_error(layer, f"scale {scale} for a missing {field} must be a positive number")
         out.append(math.floor(np.float32(n) * np.float32(scale)))
+        given_size.append(None)
     if min(out) <= 0:
         raise layer_error(layer, f"output size {tuple(out)} is not positive")
     top = shape[:2] + tuple(out) if param.data_format == "NCHW" else (shape[0], *out, shape[3])
     check_top(layer, top)  # before the tables of that size are built
-    module = ResizeBilinear(size, out, modes[0] if modes else "asymmetric", param.data_format)
+    module = ResizeBilinear(tuple(given_size), tuple(scales), modes[0] if modes else "asymmetric", param.data_format)
     return Converted(module, [top])

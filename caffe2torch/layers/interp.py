@@ -74,7 +74,8 @@ def convert_interp(layer, inputs: list[Shape], blobs: list) -> Converted:
     eff = (shape[2] + pad_beg + pad_end, shape[3] + pad_beg + pad_end)
     if min(eff) <= 0:
         raise CaffeError(f"layer {layer.name!r} (Interp): cropping leaves an empty {eff} input")
-    size_rule = InterpSizeRule.from_layer(layer)
-    out_size = size_rule(*eff)
-    check_top(layer, shape[:2] + tuple(out_size))  # before the tables of that size are built
-    return Converted(Interp(shape[2:], out_size, pad_beg, pad_end), [shape[:2] + tuple(out_size)])
+    rule = InterpSizeRule.from_layer(layer)
+    out_size = rule(*eff)  # checks the factors and the size, with the layer's name
+    check_top(layer, shape[:2] + tuple(out_size))
+    module = Interp(rule.shrink, rule.zoom, rule.height, rule.width, pad_beg, pad_end)
+    return Converted(module, [shape[:2] + tuple(module.output_size(shape[2:]))])

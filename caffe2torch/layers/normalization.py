@@ -225,4 +225,4 @@ def convert_lrn(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> Converte
     size, alpha, beta = int(param.local_size), _as_float32(param.alpha), _as_float32(param.beta)
     if param.norm_region == caffe_pb2.LRNParameter.ACROSS_CHANNELS:
         return Converted(nn.LocalResponseNorm(size, alpha=alpha, beta=beta, k=_as_float32(param.k)), [shape])
-    return Converted(LRNWithinChannel(size, alpha, beta, shape[2:]), [shape])
+    return Converted(LRNWithinChannel(size, alpha, beta), [shape])

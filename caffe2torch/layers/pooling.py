@@ -6,11 +6,11 @@ from __future__ import annotations
 import math
 
 from caffe2torch.errors import CaffeError
-from caffe2torch.layers.convolution import SIDES, same_padding
+from caffe2torch.layers.convolution import SIDES
 from caffe2torch.layers.registry import Converted, Shape, converter, expect_blobs, expect_bottoms, image_shape
 from caffe2torch.limits import check_top
 from caffe2torch.bvlc import SPP, spp_level
-from caffe2torch.modules import Pool2d, caffe_pooled_size
+from caffe2torch.modules import Pool2d, caffe_pooled_size, same_padding
 from proto import caffe_pb2
 
 MAX, AVE = "MAX", "AVE"
@@ -114,9 +114,11 @@ def convert_pooling(layer, inputs: list[Shape], blobs: list) -> Converted:
         raise CaffeError(f"layer {layer.name!r} (Pooling): kernel {kernel}, stride {stride}, {padding} "
                          f"give no valid output on a {size} input")
     check_top(layer, shape[:2] + out)  # before the divisor table of that size is built
-    module = Pool2d(methods[param.pool], kernel, stride, pad, size, ceil=not floor, mask=len(layer.top) == 2,
-                    pad_end=None if pad_end == pad else pad_end)
-    return Converted(module, [shape[:2] + module.output_size] * (2 if module.mask else 1))
+    same = sides is not None and param.pad_type == 1  # worked out again for each input size, as the fork does
+    module = Pool2d(methods[param.pool], None if param.global_pooling else kernel, stride, (0, 0) if same else pad,
+                    ceil=not floor,
+                    mask=len(layer.top) == 2, pad_end=None if pad_end == pad or same else pad_end, same=same)
+    return Converted(module, [shape[:2] + module.output_size(size)] * (2 if module.mask else 1))
 
 
 @converter("SPP")
@@ -139,8 +141,10 @@ def convert_spp(layer, inputs: list[Shape], blobs: list) -> Converted:
                 raise CaffeError(f"layer {layer.name!r} (SPP): level {level} of a {size[0]} x {size[1]} input needs "
                                  f"pad {pad} with kernel {kernel}; Caffe refuses it")
     method = MAX if param.pool == caffe_pb2.SPPParameter.MAX else AVE
-    module = SPP(method, param.pyramid_height, size)
+    module = SPP(method, param.pyramid_height)
+    levels = [Pool2d(method, (kh, kw), (kh, kw), (ph, pw)).output_size(size)
+              for (kh, ph), (kw, pw) in ((spp_level(size[0], level), spp_level(size[1], level))
+                                         for level in range(param.pyramid_height))]
     if param.pyramid_height == 1:
-        return Converted(module, [shape[:2] + module.levels[0].output_size])
-    features = sum(shape[1] * math.prod(pool.output_size) for pool in module.levels)
-    return Converted(module, [(shape[0], features)])
+        return Converted(module, [shape[:2] + levels[0]])
+    return Converted(module, [(shape[0], sum(shape[1] * math.prod(level) for level in levels))])

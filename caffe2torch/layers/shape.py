@@ -82,7 +82,7 @@ def convert_slice(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -
             raise layer_error(layer, f"{num_tops} tops do not evenly divide axis {axis} of size {length}")
         sizes = [length // num_tops] * num_tops
     tops = [shape[:axis] + (size,) + shape[axis + 1 :] for size in sizes]
-    return Converted(Slice(axis, sizes), tops)
+    return Converted(Slice(axis, tuple(points), num_tops), tops)
 
 
 @converter("Split")
@@ -103,7 +103,7 @@ def convert_flatten(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray])
         raise layer_error(layer, f"end_axis {layer.flatten_param.end_axis} lies before axis {layer.flatten_param.axis}")
     top = shape[:start] + (math.prod(shape[start : end + 1]),) + shape[end + 1 :]
     if end < start:  # Caffe inserts an axis of size 1 there; nn.Flatten cannot
-        return Converted(Reshape(_free_batch(top)), [top])
+        return Converted(Reshape((1,), start, 0), [top])
     return Converted(nn.Flatten(start, end), [top])
 
 
@@ -141,14 +141,8 @@ def convert_reshape(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray])
     top = shape[:start] + tuple(resolved) + shape[end:]
     if math.prod(top) != count:
         raise layer_error(layer, f"output shape {top} has {math.prod(top)} elements, bottom {shape} has {count}")
-    keeps_batch = start > 0 or (dims and dims[0] == 0)
-    target = _free_batch(top) if keeps_batch else ((-1,) + top[1:] if dims and dims[0] == -1 else top)
-    return Converted(Reshape(target), [top])
-
-
-def _free_batch(shape: Shape) -> tuple:
-    """The target of a reshape that keeps axis 0: None there, so the batch size stays free."""
-    return (None,) + tuple(shape[1:])
+    # Caffe's rule again for the input the net gets (0 copies an axis, -1 takes what the count leaves)
+    return Converted(Reshape(tuple(dims), param.axis, param.num_axes), [top])
 
 
 @converter("Crop")
@@ -175,7 +169,7 @@ def convert_crop(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) ->
                 f"does not fit in {shape[axis]}",
             )
         top[axis] = reference[axis]
-    return Converted(Crop(start, offsets, reference[start:rank]), [tuple(top)])
+    return Converted(Crop(start, tuple(offsets)), [tuple(top)])
 
 
 @converter("AutoCrop")
@@ -213,11 +207,11 @@ def convert_argmax(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) 
         if top_k > shape[axis]:
             raise layer_error(layer, f"top_k {top_k} exceeds the size {shape[axis]} of axis {axis}")
         top = shape[:axis] + (top_k,) + shape[axis + 1 :]
-        return Converted(ArgMax(top_k, param.out_max_val, axis, top), [top])
+        return Converted(ArgMax(top_k, param.out_max_val, axis), [top])
     per_item = math.prod(shape[1:])
     if top_k > per_item:
         raise layer_error(layer, f"top_k {top_k} exceeds the {per_item} values per item")
     top_list = [1] * max(len(shape), 3)
     top_list[0], top_list[1], top_list[2] = shape[0], 2 if param.out_max_val else 1, top_k
     top = tuple(top_list)
-    return Converted(ArgMax(top_k, param.out_max_val, None, top), [top])
+    return Converted(ArgMax(top_k, param.out_max_val, None), [top])
