@@ -24,6 +24,7 @@ from caffe2torch.errors import CaffeError
 from caffe2torch.fill import placeholder_blobs, placeholder_bytes
 from caffe2torch.graph import NetGraph, build_graph, output_blobs
 from caffe2torch.layers import convert_layer
+from caffe2torch.layers.registry import CONTRACT
 from caffe2torch.limits import MemoryBudget
 from proto import caffe_pb2
 
@@ -127,7 +128,8 @@ def legacy_python_names(names: Sequence[str], prefix: str = "layer") -> list[str
 
 def _check_shapes(layer, converted_shapes: Sequence[Shape]) -> None:
     if len(converted_shapes) != len(layer.tops):
-        raise CaffeError(f"layer {layer.name!r} ({layer.type}): makes {len(converted_shapes)} tops, the net names {len(layer.tops)}")
+        raise CaffeError(f"layer {layer.name!r} ({layer.type}): its converter made {len(converted_shapes)} top "
+                         f"shapes, the net names {len(layer.tops)} tops; {CONTRACT}")
 
 
 def _warn(on_warning: Callable[[str], None] | None, text: str) -> None:
