@@ -172,7 +172,8 @@ def assemble(graph: NetGraph, weights: Mapping[str, Sequence[np.ndarray]],
     """
     budget = MemoryBudget(memory_limit)
     for blob, shape in graph.inputs.items():
-        budget.check_layer(f"input {blob!r} of shape {_shape_text(shape)}", math.prod(shape))
+        budget.check_layer(f"{source}: input {blob!r} of shape {_shape_text(shape)}" if source else
+                           f"input {blob!r} of shape {_shape_text(shape)}", math.prod(shape))
     shapes: dict[str, Shape] = dict(graph.inputs)
     names = python_names([layer.name for layer in graph.layers])
     fx_graph = fx.Graph()
@@ -195,7 +196,10 @@ def assemble(graph: NetGraph, weights: Mapping[str, Sequence[np.ndarray]],
                              f"rename the layers")
         if not blobs and fill_missing:
             budget.add_parameters(where, placeholder_bytes(layer.param, bottoms) // 4)
-            blobs = placeholder_blobs(layer.param, bottoms)
+            try:
+                blobs = placeholder_blobs(layer.param, bottoms)
+            except MemoryError:  # a limit set above what the machine has
+                raise CaffeError(f"{where}: out of memory while building it") from None
         else:
             budget.add_parameters(where, sum(blob.size for blob in blobs))
         try:

@@ -15,6 +15,7 @@ import numpy as np
 from caffe2torch.errors import CaffeError
 from caffe2torch.guard import run_bounded, time_limit
 from caffe2torch.limits import format_bytes, memory_limit
+from caffe2torch.read import h5_name
 
 
 @dataclass
@@ -67,8 +68,18 @@ class _Bounded:
         return node.attrs[name]
 
     def text(self, node, name: str) -> str:
-        value = self.attribute(node, name)
-        return value.decode() if isinstance(value, bytes) else str(value)
+        return self.decoded(self.attribute(node, name), f"attribute {name!r} of {node.name}")
+
+    def decoded(self, value, what: str) -> str:
+        """A string attribute: bytes must be UTF-8 (one line naming the file and the bytes otherwise)."""
+        if isinstance(value, np.ndarray) and value.ndim == 0:
+            value = value.item()
+        if isinstance(value, bytes):
+            try:
+                return value.decode("utf-8")
+            except UnicodeDecodeError:
+                h5_name(value, what, self.path)
+        return str(value)
 
     def array(self, node, name: str, dtype) -> np.ndarray:
         import h5py
@@ -106,13 +117,14 @@ def _read(path: Path) -> Reference:
             if "layers" not in file or "input" not in file:
                 raise CaffeError(f"{path}: not a reference file (needs /input and /layers)")
             read = _Bounded(path, file)
-            inputs = {name: read.array(file["input"], name, np.float32) for name in file["input"]}
+            inputs = {h5_name(name, "the input name", path): read.array(file["input"], name, np.float32)
+                      for name in file["input"]}
             layers = []
-            for key in sorted(file["layers"].keys()):
+            for key in sorted(h5_name(key, "the record name in /layers", path) for key in file["layers"].keys()):
                 group = file["layers"][key]
                 if not key.isdigit():
                     raise CaffeError(f"{path}: /layers/{key} is not a numbered layer record")
-                tops = [t.decode() if isinstance(t, bytes) else str(t) for t in read.attribute(group, "tops")]
+                tops = [read.decoded(t, f"a top name of {group.name}") for t in read.attribute(group, "tops")]
                 values = []
                 for k in range(len(tops)):
                     if str(k) not in group:

@@ -198,6 +198,19 @@ def expect_bottoms(layer, inputs: Sequence[Shape], *counts: int) -> None:
         raise CaffeError(f"layer {layer.name!r} ({layer.type}): expected {wanted} bottoms, got {len(inputs)}")
 
 
+INT_MAX = 2**31 - 1
+
+
+def caffe_int(layer, name: str, values: Sequence[int]) -> list[int]:
+    """Sizes Caffe keeps in a C int (kernel, stride, pad, dilation, local_size ...): a file's value past
+    that range means something else to Caffe (it wraps) and overflows torch's kernels, so it is refused."""
+    values = [int(v) for v in values]
+    for value in values:
+        if not -INT_MAX - 1 <= value <= INT_MAX:
+            raise layer_error(layer, f"{name} {value} does not fit the 32-bit int Caffe keeps it in")
+    return values
+
+
 def layer_error(layer, message: str) -> CaffeError:
     """The one-line error of a layer: its name and type, then `message`."""
     return CaffeError(f"layer {layer.name!r} ({layer.type}): {message}")
