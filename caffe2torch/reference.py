@@ -8,7 +8,7 @@ the memory limit) and the whole read runs under `guard.run_bounded`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 
@@ -154,6 +154,35 @@ def _read(path: Path) -> Reference:
     except Exception as error:  # noqa: BLE001 - corrupt HDF5 fails in many ways
         reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise CaffeError(f"{path}: not a readable reference file ({reason})") from None
+
+
+def definition_beside(reference: Reference) -> tuple[Path | None, str | None]:
+    """The net definition a reference names in its `prototxt` attribute, and a note when that name is ignored.
+
+    A reference names its definition relative to itself: only a plain relative name that stays inside
+    the reference's own folder (no absolute path, no `..`, no symbolic link leading out) is used, so a
+    file given to verify cannot make it read a definition from anywhere else. A name that does not
+    qualify is ignored with a note (give --prototxt); one that is simply not there is ignored quietly.
+    """
+    name = reference.prototxt
+    if not name:
+        return None, None
+    folder = reference.path.parent
+    ignored = f"{reference.path}: its prototxt attribute {name!r} is ignored"
+    if "\0" in name:
+        return None, f"{ignored} (not a file name)"
+    if PurePath(name).is_absolute():
+        return None, f"{ignored} (an absolute path; a reference names its definition relative to itself)"
+    if ".." in PurePath(name).parts:
+        return None, f"{ignored} (it leads out of the reference's folder)"
+    candidate = folder / name
+    try:
+        inside = folder.resolve() in candidate.resolve().parents
+    except (OSError, RuntimeError):  # a symbolic link loop
+        inside = False
+    if not inside:
+        return None, f"{ignored} (it resolves outside the reference's folder)"
+    return (candidate, None) if candidate.is_file() else (None, None)
 
 
 def read_reference(path: str | Path) -> Reference:

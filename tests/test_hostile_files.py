@@ -189,3 +189,37 @@ def test_hdf5_weights_of_a_size_past_int64_are_one_line(tmp_path):
         file["data/x"].create_dataset("0", shape=(2**40, 2**40), dtype="f4")  # no storage allocated: a header only
     with pytest.raises(CaffeError, match=r"layer 'x' blob 0 is not a float array of a sane size"):
         read_caffemodel_h5(path)
+
+
+# ---------------------------------------------------------------- the definition a reference names
+
+@pytest.mark.parametrize("name, used", [
+    ("ABSOLUTE", False),  # replaced by the absolute path of the trap
+    ("../elsewhere/trap.prototxt", False),
+    ("link.prototxt", False),  # a symbolic link in the reference's folder to the trap outside it
+    ("sub/trap.prototxt", True),  # a plain relative name inside the folder: read
+])
+def test_verify_reads_only_a_definition_inside_the_references_folder(reference_dir, tmp_path, name, used):
+    """A `.ref.h5` names its prototxt relative to itself; anything else is ignored with a note, and verify goes
+    on with the net stored in the caffemodel. The trap is not a valid prototxt: reading it would be an error."""
+    units = reference_dir / "units"
+    folder, elsewhere = tmp_path / "ref", tmp_path / "elsewhere"
+    (folder / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    trap = elsewhere / "trap.prototxt"
+    for path in (trap, folder / "sub" / "trap.prototxt"):
+        path.write_text("layer {")
+    (folder / "link.prototxt").symlink_to(trap)
+    shutil.copy(units / "unit_conv_basic.caffemodel", folder / "model.caffemodel")
+    reference = folder / "model.ref.h5"
+    shutil.copy(units / "unit_conv_basic.ref.h5", reference)
+    with h5py.File(reference, "r+") as file:
+        file.attrs["prototxt"] = str(trap) if name == "ABSOLUTE" else name
+    result = CliRunner().invoke(main, ["verify", str(folder / "model.caffemodel"), "--reference", str(reference)])
+    if used:
+        assert result.exit_code == 2 and f"{folder / 'sub' / 'trap.prototxt'}:1" in result.output, result.output
+        return
+    assert result.exit_code == 0, result.output
+    assert f"caffe2torch: note: {reference}: its prototxt attribute " in result.output
+    assert "is ignored" in result.output and "give --prototxt to choose the definition" in result.output
+    assert "7/7 layers within tolerance" in result.output and "trap.prototxt:1" not in result.output
