@@ -223,3 +223,25 @@ def test_verify_reads_only_a_definition_inside_the_references_folder(reference_d
     assert f"caffe2torch: note: {reference}: its prototxt attribute " in result.output
     assert "is ignored" in result.output and "give --prototxt to choose the definition" in result.output
     assert "7/7 layers within tolerance" in result.output and "trap.prototxt:1" not in result.output
+
+
+def test_icnet_sizes_past_the_int32_input_dim_are_one_line():
+    from icnet_eval.cli import main as icnet_main
+
+    result = CliRunner().invoke(icnet_main, ["prototxt", "--height", str(BIG), "--width", "5"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "ICNet input height must be a positive integer of at most 2147483647, got 9223372036854775807" in result.output
+
+
+def test_a_five_axis_input_gets_check_inputs_and_exports(tmp_path):
+    """check_inputs (export's, the fuzz tests') draws inputs of any rank; a 3-D convolution's net exports."""
+    from caffe2torch.export import check_inputs, export
+
+    path = tmp_path / "net.prototxt"
+    path.write_text('input: "data" input_shape { dim: 1 dim: 2 dim: 3 dim: 4 dim: 5 }\n'
+                    + _layer("Convolution", "convolution_param { num_output: 2 kernel_size: 1 }"))
+    net = convert(None, path).net
+    x, = check_inputs(net)
+    assert x.shape == (1, 2, 3, 4, 5) and x.dtype == torch.float32 and float(x.abs().max()) > 0
+    assert torch.equal(x, check_inputs(net)[0])  # deterministic
+    assert export(net, "torchscript", tmp_path / "net.pt").max_rel == 0.0
