@@ -211,7 +211,7 @@ def _module_renames(meta: dict[str, Any], net: fx.GraphModule, folder: Path) -> 
 
 
 def _fitted(name: str, value: torch.Tensor, wanted: torch.Tensor, path: Path) -> torch.Tensor:
-    """A stored tensor as the rebuilt net holds it: its own copy in the net's dtype.
+    """A stored tensor as the rebuilt net holds it: dense, in the net's dtype.
 
     Floating tensors of another precision (a net saved after .half() or .double()) are converted to
     the net's (float32: exact from float16 and bfloat16, float64 rounds to nearest as Caffe's
@@ -221,11 +221,11 @@ def _fitted(name: str, value: torch.Tensor, wanted: torch.Tensor, path: Path) ->
     if value.layout != torch.strided or value.is_meta or value.is_quantized:
         raise CaffeError(f"{path}: {name} is not a plain tensor ({value.layout}, device {value.device.type})")
     if value.dtype == wanted.dtype:
-        return value.detach().clone(memory_format=torch.contiguous_format)  # no storage shared with another key
+        return value.detach().contiguous()
     if not (value.is_floating_point() and wanted.is_floating_point()):
         raise CaffeError(f"{path}: {name} is {str(value.dtype).replace('torch.', '')}, the net needs "
                          f"{str(wanted.dtype).replace('torch.', '')}")
-    converted = value.detach().to(wanted.dtype).clone(memory_format=torch.contiguous_format)
+    converted = value.detach().to(wanted.dtype).contiguous()
     if int(torch.isinf(converted).sum()) != int(torch.isinf(value).sum()):  # float64 past float32's range
         raise CaffeError(f"{path}: {name} holds values beyond the range of {str(wanted.dtype).replace('torch.', '')}")
     return converted
@@ -268,7 +268,14 @@ def load(folder: str | os.PathLike, map_location: str | torch.device = "cpu") ->
     if wrong:
         raise CaffeError(f"{folder / WEIGHTS}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, "
                          f"{DEFINITION} needs {tuple(expected[wrong[0]].shape)}")
-    state = {name: _fitted(name, value, expected[name], folder / WEIGHTS) for name, value in state.items()}
-    net.load_state_dict(state, assign=True)
+    fitted, storages = {}, set()
+    for name, value in state.items():
+        tensor = _fitted(name, value, expected[name], folder / WEIGHTS)
+        storage = tensor.untyped_storage().data_ptr()
+        if tensor.numel() and storage in storages:  # views of one storage in the file: each layer its own copy
+            tensor = tensor.clone()
+        storages.add(storage)
+        fitted[name] = tensor
+    net.load_state_dict(fitted, assign=True)
     net_info(net).source = str(meta.get("source", folder))
     return net.to(map_location).eval()

@@ -112,3 +112,22 @@ def test_icnet_eval_and_segment_take_a_half_precision_folder(tmp_path, dataset, 
     assert result.exit_code == 0, result.output
     assert (tmp_path / "seg" / f"{image.stem}_color.png").is_file()
     assert np.isfinite(report["pixel_accuracy"])
+
+
+def test_tensors_sharing_storage_in_the_file_become_separate_parameters(reference_dir, tmp_path):
+    """A weights.pt may store several tensors as views of one storage (torch.save keeps views): each layer
+    still gets its own parameter, so training one does not change another."""
+    folder = save_net(convert_reference(reference_dir, "unit_batchnorm_scale_bias"), tmp_path / "out")
+    state = torch.load(folder / "weights.pt", weights_only=True)
+    base = torch.arange(4, dtype=torch.float32) + 1
+    state["scale.weight"], state["scale_nobias.weight"] = base[:], base.view(4)
+    state["scale.bias"] = torch.zeros(1).expand(4)  # stride 0: every element one value
+    torch.save(state, folder / "weights.pt")
+    net = caffe2torch.load(folder)
+    params = net.state_dict()
+    assert torch.equal(params["scale.weight"], base) and torch.equal(params["scale_nobias.weight"], base)
+    with torch.no_grad():
+        net.get_submodule("scale").weight.add_(1)
+        net.get_submodule("scale").bias[0] = 5
+    assert torch.equal(net.state_dict()["scale_nobias.weight"], base)
+    assert net.state_dict()["scale.bias"].tolist() == [5.0, 0.0, 0.0, 0.0]
