@@ -697,3 +697,12 @@ def test_a_failed_background_write_stops_the_run_and_resume_finishes_it(tmp_path
     result = run_cli(eval_args(dataset, weights, out))
     assert result.exit_code == 0, result.output
     assert scores(load_report(out)) == scores(load_report(baseline))
+
+
+def test_the_segment_function_survives_an_import_of_the_segment_module():
+    """Overlays and the segment command import icnet_eval.segment (the module); icnet_eval.segment stays the API."""
+    import icnet_eval
+    from icnet_eval.segment import overlay  # noqa: F401
+
+    assert callable(icnet_eval.segment) and icnet_eval.segment.__module__ == "icnet_eval"
+    assert sys.modules["icnet_eval.segment"].overlay is overlay
