@@ -178,10 +178,12 @@ def verify(model: Path, prototxt: Path | None, reference: Path, isolated: bool, 
             raise CaffeError("--prototxt does not apply to a converted folder (it holds its definition)")
         net = load(model)
     else:
-        if prototxt is None and ref.prototxt:
-            candidate = reference.parent / ref.prototxt
-            if candidate.is_file():
-                prototxt = candidate
+        if prototxt is None:
+            from caffe2torch.reference import definition_beside
+
+            prototxt, note = definition_beside(ref)
+            if note:
+                _note(f"{note}; give --prototxt to choose the definition")
         shapes = {name: value.shape for name, value in ref.inputs.items()}
         conversion = _convert_quietly(model, prototxt, shapes, not no_verify)
         net = conversion.net

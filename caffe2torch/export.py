@@ -115,8 +115,46 @@ def _write_onnx(module: nn.Module, inputs: tuple, path: Path, input_names: list[
     _rename_onnx(path, input_names, output_names)
 
 
+OUTPUT_SUFFIX = "_output"
+
+
+def onnx_output_names(input_names: Sequence[str], output_names: Sequence[str]) -> list[str]:
+    """The ONNX names of the outputs: each blob's own, except where an input has that name (a Caffe layer
+    working in place on an input, e.g. `ReLU bottom: data top: data`): then `<blob>_output` (`_output2`,
+    ... if that is taken too). ONNX needs every name defined once, and an input is defined by the caller."""
+    inputs = set(input_names)
+    taken = inputs | set(output_names)  # a blob's own name is never given to another
+    names = []
+    for name in output_names:
+        candidate, count = name, 1
+        while name in inputs and candidate in taken:
+            count += 1
+            candidate = f"{name}{OUTPUT_SUFFIX}" if count == 2 else f"{name}{OUTPUT_SUFFIX}{count - 1}"
+        taken.add(candidate)
+        names.append(candidate)
+    return names
+
+
+def _separate_outputs(graph, existing: set[str]) -> None:
+    """Give every graph output a value of its own: the exporter lets an output be an input itself (an
+    identity layer such as Dropout on an input) or another output's value; an Identity node copies it."""
+    import onnx
+
+    inputs, seen = {value.name for value in graph.input}, set()
+    for value in graph.output:
+        if value.name in inputs or value.name in seen:
+            fresh, count = f"{value.name}_copy", 1
+            while fresh in existing:
+                count += 1
+                fresh = f"{value.name}_copy{count}"
+            existing.add(fresh)
+            graph.node.append(onnx.helper.make_node("Identity", [value.name], [fresh]))
+            value.name = fresh
+        seen.add(value.name)
+
+
 def _rename_onnx(path: Path, input_names: list[str], output_names: list[str]) -> None:
-    """Name the graph's inputs and outputs after the Caffe blobs.
+    """Name the graph's inputs and outputs after the Caffe blobs (outputs: see `onnx_output_names`).
 
     Done after export: the exporter's own naming can give an internal value the name of a
     Caffe blob (e.g. `log`), which it then defines twice; here such a value is renamed first.
@@ -125,6 +163,9 @@ def _rename_onnx(path: Path, input_names: list[str], output_names: list[str]) ->
 
     model = onnx.load(str(path))
     graph = model.graph
+    output_names = onnx_output_names(input_names, output_names)
+    _separate_outputs(graph, {name for node in graph.node for name in [*node.input, *node.output]}
+                      | {v.name for v in [*graph.input, *graph.output, *graph.value_info, *graph.initializer]})
     mapping = {value.name: new for value, new in zip(graph.input, input_names)}
     mapping.update({value.name: new for value, new in zip(graph.output, output_names)})
     existing = {name for node in graph.node for name in [*node.input, *node.output]}

@@ -26,20 +26,39 @@ def _spatial(param, name: str, count: int, default: int) -> list[int]:
     return values * count if len(values) == 1 else values
 
 
-def _channels(layer, shapes: Sequence[Shape], axis: int = 1) -> int:
+def _axis(layer, shapes: Sequence[Shape], axis: int) -> int:
+    """Bottom 0's axis `axis` as Caffe's CanonicalAxisIndex gives it (out of range: the converter's error)."""
+    from caffe2torch.layers.registry import canonical_axis
+
     if not shapes:
         raise CaffeError(f"layer {layer.name!r} ({layer.type}): needs a bottom")
-    return int(shapes[0][axis % len(shapes[0])])
+    return canonical_axis(layer, axis, len(shapes[0]))
+
+
+def _channels(layer, shapes: Sequence[Shape], axis: int = 1) -> int:
+    axis = _axis(layer, shapes, axis)
+    return int(shapes[0][axis])
 
 
 def placeholder_specs(layer, shapes: Sequence[Shape]) -> list[tuple[Shape, float]]:
-    """(shape, fill value) of each blob Caffe's LayerSetUp would allocate for `layer` on bottoms of `shapes`."""
+    """(shape, fill value) of each blob Caffe's LayerSetUp would allocate for `layer` on bottoms of `shapes`.
+
+    A shape with a negative size (a negative dimension in the file) is refused naming the layer.
+    """
+    specs = _specs(layer, shapes)
+    for shape, _ in specs:
+        if any(d < 0 for d in shape):
+            raise CaffeError(f"layer {layer.name!r} ({layer.type}): its parameter blob would have shape {shape}")
+    return specs
+
+
+def _specs(layer, shapes: Sequence[Shape]) -> list[tuple[Shape, float]]:
     kind = layer.type
     if kind in ("Convolution", "Deconvolution", "DepthwiseConvolution", "ConvolutionDepthwise"):
         param = layer.convolution_param
-        axis = param.axis if param.HasField("axis") else 1
+        axis = _axis(layer, shapes, param.axis if param.HasField("axis") else 1)
         channels = _channels(layer, shapes, axis)
-        spatial = len(shapes[0]) - (axis % len(shapes[0])) - 1
+        spatial = len(shapes[0]) - axis - 1
         kernel = _spatial(param, "kernel", spatial, 1)
         group = param.group or 1
         if kind == "ConvolutionDepthwise":  # one filter per channel, whatever num_output says
@@ -51,7 +70,7 @@ def placeholder_specs(layer, shapes: Sequence[Shape]) -> list[tuple[Shape, float
         return [(weight, 0.0)] + ([((param.num_output,), 0.0)] if param.bias_term else [])
     if kind == "InnerProduct":
         param = layer.inner_product_param
-        axis = (param.axis if param.HasField("axis") else 1) % len(shapes[0])
+        axis = _axis(layer, shapes, param.axis if param.HasField("axis") else 1)
         inputs = math.prod(shapes[0][axis:])
         weight = (inputs, param.num_output) if param.transpose else (param.num_output, inputs)
         return [(weight, 0.0)] + ([((param.num_output,), 0.0)] if param.bias_term else [])

@@ -24,12 +24,14 @@ from torch import fx
 
 from caffe2torch.codegen import WEIGHTS_FILE, check_standalone, generate_source
 from caffe2torch.errors import CaffeError
-from caffe2torch.model import from_net_parameter, net_info
+from caffe2torch.model import from_net_parameter, layer_modules, legacy_python_names, net_info
 from caffe2torch.protect import ReadFiles
 from caffe2torch.read import parse_prototxt
 from caffe2torch.write import current_umask
 
-FORMAT = "caffe2torch-folder/2"
+FORMAT = "caffe2torch-folder/3"
+# Format 2 named modules first come, first served (model.legacy_python_names); its folders are still read.
+LEGACY_FORMAT = "caffe2torch-folder/2"
 DEFINITION = "net.prototxt"
 WEIGHTS = WEIGHTS_FILE
 SOURCE = "model.py"
@@ -69,6 +71,7 @@ def folder_contents(net: fx.GraphModule, meta: dict[str, Any] | None = None,
         files[name] = data
     meta.update(format=FORMAT, caffe2torch=_version(), torch=torch.__version__, name=info.name,
                 inputs={name: list(shape) for name, shape in info.inputs.items()}, outputs=list(info.outputs),
+                modules=[list(pair) for pair in layer_modules(net)],
                 files={name: _sha256(data) for name, data in files.items()})
     files[META] = (json.dumps(meta, indent=2, ensure_ascii=True) + "\n").encode()
     return files
@@ -214,7 +217,7 @@ def read_meta(folder: Path) -> dict[str, Any]:
         raise CaffeError(f"{path}: cannot be read ({error})") from None
     if not isinstance(meta, dict):
         raise CaffeError(f"{path}: not a caffe2torch meta file (expected a JSON object)")
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in (FORMAT, LEGACY_FORMAT):
         found = meta.get("format", "none, an older caffe2torch")
         raise CaffeError(f"{folder}: written in folder format {found!s}, this caffe2torch reads {FORMAT}; "
                          f"convert the caffemodel again")
@@ -224,13 +227,65 @@ def read_meta(folder: Path) -> dict[str, Any]:
 def _input_shapes(meta: dict[str, Any], folder: Path) -> dict[str, tuple[int, ...]]:
     inputs = meta.get("inputs")
     if not isinstance(inputs, dict) or not all(
-            isinstance(shape, list) and all(isinstance(d, int) and d > 0 for d in shape) for shape in inputs.values()):
+            isinstance(shape, list) and all(type(d) is int and d > 0 for d in shape) for shape in inputs.values()):
         raise CaffeError(f"{folder / META}: 'inputs' must map input names to lists of positive sizes")
     return {str(name): tuple(shape) for name, shape in inputs.items()}
 
 
+def _module_renames(meta: dict[str, Any], net: fx.GraphModule, folder: Path) -> dict[str, str]:
+    """The module name weights.pt uses -> the one the rebuilt net uses, for each layer.
+
+    Format 3 records which module is which layer and must agree with the net net.prototxt builds
+    here (it would not if, e.g., a plugin that turns a Python data layer into a layer is missing);
+    format 2 named modules by the older rule, which is worked out again for the same layers.
+    """
+    pairs = layer_modules(net)
+    if meta.get("format") == LEGACY_FORMAT:
+        legacy = legacy_python_names([layer for layer, _ in pairs])
+        return {old: new for old, (_, new) in zip(legacy, pairs) if old != new}
+    recorded = meta.get("modules")
+    if not isinstance(recorded, list) or not all(
+            isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, str) for v in pair) for pair in recorded):
+        raise CaffeError(f"{folder / META}: 'modules' must list [Caffe layer, module name] pairs")
+    recorded = [tuple(pair) for pair in recorded]
+    if recorded != pairs:
+        hint = "(a plugin converter the folder needs is not registered?)"
+        if len(recorded) != len(pairs):
+            raise CaffeError(f"{folder / META}: weights.pt was saved for {len(recorded)} layer modules, {DEFINITION} "
+                             f"builds {len(pairs)} here {hint}")
+        (layer, saved), (built_layer, built) = next((a, b) for a, b in zip(recorded, pairs) if a != b)
+        raise CaffeError(f"{folder / META}: weights.pt holds layer {layer!r} as module {saved!r}, {DEFINITION} builds "
+                         f"layer {built_layer!r} as {built!r} there {hint}")
+    return {}
+
+
+def _fitted(name: str, value: torch.Tensor, wanted: torch.Tensor, path: Path) -> torch.Tensor:
+    """A stored tensor as the rebuilt net holds it: dense, in the net's dtype.
+
+    Floating tensors of another precision (a net saved after .half() or .double()) are converted to
+    the net's (float32: exact from float16 and bfloat16, float64 rounds to nearest as Caffe's
+    double_data does); a value float32 cannot hold is refused. A tensor of another kind (integer,
+    bool, complex) where the net has a float, or any change to an integer buffer, is refused.
+    """
+    if value.layout != torch.strided or value.is_meta or value.is_quantized:
+        raise CaffeError(f"{path}: {name} is not a plain tensor ({value.layout}, device {value.device.type})")
+    if value.dtype == wanted.dtype:
+        return value.detach().contiguous()
+    if not (value.is_floating_point() and wanted.is_floating_point()):
+        raise CaffeError(f"{path}: {name} is {str(value.dtype).replace('torch.', '')}, the net needs "
+                         f"{str(wanted.dtype).replace('torch.', '')}")
+    converted = value.detach().to(wanted.dtype).contiguous()
+    if int(torch.isinf(converted).sum()) != int(torch.isinf(value).sum()):  # float64 past float32's range
+        raise CaffeError(f"{path}: {name} holds values beyond the range of {str(wanted.dtype).replace('torch.', '')}")
+    return converted
+
+
 def load(folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> fx.GraphModule:
-    """Rebuild a converted folder: converters from net.prototxt, weights from a weights_only state_dict."""
+    """Rebuild a converted folder: converters from net.prototxt, weights from a weights_only state_dict.
+
+    The net computes in float32 whatever precision the folder's tensors were saved in (see `_fitted`);
+    `.half()` it again to run in half precision.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise CaffeError(f"{folder}: no such folder" if not folder.exists() else f"{folder}: is not a folder")
@@ -242,6 +297,7 @@ def load(folder: str | os.PathLike, map_location: str | torch.device = "cpu") ->
     definition = parse_prototxt(text, str(folder / DEFINITION))
     net = from_net_parameter(definition, {}, str(folder / DEFINITION), _input_shapes(meta, folder),
                              on_warning=lambda _: None, fill_missing=True)
+    renames = _module_renames(meta, net, folder)
     try:
         state = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - a damaged or foreign file fails in many ways
@@ -250,6 +306,9 @@ def load(folder: str | os.PathLike, map_location: str | torch.device = "cpu") ->
                          f"({type(error).__name__}: {reason[:200]})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CaffeError(f"{folder / WEIGHTS}: not a state_dict of tensors")
+    if renames:
+        state = {".".join([renames.get(key.split(".", 1)[0], key.split(".", 1)[0]), *key.split(".")[1:]]): value
+                 for key, value in state.items()}
     expected = net.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -258,6 +317,14 @@ def load(folder: str | os.PathLike, map_location: str | torch.device = "cpu") ->
     if wrong:
         raise CaffeError(f"{folder / WEIGHTS}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, "
                          f"{DEFINITION} needs {tuple(expected[wrong[0]].shape)}")
-    net.load_state_dict(state, assign=True)
+    fitted, storages = {}, set()
+    for name, value in state.items():
+        tensor = _fitted(name, value, expected[name], folder / WEIGHTS)
+        storage = tensor.untyped_storage().data_ptr()
+        if tensor.numel() and storage in storages:  # views of one storage in the file: each layer its own copy
+            tensor = tensor.clone()
+        storages.add(storage)
+        fitted[name] = tensor
+    net.load_state_dict(fitted, assign=True)
     net_info(net).source = str(meta.get("source", folder))
     return net.to(map_location).eval()

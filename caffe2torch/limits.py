@@ -15,6 +15,10 @@ import re
 from caffe2torch.errors import CaffeError
 
 ENVIRONMENT = "CAFFE2TORCH_MAX_MEMORY"
+# Whatever the limit says, nothing beyond 2^60 bytes (an exbibyte) is accepted: torch and NumPy count elements
+# and bytes in int64, so every shape the budget lets through then has products of its sizes far inside int64
+# (a dimension of 2^63 - 1 in a file is refused, never wrapped or overflowed).
+MAX_LIMIT = 1 << 60
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -50,12 +54,14 @@ def available_cores() -> int:
 
 
 def memory_limit(explicit: int | str | None = None) -> int:
-    """The limit in bytes: the argument, else $CAFFE2TORCH_MAX_MEMORY, else the available memory."""
+    """The limit in bytes: the argument, else $CAFFE2TORCH_MAX_MEMORY, else the available memory (at most MAX_LIMIT)."""
     if explicit is not None:
-        return parse_size(explicit) if isinstance(explicit, str) else int(explicit)
-    if os.environ.get(ENVIRONMENT):
-        return parse_size(os.environ[ENVIRONMENT])
-    return available_memory()
+        limit = parse_size(explicit) if isinstance(explicit, str) else int(explicit)
+    elif os.environ.get(ENVIRONMENT):
+        limit = parse_size(os.environ[ENVIRONMENT])
+    else:
+        limit = available_memory()
+    return min(limit, MAX_LIMIT)
 
 
 def format_bytes(count: int) -> str:
@@ -92,9 +98,10 @@ def refuse(where: str, needed: int, limit: int) -> None:
                      f"(the available memory unless --max-memory or {ENVIRONMENT} says otherwise)")
 
 
-def check_top(layer, shape: tuple[int, ...]) -> None:
-    """Refuse a layer whose output alone would not fit the memory limit, before its converter allocates
-    tables of that size (Interp's, pooling's): one line naming the layer and the size."""
+def check_top(layer, shape: tuple[int, ...], what: str = "top") -> None:
+    """Refuse a layer whose output (or another array of `shape` it makes) alone would not fit the memory
+    limit, before its converter allocates tables of that size (Interp's, pooling's): one line naming the
+    layer and the size."""
     needed, limit = 4 * math.prod(shape), memory_limit()
     if needed > limit:
-        refuse(f"layer {layer.name!r} ({layer.type}) (top {'x'.join(map(str, shape))})", needed, limit)
+        refuse(f"layer {layer.name!r} ({layer.type}) ({what} {'x'.join(map(str, shape))})", needed, limit)

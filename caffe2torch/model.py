@@ -24,6 +24,7 @@ from caffe2torch.errors import CaffeError, InputSizeError
 from caffe2torch.fill import placeholder_blobs, placeholder_bytes
 from caffe2torch.graph import NetGraph, build_graph, output_blobs
 from caffe2torch.layers import convert_layer
+from caffe2torch.layers.registry import CONTRACT
 from caffe2torch.limits import MemoryBudget
 from proto import caffe_pb2
 
@@ -68,18 +69,54 @@ class NetInfo:
 _RESERVED = set(dir(fx.GraphModule(nn.Module(), fx.Graph()))) | {"self", "torch", "nn", "F", "math", "Path", "load"}
 
 
+def _is_safe_name(name: str, taken: set[str]) -> bool:
+    """Usable as it is: ASCII letters, digits and '_', no leading digit, no leading double underscore
+    (Python would mangle it inside a class), no keyword, nothing taken."""
+    return (name.isascii() and name.isidentifier() and not name.startswith("__") and not keyword.iskeyword(name)
+            and not keyword.issoftkeyword(name) and name not in taken)
+
+
+def _sanitised(name: str, prefix: str) -> str:
+    base = re.sub(r"[^0-9A-Za-z_]+", "_", name).strip("_") or prefix
+    if base[0].isdigit() or keyword.iskeyword(base) or keyword.issoftkeyword(base):
+        base = f"{prefix}_{base}"
+    return base
+
+
 def python_names(names: Sequence[str], reserved: set[str] = frozenset(), prefix: str = "layer") -> list[str]:
     """A distinct, safe Python identifier for each name, in order (Caffe's names stay as data).
 
-    ASCII letters, digits and '_' only, no leading digit, no leading double underscore (Python
-    would mangle it inside a class), no keyword, nothing in `reserved`; clashes get _2, _3, ...
+    A name that already is a safe identifier keeps it exactly, whatever the other names are: the
+    module (and state_dict key) `a_b` is always the layer named "a_b", never a layer "a.b" that
+    happened to come first. Only names that must change are changed: to their sanitised form, with
+    _2, _3, ... where that is taken, handed out in the order of the original names (not of the
+    layers), so reordering a definition does not swap two layers' keys.
     """
     taken = set(reserved) | _RESERVED
+    result: list[str | None] = [None] * len(names)
+    for index, name in enumerate(names):
+        if _is_safe_name(name, taken):
+            taken.add(name)
+            result[index] = name
+    # Python's sort is stable: a name used twice keeps the layer order among its copies.
+    for index in sorted((i for i, value in enumerate(result) if value is None), key=lambda i: names[i]):
+        base = _sanitised(names[index], prefix)
+        candidate, suffix = base, 1
+        while candidate in taken:
+            suffix += 1
+            candidate = f"{base}_{suffix}"
+        taken.add(candidate)
+        result[index] = candidate
+    return result  # type: ignore[return-value]
+
+
+def legacy_python_names(names: Sequence[str], prefix: str = "layer") -> list[str]:
+    """The module names caffe2torch gave before folder format 3 (first come, first served), to read
+    the weights.pt of such a folder."""
+    taken = set(_RESERVED)
     result = []
     for name in names:
-        base = re.sub(r"[^0-9A-Za-z_]+", "_", name).strip("_") or prefix
-        if base[0].isdigit() or keyword.iskeyword(base) or keyword.issoftkeyword(base):
-            base = f"{prefix}_{base}"
+        base = _sanitised(name, prefix)
         candidate, suffix = base, 1
         while candidate in taken:
             suffix += 1
@@ -91,7 +128,8 @@ def python_names(names: Sequence[str], reserved: set[str] = frozenset(), prefix:
 
 def _check_shapes(layer, converted_shapes: Sequence[Shape]) -> None:
     if len(converted_shapes) != len(layer.tops):
-        raise CaffeError(f"layer {layer.name!r} ({layer.type}): makes {len(converted_shapes)} tops, the net names {len(layer.tops)}")
+        raise CaffeError(f"layer {layer.name!r} ({layer.type}): its converter made {len(converted_shapes)} top "
+                         f"shapes, the net names {len(layer.tops)} tops; {CONTRACT}")
 
 
 def _warn(on_warning: Callable[[str], None] | None, text: str) -> None:
@@ -185,7 +223,8 @@ def assemble(graph: NetGraph, weights: Mapping[str, Sequence[np.ndarray]],
     """
     budget = MemoryBudget(memory_limit)
     for blob, shape in graph.inputs.items():
-        budget.check_layer(f"input {blob!r} of shape {_shape_text(shape)}", math.prod(shape))
+        budget.check_layer(f"{source}: input {blob!r} of shape {_shape_text(shape)}" if source else
+                           f"input {blob!r} of shape {_shape_text(shape)}", math.prod(shape))
     shapes: dict[str, Shape] = dict(graph.inputs)
     names = python_names([layer.name for layer in graph.layers])
     fx_graph = fx.Graph()
@@ -206,7 +245,10 @@ def assemble(graph: NetGraph, weights: Mapping[str, Sequence[np.ndarray]],
                              f"rename the layers")
         if not blobs and fill_missing:
             budget.add_parameters(where, placeholder_bytes(layer.param, bottoms) // 4)
-            blobs = placeholder_blobs(layer.param, bottoms)
+            try:
+                blobs = placeholder_blobs(layer.param, bottoms)
+            except MemoryError:  # a limit set above what the machine has
+                raise CaffeError(f"{where}: out of memory while building it") from None
         else:
             budget.add_parameters(where, sum(blob.size for blob in blobs))
         try:
@@ -280,6 +322,15 @@ def layer_calls(net: fx.GraphModule) -> Iterator[tuple[fx.Node, LayerCall]]:
         call = node.meta.get(META_KEY)
         if node.op == "call_module" and isinstance(call, LayerCall):
             yield node, call
+
+
+def layer_modules(net: fx.GraphModule) -> list[tuple[str, str]]:
+    """(Caffe layer name, module name) of every layer, in the net's order (a layer called once per
+    bottom counts once); what a saved folder records of which state_dict keys belong to which layer."""
+    seen: dict[str, str] = {}
+    for node, call in layer_calls(net):
+        seen.setdefault(node.target, call.layer)
+    return [(layer, module) for module, layer in seen.items()]
 
 
 def unexportable_layers(net: nn.Module) -> list[tuple[str, str]]:

@@ -815,6 +815,8 @@ class BatchAxes(nn.Module):
         self.inner, self.axis = inner, int(axis)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.axis == 0:  # Caffe's axis 0: the whole blob is one sample (no axis to fold into a batch)
+            return self.inner(x.unsqueeze(0)).squeeze(0)
         y = self.inner(x.flatten(0, self.axis - 1))
         return y.unflatten(0, x.shape[:self.axis])
 

@@ -389,11 +389,11 @@ def parse_caffemodel(data: bytes, source: str = "<caffemodel>") -> caffe_pb2.Net
         if data and _is_text_net(data):
             raise CaffeError(f"{source}: {TEXT_PROTOTXT}")
         raise CaffeError(f"{source}: not a valid caffemodel (it holds no layers)")
-    try:
-        _decode_strings(net)
-    except UnicodeDecodeError as error:
-        raise CaffeError(f"{source}: not a valid caffemodel (a name holds bytes that are not UTF-8, "
-                         f"at byte {error.start}: a damaged file)") from None
+    bad = _undecodable_string(net, "")
+    if bad is not None:
+        field, value = bad
+        raise CaffeError(f"{source}: not a valid caffemodel ({field} holds bytes that are not UTF-8, "
+                         f"{_bytes_text(value)}: a damaged file)")
     net = _upgrade_v1(net, source)
     _recover_upstream_params(net)
     for layer in net.layer:
@@ -440,19 +440,38 @@ def ambiguous_binary_fields(net: caffe_pb2.NetParameter, source: str) -> list[st
     return found
 
 
-def _decode_strings(message) -> None:
-    """Check every string field: protobuf hands a proto2 string that is not UTF-8 back as bytes (or
-    raises when it is first read), so a damaged name would fail far from here. Blobs hold no strings."""
+def _undecodable_string(message, path: str) -> tuple[str, bytes] | None:
+    """The first string field that is not UTF-8, as (field path, its bytes): protobuf hands a proto2
+    string that is not UTF-8 back as bytes (or raises when it is first read), so a damaged name would
+    fail far from here. Blobs hold no strings."""
     for descriptor, value in message.ListFields():
-        items = value if _is_repeated(descriptor) else [value]
-        if descriptor.message_type is not None:
-            if descriptor.message_type.name != "BlobProto":
-                for item in items:
-                    _decode_strings(item)
-        elif descriptor.type == descriptor.TYPE_STRING:
-            for item in items:
-                if isinstance(item, bytes):
-                    item.decode("utf-8")  # raises UnicodeDecodeError with the position
+        repeated = _is_repeated(descriptor)
+        for index, item in enumerate(value if repeated else [value]):
+            where = f"{path}.{descriptor.name}".lstrip(".") + (f"[{index}]" if repeated else "")
+            if descriptor.message_type is not None:
+                if descriptor.message_type.name != "BlobProto":
+                    found = _undecodable_string(item, where)
+                    if found is not None:
+                        return found
+            elif descriptor.type == descriptor.TYPE_STRING and isinstance(item, bytes):
+                try:
+                    item.decode("utf-8")
+                except UnicodeDecodeError:
+                    return where, item
+    return None
+
+
+def _bytes_text(value: bytes) -> str:
+    """Bytes that are not UTF-8, shown as a Python bytes literal (cut after 60)."""
+    return repr(value[:60]) + (" ..." if len(value) > 60 else "")
+
+
+def h5_name(key: str | bytes, what: str, path: str | os.PathLike) -> str:
+    """A name read from an HDF5 file: h5py returns names that are not UTF-8 as bytes, which would fail
+    later as a TypeError; one line naming the file and the bytes instead."""
+    if isinstance(key, bytes):
+        raise CaffeError(f"{path}: {what} {_bytes_text(key)} is not UTF-8 text (a damaged file?)")
+    return key
 
 
 def blob_shape(blob: caffe_pb2.BlobProto, where: str) -> tuple[int, ...]:
@@ -489,8 +508,9 @@ def _collect_h5_layers(path, layer_name: str, group, weights: dict[str, list[np.
     """
     import h5py
 
-    numeric = sorted((key for key in group.keys() if key.isdigit()), key=int)
-    nested = [key for key in group.keys() if not key.isdigit()]
+    keys = [h5_name(key, f"a name inside layer {layer_name!r}", path) for key in group.keys()]
+    numeric = sorted((key for key in keys if key.isdigit()), key=int)
+    nested = [key for key in keys if not key.isdigit()]
     for key in nested:
         if not isinstance(group[key], h5py.Group):
             raise CaffeError(f"{path}: layer {layer_name!r} has a non-numeric blob name {key!r}")
@@ -529,8 +549,9 @@ def _read_h5_weights(path: Path) -> dict[str, list[np.ndarray]]:
             if "data" not in file:
                 raise CaffeError(f"{path}: not a Caffe HDF5 weights file (no /data group)")
             weights: dict[str, list[np.ndarray]] = {}
-            for layer_name, group in file["data"].items():
-                _collect_h5_layers(path, layer_name, group, weights)
+            for layer_name in file["data"].keys():
+                name = h5_name(layer_name, "the layer name in /data", path)
+                _collect_h5_layers(path, name, file["data"][layer_name], weights)
             return weights
     except CaffeError:
         raise

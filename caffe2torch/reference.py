@@ -8,13 +8,14 @@ the memory limit) and the whole read runs under `guard.run_bounded`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 
 from caffe2torch.errors import CaffeError
 from caffe2torch.guard import run_bounded, time_limit
 from caffe2torch.limits import format_bytes, memory_limit
+from caffe2torch.read import h5_name
 
 
 @dataclass
@@ -67,8 +68,18 @@ class _Bounded:
         return node.attrs[name]
 
     def text(self, node, name: str) -> str:
-        value = self.attribute(node, name)
-        return value.decode() if isinstance(value, bytes) else str(value)
+        return self.decoded(self.attribute(node, name), f"attribute {name!r} of {node.name}")
+
+    def decoded(self, value, what: str) -> str:
+        """A string attribute: bytes must be UTF-8 (one line naming the file and the bytes otherwise)."""
+        if isinstance(value, np.ndarray) and value.ndim == 0:
+            value = value.item()
+        if isinstance(value, bytes):
+            try:
+                return value.decode("utf-8")
+            except UnicodeDecodeError:
+                h5_name(value, what, self.path)
+        return str(value)
 
     def array(self, node, name: str, dtype) -> np.ndarray:
         import h5py
@@ -106,13 +117,14 @@ def _read(path: Path) -> Reference:
             if "layers" not in file or "input" not in file:
                 raise CaffeError(f"{path}: not a reference file (needs /input and /layers)")
             read = _Bounded(path, file)
-            inputs = {name: read.array(file["input"], name, np.float32) for name in file["input"]}
+            inputs = {h5_name(name, "the input name", path): read.array(file["input"], name, np.float32)
+                      for name in file["input"]}
             layers = []
-            for key in sorted(file["layers"].keys()):
+            for key in sorted(h5_name(key, "the record name in /layers", path) for key in file["layers"].keys()):
                 group = file["layers"][key]
                 if not key.isdigit():
                     raise CaffeError(f"{path}: /layers/{key} is not a numbered layer record")
-                tops = [t.decode() if isinstance(t, bytes) else str(t) for t in read.attribute(group, "tops")]
+                tops = [read.decoded(t, f"a top name of {group.name}") for t in read.attribute(group, "tops")]
                 values = []
                 for k in range(len(tops)):
                     if str(k) not in group:
@@ -142,6 +154,35 @@ def _read(path: Path) -> Reference:
     except Exception as error:  # noqa: BLE001 - corrupt HDF5 fails in many ways
         reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise CaffeError(f"{path}: not a readable reference file ({reason})") from None
+
+
+def definition_beside(reference: Reference) -> tuple[Path | None, str | None]:
+    """The net definition a reference names in its `prototxt` attribute, and a note when that name is ignored.
+
+    A reference names its definition relative to itself: only a plain relative name that stays inside
+    the reference's own folder (no absolute path, no `..`, no symbolic link leading out) is used, so a
+    file given to verify cannot make it read a definition from anywhere else. A name that does not
+    qualify is ignored with a note (give --prototxt); one that is simply not there is ignored quietly.
+    """
+    name = reference.prototxt
+    if not name:
+        return None, None
+    folder = reference.path.parent
+    ignored = f"{reference.path}: its prototxt attribute {name!r} is ignored"
+    if "\0" in name:
+        return None, f"{ignored} (not a file name)"
+    if PurePath(name).is_absolute():
+        return None, f"{ignored} (an absolute path; a reference names its definition relative to itself)"
+    if ".." in PurePath(name).parts:
+        return None, f"{ignored} (it leads out of the reference's folder)"
+    candidate = folder / name
+    try:
+        inside = folder.resolve() in candidate.resolve().parents
+    except (OSError, RuntimeError):  # a symbolic link loop
+        inside = False
+    if not inside:
+        return None, f"{ignored} (it resolves outside the reference's folder)"
+    return (candidate, None) if candidate.is_file() else (None, None)
 
 
 def read_reference(path: str | Path) -> Reference:

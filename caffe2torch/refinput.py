@@ -14,6 +14,8 @@ import numpy as np
 
 
 def _nchw(shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """The 4-D layout the generator draws in. The references have 1 to 4 axes; other ranks (a 3-D
+    convolution's N x C x D x H x W, a scalar) are drawn with the middle axes as channels, reshaped."""
     if len(shape) == 4:
         return shape  # type: ignore[return-value]
     if len(shape) == 3:
@@ -22,7 +24,9 @@ def _nchw(shape: tuple[int, ...]) -> tuple[int, int, int, int]:
         return shape[0], 1, 1, shape[1]
     if len(shape) == 1:
         return 1, 1, 1, shape[0]
-    raise ValueError(f"reference inputs have 1 to 4 axes, got {shape}")
+    if not shape:
+        return 1, 1, 1, 1
+    return shape[0], math.prod(shape[1:-2]), shape[-2], shape[-1]
 
 
 def reference_input(shape: tuple[int, ...], seed: int, mode: str = "unit") -> np.ndarray:

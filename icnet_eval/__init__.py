@@ -1,5 +1,8 @@
 """icnet_eval: evaluate ICNet on Cityscapes exactly as its authors did (MATLAB imresize, eval_acc.m scoring)."""
 
+import sys
+import types
+
 
 def _silence_opencv() -> None:
     # OpenCV prints its own warning lines for a damaged image before returning None; our one-line
@@ -27,3 +30,17 @@ def evaluate(list_path, data_root, weights, out="icnet-results", **options):
     from icnet_eval.api import evaluate as _evaluate
 
     return _evaluate(list_path, data_root, weights, out, **options)
+
+
+class _Package(types.ModuleType):
+    """Keeps `icnet_eval.segment` the function above: importing the submodule icnet_eval.segment (the CLI's
+    segment command, overlays) would otherwise rebind the package attribute to the module, and
+    `icnet_eval.segment(image, model)` would then fail with "'module' object is not callable"."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "segment" and isinstance(value, types.ModuleType):
+            return  # the submodule stays reachable as sys.modules["icnet_eval.segment"] and by `from ... import`
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -256,8 +256,9 @@ def _sub1_size(size: MapSize) -> MapSize:
 def icnet_net(height: int, width: int, bn: bool) -> caffe_pb2.NetParameter:
     """The ICNet Cityscapes deploy net for a 1x3xHxW input; `bn` keeps separate BN layers."""
     for label, value in (("height", height), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise CaffeError(f"ICNet input {label} must be a positive integer, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**31 - 1:
+            # input_dim is an int32 field: a larger size would fail in protobuf with a traceback
+            raise CaffeError(f"ICNet input {label} must be a positive integer of at most 2147483647, got {value!r}")
     net = _IcnetBuilder(height, width, bn)
     data_sub1 = net.scale("data_sub1", "data")
     data_sub2 = net.shrink("data_sub2", data_sub1)

@@ -165,3 +165,70 @@ def test_export_never_overwrites_its_model_or_a_file_unasked(reference_dir, tmp_
     result = runner.invoke(main, ["export", str(folder), "--format", "safetensors", "-o", str(folder / "weights.pt"),
                                   "--force"])
     assert result.exit_code == 2 and "is inside the converted folder being exported" in result.output
+
+
+IN_PLACE_NETS = {  # outputs that are an input modified in place, beside a blob that takes the suffixed name
+    "relu": ('layer { name: "relu" type: "ReLU" bottom: "data" top: "data" }\n', ["data_output"]),
+    "dropout": ('layer { name: "d" type: "Dropout" bottom: "data" top: "data" }\n', ["data_output"]),
+    "beside": ('layer { name: "c" type: "Convolution" bottom: "data" top: "data_output" '
+               'convolution_param { num_output: 2 kernel_size: 1 } }\n'
+               'layer { name: "relu" type: "ReLU" bottom: "data" top: "data" }\n', ["data_output2", "data_output"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IN_PLACE_NETS))
+def test_onnx_output_of_an_input_changed_in_place_gets_its_own_name(tmp_path, case):
+    """`ReLU bottom: data top: data` on the input: ONNX defines every name once, so the output is data_output."""
+    import onnx
+    import onnxruntime
+
+    from caffe2torch.conversion import convert
+
+    layers, outputs = IN_PLACE_NETS[case]
+    prototxt = tmp_path / "net.prototxt"
+    prototxt.write_text('layer { name: "in" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 dim: 3 '
+                        'dim: 3 } } }\n' + layers)
+    net = convert(None, prototxt).net
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.copy_(torch.linspace(-1, 1, parameter.numel()).reshape(parameter.shape))
+    check = export(net, "onnx", tmp_path / "net.onnx")
+    assert check.max_rel <= 1e-6
+    graph = onnx.load(str(check.path)).graph
+    assert [value.name for value in graph.input] == ["data"]
+    assert [value.name for value in graph.output] == outputs
+    onnx.checker.check_model(str(check.path))
+    x = check_inputs(net)[0]
+    got = onnxruntime.InferenceSession(str(check.path), providers=["CPUExecutionProvider"]).run(None, {"data": x.numpy()})
+    with torch.no_grad():
+        expected = net(x)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    for ours, theirs in zip(got, expected, strict=True):
+        np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-6, atol=1e-6)
+    # The renamed output is the blob `data` after the in-place layer (ReLU's, or Dropout's identity), not the input.
+    changed = dict(zip(outputs, got))[outputs[0]]
+    np.testing.assert_array_equal(changed, x.numpy() if case == "dropout" else np.maximum(x.numpy(), 0))
+
+
+def test_onnx_outputs_that_are_an_input_or_share_a_value_are_copied(tmp_path):
+    """The older exporter can make an output the input itself, or two outputs one value: each gets an Identity."""
+    import onnx
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    from caffe2torch.export import _rename_onnx
+
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [value("x", TensorProto.FLOAT, [2])],
+                              [value("x", TensorProto.FLOAT, [2]), value("y", TensorProto.FLOAT, [2]),
+                               value("y", TensorProto.FLOAT, [2])])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    _rename_onnx(path, ["data"], ["data", "a", "b"])
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    assert [v.name for v in model.graph.input] == ["data"]
+    assert [v.name for v in model.graph.output] == ["data_output", "a", "b"]
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    results = session.run(None, {"data": np.array([-1.0, 2.0], np.float32)})
+    assert [r.tolist() for r in results] == [[-1.0, 2.0], [0.0, 2.0], [0.0, 2.0]]

@@ -104,9 +104,10 @@ def test_hostile_names_cannot_inject_code_or_swap_weights(tmp_path):
     result = CliRunner().invoke(main, ["convert", str(model), "--prototxt", str(prototxt), "-o", str(out)])
     assert result.exit_code == 0, result.output
     net = caffe2torch.load(out)
-    # Names that sanitise alike stay distinct modules, each with its own Caffe layer's weights.
+    # Names that sanitise alike stay distinct modules, each with its own Caffe layer's weights; a name that is
+    # already an identifier is its own module name ("a_b" is layer a_b, whichever comes first).
     assert {call.layer: node.target for node, call in layer_calls(net)} == {
-        "a.b": "a_b", "a_b": "a_b_2", "": "layer", "_": "layer_2",
+        "a.b": "a_b_2", "a_b": "a_b", "": "layer", "_": "layer_2",
         "__import__('os').system('touch PWNED')": "import___os_system_touch_PWNED", "class": "layer_class",
         "training": "training_2"}
     assert torch.equal(layer_module(net, "a.b").weight, torch.from_numpy(weights["a.b"][0]))
@@ -225,8 +226,10 @@ layer { name: "c" type: "Convolution" bottom: "i" top: "c" convolution_param { n
     outputs = dict(zip(net_info(net).outputs, net(x)))
     assert torch.isinf(outputs["p"]).all() and not outputs["t"].any()
     half = save_net(net.half(), tmp_path / "half")  # tables that are not saved follow the input's dtype
-    outputs = load(half)(x.half())
+    outputs = load(half).half()(x.half())  # a folder loads as float32 (exact from float16); .half() again
     assert all(o.dtype == torch.float16 for o in outputs)
+    for ours, theirs in zip(outputs, net(x.half()), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
 
 
 def test_a_failed_replacement_keeps_the_earlier_output(reference_dir, tmp_path, monkeypatch):

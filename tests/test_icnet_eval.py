@@ -723,3 +723,12 @@ def test_loader_workers_start_safely_after_opencv_threads(tmp_path, baseline, da
         pytest.fail("the evaluation hung after OpenCV's thread pool was used (loader workers forked?)")
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == load_report(baseline)["miou"]
+
+
+def test_the_segment_function_survives_an_import_of_the_segment_module():
+    """Overlays and the segment command import icnet_eval.segment (the module); icnet_eval.segment stays the API."""
+    import icnet_eval
+    from icnet_eval.segment import overlay  # noqa: F401
+
+    assert callable(icnet_eval.segment) and icnet_eval.segment.__module__ == "icnet_eval"
+    assert sys.modules["icnet_eval.segment"].overlay is overlay

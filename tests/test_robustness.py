@@ -212,3 +212,149 @@ def test_a_caffemodel_cut_between_layers_is_refused_where_it_shows(reference_dir
         convert(path, input_shape=(1, 3, 1025, 2049), find_prototxt=False)
     path.write_bytes(full.SerializeToString())  # the whole file converts
     assert net_info(convert(path, input_shape=(1, 3, 1025, 2049), find_prototxt=False).net).outputs == ["conv6_interp"]
+
+
+# ---------------------------------------------------------------- the readers of converted folders and HDF5 files
+
+FOLDER_UNITS = ["unit_conv_basic", "unit_batchnorm_scale_bias", "unit_fork_bn", "unit_eltwise_concat"]
+ODD_VALUES = [None, -1, 0, 2**63, True, 1.5, "x", [], {}, [1, "3"], {"data": [1, 3, 13, 17, 2]}]
+
+
+def _mutated_json(data: bytes, rng: np.random.Generator) -> bytes:
+    """meta.json with one value somewhere replaced by a value of another type or size (it stays valid JSON)."""
+    import json
+
+    meta = json.loads(data)
+    holder, key = meta, str(rng.choice(sorted(meta)))
+    while isinstance(holder[key], (dict, list)) and holder[key] and rng.random() < 0.6:
+        holder = holder[key]
+        key = str(rng.choice(sorted(holder))) if isinstance(holder, dict) else int(rng.integers(len(holder)))
+    holder[key] = ODD_VALUES[rng.integers(len(ODD_VALUES))]
+    return json.dumps(meta).encode()
+
+
+def _mutated_state(path, rng: np.random.Generator) -> None:
+    """weights.pt as a loadable file of the wrong content: a tensor of another dtype or shape, one missing or
+    extra, a value that is no tensor, views sharing one storage."""
+    state = torch.load(path, weights_only=True)
+    if not state:  # a net without parameters: anything is extra
+        torch.save({"extra.weight": torch.zeros(1)}, path)
+        return
+    name = sorted(state)[rng.integers(len(state))]
+    kind = rng.integers(6)
+    if kind == 0:
+        state[name] = state[name].to([torch.float16, torch.float64, torch.int64, torch.bool, torch.uint8,
+                                      torch.complex64][rng.integers(6)])
+    elif kind == 1:
+        state[name] = torch.zeros(tuple(state[name].shape) + (2,))
+    elif kind == 2:
+        del state[name]
+    elif kind == 3:
+        state[name + "x"] = state[name]
+    elif kind == 4:
+        state[name] = [1, "two"][rng.integers(2)]
+    else:
+        base = torch.zeros(sum(v.numel() for v in state.values()) + 1)
+        offset = 0
+        for key, value in state.items():
+            if value.is_floating_point():
+                state[key] = base[offset:offset + value.numel()].view(value.shape)
+                offset += value.numel()
+    torch.save(state, path)
+
+
+def test_fuzzed_converted_folders(reference_dir, tmp_path):
+    """meta.json, net.prototxt and weights.pt damaged byte by byte or changed in content: load() gives a net that
+    runs or one CaffeError line."""
+    from caffe2torch.folder import load, save_net
+    from tests.conftest import convert_reference
+
+    sources = {unit: save_net(convert_reference(reference_dir, unit), tmp_path / unit) for unit in FOLDER_UNITS}
+    rng = np.random.default_rng(17)
+    outcomes: dict[str, int] = {}
+    started = time.monotonic()
+    for case in range(150):
+        folder = tmp_path / f"case{case}"
+        shutil.copytree(sources[FOLDER_UNITS[case % len(FOLDER_UNITS)]], folder)
+        target = folder / ["meta.json", "net.prototxt", "weights.pt"][case % 3]
+        if rng.random() < 0.5:
+            target.write_bytes(_mutate(target.read_bytes(), rng))
+        elif target.name == "meta.json":
+            target.write_bytes(_mutated_json(target.read_bytes(), rng))
+        elif target.name == "weights.pt":
+            _mutated_state(target, rng)
+        else:  # a changed number in the definition
+            text = target.read_text()
+            digits = [i for i, ch in enumerate(text) if ch.isdigit()]
+            at = digits[rng.integers(len(digits))]
+            target.write_text(text[:at] + ["0", "7", "99999", "-1", "9223372036854775807"][rng.integers(5)]
+                              + text[at + 1:])
+        result = _outcome(lambda: load(folder))
+        outcomes[result] = outcomes.get(result, 0) + 1
+        shutil.rmtree(folder)
+    assert time.monotonic() - started < 20
+    assert outcomes.get("error", 0) > 20 and outcomes.get("net", 0) > 5, outcomes
+
+
+def _mutated_hdf5(path, rng: np.random.Generator) -> None:
+    """One change in the HDF5 structure: a name that is not UTF-8, an attribute of another type, a dataset of
+    another dtype or of a huge claimed shape, a member deleted or added."""
+    import h5py
+
+    with h5py.File(path, "r+") as file:
+        members: list[str] = []
+        file.visit(members.append)
+        name = members[rng.integers(len(members))]
+        item, parent = file[name], file[name].parent
+        base = name.rsplit("/", 1)[-1]
+        kind = rng.integers(6)
+        if kind == 0:
+            parent.move(base, base.encode() + b"\xff")
+        elif kind == 1:
+            keys = list(item.attrs) or list(file.attrs)
+            owner = item if item.attrs else file
+            value = [np.bytes_(b"n\xfe"), 42, np.arange(3), "", "/etc/passwd", "../x.prototxt", np.float64(2.5),
+                     np.array([b"a\xff"], dtype="S2"), np.array([2**62, 2**62])][rng.integers(9)]
+            owner.attrs[keys[rng.integers(len(keys))] if keys else "prototxt"] = value
+        elif kind == 2 and isinstance(item, h5py.Dataset):
+            data = item[()]
+            del parent[base]
+            parent.create_dataset(base, data=np.asarray(data).astype(["i4", "S4", "?", "f8"][rng.integers(4)]))
+        elif kind == 3 and isinstance(item, h5py.Dataset):
+            del parent[base]
+            parent.create_dataset(base, shape=(2**28, 2**28), dtype="f4")  # claimed in the header only
+        elif kind == 4:
+            del parent[base]
+        else:
+            group = item if isinstance(item, h5py.Group) else parent
+            group.create_dataset(["9", "extra", "0000x"][rng.integers(3)], data=np.ones(3, "f4"))
+
+
+def test_fuzzed_hdf5_weights_and_references_end_in_a_net_a_report_or_one_line(reference_dir, tmp_path, monkeypatch):
+    """Structurally changed .caffemodel.h5 and .ref.h5 files through the commands that read them."""
+    from click.testing import CliRunner
+
+    from caffe2torch.cli import main
+
+    monkeypatch.setattr(guard, "BASE_SECONDS", 10.0)
+    rng = np.random.default_rng(29)
+    units = reference_dir / "units"
+    codes: dict[int, int] = {}
+    started = time.monotonic()
+    for case in range(72):
+        unit = FUZZ_UNITS[case % len(FUZZ_UNITS)]
+        weights, reference = tmp_path / f"{unit}.caffemodel.h5", tmp_path / f"{unit}.ref.h5"
+        shutil.copy(units / f"{unit}.caffemodel.h5", weights)
+        shutil.copy(units / f"{unit}.ref.h5", reference)
+        shutil.copy(units / f"{unit}.prototxt", tmp_path)  # what the reference names, beside it
+        _mutated_hdf5(weights if case % 2 else reference, rng)
+        # A third without --prototxt: the definition the (mutated) reference names is looked up beside it.
+        prototxt = ["--prototxt", str(units / f"{unit}.prototxt")] if case % 3 else []
+        result = CliRunner().invoke(main, ["verify", str(weights), *prototxt, "--reference", str(reference)])
+        assert result.exit_code in (0, 1, 2) and not isinstance(result.exception, Exception) or \
+            isinstance(result.exception, SystemExit), (case, result.output, result.exception)
+        errors = [line for line in result.output.splitlines() if line.startswith("caffe2torch: error:")]
+        assert result.exit_code != 2 or len(errors) == 1, result.output
+        codes[result.exit_code] = codes.get(result.exit_code, 0) + 1
+    assert time.monotonic() - started < 20
+    assert codes.get(2, 0) > 5 and codes.get(0, 0) + codes.get(1, 0) > 5, codes

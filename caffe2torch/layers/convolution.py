@@ -13,6 +13,7 @@ from caffe2torch.layers.registry import (
     Converted,
     Shape,
     assign,
+    caffe_int,
     canonical_axis,
     converter,
     expect_blobs,
@@ -47,12 +48,13 @@ def fit_blob(layer, what: str, blob: np.ndarray, expected: Sequence[int]) -> tor
 
 def _per_axis(layer, values: Sequence[int], name: str, num_spatial: int, default: int | None) -> list[int]:
     """Caffe's rule for repeated kernel_size/pad/stride/dilation: once for all axes or once per axis."""
+    values = caffe_int(layer, name, values)
     if len(values) == 0 and default is not None:
         return [default] * num_spatial
     if len(values) == 1:
-        return [int(values[0])] * num_spatial
+        return values * num_spatial
     if len(values) == num_spatial and num_spatial > 0:
-        return [int(v) for v in values]
+        return values
     raise CaffeError(
         f"layer {layer.name!r} ({layer.type}): {name} must be given once or once per spatial axis "
         f"(given {len(values)} times; {num_spatial} spatial axes)"
@@ -70,7 +72,7 @@ def _hw_or_repeated(layer, param, name: str, num_spatial: int, default: int | No
             raise CaffeError(
                 f"layer {layer.name!r} ({layer.type}): give either {repeated_name} or {name}_h/{name}_w, not both"
             )
-        return [int(getattr(param, f"{name}_h")), int(getattr(param, f"{name}_w"))]
+        return caffe_int(layer, f"{name}_h/{name}_w", [getattr(param, f"{name}_h"), getattr(param, f"{name}_w")])
     return _per_axis(layer, repeated, repeated_name, num_spatial, default)
 
 
@@ -115,8 +117,7 @@ class _ConvGeometry:
         self.same = False  # synopsys-caffe's pad_type 1: padding worked out for each input size
         self._side_pads(layer, param, shape)
         self.channels = shape[self.axis]
-        self.num_output = int(param.num_output)
-        self.group = int(param.group)
+        self.num_output, self.group = caffe_int(layer, "num_output and group", [param.num_output, param.group])
         if self.num_output <= 0:
             raise CaffeError(f"layer {layer.name!r} ({layer.type}): num_output must be positive")
         if self.group <= 0 or self.channels % self.group or self.num_output % self.group:

@@ -32,8 +32,9 @@ def convert_parameter(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray
     """No bottom; the top is the layer's one blob, of parameter_param's shape."""
     expect_bottoms(layer, inputs, 0)
     shape = tuple(int(d) for d in layer.parameter_param.shape.dim)
-    if not shape:
-        raise CaffeError(f"layer {layer.name!r} (Parameter): parameter_param needs a shape")
+    if not shape or min(shape) <= 0:
+        raise CaffeError(f"layer {layer.name!r} (Parameter): parameter_param needs a shape of positive sizes, "
+                         f"got {shape}")
     expect_blobs(layer, blobs, 1)
     value = fit_blob(layer, "blob", blobs[0], shape)
     return Converted(assign(on_meta(ParameterBlob, shape), value=value), [shape])

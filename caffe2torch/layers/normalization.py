@@ -11,8 +11,9 @@ from torch import nn
 from caffe2torch.errors import CaffeError
 from caffe2torch.forks import BatchStatNorm
 from caffe2torch.layers.convolution import fit_blob
-from caffe2torch.layers.registry import (Converted, Shape, assign, canonical_axis, converter, expect_blobs,
-                                         expect_bottoms, image_shape, on_meta)
+from caffe2torch.layers.registry import (Converted, Shape, assign, caffe_int, canonical_axis, converter,
+                                         expect_blobs, expect_bottoms, image_shape, on_meta)
+from caffe2torch.limits import check_top
 from caffe2torch.modules import (AddOperand, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d,
                                  LRNWithinChannel, Scale)
 from proto import caffe_pb2
@@ -222,7 +223,12 @@ def convert_lrn(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> Converte
     shape = image_shape(layer, inputs)
     if param.local_size % 2 != 1:
         raise CaffeError(f"layer {layer.name!r} (LRN): local_size must be odd, got {param.local_size}")
-    size, alpha, beta = int(param.local_size), _as_float32(param.alpha), _as_float32(param.beta)
-    if param.norm_region == caffe_pb2.LRNParameter.ACROSS_CHANNELS:
+    (size,), alpha, beta = caffe_int(layer, "local_size", [param.local_size]), _as_float32(param.alpha), \
+        _as_float32(param.beta)
+    across = param.norm_region == caffe_pb2.LRNParameter.ACROSS_CHANNELS
+    # Both forms pad by local_size - 1 (channels, or rows and columns) before they sum: that copy must fit.
+    n, c, h, w = shape
+    check_top(layer, (n, c + size - 1, h, w) if across else (n, c, h + size - 1, w + size - 1), "padded copy")
+    if across:
         return Converted(nn.LocalResponseNorm(size, alpha=alpha, beta=beta, k=_as_float32(param.k)), [shape])
     return Converted(LRNWithinChannel(size, alpha, beta), [shape])

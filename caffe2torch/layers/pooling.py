@@ -7,7 +7,8 @@ import math
 
 from caffe2torch.errors import CaffeError
 from caffe2torch.layers.convolution import SIDES
-from caffe2torch.layers.registry import Converted, Shape, converter, expect_blobs, expect_bottoms, image_shape
+from caffe2torch.layers.registry import (Converted, Shape, caffe_int, converter, expect_blobs, expect_bottoms,
+                                         image_shape)
 from caffe2torch.limits import check_top
 from caffe2torch.bvlc import SPP, spp_level
 from caffe2torch.modules import Pool2d, caffe_pooled_size, same_padding
@@ -25,9 +26,9 @@ def _pair(layer, param, name: str, default: int | None) -> tuple[int, int] | Non
             raise CaffeError(
                 f"layer {layer.name!r} (Pooling): give either {single} or both {name}_h and {name}_w"
             )
-        return int(getattr(param, f"{name}_h")), int(getattr(param, f"{name}_w"))
+        return tuple(caffe_int(layer, f"{name}_h/{name}_w", [getattr(param, f"{name}_h"), getattr(param, f"{name}_w")]))
     if param.HasField(single) or default is not None:
-        value = int(getattr(param, single))
+        value, = caffe_int(layer, single, [getattr(param, single)])
         return value, value
     return None
 
@@ -46,7 +47,7 @@ def _side_pads(layer, param, size: tuple[int, int], kernel: tuple[int, int], str
         raise CaffeError(f"layer {layer.name!r} (Pooling): give one of pad (or pad_h/pad_w), pad_l/r/t/b and "
                          f"pad_type")
     if sided:
-        t, l, b, r = (int(getattr(param, name)) for name in SIDES)
+        t, l, b, r = caffe_int(layer, "pad_t/l/b/r", [getattr(param, name) for name in SIDES])
         if max(t, b) >= kernel[0] or max(l, r) >= kernel[1]:
             # The fork does not check, and then pools windows lying wholly in the padding (dividing by their
             # unclipped, negative extents); Caffe itself refuses pad >= kernel.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -62,12 +64,21 @@ ConverterFn = Callable[["object", Sequence[Shape], Sequence[np.ndarray]], Conver
 CONVERTERS: dict[str, ConverterFn] = {}
 
 
+# The converters of caffe2torch itself: an exception other than CaffeError from one of them is our bug
+# and keeps its traceback; a plugin's is reported in one line (see convert_layer).
+_BUILT_IN: set[Callable] = set()
+
+CONTRACT = ("a converter must return caffe2torch.Converted(module, top_shapes): an nn.Module and one shape (a "
+            "sequence of positive ints) per top (README 'Plugins')")
+
+
 def converter(*type_names: str) -> Callable[[ConverterFn], ConverterFn]:
     """Register a built-in function as the converter of one or more Caffe layer types."""
 
     def register(fn: ConverterFn) -> ConverterFn:
         for name in type_names:
             register_converter(name)(fn)
+        _BUILT_IN.add(fn)
         return fn
 
     return register
@@ -79,9 +90,20 @@ def register_converter(type_name: str, *, replace: bool = False) -> Callable[[Co
     `type_name` is the layer's type string, or for Caffe's `Python` layers "Python:module.Layer" as
     its `python_param { module: ... layer: ... }` name it. The converter gets the TEST-phase
     LayerParameter, the bottom shapes and the layer's blobs (float32 arrays), as the built-ins do.
-    `replace` allows taking over a type that already has a converter.
+    `replace` allows taking over a type that already has a converter. A name that is not a non-empty
+    string, or a converter that is not callable, is refused here (TypeError or ValueError, one line);
+    what a converter returns is checked each time it is used (`convert_layer`).
     """
+    if not isinstance(type_name, str):
+        raise TypeError(f"register_converter takes the Caffe type name, got {type(type_name).__name__}: use "
+                        f"@caffe2torch.register_converter(\"Type\") with the name in parentheses")
+    if not type_name.strip():
+        raise ValueError("register_converter: the Caffe type name is empty")
+
     def register(fn: ConverterFn) -> ConverterFn:
+        if not callable(fn):
+            raise TypeError(f"register_converter({type_name!r}): the converter must be a function "
+                            f"fn(layer, inputs, blobs) -> caffe2torch.Converted, got {type(fn).__name__}")
         if type_name in CONVERTERS and not replace:
             raise ValueError(f"Caffe type {type_name!r} already has a converter; pass replace=True to take it over")
         CONVERTERS[type_name] = fn
@@ -120,9 +142,50 @@ def convert_layer(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -
             f"@caffe2torch.register_converter({key!r}) (README: 'Plugins'). Built in: "
             f"{', '.join(t for t in supported_types() if ':' not in t)}"
         )
-    converted = fn(layer, list(inputs), list(blobs))
+    try:
+        converted = fn(layer, list(inputs), list(blobs))
+    except (CaffeError, MemoryError):
+        raise
+    except Exception as error:
+        if fn in _BUILT_IN:
+            raise
+        # A plugin's failure is the plugin author's to fix: one line here; the cause stays chained for the API.
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+        raise CaffeError(f"layer {layer.name!r} ({layer.type}): its converter {_describe(fn)} failed: "
+                         f"{type(error).__name__}{': ' + reason[:200] if reason else ''}") from error
+    _check_converted(layer, converted, fn)
     converted.module.eval()  # Caffe's TEST phase
     return converted
+
+
+def _describe(fn: Callable) -> str:
+    return f"{getattr(fn, '__module__', None) or '?'}.{getattr(fn, '__qualname__', None) or type(fn).__name__}"
+
+
+def _check_converted(layer, converted, fn: Callable) -> None:
+    """The contract every converter's result must meet; a plugin that breaks it fails here in one line."""
+    def broken(what: str) -> CaffeError:
+        return CaffeError(f"layer {layer.name!r} ({layer.type}): its converter {_describe(fn)} {what}; {CONTRACT}")
+
+    if not isinstance(converted, Converted):
+        raise broken(f"returned {type(converted).__name__}")
+    if not isinstance(converted.module, torch.nn.Module):
+        raise broken(f"returned a module that is a {type(converted.module).__name__}, not an nn.Module")
+    shapes = converted.top_shapes
+    # A built-in's size below 1 comes from the file (a crop past the blob ...): model.assemble names the top then.
+    least = -math.inf if fn in _BUILT_IN else 1
+    if not isinstance(shapes, (list, tuple)) or not all(
+            isinstance(shape, (list, tuple)) and all(isinstance(d, numbers.Integral) and not isinstance(d, bool)
+                                                     and d >= least for d in shape) for shape in shapes):
+        raise broken(f"returned top_shapes {_short(shapes)}")
+    if not isinstance(converted.warnings, (list, tuple)) or not all(isinstance(w, str) for w in converted.warnings):
+        raise broken(f"returned warnings {_short(converted.warnings)} (a list of strings)")
+    converted.top_shapes = [tuple(int(d) for d in shape) for shape in shapes]
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def expect_blobs(layer, blobs: Sequence[np.ndarray], *counts: int) -> None:
@@ -136,6 +199,19 @@ def expect_bottoms(layer, inputs: Sequence[Shape], *counts: int) -> None:
     if len(inputs) not in counts:
         wanted = " or ".join(str(c) for c in counts)
         raise CaffeError(f"layer {layer.name!r} ({layer.type}): expected {wanted} bottoms, got {len(inputs)}")
+
+
+INT_MAX = 2**31 - 1
+
+
+def caffe_int(layer, name: str, values: Sequence[int]) -> list[int]:
+    """Sizes Caffe keeps in a C int (kernel, stride, pad, dilation, local_size ...): a file's value past
+    that range means something else to Caffe (it wraps) and overflows torch's kernels, so it is refused."""
+    values = [int(v) for v in values]
+    for value in values:
+        if not -INT_MAX - 1 <= value <= INT_MAX:
+            raise layer_error(layer, f"{name} {value} does not fit the 32-bit int Caffe keeps it in")
+    return values
 
 
 def layer_error(layer, message: str) -> CaffeError:
