@@ -72,26 +72,29 @@ def prior_box_table(layer_size: tuple, image_size: tuple, step: tuple, offset: f
 
     Centres are float32 ((w + offset) * step); each coordinate is (centre -/+ size / 2.) / image
     in double, stored as float32. `box_sizes` are the (width, height) float32 values in the
-    fork's order per cell.
+    fork's order per cell. Built a block of rows at a time into the table, so the work space stays
+    small beside a table that may be large (the converter checks the table's size first).
     """
     height, width = layer_size
     step_h, step_w = (torch.tensor(s, dtype=torch.float32) for s in step)
     offset32 = torch.tensor(offset, dtype=torch.float32)
-    center_x = ((torch.arange(width, dtype=torch.float32) + offset32) * step_w).double()
-    center_y = ((torch.arange(height, dtype=torch.float32) + offset32) * step_h).double()
     sizes = torch.tensor(box_sizes, dtype=torch.float32).double().reshape(-1, 2)
     half_w, half_h = sizes[:, 0] / 2.0, sizes[:, 1] / 2.0
-    cx = center_x.reshape(1, -1, 1)
-    cy = center_y.reshape(-1, 1, 1)
-    boxes = torch.stack(torch.broadcast_tensors(
-        (cx - half_w) / image_size[1], (cy - half_h) / image_size[0],
-        (cx + half_w) / image_size[1], (cy + half_h) / image_size[0]), dim=-1).float()
+    center_x = ((torch.arange(width, dtype=torch.float32) + offset32) * step_w).double()[:, None]
+    x_min, x_max = (center_x - half_w) / image_size[1], (center_x + half_w) / image_size[1]  # [W, priors]
+    per_row = width * sizes.shape[0] * 4
+    table = torch.empty(2, height * per_row)
+    rows = max(1, (1 << 18) // per_row)
+    for start in range(0, height, rows):
+        stop = min(start + rows, height)
+        center_y = ((torch.arange(start, stop, dtype=torch.float32) + offset32) * step_h).double()[:, None]
+        y_min, y_max = (center_y - half_h) / image_size[0], (center_y + half_h) / image_size[0]  # [rows, priors]
+        block = torch.stack(torch.broadcast_tensors(x_min[None], y_min[:, None], x_max[None], y_max[:, None]), dim=-1)
+        table[0, start * per_row:stop * per_row] = block.reshape(-1)  # rounded to float32 as it is stored
     if clip:
-        boxes = boxes.clamp(0.0, 1.0)
-    boxes = boxes.reshape(-1)
-    variances = torch.tensor(variance, dtype=torch.float32)
-    variances = variances.expand(boxes.numel()) if variances.numel() == 1 else variances.repeat(boxes.numel() // 4)
-    return torch.stack([boxes, variances]).unsqueeze(0)
+        table[0].clamp_(0.0, 1.0)
+    table[1].view(-1, 4)[:] = torch.tensor(variance, dtype=torch.float32)  # one value for all, or one per coordinate
+    return table.unsqueeze(0)
 
 
 class PriorBox(nn.Module):

@@ -154,6 +154,6 @@ def convert_resize_bilinear(layer, inputs: Sequence[Shape], blobs: Sequence[np.n
     if min(out) <= 0:
         raise layer_error(layer, f"output size {tuple(out)} is not positive")
     top = shape[:2] + tuple(out) if param.data_format == "NCHW" else (shape[0], *out, shape[3])
-    check_top(layer, top)  # before the tables of that size are built
+    check_top(layer, top, inputs)  # before the tables of that size are built
     module = ResizeBilinear(size, out, modes[0] if modes else "asymmetric", param.data_format)
     return Converted(module, [top])

@@ -76,5 +76,5 @@ def convert_interp(layer, inputs: list[Shape], blobs: list) -> Converted:
         raise CaffeError(f"layer {layer.name!r} (Interp): cropping leaves an empty {eff} input")
     size_rule = InterpSizeRule.from_layer(layer)
     out_size = size_rule(*eff)
-    check_top(layer, shape[:2] + tuple(out_size))  # before the tables of that size are built
+    check_top(layer, shape[:2] + tuple(out_size), inputs)  # before the tables of that size are built
     return Converted(Interp(shape[2:], out_size, pad_beg, pad_end), [shape[:2] + tuple(out_size)])

@@ -113,7 +113,7 @@ def convert_pooling(layer, inputs: list[Shape], blobs: list) -> Converted:
         padding = f"pad {pad}" if pad == pad_end else f"pad {pad} before and {pad_end} after"
         raise CaffeError(f"layer {layer.name!r} (Pooling): kernel {kernel}, stride {stride}, {padding} "
                          f"give no valid output on a {size} input")
-    check_top(layer, shape[:2] + out)  # before the divisor table of that size is built
+    check_top(layer, shape[:2] + out, inputs)  # before the divisor table of that size is built
     module = Pool2d(methods[param.pool], kernel, stride, pad, size, ceil=not floor, mask=len(layer.top) == 2,
                     pad_end=None if pad_end == pad else pad_end)
     return Converted(module, [shape[:2] + module.output_size] * (2 if module.mask else 1))
