@@ -156,40 +156,88 @@ def box_sizes(boxes: torch.Tensor) -> torch.Tensor:
     return torch.where(invalid, torch.zeros_like(width), width * height)
 
 
-def jaccard(first: torch.Tensor, first_size: torch.Tensor, second: torch.Tensor,
-            second_size: torch.Tensor) -> torch.Tensor:
-    """JaccardOverlap of every `first` box [A, 4] with every `second` box [B, 4], in float32 as the fork."""
-    a, b = first[:, None, :], second[None, :, :]
-    disjoint = (b[..., 0] > a[..., 2]) | (b[..., 2] < a[..., 0]) | (b[..., 1] > a[..., 3]) | (b[..., 3] < a[..., 1])
-    inter_w = torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])
-    inter_h = torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])
-    inter = inter_w * inter_h
-    overlap = inter / (first_size[:, None] + second_size[None, :] - inter)
-    return torch.where(disjoint | (inter_w <= 0) | (inter_h <= 0), torch.zeros_like(overlap), overlap)
+def _cpp_max(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """std::max(a, b): `a` unless `b` is larger (so a NaN `b` gives `a`, where torch.maximum gives NaN)."""
+    return torch.where(a < b, b, a)
+
+
+def _cpp_min(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """std::min(a, b): `a` unless `b` is smaller."""
+    return torch.where(b < a, b, a)
+
+
+def jaccard(first: torch.Tensor, first_size: torch.Tensor, second: torch.Tensor, second_size: torch.Tensor,
+            nan_free: bool = False) -> torch.Tensor:
+    """JaccardOverlap(first, second) of every `first` box [A, 4] with every `second` box [B, 4], in float32 as the
+    fork: IntersectBBox's std::max / std::min in its argument order, 0 unless both sides are > 0 (NaN too).
+    `nan_free` (no NaN coordinate) lets torch.minimum / maximum stand for std::min / max.
+
+    IntersectBBox's early "no intersection" test needs no pass of its own: where it holds, a side is
+    negative (the std::min / std::max of its operands are bounded by the two coordinates it compares).
+    Computed in place where it can: NMS calls this on large blocks.
+    """
+    minimum, maximum = (torch.minimum, torch.maximum) if nan_free else (_cpp_min, _cpp_max)
+    a, b = first.T.contiguous()[:, :, None], second.T.contiguous()[:, None, :]  # rows of one coordinate: fast loops
+    inter_w = minimum(a[2], b[2]).sub_(maximum(a[0], b[0]))
+    inter_h = minimum(a[3], b[3]).sub_(maximum(a[1], b[1]))
+    intersecting = (inter_w > 0).logical_and_(inter_h > 0)
+    inter = inter_w.mul_(inter_h)
+    overlap = inter.div_((first_size[:, None] + second_size[None, :]).sub_(inter))
+    return overlap.masked_fill_(intersecting.logical_not_(), 0.0)
+
+
+def _float32(value: float) -> float:
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
+# Candidates NMS resolves one block at a time (their overlaps with each other as a small Python table).
+NMS_BLOCK = 128
 
 
 def nms_fast(boxes: torch.Tensor, sizes: torch.Tensor, scores: torch.Tensor, score_threshold: float,
              nms_threshold: float, eta: float, top_k: int) -> list[int]:
-    """ApplyNMSFast: scores above the threshold, stable-sorted (ties keep the lower index), top_k,
-    then keep a box unless it overlaps a kept one by more than the (eta-adapted) threshold."""
+    """ApplyNMSFast: scores above the threshold, stable-sorted (ties keep the lower index), top_k, then keep a
+    box unless its JaccardOverlap with a kept one is not <= the threshold (eta lowers the threshold after
+    each keep while it is above 0.5); the threshold and eta are floats there.
+
+    The fork's rows, in time proportional to kept x candidates: the candidates left are taken a block at
+    a time, in order; within a block the fork's loop runs on the block's own overlaps and each candidate's
+    largest overlap with the boxes kept before the block; then every later candidate's largest overlap
+    takes in the block's kept boxes, and those above the (current) threshold are dropped at once, since
+    the threshold only falls and the fork would drop them when it came to them.
+    """
     candidates = torch.nonzero(scores > score_threshold).flatten()
     order = torch.sort(scores[candidates], descending=True, stable=True).indices
     candidates = candidates[order]
     if 0 <= top_k < candidates.numel():
         candidates = candidates[:top_k]
-    if candidates.numel() == 0:
-        return []
     chosen, chosen_sizes = boxes[candidates], sizes[candidates]
-    rows = max(1, (1 << 22) // candidates.numel())  # overlaps are computed a block of rows at a time
+    nan_free = not bool(torch.isnan(chosen).any())
+    worst = torch.zeros(candidates.numel(), dtype=chosen.dtype, device=chosen.device)  # NaN: never within
+    remaining = torch.arange(candidates.numel(), device=chosen.device)
+    threshold, eta = _float32(nms_threshold), _float32(eta)
     kept: list[int] = []
-    threshold = nms_threshold
-    for start in range(0, candidates.numel(), rows):
-        block = jaccard(chosen[start:start + rows], chosen_sizes[start:start + rows], chosen, chosen_sizes).tolist()
-        for offset, overlaps in enumerate(block):
-            if all(overlaps[k] <= threshold for k in kept):
-                kept.append(start + offset)
+    while remaining.numel():
+        block, rest = remaining[:NMS_BLOCK], remaining[NMS_BLOCK:]
+        among = jaccard(chosen[block], chosen_sizes[block], chosen[block], chosen_sizes[block], nan_free).tolist()
+        before = worst[block].tolist()
+        winners: list[int] = []
+        for j in range(block.numel()):
+            if before[j] <= threshold and all(among[j][k] <= threshold for k in winners):
+                winners.append(j)
                 if eta < 1 and threshold > 0.5:
-                    threshold = float(torch.tensor(threshold * eta, dtype=torch.float32))  # a float in the fork
+                    threshold = _float32(threshold * eta)  # float times float: exact in double, rounded once
+        if not winners:
+            remaining = rest
+            continue
+        won = block[winners]
+        kept += won.tolist()
+        if rest.numel():
+            overlaps = jaccard(chosen[rest], chosen_sizes[rest], chosen[won], chosen_sizes[won], nan_free)
+            largest = torch.maximum(worst[rest], overlaps.amax(1))
+            worst[rest] = largest
+            rest = rest[largest <= threshold]
+        remaining = rest
     return candidates[kept].tolist()
 
 
