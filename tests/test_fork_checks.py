@@ -103,3 +103,120 @@ def test_a_prior_box_table_beyond_the_limit_is_refused_before_it_is_built(tmp_pa
     assert message.startswith("layer 'prior' (PriorBox) (top 1x2x216000000) needs 1.6 GiB, more than the memory "
                               "limit of 1.0 GiB"), result.stdout + result.stderr
     assert int(peak_kib) < 700 * 1024  # torch and the reader take ~400 MB; the table alone would add 1.7 GB
+
+
+# ---------------------------------------------------------------- R-CNN
+
+
+def _roi_layers():
+    return [layer_from_text('name: "roi_pool5" type: "ROIPooling" roi_pooling_param { pooled_h: 2 pooled_w: 2 '
+                            'spatial_scale: 0.5 }'),
+            layer_from_text('name: "psroi" type: "PSROIPooling" psroi_pooling_param { spatial_scale: 0.5 output_dim: 2 '
+                            'group_size: 2 }')]
+
+
+@pytest.mark.parametrize("index", [0, 1])
+@pytest.mark.parametrize("roi, message", [
+    ([-1, 0, 0, 4, 4], "region 1 has batch index -1; it must be in \\[0, 2\\)"),  # not image N - 1
+    ([2, 0, 0, 4, 4], "region 1 has batch index 2; it must be in \\[0, 2\\)"),
+    ([np.nan, 0, 0, 4, 4], "region 1 has batch index nan"),
+    ([1e20, 0, 0, 4, 4], "region 1 has batch index 1e[+]20"),
+    ([0, 0, np.nan, 4, 4], "region 1's corners scaled to .* must be finite and within"),
+    ([0, 0, 0, np.inf, 4], "region 1's corners scaled to .* must be finite and within"),
+    ([0, 0, 0, 4e12, 4], "region 1's corners scaled to .* must be finite and within"),
+])
+def test_roi_poolings_refuse_regions_the_forks_misread(index, roi, message):
+    layer = _roi_layers()[index]
+    features = np.ones((2, 8, 6, 6), F)
+    rois = np.array([[1, 0, 0, 4, 4], roi], F)
+    module = convert_layer(layer, [features.shape, rois.shape], []).module
+    import torch
+
+    with pytest.raises(CaffeError, match=f"layer '{layer.name}' \\({layer.type}\\): {message}"):
+        module(torch.from_numpy(features), torch.from_numpy(rois))
+    # A batch index is truncated as C's (int) does: -0.5 and 1.9 are images 0 and 1.
+    rois = np.array([[-0.5, 0, 0, 4, 4], [1.9, 0, 0, 4, 4]], F)
+    features[1] = 5
+    out = module(torch.from_numpy(features), torch.from_numpy(rois))
+    assert out[0].max() == 1 and out[1].min() == 5
+
+
+@pytest.mark.parametrize("text", ['name: "r" type: "ROIPooling" roi_pooling_param { pooled_h: 2 pooled_w: 2 '
+                                  'spatial_scale: nan }',
+                                  'name: "r" type: "PSROIPooling" psroi_pooling_param { spatial_scale: inf '
+                                  'output_dim: 2 group_size: 2 }'])
+def test_roi_poolings_refuse_a_scale_that_is_no_number(text):
+    _refused(text, [(1, 8, 6, 6), (3, 5)], "spatial_scale (nan|inf) must be a finite number")
+
+
+def test_a_standalone_model_py_raises_its_own_caffe_error(tmp_path):
+    """model.py embeds CaffeError for the modules that raise it on data."""
+    import torch
+
+    from caffe2torch.folder import save_net
+    from tests.conftest import load_standalone, random_net
+
+    net = random_net(tmp_path, 'input: "data" input_shape { dim: 1 dim: 2 dim: 6 dim: 6 }\n'
+                               'input: "rois" input_shape { dim: 3 dim: 5 }\n'
+                               'layer { name: "pool" type: "ROIPooling" bottom: "data" bottom: "rois" top: "pool" '
+                               'roi_pooling_param { pooled_h: 2 pooled_w: 2 spatial_scale: 1 } }\n', std=1.0)
+    save_net(net, tmp_path / "out")
+    standalone = load_standalone(tmp_path / "out")
+    rois = torch.tensor([[0.0, 0, 0, 3, 3], [-1, 0, 0, 3, 3], [0, 1, 1, 2, 2]])
+    for model in (net, standalone):
+        with pytest.raises(Exception, match=r"layer 'pool' \(ROIPooling\): region 1 has batch index -1") as caught:
+            model(torch.zeros(1, 2, 6, 6), rois)
+        assert type(caught.value).__name__ == "CaffeError"
+
+
+def _proposal(param_str: str, top: int = 1, shapes=((1, 18, 4, 5), (1, 36, 4, 5), (1, 3))):
+    from proto import caffe_pb2
+
+    layer = caffe_pb2.LayerParameter(name="proposal", type="Python", top=["rois", "scores"][:top])
+    layer.python_param.module, layer.python_param.layer = "rpn.proposal_layer", "ProposalLayer"
+    layer.python_param.param_str = param_str
+    return layer, [tuple(shape) for shape in shapes]
+
+
+@pytest.mark.parametrize("param_str, message", [
+    ("'feat_stride': 'sixteen'", "param_str's 'feat_stride' must be a number, got 'sixteen'"),
+    ("'feat_stride': [16]", "param_str's 'feat_stride' must be a number, got \\[16\\]"),
+    ("'feat_stride': True", "param_str's 'feat_stride' must be a number, got True"),
+    ("'feat_stride': None", "param_str's 'feat_stride' must be a number, got None"),
+    ("'feat_stride': 0", "param_str's 'feat_stride' must be a positive finite number, got 0"),
+    ("'feat_stride': -16", "param_str's 'feat_stride' must be a positive finite number, got -16"),
+    ("'feat_stride': 1e999", "param_str's 'feat_stride' must be a positive finite number, got inf"),
+    ("{'feat_stride': 16, 'scales': 8}", "param_str's 'scales' must be a non-empty list of numbers, got 8"),
+    ("{'feat_stride': 16, 'scales': ['8', 16]}", "param_str's 'scales' must be a number, got '8'"),
+    ("{'feat_stride': 16, 'ratios': []}", "param_str's 'ratios' must be a non-empty list of numbers, got \\[\\]"),
+    ("{'feat_stride': 16, 'ratios': [0.5, -1]}", "param_str's 'ratios' must be a positive finite number, got -1"),
+])
+def test_proposal_param_str_values_that_are_no_numbers_are_one_line(param_str, message):
+    layer, shapes = _proposal(param_str)
+    with pytest.raises(CaffeError, match=r"layer 'proposal' \(Python\): " + message) as caught:
+        convert_layer(layer, shapes, [])
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("shapes, message", [
+    (((2, 18, 4, 5), (2, 36, 4, 5), (2, 3)), "bottom 0 has a batch of 2: the layer takes single-image batches"),
+    (((1, 18, 4, 5), (1, 36, 4, 5), (1, 2)), r"bottom 2 \(im_info\) has shape \(1, 2\): expected \[1, 3\]"),
+])
+def test_proposal_checks_its_bottoms(shapes, message):
+    layer, shapes = _proposal("'feat_stride': 16", shapes=shapes)
+    with pytest.raises(CaffeError, match=message):
+        convert_layer(layer, shapes, [])
+
+
+@pytest.mark.parametrize("info", [[np.nan, 80, 1], [64, -80, 1], [64, 80, 0], [64, 80, np.inf]])
+def test_proposal_refuses_an_im_info_that_is_no_image_size(info):
+    import torch
+
+    layer, shapes = _proposal("'feat_stride': 16")
+    module = convert_layer(layer, shapes, []).module
+    with pytest.raises(CaffeError, match=r"layer 'proposal' \(Python\): im_info \(height, width, scale\) must be "
+                                         r"positive finite numbers"):
+        module(torch.rand(1, 18, 4, 5), torch.zeros(1, 36, 4, 5), torch.tensor([info], dtype=torch.float32))
+    with pytest.raises(CaffeError, match="takes single-image batches, got 2 images"):
+        module(torch.rand(2, 18, 4, 5), torch.zeros(2, 36, 4, 5), torch.tensor([[64.0, 80, 1]] * 2))
+
