@@ -1,7 +1,7 @@
 """Torch modules for layer types other Caffe forks added (SegNet, ShuffleNet, SENets, caffe-fast-rcnn, synopsys).
 
-The same contract as caffe2torch.modules (torch only, so a standalone `model.py` can embed them;
-`extra_repr` is the constructor's keyword arguments). Each follows its fork's CPU forward.
+The same contract as caffe2torch.modules (torch only, and caffe2torch.errors, so a standalone `model.py`
+can embed them; `extra_repr` is the constructor's keyword arguments). Each follows its fork's CPU forward.
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from caffe2torch.modules import _float32_if_half, _kwargs
+from caffe2torch.errors import CaffeError
+from caffe2torch.modules import _float32_if_half, _kwargs, _tracing
 
 
 class MaxUnpool(nn.Module):
@@ -17,26 +18,34 @@ class MaxUnpool(nn.Module):
 
     The mask is MAX pooling's second top, a flat h * W + w index into the output plane (stored as
     floats, as Caffe stores it). The fork skips no index; a negative one (an empty pooling
-    window's -1) would write before the plane there, and is dropped here.
+    window's -1) would write before the plane there, and is dropped here. An index past the plane
+    (a mask from a pooling of a larger map) stops the fork with a fatal error: a CaffeError here,
+    and dropped in a traced or exported graph, which cannot check the data.
     """
 
-    def __init__(self, output_size: tuple) -> None:
+    def __init__(self, output_size: tuple, layer: str = "") -> None:
         super().__init__()
         self.output_size = tuple(int(n) for n in output_size)
+        self.layer = str(layer)  # the Caffe layer's name, for errors about the data
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         n, c = x.shape[:2]
+        plane = self.output_size[0] * self.output_size[1]
         index = mask.reshape(n, c, -1).long()
         values = x.reshape(n, c, -1)
-        keep = index >= 0
-        out = x.new_zeros(n, c, self.output_size[0] * self.output_size[1] + 1)
+        if not _tracing() and bool((index >= plane).any()):
+            where = f"layer {self.layer!r} (Upsample)" if self.layer else "Upsample"
+            raise CaffeError(f"{where}: mask index {int(index.max())} is outside the {self.output_size[0]} x "
+                             f"{self.output_size[1]} output (the mask of a larger pooling input?)")
+        keep = (index >= 0) & (index < plane)
+        out = x.new_zeros(n, c, plane + 1)
         # Dropped entries go to a spare last slot, cut off below (scatter needs a valid index).
-        slot = torch.where(keep, index, torch.full_like(index, out.shape[2] - 1))
+        slot = torch.where(keep, index, torch.full_like(index, plane))
         out = out.scatter(2, slot, values)
         return out[:, :, :-1].reshape(n, c, *self.output_size)
 
     def extra_repr(self) -> str:
-        return _kwargs(output_size=self.output_size)
+        return _kwargs(output_size=self.output_size, layer=self.layer)
 
 
 class DropoutScaledAtTest(nn.Module):

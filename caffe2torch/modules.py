@@ -45,6 +45,14 @@ def greedy_nms(count: int, suppresses, limit: int = -1, device=None) -> list[int
     return kept
 
 
+def _tracing() -> bool:
+    """Whether forward runs under a tracer or compiler (fx, TorchScript, dynamo, torch.export), where a check of
+    the data's values cannot run (its graph records the computation alone)."""
+    tracer = torch.fx._symbolic_trace
+    fx_tracing = getattr(tracer, "is_fx_symbolic_tracing", tracer.is_fx_tracing)  # the latter warns in newer torch
+    return bool(torch.jit.is_tracing() or torch.compiler.is_compiling() or fx_tracing())
+
+
 def _literal(value) -> str:
     """Python source for a value: repr, except infinities and NaN, whose repr is no Python expression."""
     if isinstance(value, float) and not math.isfinite(value):

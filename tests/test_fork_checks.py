@@ -220,3 +220,49 @@ def test_proposal_refuses_an_im_info_that_is_no_image_size(info):
     with pytest.raises(CaffeError, match="takes single-image batches, got 2 images"):
         module(torch.rand(2, 18, 4, 5), torch.zeros(2, 36, 4, 5), torch.tensor([[64.0, 80, 1]] * 2))
 
+
+
+# ---------------------------------------------------------------- activations, SegNet's Upsample, YOLO
+
+
+@pytest.mark.parametrize("text", ['name: "r" type: "ReLU6" relu6_param { negative_slope: nan }',
+                                  'name: "r" type: "ReLU6" relu_param { negative_slope: inf }',
+                                  'name: "r" type: "ReLU" relu_param { negative_slope: nan }',
+                                  'name: "r" type: "ReLU" relu_param { negative_slope: -inf relu6: true }'])
+def test_a_relu_slope_that_is_no_number_is_refused(text):
+    # Caffe's max(x, 0) + slope * min(x, 0) is NaN for every x >= 0 then; torch's leaky ReLU would pass x.
+    _refused(text, [(1, 2, 3, 3)], "negative_slope -?(nan|inf) must be a finite number")
+
+
+def test_synopsys_relu_ignores_a_nan_minimum_as_std_max_does():
+    import torch
+
+    layer = layer_from_text('name: "r" type: "ReLU" relu_param { relu6: true minimum: nan }')
+    x = torch.tensor([-3.0, 0.5, 4.0, 9.0, float("nan")])
+    out = convert_layer(layer, [tuple(x.shape)], []).module(x)
+    assert out.tolist() == [0.0, 0.5, 4.0, 6.0, 0.0]  # std::max(y, NaN) is y; the fork makes a NaN output 0
+
+
+def test_upsample_refuses_a_mask_index_past_its_output_as_the_fork_stops(tmp_path):
+    import torch
+
+    from caffe2torch.conversion import convert
+
+    net_text = ('input: "data" input_shape { dim: 1 dim: 1 dim: 8 dim: 8 }\n'
+                'layer { name: "pool" type: "Pooling" bottom: "data" top: "pool" top: "mask" '
+                'pooling_param { pool: MAX kernel_size: 2 stride: 2 } }\n'
+                'layer { name: "up" type: "Upsample" bottom: "pool" bottom: "mask" top: "up" '
+                'upsample_param { upsample_h: 4 upsample_w: 4 } }\n')
+    path = tmp_path / "upsample.prototxt"
+    path.write_text(net_text)
+    net = convert(None, path).net  # shapes agree: the fork sets up too, and stops at the first forward
+    x = torch.zeros(1, 1, 8, 8)
+    x[0, 0, 7, 7] = 1.0  # its window's maximum sits at index 63 of the 8 x 8 input, past the 4 x 4 output
+    with pytest.raises(CaffeError, match=r"layer 'up' \(Upsample\): mask index 63 is outside the 4 x 4 output"):
+        net(x)
+
+
+def test_yolov3_refuses_a_zero_anchors_scale():
+    _refused('name: "y" type: "Yolov3DetectionOutput" yolov3_detection_output_param { num_classes: 1 num_box: 1 '
+             'mask_group_num: 1 mask: 0 biases: 10 biases: 14 anchors_scale: 0 }', [(1, 6, 4, 4)],
+             r"anchors_scale \[0\] must be at least 1")

@@ -48,7 +48,7 @@ def convert_upsample(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]
         if any(pad and s != 2 for pad, s in zip(pad_out, scale)):
             raise layer_error(layer, "pad_out_h / pad_out_w need scale 2")
         size = (shape[2] * scale[0] - int(pad_out[0]), shape[3] * scale[1] - int(pad_out[1]))
-    return Converted(MaxUnpool(size), [shape[:2] + tuple(size)])
+    return Converted(MaxUnpool(size, layer.name), [shape[:2] + tuple(size)])
 
 
 @converter("ShuffleChannel")
