@@ -99,20 +99,26 @@ class Pool2d(nn.Module):
         clip = any(self.pad) or any(self.pad_end)
         self.output_size = tuple(caffe_pooled_size(n, k, s, p, clip, self.ceil, e) for n, k, s, p, e in
                                  zip(self.input_size, self.kernel, self.stride, self.pad, self.pad_end))
-        (ph, pw), (kh, kw), (sh, sw) = self.pad, self.kernel, self.stride
-        (h, w) = self.input_size
         # Windows that start at or past size + pad hold nothing (possible without padding when the
         # stride exceeds the kernel): they come last and are appended as constants, so the input is
         # never padded out to them (a stride of 99999 would otherwise pad to 99999 rows).
         vh, vw = (min(out, -(-(n + p + e) // s)) for out, n, p, e, s in zip(self.output_size, self.input_size,
                                                                             self.pad, self.pad_end, self.stride))
         self.empty = (self.output_size[0] - vh, self.output_size[1] - vw)
+        # A window reaching past the padded input (a kernel longer than it, which Caffe takes with a longer
+        # stride still) is cut there: the same values (MAX), the same sum and count (AVE), and no padding out to
+        # the kernel. A stride with one window along its axis is never taken (and may exceed torch's int).
+        self.window = tuple(min(k, n + p + e) for k, n, p, e in zip(self.kernel, self.input_size, self.pad,
+                                                                    self.pad_end))
+        self.step = tuple(s if valid > 1 else 1 for s, valid in zip(self.stride, (vh, vw)))
+        (ph, pw), (kh, kw), (sh, sw) = self.pad, self.window, self.step
+        (h, w) = self.input_size
         # F.pad amounts (left, right, top, bottom) for the other windows; negative ones crop rows no window reaches.
         self.edges = (pw, (vw - 1) * sw + kw - pw - w, ph, (vh - 1) * sh + kh - ph - h)
         self.rescale = False
         if method != "MAX":
             counts = []
-            for k, s, p, e, n, out in zip(self.kernel, self.stride, self.pad, self.pad_end, self.input_size,
+            for k, s, p, e, n, out in zip(self.window, self.stride, self.pad, self.pad_end, self.input_size,
                                           self.output_size):
                 start = torch.arange(out, dtype=torch.float64) * s - p
                 if method == "AVE":
@@ -130,20 +136,20 @@ class Pool2d(nn.Module):
                 x = F.pad(x, self.edges, value=-math.inf)
             if self.mask:
                 return self._with_mask(x)
-            y = F.max_pool2d(x, self.kernel, self.stride)
+            y = F.max_pool2d(x, self.window, self.step)
             if any(self.empty):
                 y = F.pad(y, (0, self.empty[1], 0, self.empty[0]), value=-math.inf)
             return torch.nan_to_num(y, nan=0.0, posinf=math.inf, neginf=None)  # -inf: the dtype's lowest
         if any(self.edges):
             x = F.pad(x, self.edges)
-        y = F.avg_pool2d(x, self.kernel, self.stride)
+        y = F.avg_pool2d(x, self.window, self.step)
         if any(self.empty):
             y = F.pad(y, (0, self.empty[1], 0, self.empty[0]))  # a sum of nothing, then 0/0 or 0/-n as in Caffe
         return y * self.factor.to(y.dtype) if self.rescale else y
 
     def _with_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # torch's first maximum is Caffe's (a strict > scan from the window's top left).
-        y, index = F.max_pool2d(x, self.kernel, self.stride, return_indices=True)
+        y, index = F.max_pool2d(x, self.window, self.step, return_indices=True)
         width = x.shape[-1]
         mask = ((index // width - self.pad[0]) * self.input_size[1] + index % width - self.pad[1]).float()
         if any(self.empty):

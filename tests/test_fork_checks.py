@@ -266,3 +266,48 @@ def test_yolov3_refuses_a_zero_anchors_scale():
     _refused('name: "y" type: "Yolov3DetectionOutput" yolov3_detection_output_param { num_classes: 1 num_box: 1 '
              'mask_group_num: 1 mask: 0 biases: 10 biases: 14 anchors_scale: 0 }', [(1, 6, 4, 4)],
              r"anchors_scale \[0\] must be at least 1")
+
+
+# ---------------------------------------------------------------- sizes from the file's numbers
+
+
+@pytest.mark.parametrize("method", ["MAX", "AVE"])
+def test_a_kernel_past_the_input_pools_what_caffe_pools_without_padding_to_it(method):
+    """Caffe takes a kernel longer than the input when the stride is longer still (one window, cut at the
+    input): the whole map here, where padding out to 99999 x 99999 would need 300 GB."""
+    import torch
+
+    layer = layer_from_text(f'name: "p" type: "Pooling" pooling_param {{ pool: {method} kernel_size: 99999 '
+                            f'stride: 2147483647 }}')
+    x = np.random.default_rng(3).normal(0, 1, (1, 2, 8, 8)).astype(F)
+    converted = convert_layer(layer, [x.shape], [])
+    assert converted.top_shapes == [(1, 2, 1, 1)]
+    out = converted.module(torch.from_numpy(x)).numpy()
+    # pooling_layer.cpp: the window [0, min(99999, 8)) on both axes; AVE divides by that window's size
+    expected = x.max((2, 3)) if method == "MAX" else x.astype(np.float64).sum((2, 3)).astype(F) / F(64)
+    np.testing.assert_allclose(out[:, :, 0, 0], expected, rtol=0, atol=1e-6 if method == "AVE" else 0)
+
+
+@pytest.mark.parametrize("field", ["stride: 4294967295", "kernel_size: 2147483648", "pad: 4294967295 kernel_size: 3",
+                                   "stride_h: 1 stride_w: 3000000000 kernel_size: 3"])
+def test_pooling_values_past_caffes_int_are_refused(field):
+    text = f'name: "p" type: "Pooling" pooling_param {{ pool: MAX {field} }}'
+    if "kernel_size" not in field:
+        text = text.replace("MAX", "MAX kernel_size: 3")
+    _refused(text, [(1, 2, 8, 8)], "is negative as Caffe's int")
+
+
+@pytest.mark.parametrize("kind, field, param, shape", [
+    ("YoloDetectionOutput", "yolo_detection_output_param", "num_classes: 1 num_box: 2 confidence_threshold: 0.1 "
+     "biases: 1 biases: 2 biases: 3 biases: 4", (1, 12, 4, 4)),
+    ("Yolov3DetectionOutput", "yolov3_detection_output_param", "num_classes: 1 num_box: 1 mask_group_num: 1 mask: 0 "
+     "anchors_scale: 8 confidence_threshold: 0.1 biases: 10 biases: 14", (1, 6, 4, 4))])
+def test_yolo_outputs_never_read_an_odd_last_bias(kind, field, param, shape):
+    import torch
+
+    x = torch.from_numpy(np.random.default_rng(4).normal(0, 2, shape).astype(F))
+    outputs = []
+    for extra in ("", " biases: 7"):  # the fork reads biases[2m] and biases[2m + 1] only
+        layer = layer_from_text(f'name: "y" type: "{kind}" {field} {{ {param}{extra} }}')
+        outputs.append(convert_layer(layer, [shape], []).module(x))
+    assert outputs[0].shape[2] > 1 and torch.equal(outputs[0], outputs[1])

@@ -25,11 +25,18 @@ def _pair(layer, param, name: str, default: int | None) -> tuple[int, int] | Non
             raise CaffeError(
                 f"layer {layer.name!r} (Pooling): give either {single} or both {name}_h and {name}_w"
             )
-        return int(getattr(param, f"{name}_h")), int(getattr(param, f"{name}_w"))
+        return tuple(_int(layer, field, getattr(param, field)) for field in (f"{name}_h", f"{name}_w"))
     if param.HasField(single) or default is not None:
-        value = int(getattr(param, single))
+        value = _int(layer, single, getattr(param, single))
         return value, value
     return None
+
+
+def _int(layer, name: str, value: int) -> int:
+    """A uint32 field Caffe holds in an int: from 2^31 on it is negative there, and fails its checks."""
+    if value >= 2 ** 31:
+        raise CaffeError(f"layer {layer.name!r} (Pooling): {name} {value} is negative as Caffe's int")
+    return int(value)
 
 
 def _side_pads(layer, param, size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int]
