@@ -40,7 +40,8 @@ def _batch_indices(batch: torch.Tensor, images: int, where: str) -> list[int]:
 
 
 def _check_coordinates(corners: torch.Tensor, where: str) -> None:
-    """Scaled region corners within the forks' int range (NaN and infinities are not: C's (int) of them is undefined)."""
+    """Scaled region corners within the forks' int range (NaN and infinities are not: C's (int) of them is
+    undefined)."""
     bad = ~(corners.abs() < COORDINATE_LIMIT).all(1)
     if bool(bad.any()):
         region = int(torch.nonzero(bad)[0])
