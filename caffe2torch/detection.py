@@ -166,24 +166,34 @@ def _cpp_min(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(b < a, b, a)
 
 
-def jaccard(first: torch.Tensor, first_size: torch.Tensor, second: torch.Tensor, second_size: torch.Tensor,
-            nan_free: bool = False) -> torch.Tensor:
-    """JaccardOverlap(first, second) of every `first` box [A, 4] with every `second` box [B, 4], in float32 as the
-    fork: IntersectBBox's std::max / std::min in its argument order, 0 unless both sides are > 0 (NaN too).
-    `nan_free` (no NaN coordinate) lets torch.minimum / maximum stand for std::min / max.
-
-    IntersectBBox's early "no intersection" test needs no pass of its own: where it holds, a side is
-    negative (the std::min / std::max of its operands are bounded by the two coordinates it compares).
-    Computed in place where it can: NMS calls this on large blocks.
-    """
-    minimum, maximum = (torch.minimum, torch.maximum) if nan_free else (_cpp_min, _cpp_max)
-    a, b = first.T.contiguous()[:, :, None], second.T.contiguous()[:, None, :]  # rows of one coordinate: fast loops
-    inter_w = minimum(a[2], b[2]).sub_(maximum(a[0], b[0]))
-    inter_h = minimum(a[3], b[3]).sub_(maximum(a[1], b[1]))
+def _overlaps(first: torch.Tensor, first_size: torch.Tensor, second: torch.Tensor, second_size: torch.Tensor,
+              plain: bool) -> torch.Tensor:
+    """JaccardOverlap of boxes given as coordinate rows ([4, A] and [4, B]): [A, B], computed in place where it
+    can. `plain` boxes (coordinates within +-1e38, every size > 0) take a shorter exact form: sides clamped at 0
+    give an overlap of 0 / (size + size) = 0 wherever the fork returns 0, and the fork's own formula elsewhere."""
+    a, b = first[:, :, None], second[:, None, :]
+    if plain:
+        inter_w = torch.minimum(a[2], b[2]).sub_(torch.maximum(a[0], b[0])).clamp_(min=0)
+        inter_h = torch.minimum(a[3], b[3]).sub_(torch.maximum(a[1], b[1])).clamp_(min=0)
+        inter = inter_w.mul_(inter_h)
+        return inter.div_((first_size[:, None] + second_size[None, :]).sub_(inter))
+    inter_w = _cpp_min(a[2], b[2]).sub_(_cpp_max(a[0], b[0]))
+    inter_h = _cpp_min(a[3], b[3]).sub_(_cpp_max(a[1], b[1]))
     intersecting = (inter_w > 0).logical_and_(inter_h > 0)
     inter = inter_w.mul_(inter_h)
     overlap = inter.div_((first_size[:, None] + second_size[None, :]).sub_(inter))
     return overlap.masked_fill_(intersecting.logical_not_(), 0.0)
+
+
+def jaccard(first: torch.Tensor, first_size: torch.Tensor, second: torch.Tensor,
+            second_size: torch.Tensor) -> torch.Tensor:
+    """JaccardOverlap(first, second) of every `first` box [A, 4] with every `second` box [B, 4], in float32 as the
+    fork: IntersectBBox's std::max / std::min in its argument order, 0 unless both sides are > 0 (NaN too).
+
+    IntersectBBox's early "no intersection" test needs no pass of its own: where it holds, a side is
+    negative (the std::min / std::max of its operands are bounded by the two coordinates it compares).
+    """
+    return _overlaps(first.T.contiguous(), first_size, second.T.contiguous(), second_size, plain=False)
 
 
 def _float32(value: float) -> float:
@@ -212,32 +222,31 @@ def nms_fast(boxes: torch.Tensor, sizes: torch.Tensor, scores: torch.Tensor, sco
     if 0 <= top_k < candidates.numel():
         candidates = candidates[:top_k]
     chosen, chosen_sizes = boxes[candidates], sizes[candidates]
-    nan_free = not bool(torch.isnan(chosen).any())
-    worst = torch.zeros(candidates.numel(), dtype=chosen.dtype, device=chosen.device)  # NaN: never within
-    remaining = torch.arange(candidates.numel(), device=chosen.device)
+    plain = bool((chosen.abs() <= 1e38).all() and (chosen_sizes > 0).all())
+    # The candidates left, in order: rows x1, y1, x2, y2, size and the largest overlap with a kept box so far
+    # (NaN: never within a threshold); `positions` says which candidate each column is.
+    left = torch.cat([chosen.T, chosen_sizes[None], torch.zeros_like(chosen_sizes)[None]])
+    positions = torch.arange(candidates.numel(), device=chosen.device)
     threshold, eta = _float32(nms_threshold), _float32(eta)
     kept: list[int] = []
-    while remaining.numel():
-        block, rest = remaining[:NMS_BLOCK], remaining[NMS_BLOCK:]
-        among = jaccard(chosen[block], chosen_sizes[block], chosen[block], chosen_sizes[block], nan_free).tolist()
-        before = worst[block].tolist()
+    while positions.numel():
+        block, rest = left[:, :NMS_BLOCK], left[:, NMS_BLOCK:]
+        among = _overlaps(block[:4], block[4], block[:4], block[4], plain).tolist()
+        before = block[5].tolist()
         winners: list[int] = []
-        for j in range(block.numel()):
+        for j in range(len(before)):
             if before[j] <= threshold and all(among[j][k] <= threshold for k in winners):
                 winners.append(j)
                 if eta < 1 and threshold > 0.5:
                     threshold = _float32(threshold * eta)  # float times float: exact in double, rounded once
-        if not winners:
-            remaining = rest
-            continue
-        won = block[winners]
-        kept += won.tolist()
-        if rest.numel():
-            overlaps = jaccard(chosen[rest], chosen_sizes[rest], chosen[won], chosen_sizes[won], nan_free)
-            largest = torch.maximum(worst[rest], overlaps.amax(1))
-            worst[rest] = largest
-            rest = rest[largest <= threshold]
-        remaining = rest
+        kept += positions[:NMS_BLOCK][winners].tolist()
+        positions = positions[NMS_BLOCK:]
+        if winners and positions.numel():
+            won = block[:, winners]
+            torch.maximum(rest[5], _overlaps(rest[:4], rest[4], won[:4], won[4], plain).amax(1), out=rest[5])
+            within = rest[5] <= threshold
+            rest, positions = rest[:, within], positions[within]
+        left = rest
     return candidates[kept].tolist()
 
 
