@@ -46,6 +46,7 @@ def _refused(layer_text: str, shapes, match: str) -> None:
     ("min_size: 30 step: inf", "step should be larger than 0, got inf"),
     ("min_size: 30 step_h: 8 step_w: nan", "step_w should be larger than 0, got nan"),
     ("min_size: 30 img_h: 0 img_w: 30", "img_h should be larger than 0, got 0"),
+    ("min_size: 30 img_size: 4294967295", "img_size 4294967295 is negative as the fork's int"),
     ("min_size: 30 variance: nan", "variance nan must be a positive number"),
     ("min_size: 30 variance: 0.1 variance: 0.1 variance: inf variance: 0.2", "variance inf must be a positive"),
     ("min_size: 30 variance: 0", "variance 0 must be a positive number"),

@@ -55,8 +55,8 @@ def _float32(value: float) -> float:
     return float(np.float32(value))
 
 
-# The fork truncates min_size and max_size to int and multiplies them as ints (sqrt(min_size_ * max_size_)):
-# past this its C++ is undefined, so such sizes are refused.
+# The fork truncates min_size and max_size to int and multiplies them as ints (sqrt(min_size_ * max_size_)), and
+# keeps img_size / img_h / img_w in ints: past this its C++ is undefined or negative, so such values are refused.
 INT_LIMIT = 2 ** 31
 
 
@@ -118,6 +118,8 @@ def _pair_or_single(layer, prefix: str, single: str) -> tuple | None:
     for name, number in zip(names, value):
         if not 0 < number < math.inf:
             raise layer_error(layer, f"{name} should be larger than 0, got {number:g}")
+        if prefix == "img" and number >= INT_LIMIT:  # a uint32 the fork keeps in an int: negative there
+            raise layer_error(layer, f"{name} {number} is negative as the fork's int")
     return value
 
 
