@@ -72,26 +72,29 @@ def prior_box_table(layer_size: tuple, image_size: tuple, step: tuple, offset: f
 
     Centres are float32 ((w + offset) * step); each coordinate is (centre -/+ size / 2.) / image
     in double, stored as float32. `box_sizes` are the (width, height) float32 values in the
-    fork's order per cell.
+    fork's order per cell. Built a block of rows at a time into the table, so the work space stays
+    small beside a table that may be large (the converter checks the table's size first).
     """
     height, width = layer_size
     step_h, step_w = (torch.tensor(s, dtype=torch.float32) for s in step)
     offset32 = torch.tensor(offset, dtype=torch.float32)
-    center_x = ((torch.arange(width, dtype=torch.float32) + offset32) * step_w).double()
-    center_y = ((torch.arange(height, dtype=torch.float32) + offset32) * step_h).double()
     sizes = torch.tensor(box_sizes, dtype=torch.float32).double().reshape(-1, 2)
     half_w, half_h = sizes[:, 0] / 2.0, sizes[:, 1] / 2.0
-    cx = center_x.reshape(1, -1, 1)
-    cy = center_y.reshape(-1, 1, 1)
-    boxes = torch.stack(torch.broadcast_tensors(
-        (cx - half_w) / image_size[1], (cy - half_h) / image_size[0],
-        (cx + half_w) / image_size[1], (cy + half_h) / image_size[0]), dim=-1).float()
+    center_x = ((torch.arange(width, dtype=torch.float32) + offset32) * step_w).double()[:, None]
+    x_min, x_max = (center_x - half_w) / image_size[1], (center_x + half_w) / image_size[1]  # [W, priors]
+    per_row = width * sizes.shape[0] * 4
+    table = torch.empty(2, height * per_row)
+    rows = max(1, (1 << 18) // per_row)
+    for start in range(0, height, rows):
+        stop = min(start + rows, height)
+        center_y = ((torch.arange(start, stop, dtype=torch.float32) + offset32) * step_h).double()[:, None]
+        y_min, y_max = (center_y - half_h) / image_size[0], (center_y + half_h) / image_size[0]  # [rows, priors]
+        block = torch.stack(torch.broadcast_tensors(x_min[None], y_min[:, None], x_max[None], y_max[:, None]), dim=-1)
+        table[0, start * per_row:stop * per_row] = block.reshape(-1)  # rounded to float32 as it is stored
     if clip:
-        boxes = boxes.clamp(0.0, 1.0)
-    boxes = boxes.reshape(-1)
-    variances = torch.tensor(variance, dtype=torch.float32)
-    variances = variances.expand(boxes.numel()) if variances.numel() == 1 else variances.repeat(boxes.numel() // 4)
-    return torch.stack([boxes, variances]).unsqueeze(0)
+        table[0].clamp_(0.0, 1.0)
+    table[1].view(-1, 4)[:] = torch.tensor(variance, dtype=torch.float32)  # one value for all, or one per coordinate
+    return table.unsqueeze(0)
 
 
 class PriorBox(nn.Module):
@@ -153,40 +156,97 @@ def box_sizes(boxes: torch.Tensor) -> torch.Tensor:
     return torch.where(invalid, torch.zeros_like(width), width * height)
 
 
+def _cpp_max(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """std::max(a, b): `a` unless `b` is larger (so a NaN `b` gives `a`, where torch.maximum gives NaN)."""
+    return torch.where(a < b, b, a)
+
+
+def _cpp_min(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """std::min(a, b): `a` unless `b` is smaller."""
+    return torch.where(b < a, b, a)
+
+
+def _overlaps(first: torch.Tensor, first_size: torch.Tensor, second: torch.Tensor, second_size: torch.Tensor,
+              plain: bool) -> torch.Tensor:
+    """JaccardOverlap of boxes given as coordinate rows ([4, A] and [4, B]): [A, B], computed in place where it
+    can. `plain` boxes (coordinates within +-1e38, every size > 0) take a shorter exact form: sides clamped at 0
+    give an overlap of 0 / (size + size) = 0 wherever the fork returns 0, and the fork's own formula elsewhere."""
+    a, b = first[:, :, None], second[:, None, :]
+    if plain:
+        inter_w = torch.minimum(a[2], b[2]).sub_(torch.maximum(a[0], b[0])).clamp_(min=0)
+        inter_h = torch.minimum(a[3], b[3]).sub_(torch.maximum(a[1], b[1])).clamp_(min=0)
+        inter = inter_w.mul_(inter_h)
+        return inter.div_((first_size[:, None] + second_size[None, :]).sub_(inter))
+    inter_w = _cpp_min(a[2], b[2]).sub_(_cpp_max(a[0], b[0]))
+    inter_h = _cpp_min(a[3], b[3]).sub_(_cpp_max(a[1], b[1]))
+    intersecting = (inter_w > 0).logical_and_(inter_h > 0)
+    inter = inter_w.mul_(inter_h)
+    overlap = inter.div_((first_size[:, None] + second_size[None, :]).sub_(inter))
+    return overlap.masked_fill_(intersecting.logical_not_(), 0.0)
+
+
 def jaccard(first: torch.Tensor, first_size: torch.Tensor, second: torch.Tensor,
             second_size: torch.Tensor) -> torch.Tensor:
-    """JaccardOverlap of every `first` box [A, 4] with every `second` box [B, 4], in float32 as the fork."""
-    a, b = first[:, None, :], second[None, :, :]
-    disjoint = (b[..., 0] > a[..., 2]) | (b[..., 2] < a[..., 0]) | (b[..., 1] > a[..., 3]) | (b[..., 3] < a[..., 1])
-    inter_w = torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])
-    inter_h = torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])
-    inter = inter_w * inter_h
-    overlap = inter / (first_size[:, None] + second_size[None, :] - inter)
-    return torch.where(disjoint | (inter_w <= 0) | (inter_h <= 0), torch.zeros_like(overlap), overlap)
+    """JaccardOverlap(first, second) of every `first` box [A, 4] with every `second` box [B, 4], in float32 as the
+    fork: IntersectBBox's std::max / std::min in its argument order, 0 unless both sides are > 0 (NaN too).
+
+    IntersectBBox's early "no intersection" test needs no pass of its own: where it holds, a side is
+    negative (the std::min / std::max of its operands are bounded by the two coordinates it compares).
+    """
+    return _overlaps(first.T.contiguous(), first_size, second.T.contiguous(), second_size, plain=False)
+
+
+def _float32(value: float) -> float:
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
+# Candidates NMS resolves one block at a time (their overlaps with each other as a small Python table).
+NMS_BLOCK = 128
 
 
 def nms_fast(boxes: torch.Tensor, sizes: torch.Tensor, scores: torch.Tensor, score_threshold: float,
              nms_threshold: float, eta: float, top_k: int) -> list[int]:
-    """ApplyNMSFast: scores above the threshold, stable-sorted (ties keep the lower index), top_k,
-    then keep a box unless it overlaps a kept one by more than the (eta-adapted) threshold."""
+    """ApplyNMSFast: scores above the threshold, stable-sorted (ties keep the lower index), top_k, then keep a
+    box unless its JaccardOverlap with a kept one is not <= the threshold (eta lowers the threshold after
+    each keep while it is above 0.5); the threshold and eta are floats there.
+
+    The fork's rows, in time proportional to kept x candidates: the candidates left are taken a block at
+    a time, in order; within a block the fork's loop runs on the block's own overlaps and each candidate's
+    largest overlap with the boxes kept before the block; then every later candidate's largest overlap
+    takes in the block's kept boxes, and those above the (current) threshold are dropped at once, since
+    the threshold only falls and the fork would drop them when it came to them.
+    """
     candidates = torch.nonzero(scores > score_threshold).flatten()
     order = torch.sort(scores[candidates], descending=True, stable=True).indices
     candidates = candidates[order]
     if 0 <= top_k < candidates.numel():
         candidates = candidates[:top_k]
-    if candidates.numel() == 0:
-        return []
     chosen, chosen_sizes = boxes[candidates], sizes[candidates]
-    rows = max(1, (1 << 22) // candidates.numel())  # overlaps are computed a block of rows at a time
+    plain = bool((chosen.abs() <= 1e38).all() and (chosen_sizes > 0).all())
+    # The candidates left, in order: rows x1, y1, x2, y2, size and the largest overlap with a kept box so far
+    # (NaN: never within a threshold); `positions` says which candidate each column is.
+    left = torch.cat([chosen.T, chosen_sizes[None], torch.zeros_like(chosen_sizes)[None]])
+    positions = torch.arange(candidates.numel(), device=chosen.device)
+    threshold, eta = _float32(nms_threshold), _float32(eta)
     kept: list[int] = []
-    threshold = nms_threshold
-    for start in range(0, candidates.numel(), rows):
-        block = jaccard(chosen[start:start + rows], chosen_sizes[start:start + rows], chosen, chosen_sizes).tolist()
-        for offset, overlaps in enumerate(block):
-            if all(overlaps[k] <= threshold for k in kept):
-                kept.append(start + offset)
+    while positions.numel():
+        block, rest = left[:, :NMS_BLOCK], left[:, NMS_BLOCK:]
+        among = _overlaps(block[:4], block[4], block[:4], block[4], plain).tolist()
+        before = block[5].tolist()
+        winners: list[int] = []
+        for j in range(len(before)):
+            if before[j] <= threshold and all(among[j][k] <= threshold for k in winners):
+                winners.append(j)
                 if eta < 1 and threshold > 0.5:
-                    threshold = float(torch.tensor(threshold * eta, dtype=torch.float32))  # a float in the fork
+                    threshold = _float32(threshold * eta)  # float times float: exact in double, rounded once
+        kept += positions[:NMS_BLOCK][winners].tolist()
+        positions = positions[NMS_BLOCK:]
+        if winners and positions.numel():
+            won = block[:, winners]
+            torch.maximum(rest[5], _overlaps(rest[:4], rest[4], won[:4], won[4], plain).amax(1), out=rest[5])
+            within = rest[5] <= threshold
+            rest, positions = rest[:, within], positions[within]
+        left = rest
     return candidates[kept].tolist()
 
 

@@ -1,7 +1,7 @@
 """Torch modules for layer types other Caffe forks added (SegNet, ShuffleNet, SENets, caffe-fast-rcnn, synopsys).
 
-The same contract as caffe2torch.modules (torch only, so a standalone `model.py` can embed them;
-`extra_repr` is the constructor's keyword arguments). Each follows its fork's CPU forward.
+The same contract as caffe2torch.modules (torch only, and caffe2torch.errors, so a standalone `model.py`
+can embed them; `extra_repr` is the constructor's keyword arguments). Each follows its fork's CPU forward.
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from caffe2torch.modules import TableCache, _float32_if_half, _kwargs, dims
+from caffe2torch.errors import CaffeError
+from caffe2torch.modules import TableCache, _float32_if_half, _kwargs, _tracing, dims
 
 
 class MaxUnpool(nn.Module):
@@ -18,13 +19,17 @@ class MaxUnpool(nn.Module):
     The output size is upsample_layer.cpp's Reshape of the input it gets: `size` (upsample_h, upsample_w) when
     given, else the input's size times `scale` less `pad_out`. The mask is MAX pooling's second top, a flat
     h * W + w index into the output plane (stored as floats, as Caffe stores it). The fork skips no index; a
-    negative one (an empty pooling window's -1) would write before the plane there, and is dropped here.
+    negative one (an empty pooling window's -1) would write before the plane there, and is dropped here. An
+    index past the plane (a mask from a pooling of a larger map) stops the fork with a fatal error: a CaffeError
+    here, and dropped in a traced or exported graph, which cannot check the data.
     """
 
-    def __init__(self, size: tuple | None = None, scale: tuple = (2, 2), pad_out: tuple = (0, 0)) -> None:
+    def __init__(self, size: tuple | None = None, scale: tuple = (2, 2), pad_out: tuple = (0, 0),
+                 layer: str = "") -> None:
         super().__init__()
         self.size = None if size is None else tuple(int(n) for n in size)
         self.scale, self.pad_out = tuple(int(n) for n in scale), tuple(int(n) for n in pad_out)
+        self.layer = str(layer)  # the Caffe layer's name, for errors about the data
 
     def output_size(self, size: tuple) -> tuple:
         if self.size is not None:
@@ -32,21 +37,26 @@ class MaxUnpool(nn.Module):
         return tuple(n * s - p for n, s, p in zip(size, self.scale, self.pad_out))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return max_unpool(x, mask, self.output_size(dims(x, -2, -1)))
+        return max_unpool(x, mask, self.output_size(dims(x, -2, -1)), self.layer)
 
     def extra_repr(self) -> str:
-        return _kwargs(size=self.size, scale=self.scale, pad_out=self.pad_out)
+        return _kwargs(size=self.size, scale=self.scale, pad_out=self.pad_out, layer=self.layer)
 
 
 @torch.fx.wrap
-def max_unpool(x: torch.Tensor, mask: torch.Tensor, size: tuple) -> torch.Tensor:
+def max_unpool(x: torch.Tensor, mask: torch.Tensor, size: tuple, layer: str = "") -> torch.Tensor:
     n, c = x.shape[:2]
+    plane = size[0] * size[1]
     index = mask.reshape(n, c, -1).long()
     values = x.reshape(n, c, -1)
-    keep = index >= 0
-    out = x.new_zeros(n, c, size[0] * size[1] + 1)
+    if not _tracing() and bool((index >= plane).any()):
+        where = f"layer {layer!r} (Upsample)" if layer else "Upsample"
+        raise CaffeError(f"{where}: mask index {int(index.max())} is outside the {size[0]} x {size[1]} output (the "
+                         f"mask of a larger pooling input?)")
+    keep = (index >= 0) & (index < plane)
+    out = x.new_zeros(n, c, plane + 1)
     # Dropped entries go to a spare last slot, cut off below (scatter needs a valid index).
-    slot = torch.where(keep, index, torch.full_like(index, out.shape[2] - 1))
+    slot = torch.where(keep, index, torch.full_like(index, plane))
     out = out.scatter(2, slot, values)
     return out[:, :, :-1].reshape(n, c, size[0], size[1])
 

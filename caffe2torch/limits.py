@@ -11,6 +11,9 @@ from __future__ import annotations
 import math
 import os
 import re
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator, Sequence
 
 from caffe2torch.errors import CaffeError
 
@@ -92,16 +95,37 @@ class MemoryBudget:
         if needed > self.limit:
             self._refuse(where, needed)
 
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """Within it, a converter's own checks (`check_top`) count against this budget: its limit (the
+        caller's `memory_limit` too) and the parameters already held."""
+        token = _ACTIVE.set(self)
+        try:
+            yield
+        finally:
+            _ACTIVE.reset(token)
+
+
+# The budget of the net being built, if any (MemoryBudget.applied); a converter called alone has none.
+_ACTIVE: ContextVar[MemoryBudget | None] = ContextVar("caffe2torch_memory_budget", default=None)
+
 
 def refuse(where: str, needed: int, limit: int) -> None:
     raise CaffeError(f"{where} needs {format_bytes(needed)}, more than the memory limit of {format_bytes(limit)} "
                      f"(the available memory unless --max-memory or {ENVIRONMENT} says otherwise)")
 
 
-def check_top(layer, shape: tuple[int, ...], what: str = "top") -> None:
-    """Refuse a layer whose output (or another array of `shape` it makes) alone would not fit the memory
-    limit, before its converter allocates tables of that size (Interp's, pooling's): one line naming the
-    layer and the size."""
-    needed, limit = 4 * math.prod(shape), memory_limit()
-    if needed > limit:
-        refuse(f"layer {layer.name!r} ({layer.type}) ({what} {'x'.join(map(str, shape))})", needed, limit)
+def check_top(layer, shape: Sequence[int], bottoms: Sequence[Sequence[int]] = (), what: str = "top") -> None:
+    """Refuse a layer whose top (or another array of `shape` it makes), with its bottoms, would not fit the memory
+    limit, before its converter builds tables sized by the file's numbers (Interp's, pooling's, PriorBox's): one
+    line naming the layer and the size. Counted as the net's budget will count the layer once built, while one is
+    applied."""
+    where = f"layer {layer.name!r} ({layer.type}) ({what} {'x'.join(map(str, shape))})"
+    elements = math.prod(shape) + sum(math.prod(bottom) for bottom in bottoms)
+    budget = _ACTIVE.get()
+    if budget is not None:
+        budget.check_layer(where, elements)
+        return
+    limit = memory_limit()
+    if 4 * elements > limit:
+        refuse(where, 4 * elements, limit)

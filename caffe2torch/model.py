@@ -252,7 +252,8 @@ def assemble(graph: NetGraph, weights: Mapping[str, Sequence[np.ndarray]],
         else:
             budget.add_parameters(where, sum(blob.size for blob in blobs))
         try:
-            converted = convert_layer(layer.param, bottoms, blobs)
+            with budget.applied():  # the converters' own table checks count against this net's budget
+                converted = convert_layer(layer.param, bottoms, blobs)
         except CaffeError as error:
             if weights and layer.name not in weights and "parameter blobs" in str(error):
                 raise CaffeError(f"{error} (the weights hold no layer named {layer.name!r})") from None

@@ -87,15 +87,20 @@ class TableCache:
 
 def pool_geometry(size: tuple, kernel: tuple, stride: tuple, pad: tuple, pad_end: tuple, ceil: bool):
     """Caffe's pooled size (out), the padding or cropping that makes the input span exactly the windows that hold
-    something (edges: F.pad's left, right, top, bottom), and how many trailing windows lie wholly past the input and
+    something (edges: F.pad's left, right, top, bottom), how many trailing windows lie wholly past the input and
     padding (empty: rows, columns; possible when the stride exceeds the kernel: appended as constants, so a stride
-    of 99999 never pads 99999 rows)."""
+    of 99999 never pads 99999 rows), and the window and step torch pools with: a window reaching past the padded
+    input (a kernel longer than it, which Caffe takes with a longer stride still) is cut there (the same values for
+    MAX, the same sum and count for AVE, no padding out to the kernel), and a stride with one window along its axis
+    is never taken (it may exceed torch's int)."""
     clip = any(pad) or any(pad_end)
     out = tuple(caffe_pooled_size(n, k, s, p, clip, ceil, e) for n, k, s, p, e in zip(size, kernel, stride, pad, pad_end))
     valid = tuple(min(o, -(-(n + p + e) // s)) for o, n, p, e, s in zip(out, size, pad, pad_end, stride))
-    (ph, pw), (kh, kw), (sh, sw), (h, w), (vh, vw) = pad, kernel, stride, size, valid
+    window = tuple(min(k, n + p + e) for k, n, p, e in zip(kernel, size, pad, pad_end))
+    step = tuple(s if v > 1 else 1 for s, v in zip(stride, valid))
+    (ph, pw), (kh, kw), (sh, sw), (h, w), (vh, vw) = pad, window, step, size, valid
     edges = (pw, (vw - 1) * sw + kw - pw - w, ph, (vh - 1) * sh + kh - ph - h)
-    return out, edges, (out[0] - vh, out[1] - vw)
+    return out, edges, (out[0] - vh, out[1] - vw), window, step
 
 
 def _pool_divisor(method: str, size: tuple, kernel: tuple, stride: tuple, pad: tuple, pad_end: tuple, out: tuple,
@@ -130,7 +135,7 @@ def caffe_pool2d(x: torch.Tensor, method: str, kernel: tuple, stride: tuple, pad
     if same:  # synopsys-caffe's SAME: ceil(size / stride) windows, the padding worked out for this size
         along = [same_padding(n, k, s) for n, k, s in zip(size, kernel, stride)]
         pad, pad_end, ceil = tuple(a // 2 for a in along), tuple(a - a // 2 for a in along), False
-    out, edges, empty = pool_geometry(size, kernel, stride, pad, pad_end, ceil)
+    out, edges, empty, window, step = pool_geometry(size, kernel, stride, pad, pad_end, ceil)
     concrete = _concrete(*edges, *empty)
     pads = not concrete or any(edges)
     tail = not concrete or any(empty)
@@ -139,19 +144,19 @@ def caffe_pool2d(x: torch.Tensor, method: str, kernel: tuple, stride: tuple, pad
         if pads:
             x = F.pad(x, edges, value=-math.inf)
         if mask:
-            return _max_with_mask(x, kernel, stride, pad, size[1], empty, tail)
-        y = F.max_pool2d(x, kernel, stride)
+            return _max_with_mask(x, window, step, pad, size[1], empty, tail)
+        y = F.max_pool2d(x, window, step)
         if tail:
             y = F.pad(y, (0, empty[1], 0, empty[0]), value=-math.inf)
         return torch.nan_to_num(y, nan=0.0, posinf=math.inf, neginf=None)  # -inf: the dtype's lowest
     if pads:
         x = F.pad(x, edges)
-    y = F.avg_pool2d(x, kernel, stride)
+    y = F.avg_pool2d(x, window, step)
     if tail:
         y = F.pad(y, (0, empty[1], 0, empty[0]))  # a sum of nothing, then 0/0 or 0/-n as in Caffe
     look = TableCache.usable(y, *size)
-    factor, rescale = TableCache.get(("pool", method, kernel, stride, pad, pad_end, size, y.device, y.dtype),
-                                     lambda: _pool_divisor(method, size, kernel, stride, pad, pad_end, out,
+    factor, rescale = TableCache.get(("pool", method, window, stride, pad, pad_end, size, y.device, y.dtype),
+                                     lambda: _pool_divisor(method, size, window, stride, pad, pad_end, out,
                                                            y.device, y.dtype, look), y, *size)
     return y * factor if rescale else y
 
@@ -180,6 +185,14 @@ def greedy_nms(count: int, suppresses, limit: int = -1, device=None) -> list[int
         kept.append(int(best))
         remaining = rest[~suppresses(best, rest)]
     return kept
+
+
+def _tracing() -> bool:
+    """Whether forward runs under a tracer or compiler (fx, TorchScript, dynamo, torch.export), where a check of
+    the data's values cannot run (its graph records the computation alone)."""
+    tracer = torch.fx._symbolic_trace
+    fx_tracing = getattr(tracer, "is_fx_symbolic_tracing", tracer.is_fx_tracing)  # the latter warns in newer torch
+    return bool(torch.jit.is_tracing() or torch.compiler.is_compiling() or fx_tracing())
 
 
 def _literal(value) -> str:

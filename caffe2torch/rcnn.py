@@ -1,9 +1,11 @@
 """Torch modules for the R-CNN family: ROIPooling (py-faster-rcnn), PSROIPooling (R-FCN), the RPN proposal layer.
 
-The same contract as caffe2torch.modules (torch only; `extra_repr` is the constructor's keyword
-arguments). Each reads region coordinates from the data to slice the features (and the proposal
-layer's output size depends on the data), so these have no fixed-shape export and no CUDA graph:
-their `not_exportable` says why.
+The same contract as caffe2torch.modules (torch only, and caffe2torch.errors, which a standalone
+`model.py` embeds too; `extra_repr` is the constructor's keyword arguments). Each reads region
+coordinates from the data to slice the features (and the proposal layer's output size depends on
+the data), so these have no fixed-shape export and no CUDA graph: their `not_exportable` says why.
+Data the forks refuse or misread (a region's batch index outside the batch, corners past their C
+ints, an im_info that is no image size) raises a CaffeError naming the layer.
 """
 
 from __future__ import annotations
@@ -13,7 +15,39 @@ import math
 import torch
 from torch import nn
 
+from caffe2torch.errors import CaffeError
 from caffe2torch.modules import _kwargs, greedy_nms
+
+# The forks compute region corners and bin edges in C ints: coordinates (scaled) must stay below this in
+# magnitude so that every int they derive (end - start + 1, start + a bin's offset) fits.
+COORDINATE_LIMIT = 2 ** 30
+
+
+def _where(layer: str, kind: str) -> str:
+    return f"layer {layer!r} ({kind})" if layer else kind
+
+
+def _batch_indices(batch: torch.Tensor, images: int, where: str) -> list[int]:
+    """Each region's image, `int roi_batch_ind = bottom_rois[0]` (truncated), which caffe-fast-rcnn CHECKs to be
+    >= 0 and < the feature batch: -1 is refused (indexing would wrap to the last image), NaN too."""
+    truncated = torch.trunc(batch)
+    bad = ~((truncated >= 0) & (truncated < images))
+    if bool(bad.any()):
+        region = int(torch.nonzero(bad)[0])
+        raise CaffeError(f"{where}: region {region} has batch index {float(batch[region]):g}; it must be in "
+                         f"[0, {images}) for a batch of {images} feature maps")
+    return truncated.long().tolist()
+
+
+def _check_coordinates(corners: torch.Tensor, where: str) -> None:
+    """Scaled region corners within the forks' int range (NaN and infinities are not: C's (int) of them is
+    undefined)."""
+    bad = ~(corners.abs() < COORDINATE_LIMIT).all(1)
+    if bool(bad.any()):
+        region = int(torch.nonzero(bad)[0])
+        values = ", ".join(f"{v:g}" for v in corners[region].tolist())
+        raise CaffeError(f"{where}: region {region}'s corners scaled to ({values}) must be finite and within "
+                         f"+-2^30 (the fork computes them in ints)")
 
 
 def _round_half_away(x: torch.Tensor) -> torch.Tensor:
@@ -39,17 +73,20 @@ class ROIPool(nn.Module):
 
     not_exportable = "it reads each region's coordinates from the data to slice the features"
 
-    def __init__(self, pooled_size: tuple, spatial_scale: float) -> None:
+    def __init__(self, pooled_size: tuple, spatial_scale: float, layer: str = "") -> None:
         super().__init__()
         self.pooled_size, self.spatial_scale = tuple(int(n) for n in pooled_size), float(spatial_scale)
+        self.layer = str(layer)  # the Caffe layer's name, for errors about the data
 
     def forward(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         pooled_h, pooled_w = self.pooled_size
         height, width = features.shape[2:]
-        boxes = rois.float().reshape(-1, 5)  # [R, 5] or R-FCN's [R, 5, 1, 1]
-        corners = _round_half_away(boxes[:, 1:5] * torch.tensor(self.spatial_scale, dtype=torch.float32,
-                                                                 device=boxes.device)).long().cpu()
-        batch = boxes[:, 0].long().tolist()  # C's (int) conversion truncates
+        where = _where(self.layer, "ROIPooling")
+        boxes = rois.float().reshape(-1, 5).cpu()  # [R, 5] or R-FCN's [R, 5, 1, 1]
+        batch = _batch_indices(boxes[:, 0], features.shape[0], where)
+        rounded = _round_half_away(boxes[:, 1:5] * torch.tensor(self.spatial_scale, dtype=torch.float32))
+        _check_coordinates(rounded, where)
+        corners = rounded.long()
         start_w, start_h, end_w, end_h = corners.unbind(1)
         size_h = torch.clamp(end_h - start_h + 1, min=1).float()
         size_w = torch.clamp(end_w - start_w + 1, min=1).float()
@@ -77,7 +114,7 @@ class ROIPool(nn.Module):
         return torch.stack(outputs)
 
     def extra_repr(self) -> str:
-        return _kwargs(pooled_size=self.pooled_size, spatial_scale=self.spatial_scale)
+        return _kwargs(pooled_size=self.pooled_size, spatial_scale=self.spatial_scale, layer=self.layer)
 
 
 class PSROIPool(nn.Module):
@@ -90,19 +127,24 @@ class PSROIPool(nn.Module):
 
     not_exportable = "it reads each region's coordinates from the data to slice the features"
 
-    def __init__(self, output_dim: int, group_size: int, spatial_scale: float) -> None:
+    def __init__(self, output_dim: int, group_size: int, spatial_scale: float, layer: str = "") -> None:
         super().__init__()
         self.output_dim, self.group_size = int(output_dim), int(group_size)
         self.spatial_scale = float(spatial_scale)
+        self.layer = str(layer)  # the Caffe layer's name, for errors about the data
 
     def forward(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         group = self.group_size
         height, width = features.shape[2:]
+        where = _where(self.layer, "PSROIPooling")
         boxes = rois.float().cpu().reshape(-1, 5)  # [R, 5] or R-FCN's [R, 5, 1, 1]
+        # The fork does not check the batch index, and reads outside the features with a wrong one.
+        batch = _batch_indices(boxes[:, 0], features.shape[0], where)
         scale = torch.tensor(self.spatial_scale, dtype=torch.float32)
         start_w, start_h = _round_half_away(boxes[:, 1]) * scale, _round_half_away(boxes[:, 2]) * scale
         end_w = (_round_half_away(boxes[:, 3]) + 1.0) * scale
         end_h = (_round_half_away(boxes[:, 4]) + 1.0) * scale
+        _check_coordinates(torch.stack([start_w, start_h, end_w, end_h], 1), where)
         bin_w = torch.clamp(end_w - start_w, min=0.1) / float(group)
         bin_h = torch.clamp(end_h - start_h, min=0.1) / float(group)
         steps = torch.arange(group + 1, dtype=torch.float64)
@@ -113,7 +155,6 @@ class PSROIPool(nn.Module):
         w_ends = torch.ceil(edges_w[:, 1:]).long().clamp(0, width).tolist()
         h_starts = torch.floor(edges_h[:, :-1]).long().clamp(0, height).tolist()
         h_ends = torch.ceil(edges_h[:, 1:]).long().clamp(0, height).tolist()
-        batch = boxes[:, 0].long().tolist()
         channels = torch.arange(self.output_dim, device=features.device) * group * group
         outputs = []
         for index, item in enumerate(batch):
@@ -133,7 +174,8 @@ class PSROIPool(nn.Module):
         return torch.stack(outputs)
 
     def extra_repr(self) -> str:
-        return _kwargs(output_dim=self.output_dim, group_size=self.group_size, spatial_scale=self.spatial_scale)
+        return _kwargs(output_dim=self.output_dim, group_size=self.group_size, spatial_scale=self.spatial_scale,
+                       layer=self.layer)
 
 
 def generate_anchors(scales: tuple, ratios: tuple = (0.5, 1.0, 2.0), base_size: int = 16) -> torch.Tensor:
@@ -178,31 +220,42 @@ class Proposal(nn.Module):
     top post_nms_top_n. Bottoms: rpn_cls_prob_reshape [1, 2A, H, W], rpn_bbox_pred [1, 4A, H, W],
     im_info [1, 3] (height, width, scale). Tops: rois [R, 5] (0, x1, y1, x2, y2) and optionally the
     scores [R, 1]. R depends on the data. Equal scores may rank differently from numpy's sort.
+    `feat_stride`, scales and ratios are the numbers param_str gives, fractions kept: the shifts are
+    arange(W) * feat_stride and the shifted anchors float64 sums, rounded to float32 once (as
+    bbox_transform_inv's astype does).
     """
 
     not_exportable = "its output size depends on the data"
 
-    def __init__(self, feat_stride: int, scales: tuple = (8, 16, 32), pre_nms_top_n: int = 6000,
+    def __init__(self, feat_stride: float, scales: tuple = (8, 16, 32), pre_nms_top_n: int = 6000,
                  post_nms_top_n: int = 300, nms_thresh: float = 0.7, min_size: int = 16,
-                 with_scores: bool = False, ratios: tuple = (0.5, 1.0, 2.0)) -> None:
+                 with_scores: bool = False, ratios: tuple = (0.5, 1.0, 2.0), layer: str = "") -> None:
         super().__init__()
-        self.feat_stride, self.scales, self.ratios = int(feat_stride), tuple(scales), tuple(float(r) for r in ratios)
+        self.feat_stride = float(feat_stride)
+        self.scales, self.ratios = tuple(float(s) for s in scales), tuple(float(r) for r in ratios)
         self.pre_nms_top_n, self.post_nms_top_n = int(pre_nms_top_n), int(post_nms_top_n)
         self.nms_thresh, self.min_size, self.with_scores = float(nms_thresh), int(min_size), bool(with_scores)
-        self.register_buffer("anchors", generate_anchors(self.scales, self.ratios).float(), persistent=False)
+        self.layer = str(layer)  # the Caffe layer's name, for errors about the data
 
     def forward(self, scores: torch.Tensor, deltas: torch.Tensor, im_info: torch.Tensor):
-        torch._assert(scores.shape[0] == 1, "the proposal layer takes single-image batches")
-        count = self.anchors.shape[0]
+        where = _where(self.layer, "Python")
+        if scores.shape[0] != 1:  # the Python layer asserts it
+            raise CaffeError(f"{where}: the proposal layer takes single-image batches, got {scores.shape[0]} images")
+        info = im_info.float().reshape(-1)[:3]
+        if not bool(((info > 0) & (info < math.inf)).all()):
+            values = ", ".join(f"{v:g}" for v in info.tolist())
+            raise CaffeError(f"{where}: im_info (height, width, scale) must be positive finite numbers, got ({values})")
+        # Computed here in float64, as numpy does (a float32 buffer would round the anchors before the shifts).
+        anchors = generate_anchors(self.scales, self.ratios).to(scores.device)
+        count = anchors.shape[0]
         height, width = scores.shape[-2:]
         scores = scores[:, count:].float().permute(0, 2, 3, 1).reshape(-1)
         deltas = deltas.float().permute(0, 2, 3, 1).reshape(-1, 4)
-        info = im_info.float().reshape(-1)[:3]
-        shift_x = torch.arange(width, device=scores.device) * self.feat_stride
-        shift_y = torch.arange(height, device=scores.device) * self.feat_stride
+        shift_x = torch.arange(width, dtype=torch.float64, device=scores.device) * self.feat_stride
+        shift_y = torch.arange(height, dtype=torch.float64, device=scores.device) * self.feat_stride
         grid_y, grid_x = torch.meshgrid(shift_y, shift_x, indexing="ij")
-        shifts = torch.stack([grid_x, grid_y, grid_x, grid_y], dim=-1).reshape(-1, 1, 4).float()
-        anchors = (self.anchors.to(scores.device)[None] + shifts).reshape(-1, 4)
+        shifts = torch.stack([grid_x, grid_y, grid_x, grid_y], dim=-1).reshape(-1, 1, 4)
+        anchors = (anchors[None] + shifts).reshape(-1, 4).float()
         widths = anchors[:, 2] - anchors[:, 0] + 1.0
         heights = anchors[:, 3] - anchors[:, 1] + 1.0
         center_x, center_y = anchors[:, 0] + 0.5 * widths, anchors[:, 1] + 0.5 * heights
@@ -229,4 +282,4 @@ class Proposal(nn.Module):
     def extra_repr(self) -> str:
         return _kwargs(feat_stride=self.feat_stride, scales=self.scales, pre_nms_top_n=self.pre_nms_top_n,
                        post_nms_top_n=self.post_nms_top_n, nms_thresh=self.nms_thresh, min_size=self.min_size,
-                       with_scores=self.with_scores, ratios=self.ratios)
+                       with_scores=self.with_scores, ratios=self.ratios, layer=self.layer)

@@ -100,7 +100,7 @@ class YoloV2Output(nn.Module):
             # [N, A, 5 + classes, S, S] -> [N, S(j), S(i), A, 5 + classes]: the fork's candidate order.
             v = features.float().reshape(n, self.num_box, -1, side, side).permute(0, 3, 4, 1, 2)
             grid = torch.arange(side, device=v.device, dtype=torch.float32)
-            biases = torch.tensor(self.biases, device=v.device).reshape(-1, 2)[:self.num_box]
+            biases = torch.tensor(self.biases[:2 * self.num_box], device=v.device).reshape(-1, 2)  # extras unread
             x = (grid[None, None, :, None] + torch.sigmoid(v[..., 0])) / side
             y = (grid[None, :, None, None] + torch.sigmoid(v[..., 1])) / side
             w = torch.exp(v[..., 2]) * biases[:, 0] / side
@@ -142,7 +142,8 @@ class YoloV3Output(nn.Module):
     def forward(self, *maps: torch.Tensor) -> torch.Tensor:
         parts = []
         groups = len(self.mask) // len(maps)
-        biases_all = torch.tensor(self.biases, dtype=torch.float32).reshape(-1, 2)
+        pairs = len(self.biases) // 2  # an odd last value is never read: the fork takes biases[2m] and [2m + 1]
+        biases_all = torch.tensor(self.biases[:2 * pairs], dtype=torch.float32).reshape(-1, 2)
         for t, features in enumerate(maps):
             n, _, height, width = features.shape
             # [N, A, 5 + classes, H, W] -> [N, H, W, A, 5 + classes]: the fork's candidate order (cell, anchor, class).

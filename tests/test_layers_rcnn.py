@@ -184,6 +184,8 @@ def _iou_plus_one(a, b):
     # pva-faster-rcnn's proposal_layer.py also reads 'ratios'
     ("{'feat_stride': 16, 'ratios': [0.333, 0.5, 0.667, 1, 1.5, 2, 3], 'scales': [2, 3, 5]}", (2, 3, 5),
      (0.333, 0.5, 0.667, 1, 1.5, 2, 3)),
+    # A fractional stride and scale: numpy multiplies by the floats (shifts of 12.7 px), nothing is truncated.
+    ("{'feat_stride': 12.7, 'scales': [4, 8.5, 16]}", (4, 8.5, 16), (0.5, 1, 2)),
 ])
 def test_proposal_layer_matches_py_faster_rcnn(param_str, scales, ratios):
     rng = np.random.default_rng(2)
@@ -198,9 +200,8 @@ def test_proposal_layer_matches_py_faster_rcnn(param_str, scales, ratios):
     layer.python_param.module, layer.python_param.layer = "rpn.proposal_layer", "ProposalLayer"
     layer.python_param.param_str = param_str
     converted, (rois, kept_scores) = _run_without_blobs(layer, [scores.shape, deltas.shape, im_info.shape], scores, deltas, im_info)
-    expected_rois, expected_scores = proposal_reference(scores, deltas, im_info, int(parse_param_str(layer, param_str)
-                                                                                         ["feat_stride"]), scales,
-                                                    ratios=np.array(ratios))
+    expected_rois, expected_scores = proposal_reference(scores, deltas, im_info, parse_param_str(layer, param_str)
+                                                        ["feat_stride"], scales, ratios=np.array(ratios))
     assert converted.top_shapes == [(1, 5), (1, 1)]
     assert rois.shape == expected_rois.shape and rois.shape[0] > 10
     np.testing.assert_allclose(rois, expected_rois, rtol=1e-6, atol=1e-4)  # exp: numpy's and torch's differ by an ulp

@@ -22,6 +22,7 @@ from caffe2torch.export import check_inputs
 from caffe2torch.model import net_info
 from caffe2torch.read import parse_caffemodel, read_caffemodel_h5
 from caffe2torch.reference import read_reference
+from tests.fork_nets import FORK_NETS, fork_net
 
 FUZZ_UNITS = ["unit_conv_basic", "unit_pool_ave", "unit_fork_bn", "unit_interp", "unit_shape_softmax",
               "unit_legacy_v1", "unit_eltwise_concat", "unit_argmax"]
@@ -358,3 +359,67 @@ def test_fuzzed_hdf5_weights_and_references_end_in_a_net_a_report_or_one_line(re
         codes[result.exit_code] = codes.get(result.exit_code, 0) + 1
     assert time.monotonic() - started < 20
     assert codes.get(2, 0) > 5 and codes.get(0, 0) + codes.get(1, 0) > 5, codes
+
+
+# ---------------------------------------------------------------- fork layers' params, fuzzed (tests/fork_nets.py)
+
+
+def _check_fork_net(net) -> None:
+    """`_check_net`, except that a layer whose output size depends on the data (detections, proposals) gives its
+    own count along one axis."""
+    info = net_info(net)
+    with torch.no_grad():
+        outputs = net(*check_inputs(net))
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    data_sized = any(getattr(m, "not_exportable", "") == "its output size depends on the data" for m in net.modules())
+    for output, blob in zip(outputs, info.outputs):
+        expected = info.blob_shapes[blob]
+        differ = [axis for axis, (got, wanted) in enumerate(zip(output.shape, expected)) if got != wanted]
+        assert output.dim() == len(expected) and (not differ or data_sized and len(differ) == 1), (output.shape, blob)
+
+
+def _fork_outcome(action) -> str:
+    try:
+        net = action()
+    except CaffeError as error:
+        assert "\n" not in str(error) and str(error), repr(error)
+        return "error"
+    try:
+        _check_fork_net(net)
+        return "net"
+    except CaffeError as error:  # data the fork refuses (a region's batch index, a mask index), when run
+        assert "\n" not in str(error) and str(error), repr(error)
+        return "refused when run"
+
+
+def test_every_fork_net_converts_and_runs_before_it_is_fuzzed(tmp_path):
+    """The fuzz below starts from nets that work: each with its working params converts and runs."""
+    for kind in FORK_NETS:
+        path = tmp_path / f"{kind}.prototxt"
+        path.write_text(fork_net(kind, np.random.default_rng(0), fuzz=False))
+        net = convert(None, path, on_warning=lambda _: None).net
+        if kind not in ("ROIPooling", "PSROIPooling", "Proposal"):  # reference inputs are no regions, no im_info
+            _check_fork_net(net)
+
+
+def test_fuzzed_fork_layer_params(tmp_path):
+    """NaN, infinities, zeros, negatives, 2^31 - 1, 2^32 - 1 and 2^63 - 1 in the params of every fork layer type:
+    each net converts and runs on inputs of its shapes, or ends in a one-line CaffeError (at conversion or, for
+    data the fork refuses, when run), never another exception or a hang."""
+    rng = np.random.default_rng(1703)
+    kinds = list(FORK_NETS)
+    outcomes: dict[str, dict[str, int]] = {kind: {} for kind in kinds}
+    started = time.monotonic()
+    for case in range(40 * len(kinds)):
+        kind = kinds[case % len(kinds)]
+        path = tmp_path / "fork.prototxt"
+        path.write_text(fork_net(kind, rng))
+        try:
+            result = _fork_outcome(lambda: convert(None, path, on_warning=lambda _: None, memory_limit="64M").net)
+        except Exception as error:  # noqa: BLE001 - the failure names the net that raised it
+            raise AssertionError(f"{kind}: {type(error).__name__}: {error}\n{path.read_text()}") from error
+        outcomes[kind][result] = outcomes[kind].get(result, 0) + 1
+    assert time.monotonic() - started < 20, time.monotonic() - started
+    for result, least in (("net", 200), ("error", 200), ("refused when run", 10)):  # every way out was taken
+        assert sum(count.get(result, 0) for count in outcomes.values()) > least, outcomes
+    assert [kind for kind, count in outcomes.items() if not count.keys() - {"error"}] == [], outcomes

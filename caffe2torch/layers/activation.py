@@ -38,6 +38,14 @@ def _neuron_setup(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -
     return [tuple(inputs[0])]
 
 
+def _slope(layer, value: float) -> float:
+    """negative_slope as a float32; an infinite or NaN one is refused: Caffe's max(x, 0) + slope * min(x, 0)
+    is then NaN for every x >= 0 (inf * 0), where torch's leaky ReLU passes x."""
+    if not math.isfinite(value):
+        raise CaffeError(f"layer {layer.name!r} ({layer.type}): negative_slope {value:g} must be a finite number")
+    return _f32(value)
+
+
 @converter("ReLU")
 def convert_relu(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
     """max(x, 0) + negative_slope * min(x, 0): nn.ReLU, or nn.LeakyReLU with a slope.
@@ -46,11 +54,12 @@ def convert_relu(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) ->
     """
     shapes = _neuron_setup(layer, inputs, blobs)
     param = layer.relu_param
-    slope = _f32(param.negative_slope)
+    slope = _slope(layer, param.negative_slope)
     if param.relu6 or param.maximum > 0 or param.minimum != 0:  # synopsys-caffe's bounded ReLU
         caps = ([6.0] if param.relu6 else []) + ([_f32(param.maximum)] if param.maximum > 0 else [])
-        return Converted(BoundedReLU(slope, min(caps) if caps else None,
-                                     _f32(param.minimum) if param.minimum != 0 else None), shapes)
+        # std::max(y, minimum) leaves y as it is for a NaN minimum (torch.clamp would give NaN)
+        lower = None if param.minimum == 0 or math.isnan(param.minimum) else _f32(param.minimum)
+        return Converted(BoundedReLU(slope, min(caps) if caps else None, lower), shapes)
     return Converted(nn.LeakyReLU(slope) if slope else nn.ReLU(), shapes)
 
 
@@ -61,8 +70,8 @@ def convert_relu6(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -
     The slope is relu6_param's (MobileNet-YOLO, SSD forks) or relu_param's (NVCaffe).
     """
     shapes = _neuron_setup(layer, inputs, blobs)
-    slope = _f32(layer.relu6_param.negative_slope if layer.HasField("relu6_param")
-                 else layer.relu_param.negative_slope)
+    slope = _slope(layer, layer.relu6_param.negative_slope if layer.HasField("relu6_param")
+                   else layer.relu_param.negative_slope)
     if not slope:
         return Converted(nn.ReLU6(), shapes)
     return Converted(nn.Sequential(nn.LeakyReLU(slope), nn.Hardtanh(-math.inf, 6.0)), shapes)

@@ -11,6 +11,7 @@ import torch
 from caffe2torch.detection import LOWEST_FLOAT, DetectionOutput, Normalize, Permute, PriorBox
 from caffe2torch.layers.registry import (Converted, Shape, assign, converter, expect_blobs, expect_bottoms, layer_error,
                                          on_meta)
+from caffe2torch.limits import check_top
 from proto import caffe_pb2
 
 
@@ -54,28 +55,36 @@ def _float32(value: float) -> float:
     return float(np.float32(value))
 
 
+# The fork truncates min_size and max_size to int and multiplies them as ints (sqrt(min_size_ * max_size_)), and
+# keeps img_size / img_h / img_w in ints: past this its C++ is undefined or negative, so such values are refused.
+INT_LIMIT = 2 ** 31
+
+
 def prior_sizes(layer) -> tuple[list[float], int]:
     """The (width, height) of each prior of one cell, in the fork's order, and how many priors.
 
     Sizes are truncated to int (`int min_size_ = min_sizes_[s]`); libm's double sqrt; each value
-    stored as a float32.
+    stored as a float32. LayerSetUp's CHECKs are written so that NaN fails them, as it fails the fork's.
     """
     param = layer.prior_box_param
     if not param.min_size:
         raise layer_error(layer, "must provide min_size")
-    if any(size <= 0 for size in param.min_size):
-        raise layer_error(layer, "min_size must be positive")
+    for size in param.min_size:
+        if not 0 < size < INT_LIMIT:
+            raise layer_error(layer, f"min_size {size:g} must be positive (and below 2^31: the fork makes it an int)")
     if param.max_size and len(param.max_size) != len(param.min_size):
         raise layer_error(layer, f"{len(param.max_size)} max_size for {len(param.min_size)} min_size; give one each")
     for low, high in zip(param.min_size, param.max_size):
         if not high > low:
             raise layer_error(layer, f"max_size {high:g} must be greater than min_size {low:g}")
+        if not (high < INT_LIMIT and int(low) * int(high) < INT_LIMIT):
+            raise layer_error(layer, f"min_size {low:g} x max_size {high:g} overflows the fork's int product")
     ratios = [1.0]
     for ratio in param.aspect_ratio:
         if any(abs(ratio - known) < 1e-6 for known in ratios):
             continue
-        if ratio <= 0:
-            raise layer_error(layer, f"aspect_ratio {ratio:g} must be positive")
+        if not 0 < ratio < math.inf:  # the fork takes sqrt(ratio) and, with flip, 1 / ratio
+            raise layer_error(layer, f"aspect_ratio {ratio:g} must be a positive number")
         ratios.append(ratio)
         if param.flip:
             ratios.append(_float32(1.0 / ratio))
@@ -94,19 +103,23 @@ def prior_sizes(layer) -> tuple[list[float], int]:
 
 
 def _pair_or_single(layer, prefix: str, single: str) -> tuple | None:
-    """PriorBox's `<prefix>_h` and `<prefix>_w`, or `single` for both, as LayerSetUp checks them; None if unset."""
+    """PriorBox's `<prefix>_h` and `<prefix>_w`, or `single` for both, as LayerSetUp checks them (NaN fails,
+    and an infinite step, which would put every centre at infinity); None if unset."""
     param = layer.prior_box_param
     if param.HasField(f"{prefix}_h") or param.HasField(f"{prefix}_w"):
         if param.HasField(single):
             raise layer_error(layer, f"either {single} or {prefix}_h/{prefix}_w should be specified; not both")
-        value = (getattr(param, f"{prefix}_h"), getattr(param, f"{prefix}_w"))
+        names = (f"{prefix}_h", f"{prefix}_w")
     elif param.HasField(single):
-        value = (getattr(param, single),) * 2
+        names = (single, single)
     else:
         return None
-    if min(value) <= 0:
-        raise layer_error(layer, f"{single if param.HasField(single) else prefix + '_h and ' + prefix + '_w'} should be "
-                           f"larger than 0")
+    value = tuple(getattr(param, name) for name in names)
+    for name, number in zip(names, value):
+        if not 0 < number < math.inf:
+            raise layer_error(layer, f"{name} should be larger than 0, got {number:g}")
+        if prefix == "img" and number >= INT_LIMIT:  # a uint32 the fork keeps in an int: negative there
+            raise layer_error(layer, f"{name} {number} is negative as the fork's int")
     return value
 
 
@@ -132,10 +145,15 @@ def convert_prior_box(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray
     variance = [float(v) for v in param.variance] or [_float32(0.1)]
     if len(variance) not in (1, 4):
         raise layer_error(layer, f"give 1 or 4 variance values, not {len(variance)}")
-    if any(v <= 0 for v in variance):
-        raise layer_error(layer, "variance values must be positive")
+    for value in variance:
+        if not 0 < value < math.inf:  # CHECK_GT(variance, 0); an infinite one would decode every box to infinity
+            raise layer_error(layer, f"variance {value:g} must be a positive number")
+    if not math.isfinite(param.offset):  # unchecked by the fork: every centre would be NaN or infinite
+        raise layer_error(layer, f"offset {param.offset:g} must be a finite number")
+    top = (1, 2, feature[2] * feature[3] * priors * 4)
+    check_top(layer, top, inputs)  # before the table of that size is built
     module = PriorBox((feature[2], feature[3]), image, step, param.offset, tuple(sizes), param.clip, tuple(variance))
-    return Converted(module, [(1, 2, feature[2] * feature[3] * priors * 4)])
+    return Converted(module, [top])
 
 
 @converter("DetectionOutput")
@@ -160,8 +178,8 @@ def convert_detection_output(layer, inputs: Sequence[Shape], blobs: Sequence[np.
     nms = param.nms_param
     if not 0 < nms.eta <= 1:
         raise layer_error(layer, f"nms_param.eta {nms.eta:g} must be in (0, 1]")
-    if nms.nms_threshold < 0:
-        raise layer_error(layer, "nms_threshold must be non negative")
+    if not nms.nms_threshold >= 0:  # CHECK_GE: NaN fails it
+        raise layer_error(layer, f"nms_threshold must be non negative, got {nms.nms_threshold:g}")
     warnings = []
     if param.HasField("save_output_param") and param.save_output_param.output_directory:
         warnings.append("save_output_param (the fork's result files) is not reproduced; the detections are the "

@@ -38,7 +38,7 @@ def convert_upsample(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]
         size = (param.upsample_h, param.upsample_w)
         if min(size) <= 1:
             raise layer_error(layer, "upsample_h and upsample_w must be greater than 1")
-        module = MaxUnpool(size)
+        module = MaxUnpool(size, layer=layer.name)
     else:
         if param.HasField("scale_h") != param.HasField("scale_w") or param.HasField("scale_h") and param.HasField("scale"):
             raise layer_error(layer, "give upsample_h and upsample_w, or scale, or scale_h and scale_w")
@@ -48,7 +48,7 @@ def convert_upsample(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]
         pad_out = (param.pad_out_h, param.pad_out_w)
         if any(pad and s != 2 for pad, s in zip(pad_out, scale)):
             raise layer_error(layer, "pad_out_h / pad_out_w need scale 2")
-        module = MaxUnpool(None, scale, tuple(int(p) for p in pad_out))
+        module = MaxUnpool(None, scale, tuple(int(p) for p in pad_out), layer.name)
     return Converted(module, [shape[:2] + tuple(module.output_size(shape[2:]))])
 
 
@@ -158,6 +158,6 @@ def convert_resize_bilinear(layer, inputs: Sequence[Shape], blobs: Sequence[np.n
     if min(out) <= 0:
         raise layer_error(layer, f"output size {tuple(out)} is not positive")
     top = shape[:2] + tuple(out) if param.data_format == "NCHW" else (shape[0], *out, shape[3])
-    check_top(layer, top)  # before the tables of that size are built
+    check_top(layer, top, inputs)  # before the tables of that size are built
     module = ResizeBilinear(tuple(given_size), tuple(scales), modes[0] if modes else "asymmetric", param.data_format)
     return Converted(module, [top])

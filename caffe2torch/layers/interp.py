@@ -76,6 +76,6 @@ def convert_interp(layer, inputs: list[Shape], blobs: list) -> Converted:
         raise CaffeError(f"layer {layer.name!r} (Interp): cropping leaves an empty {eff} input")
     rule = InterpSizeRule.from_layer(layer)
     out_size = rule(*eff)  # checks the factors and the size, with the layer's name
-    check_top(layer, shape[:2] + tuple(out_size))
+    check_top(layer, shape[:2] + tuple(out_size), inputs)
     module = Interp(rule.shrink, rule.zoom, rule.height, rule.width, pad_beg, pad_end)
     return Converted(module, [shape[:2] + tuple(module.output_size(shape[2:]))])

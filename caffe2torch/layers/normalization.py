@@ -228,7 +228,8 @@ def convert_lrn(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> Converte
     across = param.norm_region == caffe_pb2.LRNParameter.ACROSS_CHANNELS
     # Both forms pad by local_size - 1 (channels, or rows and columns) before they sum: that copy must fit.
     n, c, h, w = shape
-    check_top(layer, (n, c + size - 1, h, w) if across else (n, c, h + size - 1, w + size - 1), "padded copy")
+    check_top(layer, (n, c + size - 1, h, w) if across else (n, c, h + size - 1, w + size - 1),
+              what="padded copy")
     if across:
         return Converted(nn.LocalResponseNorm(size, alpha=alpha, beta=beta, k=_as_float32(param.k)), [shape])
     return Converted(LRNWithinChannel(size, alpha, beta), [shape])

@@ -114,7 +114,7 @@ def convert_pooling(layer, inputs: list[Shape], blobs: list) -> Converted:
         padding = f"pad {pad}" if pad == pad_end else f"pad {pad} before and {pad_end} after"
         raise CaffeError(f"layer {layer.name!r} (Pooling): kernel {kernel}, stride {stride}, {padding} "
                          f"give no valid output on a {size} input")
-    check_top(layer, shape[:2] + out)  # before the divisor table of that size is built
+    check_top(layer, shape[:2] + out, inputs)  # before the divisor table of that size is built
     same = sides is not None and param.pad_type == 1  # worked out again for each input size, as the fork does
     module = Pool2d(methods[param.pool], None if param.global_pooling else kernel, stride, (0, 0) if same else pad,
                     ceil=not floor,

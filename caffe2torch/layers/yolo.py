@@ -90,6 +90,8 @@ def convert_yolov3_detection_output(layer, inputs: Sequence[Shape], blobs: Seque
         raise layer_error(layer, f"{len(param.mask)} mask entries for {len(shapes)} maps of {param.num_box} boxes")
     if len(param.anchors_scale) < len(shapes):
         raise layer_error(layer, f"{len(param.anchors_scale)} anchors_scale values for {len(shapes)} maps")
+    if 0 in param.anchors_scale[:len(shapes)]:  # the fork divides each box's size by side * anchors_scale
+        raise layer_error(layer, f"anchors_scale {list(param.anchors_scale)} must be at least 1 for every map")
     if not param.mask or max(param.mask) >= len(param.biases) // 2:
         raise layer_error(layer, f"mask {max(param.mask)} names a bias pair beyond the {len(param.biases) // 2} given")
     module = YoloV3Output(param.num_classes, param.num_box, tuple(param.biases), tuple(param.anchors_scale),
