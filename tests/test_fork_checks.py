@@ -297,7 +297,7 @@ def test_pooling_values_past_caffes_int_are_refused(field):
     text = f'name: "p" type: "Pooling" pooling_param {{ pool: MAX {field} }}'
     if "kernel_size" not in field:
         text = text.replace("MAX", "MAX kernel_size: 3")
-    _refused(text, [(1, 2, 8, 8)], "is negative as Caffe's int")
+    _refused(text, [(1, 2, 8, 8)], "does not fit the 32-bit int Caffe keeps it in")
 
 
 @pytest.mark.parametrize("kind, field, param, shape", [
