@@ -16,6 +16,7 @@ import torch
 
 from caffe2torch.errors import CaffeError
 from caffe2torch.limits import available_cores
+from caffe2torch.progress import Progress
 from caffe2torch.protect import ReadFiles
 from icnet_eval.cityscapes import CLASS_NAMES
 from icnet_eval.data import EvaluationDataset, ListEntry, make_loader, parse_list
@@ -24,7 +25,6 @@ from icnet_eval.model import LoadedModel, load_model
 from icnet_eval.outputs import (REPORT_FILE, OutputStore, PngWriter, check_outputs_apart, check_run_file,
                                 delete_outputs, lock_out_dir, prepare_out_dir, write_run_file)
 from icnet_eval.predict import Launched, Mode, Predictor, numerics, resolve_mode
-from icnet_eval.progress import Progress
 from icnet_eval.report import write_json
 
 
@@ -302,7 +302,7 @@ def evaluate(options: EvalOptions, model: LoadedModel | None = None,
     agreed(lambda: (write_run_file(out, fingerprint) if dist.rank == 0 else None, store.make_folders()))
     predictor = Predictor(model, device, mode, options.batch_size)
     start = time.perf_counter()
-    progress = Progress(len(shard), options.progress and dist.rank == 0)
+    progress = Progress(len(shard), "icnet-eval", "image", enabled=options.progress and dist.rank == 0)
     per_image = np.zeros((len(entries), _PER_IMAGE_FIELDS))
     failure: BaseException | None = None
     try:
