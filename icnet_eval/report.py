@@ -43,9 +43,9 @@ def format_report(report: dict) -> str:
 
     instances = "class_iiou" in report
     lines = ["==== Summary IoU (%) ====" + ("   iIoU (%)" if instances else "")]
-    for index, name in enumerate(report["classes"]):
+    for index, name in enumerate(report["classes"]):  # numbered by trainId, 0..18
         extra = f"   {percent(report['class_iiou'][index])}" if instances else ""
-        lines.append(f"{index + 1:3d} {name:>16s}: {percent(report['class_iou'][index])}{extra}")
+        lines.append(f"{index:3d} {name:>16s}: {percent(report['class_iou'][index])}{extra}")
     lines.append(f"Mean IoU over {len(report['classes'])} classes: {report['miou']:.2f}%"
                  + (f"   (class iIoU mean {percent(report['class_miiou']).strip()}%)" if instances else ""))
     lines.append(f"Pixel-wise Accuracy: {report['pixel_accuracy']:.2f}%")
