@@ -164,7 +164,8 @@ def _run_shard(shard: list[ListEntry], predictor: Predictor, store: OutputStore,
     device, mode = predictor.device, predictor.mode
     resize_here = device.type != "cpu" if options.resize_on_device is None else options.resize_on_device
     dataset = EvaluationDataset(shard, predictor.model.input_size, store.existing_prediction,
-                                keep_image=store.overlay or store.error_maps, resize=not resize_here, fast_resize=mode.torch_input_resize)
+                                keep_image=store.overlay or store.error_maps, resize=not resize_here,
+                                fast_resize=mode.torch_input_resize)
     loader = make_loader(dataset, options.batch_size, options.workers, pin_memory=device.type == "cuda")
     writer = PngWriter(default_writer_threads() if options.writer_threads is None else options.writer_threads)
 
