@@ -197,8 +197,14 @@ def verify(model: Path, prototxt: Path | None, reference: Path, isolated: bool, 
         net = optimize(net)
     if target.type != "cpu":
         mode += f", {target}"
-    with _numerics(target):
-        report = (verify_isolated if isolated else verify_free_running)(net, ref, tolerance, device=target)
+    from caffe2torch.progress import Progress
+    from caffe2torch.verify import verify_steps
+
+    # A bar (after 2 s) or log lines (after 10 s) for large nets; a unit net finishes before either shows.
+    with Progress(verify_steps(net, ref, isolated), "caffe2torch verify", "layer", delay=2.0) as progress, \
+            _numerics(target):
+        report = (verify_isolated if isolated else verify_free_running)(net, ref, tolerance, device=target,
+                                                                         on_layer=progress.update)
     for line in format_report(report, tolerance, mode):
         click.echo(line)
     sys.exit(0 if report.ok else EXIT_MISMATCH)

@@ -12,13 +12,13 @@ import numpy as np
 import torch
 
 from caffe2torch.errors import CaffeError
+from caffe2torch.progress import Progress
 from caffe2torch.protect import ReadFiles
 from icnet_eval.cityscapes import color_bgr
 from icnet_eval.data import BYTES_PER_PIXEL, check_pixels, decode_checked, preprocess
 from icnet_eval.model import LoadedModel, load_model
 from icnet_eval.outputs import OutputFolder, write_png
 from icnet_eval.predict import Mode, Predictor, numerics, resolve_mode
-from icnet_eval.progress import Progress
 
 Key = TypeVar("Key")
 
@@ -117,7 +117,7 @@ def _segment_video(path: Path, target: Path, segmenter: Segmenter, folder: Outpu
         raise
     partial = Path(name)
     writer = None
-    progress = Progress(frames, enabled=True)
+    progress = Progress(frames or None, "icnet-eval segment", "frame")
     count = 0
     try:
         for _, frame, train_ids in segmenter.stream(_frames(capture)):
@@ -213,7 +213,7 @@ def segment_input(source: str | os.PathLike, weights: str | os.PathLike, out: st
     try:
         if video:
             return _segment_video(source, plan[0][1]["overlay"], segmenter, folder, echo)
-        progress = Progress(len(plan), enabled=len(plan) > 1)
+        progress = Progress(len(plan), "icnet-eval segment", "image", enabled=len(plan) > 1)
         try:
             return _segment_images(plan, segmenter, folder, progress)
         finally:
