@@ -67,10 +67,13 @@ class Progress:
         self.lines = 0  # lines written to a log
         self.bar = None
         if enabled and is_terminal(self.stream):
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.total, desc=prefix, unit=unit, file=self.stream, delay=delay,
-                            dynamic_ncols=True, leave=True)
+            try:
+                from tqdm import tqdm
+            except ImportError:  # a machine set up with --no-deps: the plain lines instead
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=self.total, desc=prefix, unit=unit, file=self.stream, delay=delay,
+                                dynamic_ncols=True, leave=True)
 
     def update(self, count: int = 1) -> None:
         self.done += count

@@ -56,12 +56,16 @@ def _write(path: Path, data: bytes) -> None:
 
 def write_report_files(out: Path, report: dict, images: list[PageImage], data_root: Path | None = None,
                        write: Callable[[Path, bytes], None] = _write) -> list[Path]:
-    """The charts (for a scored run) and report.html into `out`, each through `write` (atomic by default)."""
-    from icnet_eval.charts import class_iou_png, confusion_matrix_png
-
+    """The charts (for a scored run) and report.html into `out`, each through `write` (atomic by default). Without
+    matplotlib (a machine set up with --no-deps, as the GPU machines are) the page has its tables and no charts."""
     charts: dict[str, bytes] = {}
     if report.get("miou") is not None:
-        charts = {CLASS_IOU_CHART: class_iou_png(report), CONFUSION_CHART: confusion_matrix_png(report)}
+        try:
+            from icnet_eval.charts import class_iou_png, confusion_matrix_png
+        except ImportError:
+            pass
+        else:
+            charts = {CLASS_IOU_CHART: class_iou_png(report), CONFUSION_CHART: confusion_matrix_png(report)}
     written = []
     for name, data in charts.items():
         write(out / name, data)
