@@ -1,4 +1,4 @@
-"""Torch modules for BVLC layer types no torch module means exactly: Clip, Swish, Tile, Reduction, MVN, SPP,
+"""Torch modules for BVLC layer types no torch module means exactly: Clip, Swish, Tile, Reduction, Im2col, MVN, SPP,
 Embed, Parameter, BatchReindex.
 
 The same contract as caffe2torch.modules (torch only, so a standalone `model.py` can embed them;
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from caffe2torch.modules import _float32_if_half, _kwargs, caffe_pool2d, dims
+from caffe2torch.modules import _concrete, _float32_if_half, _kwargs, caffe_pool2d, dims
 
 
 class Clip(nn.Module):
@@ -61,7 +61,8 @@ class Tile(nn.Module):
 
 class Reduction(nn.Module):
     """reduction_layer.cpp: each slice from `axis` on reduced to one value (SUM, ASUM, SUMSQ or MEAN), times
-    `coeff` (MEAN: coeff / count, in float32 as the layer stores it). The top keeps the axes before `axis`."""
+    `coeff` (MEAN: coeff / count of the input it gets, in float32 as the layer's Reshape stores it). The top keeps
+    the axes before `axis`."""
 
     def __init__(self, operation: str, axis: int, coeff: float) -> None:
         super().__init__()
@@ -70,42 +71,92 @@ class Reduction(nn.Module):
         self.operation, self.axis, self.coeff = operation, int(axis), float(coeff)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = _float32_if_half(x).reshape(x.shape[:self.axis] + (-1,))  # half precision sums in float32, then back
-        if self.operation == "ASUM":
-            flat = flat.abs()
-        elif self.operation == "SUMSQ":
-            flat = flat * flat
-        total = flat.sum(-1)
-        return (total * self.coeff if self.coeff != 1.0 else total).to(x.dtype)
+        return caffe_reduction(x, self.operation, self.axis, self.coeff)
 
     def extra_repr(self) -> str:
         return _kwargs(operation=self.operation, axis=self.axis, coeff=self.coeff)
 
 
+def _float32_quotient(numerator: float, count):
+    """float32(numerator) / float32(count), rounded once to float32 as Caffe's Dtype arithmetic: a Python float
+    holding that float32 value (a tensor where the count is symbolic)."""
+    quotient = torch.tensor(numerator, dtype=torch.float32) / torch.full((), count, dtype=torch.float32)
+    return float(quotient) if _concrete(count) else quotient
+
+
+@torch.fx.wrap
+def caffe_reduction(x: torch.Tensor, operation: str, axis: int, coeff: float) -> torch.Tensor:
+    flat = _float32_if_half(x).reshape(x.shape[:axis] + (-1,))  # half precision sums in float32, then back
+    if operation == "ASUM":
+        flat = flat.abs()
+    elif operation == "SUMSQ":
+        flat = flat * flat
+    total = flat.sum(-1)
+    if operation == "MEAN":
+        count = 1
+        for n in dims(x, *range(axis, x.dim())):
+            count = count * n
+        coeff = _float32_quotient(coeff, count)
+    return (total * coeff if not _concrete(coeff) or coeff != 1.0 else total).to(x.dtype)
+
+
+class Im2col(nn.Module):
+    """im2col_layer.cpp (2-D, axis 1): each output position's patch as channels (C slowest, then kernel rows and
+    columns), [N, C * kh * kw, out_h, out_w], out sized from the input it gets as a convolution's."""
+
+    def __init__(self, kernel: tuple, stride: tuple, pad: tuple, dilation: tuple) -> None:
+        super().__init__()
+        self.kernel, self.stride, self.pad, self.dilation = (tuple(int(v) for v in t)
+                                                             for t in (kernel, stride, pad, dilation))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return caffe_im2col(x, self.kernel, self.stride, self.pad, self.dilation)
+
+    def extra_repr(self) -> str:
+        return _kwargs(kernel=self.kernel, stride=self.stride, pad=self.pad, dilation=self.dilation)
+
+
+@torch.fx.wrap
+def caffe_im2col(x: torch.Tensor, kernel: tuple, stride: tuple, pad: tuple, dilation: tuple) -> torch.Tensor:
+    out = [(n + 2 * p - (d * (k - 1) + 1)) // s + 1 for n, k, s, p, d in zip(dims(x, 2, 3), kernel, stride, pad,
+                                                                               dilation)]
+    columns = nn.functional.unfold(x, kernel, dilation=dilation, padding=pad, stride=stride)
+    return columns.unflatten(2, (out[0], out[1]))
+
+
 class MVN(nn.Module):
     """mvn_layer.cpp: x - mean over each channel's plane (or each sample, `across_channels`); with
     `normalize_variance`, divided by sqrt(E[(x - mean)^2]) + eps (the biased variance, eps outside the root).
-    The means are sums times float32(1 / count), as the layer's gemv."""
+    The means are sums times float32(1 / count), count the plane (or sample) of the input it gets, as the
+    layer's gemv."""
 
-    def __init__(self, normalize_variance: bool, across_channels: bool, eps: float, count: int) -> None:
+    def __init__(self, normalize_variance: bool, across_channels: bool, eps: float) -> None:
         super().__init__()
         self.normalize_variance, self.across_channels = bool(normalize_variance), bool(across_channels)
-        self.eps, self.count = float(eps), int(count)
-        self.register_buffer("inverse", torch.tensor(1.0 / self.count, dtype=torch.float32), persistent=False)
+        self.eps = float(eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dims = (1, 2, 3) if self.across_channels else (2, 3)
-        work = _float32_if_half(x)  # half precision: float32 sums (a plane's sum of squares overflows float16)
-        inverse = self.inverse.to(work.dtype)
-        centred = work - work.sum(dims, keepdim=True) * inverse
-        if self.normalize_variance:
-            variance = (centred * centred).sum(dims, keepdim=True) * inverse
-            centred = centred / (torch.sqrt(variance) + self.eps)
-        return centred.to(x.dtype)
+        return caffe_mvn(x, self.normalize_variance, self.across_channels, self.eps)
 
     def extra_repr(self) -> str:
         return _kwargs(normalize_variance=self.normalize_variance, across_channels=self.across_channels,
-                       eps=self.eps, count=self.count)
+                       eps=self.eps)
+
+
+@torch.fx.wrap
+def caffe_mvn(x: torch.Tensor, normalize_variance: bool, across_channels: bool, eps: float) -> torch.Tensor:
+    axes = (1, 2, 3) if across_channels else (2, 3)
+    count = 1
+    for n in dims(x, *axes):
+        count = count * n
+    work = _float32_if_half(x)  # half precision: float32 sums (a plane's sum of squares overflows float16)
+    # float32(1 / count), the double quotient rounded once (Caffe's Dtype(1. / dim))
+    inverse = torch.full((), 1.0 / count, dtype=torch.float32, device=x.device).to(work.dtype)
+    centred = work - work.sum(axes, keepdim=True) * inverse
+    if normalize_variance:
+        variance = (centred * centred).sum(axes, keepdim=True) * inverse
+        centred = centred / (torch.sqrt(variance) + eps)
+    return centred.to(x.dtype)
 
 
 def spp_level(size: int, level: int) -> tuple[int, int]:
@@ -119,6 +170,9 @@ class SPP(nn.Module):
     """spp_layer.cpp: Caffe pooling at 1, 2, 4, ... bins per axis of the input it gets (kernel = stride =
     ceil(size / bins)), each flattened, concatenated on the channels; a pyramid of height 1 is the one pooling,
     unflattened ([N, C, 1, 1])."""
+
+    # torch's pooling takes no symbolic window: an export keeps the height and width of its example
+    fixed_export_sizes = "its pooling windows are worked out from the input's size"
 
     def __init__(self, method: str, pyramid_height: int) -> None:
         super().__init__()
@@ -136,6 +190,9 @@ def caffe_spp(x: torch.Tensor, method: str, pyramid_height: int) -> torch.Tensor
     pooled = []
     for level in range(pyramid_height):
         (kh, ph), (kw, pw) = (spp_level(n, level) for n in dims(x, -2, -1))
+        if _concrete(kh, kw, ph, pw) and (ph and ph >= kh or pw and pw >= kw):  # PoolingLayer's CHECK_LT(pad, kernel)
+            raise ValueError(f"SPP level {level} of a {x.shape[-2]} x {x.shape[-1]} input needs pad {(ph, pw)} with "
+                             f"kernel {(kh, kw)}; Caffe refuses it")
         pooled.append(caffe_pool2d(x, method, (kh, kw), (kh, kw), (ph, pw), (ph, pw)))
     return pooled[0] if pyramid_height == 1 else torch.cat([p.flatten(1) for p in pooled], dim=1)
 

@@ -196,6 +196,7 @@ def generate_source(net: fx.GraphModule, origin: str = "") -> str:
         "from __future__ import annotations",
         "",
         "import math",
+        "import threading",
         "from pathlib import Path",
         "",
         "import torch",

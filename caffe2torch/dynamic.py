@@ -141,6 +141,12 @@ def size_ranges(net: fx.GraphModule, batch: bool = True, spatial: bool = True) -
     if blocking:
         layer, reason = blocking[0]
         raise CaffeError(f"layer {layer}: {reason}, so its sizes cannot be worked out from shapes alone")
+    if spatial:
+        fixed = fixed_export_sizes(net)
+        if fixed:
+            layer, reason = fixed[0]
+            raise CaffeError(f"layer {layer}: {reason}, so an export keeps the height and width of its example "
+                             f"(leave out --dynamic; the batch stays symbolic)")
     prober = _Prober(net)
     ranges: dict[str, dict[int, tuple]] = {name: {} for name in prober.names}
     batched = [name for name in prober.names if len(prober.base[name]) >= 2 and
@@ -168,6 +174,20 @@ def size_ranges(net: fx.GraphModule, batch: bool = True, spatial: bool = True) -
                 for name in names if found is not None else ():
                     ranges[name][axis] = found + (tuple(names),)
     return ranges
+
+
+def fixed_export_sizes(net: fx.GraphModule) -> list[tuple[str, str]]:
+    """(layer, why) for each layer whose sizes an export cannot keep symbolic (its `fixed_export_sizes`)."""
+    from caffe2torch.model import layer_calls
+
+    calls = {node.target: call for node, call in layer_calls(net)}
+    found = []
+    for name, module in net.named_modules():
+        reason = getattr(module, "fixed_export_sizes", "")
+        if reason:
+            call = calls.get(name)
+            found.append((f"{call.layer!r} ({call.type})" if call is not None else repr(name), reason))
+    return found
 
 
 def dynamic_shapes(net: fx.GraphModule, batch: bool = True, spatial: bool = True) -> dict[str, dict[int, object]]:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from caffe2torch.errors import CaffeError
-from caffe2torch.modules import TableCache, _float32_if_half, _kwargs, _tracing, dims
+from caffe2torch.modules import TableCache, _concrete, _float32_if_half, _kwargs, _tracing, dims
 
 
 class MaxUnpool(nn.Module):
@@ -207,6 +207,12 @@ class ResizeBilinear(nn.Module):
         self.scale = tuple(float(f) for f in scale)
         self.mode, self.layout = mode, layout
 
+    @property
+    def fixed_export_sizes(self) -> str:
+        """Why an export keeps the height and width of its example ("" where it need not): a scaled size is a
+        float32 product rounded down, which an export cannot keep symbolic."""
+        return "" if None not in self.output_size else "its output size is the input's times a float scale"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return resize_bilinear(x, self.output_size, self.scale, self.mode, self.layout)
 
@@ -228,6 +234,8 @@ def resize_bilinear(x: torch.Tensor, output_size: tuple, scale: tuple, mode: str
         x = x.permute(0, 3, 1, 2)
     size = dims(x, 2, 3)
     out = resized_size(size, output_size, scale)
+    if _concrete(*out) and min(out) <= 0:  # the converter's check, for a net run at another size
+        raise ValueError(f"ResizeBilinear: a {size[0]} x {size[1]} input scaled by {scale} leaves no output")
     tables = TableCache.get(("resize_bilinear", size, out, mode, x.device, x.dtype),
                             lambda: _resize_tables(size, out, mode, x.device, x.dtype), x, *size, *out)
     (y_lower, y_upper, y_lerp), (x_lower, x_upper, x_lerp) = tables["y"], tables["x"]

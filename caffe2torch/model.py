@@ -146,22 +146,23 @@ def _shape_text(shape: Shape) -> str:
 class CaffeNet(fx.GraphModule):
     """A converted net: a GraphModule whose every size comes from its inputs, as Caffe's Reshape() does.
 
-    A call that fails (a layer whose weights fix a size, an Eltwise of two sizes, a crop that does not
-    fit) raises InputSizeError naming the first layer that cannot take its bottoms, with the shapes the
-    net was converted for and the shapes it got, instead of torch's message from deep inside a kernel.
-    Tracers and compilers see the plain call.
+    A call at another size than the converted one that fails (a layer whose weights fix a size, an
+    Eltwise of two sizes, a crop that does not fit) raises InputSizeError naming the first layer that
+    cannot take its bottoms, with the shapes the net was converted for and the shapes it got, instead of
+    torch's message from deep inside a kernel (the original error chained). Out-of-memory errors and
+    failures at the converted size stand as they are; tracers and compilers see the plain call.
     """
 
     def __call__(self, *args, **kwargs):
         try:
             return super().__call__(*args, **kwargs)
         except (RuntimeError, ValueError, IndexError) as error:
-            if isinstance(error, CaffeError) or "out of memory" in str(error) or _tracing(args, kwargs):
+            if isinstance(error, CaffeError) or _out_of_memory(error) or _tracing(args, kwargs):
                 raise
             message = _diagnose(self, args, kwargs)
             if message is None:
                 raise
-            raise InputSizeError(message) from None
+            raise InputSizeError(message) from error
 
 
 def _tracing(args, kwargs) -> bool:
@@ -169,6 +170,12 @@ def _tracing(args, kwargs) -> bool:
     fake = any(type(x) not in (torch.Tensor, nn.Parameter) for x in [*args, *kwargs.values()])
     symbolic = getattr(fx._symbolic_trace, "is_fx_symbolic_tracing", fx._symbolic_trace.is_fx_tracing)
     return fake or torch.jit.is_tracing() or symbolic() or bool(compiling and compiling())
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    text = str(error)
+    return isinstance(error, getattr(torch, "OutOfMemoryError", ())) or "out of memory" in text or \
+        "can't allocate memory" in text or "not enough memory" in text
 
 
 def _brief(error: BaseException) -> str:
@@ -183,6 +190,10 @@ def _diagnose(net: "CaffeNet", args, kwargs) -> str | None:
         inputs = bind_inputs(net, args, kwargs)
     except TypeError:
         return None
+    moved = [name for name, value in zip(info.input_names, inputs) if isinstance(value, torch.Tensor) and
+             tuple(value.shape[1:]) != tuple(info.inputs[name][1:])]
+    if not moved:  # at the converted size (any batch) the failure is not about sizes: the original error stands
+        return None
 
     class Replay(fx.Interpreter):
         def run_node(self, node: fx.Node):
@@ -190,7 +201,7 @@ def _diagnose(net: "CaffeNet", args, kwargs) -> str | None:
                 return super().run_node(node)
             except (RuntimeError, ValueError, IndexError) as error:
                 call = node.meta.get(META_KEY)
-                if node.op != "call_module" or not isinstance(call, LayerCall):
+                if node.op != "call_module" or not isinstance(call, LayerCall) or _out_of_memory(error):
                     raise
                 values = [self.env[a] for a in node.args if isinstance(a, fx.Node)]
                 got = ", ".join(f"{blob!r} {_shape_text(tuple(value.shape))}" for blob, value in

@@ -1,6 +1,6 @@
 """Caffe-specific torch modules: only where Caffe's meaning differs from every torch.nn module.
 
-This file imports nothing but torch and math: a converted folder's standalone `model.py` embeds
+This file imports nothing but torch, math and threading: a converted folder's standalone `model.py` embeds
 the source of the classes it uses. Every forward uses only differentiable, exportable, dtype-safe
 torch ops, and takes its sizes from the tensors it gets, as Caffe's Reshape() does, so one
 converted net runs at any size Caffe's rules accept, trains, traces (fx, torch.export, jit.trace,
@@ -13,6 +13,7 @@ code generator writes `ClassName(<extra_repr>)`.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -50,51 +51,81 @@ class TableCache:
     """Tables that depend on an input size (pooling divisors, interpolation indices and weights, priors), kept for
     each size, device and dtype a net has met: the first call at a size builds them, later calls reuse them.
 
-    At most LIMIT tables are kept, the least recently used going first. Nothing is kept while a tracer or compiler
-    runs (its sizes may be symbolic, its tensors fake): it records the computation instead. Tables are made outside
-    inference mode, so a net that met a size under `torch.inference_mode` still trains at it. `keeping()` collects
-    what a CUDA graph capture used, which must outlive an eviction.
+    At most LIMIT tables and LIMIT_BYTES of them are kept, the least recently used going first. Nothing is kept
+    while a tracer or compiler runs (its sizes may be symbolic, its tensors fake), or while a CUDA graph is being
+    captured (a table built there is part of the graph): they record the computation instead. Tables are made
+    outside inference mode, so a net that met a size under `torch.inference_mode` still trains at it. `keep()`
+    collects, for the calling thread, what a CUDA graph capture reads: an eviction must not free it.
     """
 
     LIMIT = 512
+    LIMIT_BYTES = 256 << 20
     tables: dict = {}
-    kept: list | None = None
+    sizes: dict = {}
+    lock = threading.Lock()
+    keeping = threading.local()
 
     @staticmethod
     def usable(x: torch.Tensor, *sizes) -> bool:
         if not _concrete(*sizes) or type(x) not in (torch.Tensor, nn.Parameter) or torch.jit.is_tracing() or \
                 x.device.type == "meta":  # shapes alone (caffe2torch.dynamic): nothing to keep
             return False
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return False
         compiling = getattr(torch.compiler, "is_compiling", None)
         return not (compiling is not None and compiling())
+
+    @staticmethod
+    def _bytes(value) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            value = list(value.values())
+        if isinstance(value, (tuple, list)):
+            return sum(TableCache._bytes(item) for item in value)
+        return 0
 
     @classmethod
     def get(cls, key: tuple, make, x: torch.Tensor, *sizes):
         """`make()`'s result for `key`, built once per key (when x and sizes are concrete)."""
         if not cls.usable(x, *sizes):
             return make()
-        try:
-            value = cls.tables.pop(key)
-        except KeyError:
+        with cls.lock:
+            value = cls.tables.pop(key, None)
+            if value is not None:
+                cls.tables[key] = value  # last: the most recently used
+        if value is None:
             with torch.inference_mode(False), torch.no_grad():
                 value = make()
-            while len(cls.tables) >= cls.LIMIT:
-                cls.tables.pop(next(iter(cls.tables)), None)
-        cls.tables[key] = value  # last: the most recently used
-        if cls.kept is not None:
-            cls.kept.append(value)
+            size = cls._bytes(value)
+            with cls.lock:
+                cls.tables.pop(key, None)
+                while cls.tables and (len(cls.tables) >= cls.LIMIT or sum(cls.sizes.values()) + size > cls.LIMIT_BYTES):
+                    oldest = next(iter(cls.tables))
+                    cls.tables.pop(oldest)
+                    cls.sizes.pop(oldest, None)
+                cls.tables[key], cls.sizes[key] = value, size
+        kept = getattr(cls.keeping, "tables", None)
+        if kept is not None:
+            kept.append(value)
         return value
 
     @classmethod
+    def clear(cls) -> None:
+        with cls.lock:
+            cls.tables.clear()
+            cls.sizes.clear()
+
+    @classmethod
     def keep(cls) -> list:
-        """Start collecting every table handed out (a CUDA graph capture holds them: an eviction must not free
-        what it reads); `stop_keeping()` ends it."""
-        cls.kept = []
-        return cls.kept
+        """Start collecting, in this thread, every table handed out (a CUDA graph capture holds them: an eviction
+        must not free what it reads); `stop_keeping()` ends it."""
+        cls.keeping.tables = []
+        return cls.keeping.tables
 
     @classmethod
     def stop_keeping(cls) -> None:
-        cls.kept = None
+        cls.keeping.tables = None
 
 
 def pool_geometry(size: tuple, kernel: tuple, stride: tuple, pad: tuple, pad_end: tuple, ceil: bool):
@@ -124,7 +155,9 @@ def _symbolic_pool_geometry(size: tuple, kernel: tuple, stride: tuple, pad: tupl
     """pool_geometry's rules for symbolic sizes (torch.export with dynamic height and width), written without a
     branch on a size wherever the layer's own numbers settle it, so an export stays dynamic: Caffe's clip can only
     drop a window when stride > kernel - pad, a window can only lie wholly past the input when stride > kernel,
-    and the windows are the kernel (an input smaller than the kernel is refused when the exported net runs)."""
+    and the windows are the kernel (an input smaller than the kernel is refused when the exported net runs).
+    (The last window starts at q * stride - pad with q = ceil((n + pad + pad_end - kernel) / stride), before
+    n + pad + pad_end - kernel + stride: past the input only if stride > kernel - pad_end.)"""
     out, valid = [], []
     # Divisions of non-negative sizes only ((a + s - 1) // s for a ceiling): exporters may lower a symbolic floor
     # division to a truncating one (ONNX's Div), which differs for a negative numerator.
@@ -132,7 +165,7 @@ def _symbolic_pool_geometry(size: tuple, kernel: tuple, stride: tuple, pad: tupl
         torch._check(n + p + e >= k, lambda: "the pooling kernel is larger than the padded input")
         span = n + p + e - k
         o = ((span + s - 1) // s if ceil else span // s) + 1
-        if clip and s > k - p:  # the clip as a minimum: the windows that start before the input ends
+        if clip and s > k - e:  # the clip as a minimum: the windows that start before the input ends
             o = torch.sym_min(o, (n + p + s - 1) // s)
         out.append(o)
         valid.append(o if s <= k else torch.sym_min(o, (n + p + e + s - 1) // s))
@@ -152,13 +185,18 @@ def _pool_divisor(method: str, size: tuple, kernel: tuple, stride: tuple, pad: t
         else:  # padding never counts
             counts.append(torch.clamp(torch.clamp(start + k, max=n) - torch.clamp(start, min=0), min=0))
     factor = (kernel[0] * kernel[1]) / (counts[0][:, None] * counts[1][None, :])  # kk / 0 = inf: Caffe's 0 / 0 = NaN
-    return factor.float().to(dtype), bool((factor != 1).any()) if look else True
+    if look and not bool((factor != 1).any()):
+        return None, False  # every window divides by the kernel's area: nothing to keep
+    return factor.float().to(dtype), True
 
 
 def same_padding(size: int, kernel: int, stride: int) -> int:
     """synopsys-caffe's TensorFlow "SAME" (pad_type 1, its im2col and pooling alike): the padding the undilated
-    kernel needs beyond the input for ceil(size / stride) windows; the near side gets half of it, rounded down."""
-    return max(kernel - (stride if size % stride == 0 else size % stride), 0)
+    kernel needs beyond the input for ceil(size / stride) windows; the near side gets half of it, rounded down.
+    (size - 1) % stride + 1 is `stride` where size % stride is 0, else size % stride: no branch on the size, so an
+    export keeps it symbolic."""
+    need = kernel - ((size - 1) % stride + 1)
+    return max(need, 0) if _concrete(need) else torch.sym_max(need, 0)
 
 
 @torch.fx.wrap
@@ -192,7 +230,7 @@ def caffe_pool2d(x: torch.Tensor, method: str, kernel: tuple, stride: tuple, pad
     if tail:
         y = F.pad(y, (0, empty[1], 0, empty[0]))  # a sum of nothing, then 0/0 or 0/-n as in Caffe
     look = TableCache.usable(y, *size)
-    factor, rescale = TableCache.get(("pool", method, window, stride, pad, pad_end, size, y.device, y.dtype),
+    factor, rescale = TableCache.get(("pool", method, window, stride, pad, pad_end, size, out, y.device, y.dtype),
                                      lambda: _pool_divisor(method, size, window, stride, pad, pad_end, out,
                                                            y.device, y.dtype, look), y, *size)
     return y * factor if rescale else y
@@ -261,6 +299,10 @@ def _float32_if_half(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+# torch.export's solver cannot prove the shape equalities that SAME's remainders give (it would fix the parity)
+SAME_FIXED = "TensorFlow's SAME padding depends on the size's remainder"
+
+
 class Pool2d(nn.Module):
     """Caffe MAX / AVE pooling, its window layout and divisors as Caffe's CPU layer, at any input size.
 
@@ -290,6 +332,11 @@ class Pool2d(nn.Module):
         # The bottom and right padding where it differs from the top and left (synopsys-caffe's pad_b, pad_r).
         self.pad_end = self.pad if pad_end is None else tuple(int(p) for p in pad_end)
 
+    @property
+    def fixed_export_sizes(self) -> str:
+        """Why an export keeps the height and width of its example ("" where it need not)."""
+        return SAME_FIXED if self.same else ""
+
     def output_size(self, size: tuple) -> tuple:
         """Caffe's top size for an input of `size` (H, W)."""
         if self.same:
@@ -312,6 +359,8 @@ class SamePad2d(nn.Module):
     """synopsys-caffe's SAME padding before a convolution (pad_type 1), worked out for the input it gets: ceil(size /
     stride) outputs, the near side padded by half of what the undilated kernel needs (rounded down), the far side
     by what the outputs then reach with the dilated `extent`."""
+
+    fixed_export_sizes = SAME_FIXED
 
     def __init__(self, kernel: tuple, stride: tuple, extent: tuple) -> None:
         super().__init__()

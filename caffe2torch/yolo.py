@@ -96,7 +96,9 @@ class YoloV2Output(nn.Module):
     def forward(self, *maps: torch.Tensor) -> torch.Tensor:
         parts = []
         for features in maps:
-            n, _, side, _ = features.shape
+            n, _, side, width = features.shape
+            if side != width:  # the fork's CHECK (it reads a square map), for a net run at another size
+                raise ValueError(f"YoloDetectionOutput reads square maps, got {side} x {width}")
             # [N, A, 5 + classes, S, S] -> [N, S(j), S(i), A, 5 + classes]: the fork's candidate order.
             v = features.float().reshape(n, self.num_box, -1, side, side).permute(0, 3, 4, 1, 2)
             grid = torch.arange(side, device=v.device, dtype=torch.float32)

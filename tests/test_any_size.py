@@ -91,6 +91,11 @@ CASES = {
                "variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2 }") +
         _layer("det", "DetectionOutput", ["lf", "cf", "pr"], "det", "detection_output_param { num_classes: 3 "
                "nms_param { nms_threshold: 0.45 } confidence_threshold: 0.01 }"), _image()),
+    "mvn_reduction": (_layer("m", "MVN", "data", "m", "mvn_param { normalize_variance: true }") +
+                      _layer("a", "MVN", "data", "a", "mvn_param { across_channels: true normalize_variance: false }") +
+                      _layer("r", "Reduction", "data", "r", "reduction_param { operation: MEAN axis: 1 coeff: 3 }"),
+                      _image()),
+    "im2col": (_layer("i", "Im2col", "data", "i", "convolution_param { kernel_size: 3 stride: 2 pad: 1 }"), _image()),
     "reorg_shuffle_normalize": (
         _layer("r", "Reorg", "data", "r", "reorg_param { stride: 2 }") +
         _layer("s", "ShuffleChannel", "r", "s", "shuffle_channel_param { group: 2 }") +
@@ -149,7 +154,7 @@ def test_tables_are_built_once_per_size_and_kept_for_the_sizes_used(tmp_path):
     text, shapes_at = CASES["interp_zoom"]
     net = _net(CONV + _pool("p", "conv", "pool: AVE kernel_size: 3 stride: 2 pad: 1") + text.replace('"data"', '"p"'),
                shapes_at(20, 20), tmp_path)
-    TableCache.tables.clear()
+    TableCache.clear()
     with torch.no_grad():
         for size in ((20, 20), (31, 17), (20, 20), (31, 17)):
             net(torch.zeros(1, 3, *size))
@@ -221,3 +226,60 @@ def test_verify_and_the_standalone_model_take_other_sizes(reference_dir, tmp_pat
         x = _inputs_for(shapes_at(*size), seed=size[0])
         with torch.no_grad():
             _same(standalone(*x), net(*x))
+
+
+def test_the_pooling_tables_of_two_roundings_never_mix(tmp_path):
+    """ceil and floor pooling of one kernel, stride and input share every key but the output size: each keeps its
+    own divisors, whichever ran first."""
+    from caffe2torch.modules import TableCache
+
+    for order in ((0, 1), (1, 0)):
+        TableCache.clear()
+        nets = [_net(_pool("p", "data", f"pool: AVE kernel_size: 2 stride: 2 round_mode: {mode}"),
+                     {"data": (1, 1, 5, 5)}, tmp_path) for mode in ("CEIL", "FLOOR")]
+        x = torch.arange(25.0).reshape(1, 1, 5, 5)
+        with torch.no_grad():
+            outs = {index: nets[index](x) for index in order}
+        assert outs[0].shape == (1, 1, 3, 3) and outs[1].shape == (1, 1, 2, 2)
+        assert outs[0][0, 0, 0, 2] == (4 + 9) / 2 and torch.equal(outs[1], outs[0][:, :, :2, :2])
+
+
+def test_errors_at_the_converted_size_are_not_blamed_on_sizes(tmp_path):
+    net = _net(CONV, {"data": (1, 3, 8, 8)}, tmp_path)
+    with pytest.raises(RuntimeError) as raised:
+        net(torch.zeros(1, 3, 8, 8, dtype=torch.float64))  # a dtype mismatch: torch's own message stands
+    assert not isinstance(raised.value, InputSizeError)
+
+
+def test_run_time_checks_of_sizes_caffe_refuses(tmp_path):
+    spp = _net(CASES["spp"][0], {"data": (1, 3, 24, 32)}, tmp_path)
+    with pytest.raises(InputSizeError, match=r"layer 's' \(SPP\) cannot take bottoms 'data' 1x3x3x3 .*Caffe refuses"):
+        spp(torch.zeros(1, 3, 3, 3))
+    resize = _net(CASES["resize_bilinear_scale"][0], {"data": (1, 3, 24, 32)}, tmp_path)
+    with pytest.raises(InputSizeError, match="leaves no output"):
+        resize(torch.zeros(1, 3, 1, 1))
+
+
+def test_dynamic_exports_keep_caffes_rules_at_every_size(tmp_path):
+    """A pt2 file with symbolic height and width runs each pooling (the clip where the far side's padding is the
+    larger, empty windows, global) as the net at sizes it was never checked at; SAME padding, whose remainders
+    torch.export's solver cannot keep symbolic, says so."""
+    from caffe2torch.dynamic import dynamic_shapes, example_shapes, size_ranges
+
+    same = _net(_pool("q", "data", "pool: AVE kernel_size: 3 stride: 2 pad_type: 1"), {"data": (1, 3, 11, 11)},
+                tmp_path)
+    with pytest.raises(CaffeError, match=r"layer 'q' \(Pooling\): TensorFlow's SAME padding .* keeps the height"):
+        dynamic_shapes(same)
+    text = (_pool("p", "data", "pool: MAX kernel_size: 2 stride: 2 pad_t: 0 pad_l: 0 pad_b: 1 pad_r: 1") +
+            _pool("q", "data", "pool: AVE kernel_size: 2 stride: 3") + _pool("g", "data", "pool: MAX global_pooling: "
+                                                                                "true"))
+    net = _net(text, {"data": (1, 3, 11, 11)}, tmp_path)
+    _randomise(net)
+    example = _inputs_for(example_shapes(net, size_ranges(net)), seed=0)
+    program = torch.export.export(net, tuple(example), dynamic_shapes=dynamic_shapes(net)).module()
+    for size in ((12, 12), (16, 10), (9, 23)):
+        x = _inputs_for({"data": (2, 3, *size)}, seed=size[0])
+        with torch.no_grad():
+            for ours, theirs in zip(program(*x), net(*x)):
+                assert ours.shape == theirs.shape
+                torch.testing.assert_close(ours, theirs, equal_nan=True)  # empty windows: 0 / 0 as in Caffe

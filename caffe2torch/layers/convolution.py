@@ -21,6 +21,7 @@ from caffe2torch.layers.registry import (
     expect_shape,
     on_meta,
 )
+from caffe2torch.bvlc import Im2col
 from caffe2torch.modules import BatchAxes, InnerProduct, SamePad2d, same_padding
 
 # synopsys-caffe's padding per side, read as (top, left) then (bottom, right); Pooling has the same fields.
@@ -273,6 +274,5 @@ def convert_im2col(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> Conve
     out = [(n + 2 * p - (d * (k - 1) + 1)) // s + 1 for n, k, s, p, d in zip(shape[2:], kernel, stride, pad, dilation)]
     if min(out) <= 0:
         raise CaffeError(f"layer {layer.name!r} (Im2col): the kernel does not fit the padded {shape[2:]} input")
-    module = nn.Sequential(nn.Unfold(tuple(kernel), dilation=tuple(dilation), padding=tuple(pad), stride=tuple(stride)),
-                           nn.Unflatten(2, tuple(out)))
+    module = Im2col(tuple(kernel), tuple(stride), tuple(pad), tuple(dilation))
     return Converted(module, [(shape[0], shape[1] * kernel[0] * kernel[1], *out)])

@@ -25,10 +25,8 @@ def convert_reduction(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray
     shape = tuple(inputs[0])
     axis = canonical_axis(layer, param.axis, len(shape))
     operation = _OPERATIONS[param.operation]
-    coeff = np.float32(param.coeff)
-    if operation == "MEAN":
-        coeff = np.float32(coeff / np.float32(int(np.prod(shape[axis:], dtype=np.int64))))
-    return Converted(Reduction(operation, axis, float(coeff)), [shape[:axis]])
+    # MEAN's coeff / count is worked out for the input the net gets, as Caffe's Reshape does
+    return Converted(Reduction(operation, axis, float(np.float32(param.coeff))), [shape[:axis]])
 
 
 @converter("MVN")
@@ -38,6 +36,5 @@ def convert_mvn(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> 
     expect_blobs(layer, blobs, 0)
     shape = image_shape(layer, inputs)
     param = layer.mvn_param
-    count = shape[1] * shape[2] * shape[3] if param.across_channels else shape[2] * shape[3]
-    module = MVN(param.normalize_variance, param.across_channels, float(np.float32(param.eps)), count)
+    module = MVN(param.normalize_variance, param.across_channels, float(np.float32(param.eps)))
     return Converted(module, [shape])
