@@ -156,7 +156,7 @@ def test_fast_half_precision_accuracy_guard(reference_dir):
     """
     from tests.conftest import convert_reference
 
-    net = convert_reference(reference_dir, "icnet_257x513").eval()
+    net = convert_reference("icnet_257x513").eval()
     x = _reference_input(reference_dir / "icnet_merged_257x513.ref.h5")
     model = untrained_model((257, 513))
     image, _ = street_scene(0, (256, 512))
