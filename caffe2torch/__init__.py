@@ -3,7 +3,7 @@
 from caffe2torch.errors import CaffeError
 
 __all__ = ["CaffeError", "Converted", "blobs", "convert", "freeze_batchnorm", "load", "net_info", "register_converter",
-           "save"]
+           "save", "unfreeze_batchnorm"]
 
 
 def convert(weights=None, prototxt=None, input_shape=None, verify_md5: bool = True):
@@ -41,11 +41,21 @@ def net_info(net):
     return _net_info(net)
 
 
-def freeze_batchnorm(net):
-    """Keep every BatchNorm of `net` on its stored statistics, also after `net.train()` (for fine-tuning)."""
-    from caffe2torch.passes import freeze_batchnorm as _freeze
+def freeze_batchnorm(net, affine: bool = True):
+    """Keep every BatchNorm of `net` on its stored statistics, also after `net.train()` (fine-tuning with small
+    batches); `affine=True` also fixes its weight and bias (gamma, beta), `affine=False` lets them learn. In place;
+    returns `net`. `save` records it, `load` restores it (see caffe2torch.freeze)."""
+    from caffe2torch.freeze import freeze_batchnorm as _freeze
 
-    return _freeze(net)
+    return _freeze(net, affine)
+
+
+def unfreeze_batchnorm(net):
+    """Let every BatchNorm of `net` train fully (batch statistics, weight and bias), also those the definition
+    froze (`frozen: true`, `use_global_stats: true`). In place; returns `net`."""
+    from caffe2torch.freeze import unfreeze_batchnorm as _unfreeze
+
+    return _unfreeze(net)
 
 
 def register_converter(type_name: str, *, replace: bool = False):

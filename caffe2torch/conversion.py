@@ -11,6 +11,7 @@ from torch import fx
 
 from caffe2torch import manifest
 from caffe2torch.errors import CaffeError
+from caffe2torch.freeze import frozen_note
 from caffe2torch.model import from_net_parameter, layer_calls, unmatched_weights
 from caffe2torch.protect import ReadFiles
 from caffe2torch.read import (UnknownField, ambiguous_binary_fields, read_prototxt, read_weights,
@@ -142,4 +143,7 @@ def convert(weights: str | os.PathLike | None, prototxt: str | os.PathLike | Non
     for item in unknown:
         if item.layer is None or item.layer in kept:
             warn(item.describe())
+    frozen = frozen_note(net)
+    if frozen is not None:
+        notes.append(frozen)
     return Conversion(net, definition, weights_path, prototxt_path, md5, release, trained, collected, notes)

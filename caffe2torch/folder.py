@@ -24,6 +24,7 @@ from torch import fx
 
 from caffe2torch.codegen import WEIGHTS_FILE, check_standalone, generate_source
 from caffe2torch.errors import CaffeError
+from caffe2torch.freeze import apply_batchnorm_record, batchnorm_record
 from caffe2torch.model import from_net_parameter, layer_modules, legacy_python_names, net_info
 from caffe2torch.protect import ReadFiles
 from caffe2torch.read import parse_prototxt
@@ -71,7 +72,7 @@ def folder_contents(net: fx.GraphModule, meta: dict[str, Any] | None = None,
         files[name] = data
     meta.update(format=FORMAT, caffe2torch=_version(), torch=torch.__version__, name=info.name,
                 inputs={name: list(shape) for name, shape in info.inputs.items()}, outputs=list(info.outputs),
-                modules=[list(pair) for pair in layer_modules(net)],
+                modules=[list(pair) for pair in layer_modules(net)], batchnorm=batchnorm_record(net),
                 files={name: _sha256(data) for name, data in files.items()})
     files[META] = (json.dumps(meta, indent=2, ensure_ascii=True) + "\n").encode()
     return files
@@ -326,5 +327,6 @@ def load(folder: str | os.PathLike, map_location: str | torch.device = "cpu") ->
         storages.add(storage)
         fitted[name] = tensor
     net.load_state_dict(fitted, assign=True)
+    apply_batchnorm_record(net, meta, str(folder / META))  # state_dicts do not keep which norms learn
     net_info(net).source = str(meta.get("source", folder))
     return net.to(map_location).eval()
