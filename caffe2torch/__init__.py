@@ -3,7 +3,7 @@
 from caffe2torch.errors import CaffeError
 
 __all__ = ["CaffeError", "Converted", "blobs", "convert", "freeze_batchnorm", "load", "net_info", "register_converter",
-           "save", "unfreeze_batchnorm"]
+           "save", "unfreeze_batchnorm", "with_outputs"]
 
 
 def convert(weights=None, prototxt=None, input_shape=None, verify_md5: bool = True):
@@ -32,6 +32,14 @@ def blobs(net, *inputs, **named_inputs):
     from caffe2torch.model import blobs as _blobs
 
     return _blobs(net, *inputs, **named_inputs)
+
+
+def with_outputs(net, blobs):
+    """A net over the same modules (and parameters) returning the named blobs as a tuple, e.g. ICNet's cascade
+    outputs for its auxiliary losses (see caffe2torch.outputs)."""
+    from caffe2torch.outputs import with_outputs as _with_outputs
+
+    return _with_outputs(net, blobs)
 
 
 def net_info(net):

@@ -25,6 +25,7 @@ from torch import fx
 from caffe2torch.codegen import WEIGHTS_FILE, check_standalone, generate_source
 from caffe2torch.errors import CaffeError
 from caffe2torch.freeze import apply_batchnorm_record, batchnorm_record
+from caffe2torch.outputs import VIEW_KEY
 from caffe2torch.model import from_net_parameter, layer_modules, legacy_python_names, net_info
 from caffe2torch.protect import ReadFiles
 from caffe2torch.read import parse_prototxt
@@ -56,6 +57,9 @@ def folder_contents(net: fx.GraphModule, meta: dict[str, Any] | None = None,
 
     `extra` files (e.g. fold-bn's Caffe files) are written and listed in the manifest too.
     """
+    if getattr(net, "meta", {}).get(VIEW_KEY):
+        raise CaffeError("this net returns blobs chosen by caffe2torch.with_outputs; save the net it was made from "
+                         "(they share their parameters)")
     check_standalone(net)
     info = net_info(net)
     meta = dict(meta or {})
