@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from caffe2torch.errors import CaffeError
+from caffe2torch.errors import CaffeError, command_line_terms
 from caffe2torch.write import weights_stem
 
 EXIT_MISMATCH = 1
@@ -46,7 +46,8 @@ class _Group(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with command_line_terms():
+                return super().invoke(ctx)
         except CaffeError as error:
             _fail(str(error))
         except OSError as error:  # the file system refused: a path the user gave

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from caffe2torch.errors import CaffeError
+from caffe2torch.errors import CaffeError, term
 from caffe2torch.model import layer_calls, unexportable_layers, net_info
 from caffe2torch.protect import ReadFiles
 from caffe2torch.refinput import reference_inputs
@@ -53,7 +53,8 @@ class ExportCheck:
 def _require(fmt: str) -> None:
     missing = [name for name in _NEEDS.get(fmt, ()) if importlib.util.find_spec(name) is None]
     if missing:
-        raise CaffeError(f"--format {fmt} needs the package(s) {', '.join(missing)}: pip install 'caffe2torch[export]'")
+        raise CaffeError(f"{term('--format', 'format')} {fmt} needs the package(s) {', '.join(missing)}: "
+                         f"pip install 'caffe2torch[export]'")
 
 
 @contextlib.contextmanager
@@ -228,7 +229,7 @@ def _write(fmt: str, module: nn.Module, inputs: tuple, path: Path, input_names: 
             with torch.inference_mode():
                 return list(_as_tuple(copy(*inputs)))
         return reloaded
-    raise CaffeError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    raise CaffeError(f"{term('--format', 'format')} {fmt}: expected one of {', '.join(FORMATS)}")
 
 
 def _clone(module: nn.Module) -> nn.Module:
@@ -307,7 +308,7 @@ def export(net: fx.GraphModule, fmt: str, path: str | os.PathLike, tolerance: fl
     paths), nor anything inside a folder among them.
     """
     if fmt not in FORMATS:
-        raise CaffeError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+        raise CaffeError(f"{term('--format', 'format')} {fmt}: expected one of {', '.join(FORMATS)}")
     _require(fmt)
     info = net_info(net)
     blocking = unexportable_layers(net) if fmt != "safetensors" else []
@@ -321,9 +322,9 @@ def export(net: fx.GraphModule, fmt: str, path: str | os.PathLike, tolerance: fl
     read = read or ReadFiles()
     for source in protect:
         read.add(source, "the model being exported")
-    read.check_file(path, "-o")
+    read.check_file(path, term("-o", "path"))
     if path.exists() and not force:
-        raise CaffeError(f"{path}: exists; pass --force to replace it")
+        raise CaffeError(f"{path}: exists; pass {term('--force', 'force=True')} to replace it")
     net = net.eval()
     inputs = check_inputs(net, seed)
     parent = path.absolute().parent

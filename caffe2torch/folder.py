@@ -23,7 +23,7 @@ from google.protobuf import text_format
 from torch import fx
 
 from caffe2torch.codegen import WEIGHTS_FILE, check_standalone, generate_source
-from caffe2torch.errors import CaffeError
+from caffe2torch.errors import CaffeError, term
 from caffe2torch.freeze import apply_batchnorm_record, batchnorm_record
 from caffe2torch.outputs import VIEW_KEY
 from caffe2torch.model import from_net_parameter, layer_modules, legacy_python_names, net_info
@@ -112,7 +112,7 @@ def check_target(folder: Path, force: bool, read: ReadFiles | None = None) -> No
     if folder.is_symlink():
         raise CaffeError(f"{folder}: is a symbolic link; give the folder itself or another output path")
     if read is not None:
-        read.check_folder(folder, "-o")
+        read.check_folder(folder, term("-o", "folder"))
     if folder.exists() and not folder.is_dir():
         raise CaffeError(f"{folder}: exists and is not a folder")
     if folder.is_dir() and any(folder.iterdir()):
@@ -120,7 +120,8 @@ def check_target(folder: Path, force: bool, read: ReadFiles | None = None) -> No
         if reason is not None:
             raise CaffeError(f"{folder}: is not empty and not a caffe2torch output ({reason}); choose another output folder")
         if not force:
-            raise CaffeError(f"{folder}: holds an earlier caffe2torch output; pass --force to replace it")
+            raise CaffeError(f"{folder}: holds an earlier caffe2torch output; pass {term('--force', 'force=True')} to "
+                             f"replace it")
 
 
 def _staged(parent: Path, name: str, files: dict[str, bytes]) -> Path:

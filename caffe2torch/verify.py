@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from caffe2torch.errors import CaffeError
+from caffe2torch.errors import CaffeError, term
 from caffe2torch.model import LayerCall, layer_calls, net_info, run_layers
 from caffe2torch.reference import LayerRecord, Reference, TopRecord, read_reference
 
@@ -200,7 +200,8 @@ def verify_isolated(net: fx.GraphModule, reference: Reference, tolerance: float 
     report = Report()
     records = _records_to_check(net, reference, report)
     if report.folded:
-        raise CaffeError("--isolated needs the converted net itself, not an optimised graph")
+        raise CaffeError(f"{term('--isolated', 'verify_isolated()')} needs the converted net itself, not an optimised "
+                         f"graph")
     calls: dict[str, list[tuple[fx.Node, LayerCall]]] = {}
     for node, call in layer_calls(net):
         calls.setdefault(call.layer, []).append((node, call))

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from caffe2torch.cli import memory_option
-from caffe2torch.errors import CaffeError
+from caffe2torch.errors import CaffeError, command_line_terms
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -30,7 +30,8 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with command_line_terms():
+                return super().invoke(ctx)
         except CaffeError as error:
             _fail(str(error))
         except OSError as error:

@@ -16,7 +16,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from caffe2torch.errors import CaffeError
+from caffe2torch.errors import CaffeError, term
 from icnet_eval.cityscapes import LABEL_ID_TO_TRAIN_ID, NUM_CLASSES, color_bgr, colorize, train_ids_to_label_ids
 from icnet_eval.data import IMAGE_TAG, ListEntry
 from icnet_eval.header import image_size as header_size
@@ -33,13 +33,13 @@ _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 def prepare_out_dir(out: Path) -> Path:
     """Create --out (refusing a file in its place) and check it can be written."""
     if out.exists() and not out.is_dir():
-        raise CaffeError(f"--out {out}: is a file, expected a folder for the predictions")
+        raise CaffeError(f"{term('--out', 'out')} {out}: is a file, expected a folder for the predictions")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise CaffeError(f"--out {out}: cannot create the folder ({error.strerror or error})") from None
+        raise CaffeError(f"{term('--out', 'out')} {out}: cannot create the folder ({error.strerror or error})") from None
     if not os.access(out, os.W_OK | os.X_OK):
-        raise CaffeError(f"--out {out}: the folder is not writable")
+        raise CaffeError(f"{term('--out', 'out')} {out}: the folder is not writable")
     return out
 
 
@@ -146,9 +146,9 @@ class OutputFolder:
 
     def check(self, targets: list[Path]) -> None:
         """Refuse, before any work, every target that is read by the run or is a file this tool did not write."""
-        self.read.check_file(self.manifest, "-o")
+        self.read.check_file(self.manifest, term("-o", "out"))
         for target in targets:
-            self.read.check_file(target, "-o")
+            self.read.check_file(target, term("-o", "out"))
             if (target.exists() or target.is_symlink()) and not self.ours(target):
                 raise CaffeError(f"{target}: exists and was not written by icnet-eval segment (it is not in "
                                  f"{self.manifest.name}); move it away or choose another -o")
@@ -171,7 +171,7 @@ class OutputStore:
 
     def __init__(self, out: Path, output_format: str = "trainids", resume: bool = True, overlay: bool = False) -> None:
         if output_format not in FORMATS:
-            raise CaffeError(f"--format {output_format}: expected one of {', '.join(FORMATS)}")
+            raise CaffeError(f"{term('--format', 'output_format')} {output_format}: expected one of {', '.join(FORMATS)}")
         self.out, self.output_format, self.resume, self.overlay = Path(out), output_format, resume, overlay
         self.main_kind = "gray" if output_format == "trainids" else "labelids"
 
@@ -272,9 +272,9 @@ def check_outputs_apart(store: OutputStore, entries: list[ListEntry], read: Read
         read.add(entry.label, f"the label of {entry.where}")
     for entry in entries:
         for path in store.paths(entry).values():
-            read.check_file(path, "--out")
+            read.check_file(path, term("--out", "out"))
     for name in (REPORT_FILE, RUN_FILE, LOCK_FILE):
-        read.check_file(store.out / name, "--out")
+        read.check_file(store.out / name, term("--out", "out"))
 
 
 def lock_out_dir(out: Path):
@@ -317,12 +317,14 @@ def check_run_file(out: Path, fingerprint: dict, store: OutputStore, entries: li
             key = changed[0]
             before = repr(recorded[key]) if key in recorded else "not recorded"
             raise CaffeError(
-                f"--out {out}: holds predictions made with another {key} ({before}, now "
-                f"{fingerprint[key]!r}); use another --out, or --redo to replace them"
+                f"{term('--out', 'out')} {out}: holds predictions made with another {key} ({before}, now "
+                f"{fingerprint[key]!r}); use another {term('--out', 'out')}, or {term('--redo', 'resume=False')} to "
+                f"replace them"
             )
     elif store.any_exists(entries):
-        raise CaffeError(f"--out {out}: holds predictions not recorded in {RUN_FILE} (made by another tool "
-                         "or version); use another --out, or --redo to replace them")
+        raise CaffeError(f"{term('--out', 'out')} {out}: holds predictions not recorded in {RUN_FILE} (made by "
+                         f"another tool or version); use another {term('--out', 'out')}, or "
+                         f"{term('--redo', 'resume=False')} to replace them")
 
 
 def delete_outputs(store: OutputStore, entries: list[ListEntry]) -> None:

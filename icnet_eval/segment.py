@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import torch
 
-from caffe2torch.errors import CaffeError
+from caffe2torch.errors import CaffeError, term
 from caffe2torch.protect import ReadFiles
 from icnet_eval.cityscapes import color_bgr
 from icnet_eval.data import BYTES_PER_PIXEL, check_pixels, decode_checked, preprocess
@@ -187,12 +187,12 @@ def segment_input(source: str | os.PathLike, weights: str | os.PathLike, out: st
     if not source.exists():
         raise CaffeError(f"{source}: no such file or folder")
     if out.exists() and not out.is_dir():
-        raise CaffeError(f"-o {out}: is a file, expected a folder")
+        raise CaffeError(f"{term('-o', 'out')} {out}: is a file, expected a folder")
     read = ReadFiles([(weights, "the weights"), (prototxt, "the net definition")])
     video = source.is_file() and source.suffix.lower() in VIDEO_SUFFIXES
     if source.is_dir():
         if out.resolve() == source.resolve():
-            raise CaffeError(f"-o {out}: is the folder of the images being segmented; choose another folder (the "
+            raise CaffeError(f"{term('-o', 'out')} {out}: is the folder of the images being segmented; choose another folder (the "
                              f"outputs would be taken for images by the next run)")
         sources = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not sources:
@@ -208,7 +208,7 @@ def segment_input(source: str | os.PathLike, weights: str | os.PathLike, out: st
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise CaffeError(f"-o {out}: cannot create the folder ({error.strerror or error})") from None
+        raise CaffeError(f"{term('-o', 'out')} {out}: cannot create the folder ({error.strerror or error})") from None
     segmenter = Segmenter(model, target, mode)
     try:
         if video:

@@ -75,7 +75,7 @@ def test_modes_from_the_options():
     assert resolve_mode(True, False, None, torch.device("cuda")) == Mode("fast", torch.float16)
     assert resolve_mode(True, True, "bfloat16", CPU).dtype == torch.bfloat16
     assert Mode("fast", torch.bfloat16).dtype_name == "bfloat16"
-    with pytest.raises(CaffeError, match="--fast-dtype needs --fast"):
+    with pytest.raises(CaffeError, match="fast_dtype needs fast=True"):  # the API's words
         resolve_mode(False, False, "float16", CPU)
     with pytest.raises(CaffeError, match="expected one of"):
         resolve_mode(True, False, "int8", CPU)

@@ -211,8 +211,8 @@ def test_a_train_val_net_converts_as_a_deploy_net_with_notes():
                      "layer 'accuracy' (Accuracy) only scores training or testing: left out",
                      "layer 'loss' (SoftmaxWithLoss) only scores training or testing: left out",
                      "input 'label' feeds only layers left out: dropped"]
-    # A data layer that does not say its size needs --input-shape, and says so.
-    with pytest.raises(CaffeError, match=r"input 'data' has no shape \(data layer 'data' \(Data\) does not say its size\); give one with --input-shape"):
+    # A data layer that does not say its size needs input_shape (--input-shape), and says so.
+    with pytest.raises(CaffeError, match=r"input 'data' has no shape \(data layer 'data' \(Data\) does not say its size\); give one with input_shape="):
         build_graph(parse_prototxt(TRAIN_VAL.replace("transform_param { crop_size: 12 } ", "")))
     # A fork's *Data type (HED's ImageLabelmapData) reads a dataset too; a fork's *Accuracy only scores.
     forked = TRAIN_VAL.replace('type: "Data"', 'type: "ImageLabelmapData"').replace('"Accuracy"', '"MultiLabelAccuracy"')
