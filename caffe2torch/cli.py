@@ -198,11 +198,28 @@ def verify(model: Path, prototxt: Path | None, reference: Path, isolated: bool, 
         net = optimize(net)
     if target.type != "cpu":
         mode += f", {target}"
+    if isolated:
+        _check_isolated_can_run(net, ref)
     with _numerics(target):
         report = (verify_isolated if isolated else verify_free_running)(net, ref, tolerance, device=target)
     for line in format_report(report, tolerance, mode):
         click.echo(line)
     sys.exit(0 if report.ok else EXIT_MISMATCH)
+
+
+def _check_isolated_can_run(net, ref) -> None:
+    """Refuse --isolated, before it runs, on a reference that cannot feed some layers Caffe's bottoms (one that
+    stores samples of most tops, not their full tensors): it could pass none of them."""
+    from caffe2torch.verify import isolated_plan
+
+    plan = isolated_plan(net, ref)
+    unfed = plan.unfed
+    if unfed:
+        full = sum(1 for record in ref.layers if all(value.data is not None for value in record.values))
+        raise CaffeError(f"{ref.path}: --isolated feeds each layer Caffe's full tensors of its bottoms, but this "
+                         f"reference stores them for {full} of its {len(ref.layers)} layers (samples of the rest), so "
+                         f"{len(unfed)} layers could not be checked (the first: {unfed[0]!r}); verify without "
+                         f"--isolated checks every layer free-running")
 
 
 def _convert_quietly(model: Path, prototxt: Path | None, shapes, verify_md5: bool):

@@ -91,6 +91,26 @@ def test_verify_exit_codes(units_dir, tmp_path):
     _assert_one_line_error(missing)
 
 
+def test_isolated_on_a_samples_only_reference_is_refused_up_front(units_dir, tmp_path):
+    """A reference that stores samples of every top but full tensors of none (as the 1025x2049 ICNet ones) cannot
+    feed any layer after the first Caffe's bottoms: one line, exit 2, instead of every layer "unchecked"."""
+    reference = tmp_path / "unit_inplace_chain.ref.h5"
+    shutil.copy(units_dir / "unit_inplace_chain.ref.h5", reference)
+    shutil.copy(units_dir / "unit_inplace_chain.prototxt", tmp_path / "unit_inplace_chain.prototxt")
+    with h5py.File(reference, "r+") as file:
+        for layer in file["layers"].values():
+            for top in layer.values():
+                del top["data"]
+    isolated = run("verify", units_dir / "unit_inplace_chain.caffemodel", "--reference", reference, "--isolated")
+    assert isolated.exit_code == 2, isolated.output
+    _assert_one_line_error(isolated)
+    assert ("--isolated feeds each layer Caffe's full tensors of its bottoms, but this reference stores them for 0 of "
+            "its 9 layers (samples of the rest), so 7 layers could not be checked (the first: 'conv1_relu'); verify "
+            "without --isolated checks every layer free-running") in isolated.output
+    free = run("verify", units_dir / "unit_inplace_chain.caffemodel", "--reference", reference, "--tolerance", "1e-5")
+    assert free.exit_code == 0 and "9/9 layers within tolerance" in free.output, free.output
+
+
 def test_inspect_json(units_dir, tmp_path):
     result = run("inspect", units_dir / "unit_conv_basic.caffemodel", "--input-shape", "1,3,13,17", "--json")
     assert result.exit_code == 0, result.output
