@@ -127,10 +127,9 @@ def convert(model: Path, prototxt: Path | None, input_shape: str | None, output:
     conversion = run_convert(model, prototxt, _parse_shape(input_shape), verify_md5=not no_verify, on_warning=_warn)
     for note in conversion.notes:
         _note(note)
-    if conversion.release is not None:
-        click.echo(f"md5 {conversion.md5}: known release {conversion.release.name}")
-    else:
-        click.echo(f"md5 {conversion.md5}")
+    release = f" (known release {conversion.release.name})" if conversion.release is not None else ""
+    click.echo(f"weights: {model}, md5 {conversion.md5}{release}")
+    click.echo(f"definition: {conversion.prototxt_path or 'the net stored in ' + model.name}")
     meta = {"source": model.name, "md5": conversion.md5,
             "prototxt": str(conversion.prototxt_path) if conversion.prototxt_path else "(stored in the caffemodel)",
             "release": conversion.release.name if conversion.release else None}
@@ -271,7 +270,8 @@ def _numerics(device):
 @shape_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def inspect(file: Path, prototxt: Path | None, input_shape: str | None, as_json: bool) -> None:
-    """List the layers of FILE (.caffemodel, .caffemodel.h5 or .prototxt) with shapes and parameter counts."""
+    """List the layers of FILE (.caffemodel, .caffemodel.h5, .prototxt or a converted folder) with shapes and
+    parameter counts."""
     from caffe2torch.inspect import describe
 
     info = describe(file, prototxt, _parse_shape(input_shape))
@@ -290,7 +290,7 @@ def inspect(file: Path, prototxt: Path | None, input_shape: str | None, as_json:
     click.echo(f"{len(info['layers'])} layers, {info['parameters']} parameters; inputs {info['inputs']}")
     if info.get("md5"):
         release = f" (known release {info['release']})" if info.get("release") else ""
-        click.echo(f"md5 {info['md5']}{release}")
+        click.echo(f"weights md5 {info['md5']}{release}")
 
 
 @main.command("fold-bn")

@@ -94,8 +94,12 @@ def apply_batchnorm_record(net: fx.GraphModule, meta: dict[str, Any], where: str
         _set(module, frozen=layer in record["frozen"], fixed_affine=layer in record["fixed_affine"])
 
 
-def frozen_note(net: fx.GraphModule) -> str | None:
-    """What `convert` says of norms the definition freezes, and how to let them train."""
+# Why norms are frozen, for the note (an open parenthesis the note closes after an example layer).
+BY_DEFINITION = "by the definition (`frozen: true` or `use_global_stats: true`"
+
+
+def frozen_note(net: fx.GraphModule, by: str = BY_DEFINITION) -> str | None:
+    """What `convert` (and `inspect`) say of frozen norms, and how to let them train."""
     record = batchnorm_record(net)
     if not record["frozen"]:
         return None
@@ -103,6 +107,6 @@ def frozen_note(net: fx.GraphModule) -> str | None:
     fixed = len(record["fixed_affine"])
     what = "their stored statistics" + (f", {fixed} of them their weight and bias too" if fixed else "")
     affine = "caffe2torch.freeze_batchnorm(net, affine=False) lets weight and bias learn, " if fixed else ""
-    return (f"{len(record['frozen'])} of {total} BatchNorm layers are frozen by the definition (`frozen: true` or "
-            f"`use_global_stats: true`, e.g. {record['frozen'][0]!r}): in training they keep {what}; {affine}"
+    return (f"{len(record['frozen'])} of {total} BatchNorm layers are frozen {by}, e.g. {record['frozen'][0]!r}): "
+            f"in training they keep {what}; {affine}"
             f"caffe2torch.unfreeze_batchnorm(net) lets them train entirely")

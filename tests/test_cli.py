@@ -111,6 +111,23 @@ def test_isolated_on_a_samples_only_reference_is_refused_up_front(units_dir, tmp
     assert free.exit_code == 0 and "9/9 layers within tolerance" in free.output, free.output
 
 
+def test_convert_labels_what_it_prints_and_inspect_reads_the_folder(units_dir, tmp_path):
+    result = run("convert", units_dir / "unit_fork_bn.caffemodel", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert f"weights: {units_dir / 'unit_fork_bn.caffemodel'}, md5 3e89e478c05235534fdd60b110c57edc\n" in result.stdout
+    assert f"definition: {units_dir / 'unit_fork_bn.prototxt'}\n" in result.stdout
+    from_model = json.loads(run("inspect", units_dir / "unit_fork_bn.caffemodel", "--json").stdout)
+    folder = run("inspect", tmp_path / "out", "--json")
+    assert folder.exit_code == 0, folder.output
+    from_folder = json.loads(folder.stdout)
+    assert from_folder["layers"] == from_model["layers"] and from_folder["md5"] == from_model["md5"]
+    assert from_folder["notes"][0] == "a folder converted from unit_fork_bn.caffemodel"
+    assert "1 of 3 BatchNorm layers are frozen in this folder" in from_folder["notes"][1]
+    table = run("inspect", tmp_path / "out")
+    assert table.stdout.strip().splitlines()[-1] == "weights md5 3e89e478c05235534fdd60b110c57edc"
+    _assert_one_line_error(run("inspect", tmp_path / "out", "--input-shape", "1,4,5,7"))
+
+
 def test_inspect_json(units_dir, tmp_path):
     result = run("inspect", units_dir / "unit_conv_basic.caffemodel", "--input-shape", "1,3,13,17", "--json")
     assert result.exit_code == 0, result.output
