@@ -154,8 +154,11 @@ def _shapes(shapes) -> str:
 @click.option("--fast", is_flag=True, help="Check the fast inference graph (caffe2torch.fast.optimize: BN folded, ReLU fused, "
               "channels_last); records it no longer makes are listed apart.")
 @click.option("--device", default="cpu", show_default=True, help="Where to run the net (cpu, cuda, cuda:1, ...).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also draw each top's rel L2 error in Caffe's order (log scale, the tolerance, failures named) "
+                   "into this .png, .svg or .pdf file.")
 def verify(model: Path, prototxt: Path | None, reference: Path, isolated: bool, tolerance: float | None, no_verify: bool,
-           fast: bool, device: str) -> None:
+           fast: bool, device: str, plot: Path | None) -> None:
     """Run MODEL on the reference input and compare every recorded layer with Caffe's outputs.
 
     MODEL is a .caffemodel / .caffemodel.h5 or a folder written by `caffe2torch convert`.
@@ -170,6 +173,13 @@ def verify(model: Path, prototxt: Path | None, reference: Path, isolated: bool, 
                                     verify_free_running, verify_isolated)
 
     target = _device(device)
+    if plot is not None:  # before the work: a bad name or a file this run reads
+        from caffe2torch.plot import plot_format
+        from caffe2torch.protect import ReadFiles
+
+        plot_format(plot)
+        ReadFiles([(model, "the model being verified"), (prototxt, "the net definition"),
+                   (reference, "the reference")]).check_file(plot, "--plot")
     ref = read_reference(reference)
     if model.is_dir():
         from caffe2torch.folder import load
@@ -203,7 +213,17 @@ def verify(model: Path, prototxt: Path | None, reference: Path, isolated: bool, 
         report = (verify_isolated if isolated else verify_free_running)(net, ref, tolerance, device=target)
     for line in format_report(report, tolerance, mode):
         click.echo(line)
+    if plot is not None:
+        _write_plot(plot, report, tolerance, f"{model.name} vs {reference.name} ({mode})")
     sys.exit(0 if report.ok else EXIT_MISMATCH)
+
+
+def _write_plot(path: Path, report, tolerance: float, title: str) -> None:
+    from caffe2torch.plot import error_figure, figure_bytes, plot_format
+    from caffe2torch.write import write_atomic
+
+    write_atomic(path, figure_bytes(error_figure(report, tolerance, title), plot_format(path)))
+    click.echo(f"wrote {path}")
 
 
 def _check_isolated_can_run(net, ref) -> None:
@@ -269,12 +289,26 @@ def _numerics(device):
 @prototxt_option
 @shape_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def inspect(file: Path, prototxt: Path | None, input_shape: str | None, as_json: bool) -> None:
+@click.option("--graph", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also draw the layer graph with blob shapes into this .svg file (or write it as Graphviz .dot).")
+def inspect(file: Path, prototxt: Path | None, input_shape: str | None, as_json: bool, graph: Path | None) -> None:
     """List the layers of FILE (.caffemodel, .caffemodel.h5, .prototxt or a converted folder) with shapes and
     parameter counts."""
     from caffe2torch.inspect import describe
 
+    if graph is not None:  # before the work: a bad name or a file this run reads
+        from caffe2torch.graphsvg import graph_format
+        from caffe2torch.protect import ReadFiles
+
+        graph_format(graph)
+        ReadFiles([(file, "the net being inspected"), (prototxt, "the net definition")]).check_file(graph, "--graph")
     info = describe(file, prototxt, _parse_shape(input_shape))
+    if graph is not None:
+        from caffe2torch.graphsvg import render
+        from caffe2torch.write import write_atomic
+
+        write_atomic(graph, render(info, graph_format(graph)).encode())
+        _note(f"wrote {graph}")
     for message in info["warnings"]:
         _warn(message)
     for message in info["notes"]:
