@@ -7,7 +7,8 @@ with a header and the columns index, repo, commit, path, family, model, where a 
 with its index. Prints one line per file (OK with the outputs and their shapes, or the one-line
 error) and then the counts; exits 0 whatever the counts. With --run, each net that builds is also
 given random weights (seed 0) and run at batch 1 on random inputs, saved as a folder, and its
-standalone model.py run on the same inputs: OK only when the outputs are identical.
+standalone model.py run on the same inputs: OK only when the outputs are identical. Progress (files/s, ETA) goes
+to stderr: a bar on a terminal, a line every 10 s and 5% in a log.
 """
 
 from __future__ import annotations
@@ -115,17 +116,22 @@ def main() -> int:
             for row in csv.DictReader(handle, delimiter="\t"):
                 families[row["index"]] = row["family"]
     files = sorted(args.corpus.rglob("*.prototxt"))
+    from caffe2torch.progress import Progress
+
     built, total, ran = Counter(), Counter(), Counter()
-    for path in files:
-        ok, text = inspect_file(path, args.timeout)
-        family = families.get(path.name.split("_")[0], "unlabelled")
-        total[family] += 1
-        built[family] += ok
-        print(f"{'OK' if ok else 'FAIL'}\t{path.name}\t{text}", flush=True)
-        if ok and args.run:
-            outcome = run_file(path, args.timeout)
-            ran[family] += outcome.startswith("OK")
-            print(f"  run: {outcome}", flush=True)
+    with Progress(len(files), "corpus", "file") as progress:
+        for path in files:
+            ok, text = inspect_file(path, args.timeout)
+            family = families.get(path.name.split("_")[0], "unlabelled")
+            total[family] += 1
+            built[family] += ok
+            # through the bar, so that a terminal showing both streams gets whole lines
+            progress.write(f"{'OK' if ok else 'FAIL'}\t{path.name}\t{text}", file=sys.stdout)
+            if ok and args.run:
+                outcome = run_file(path, args.timeout)
+                ran[family] += outcome.startswith("OK")
+                progress.write(f"  run: {outcome}", file=sys.stdout)
+            progress.update()
     print(f"\n{sum(built.values())} of {len(files)} build: " +
           ", ".join(f"{family} {built[family]}/{total[family]}" for family in sorted(total)))
     if args.run:

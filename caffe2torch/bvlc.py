@@ -111,7 +111,7 @@ class MVN(nn.Module):
 def spp_level(size: int, level: int) -> tuple[int, int]:
     """spp_layer.cpp's GetPoolingParam along one axis: (kernel = stride, pad) for 2^level bins."""
     bins = 2 ** level
-    kernel = -(-size // bins)
+    kernel = (size + bins - 1) // bins  # a ceiling (of a non-negative size: no negative floor division to export)
     return kernel, (kernel * bins - size + 1) // 2
 
 

@@ -209,8 +209,14 @@ def verify(model: Path, prototxt: Path | None, reference: Path, isolated: bool, 
         mode += f", {target}"
     if isolated:
         _check_isolated_can_run(net, ref)
-    with _numerics(target):
-        report = (verify_isolated if isolated else verify_free_running)(net, ref, tolerance, device=target)
+    from caffe2torch.progress import Progress
+    from caffe2torch.verify import verify_steps
+
+    # A bar (after 2 s) or log lines (after 10 s) for large nets; a unit net finishes before either shows.
+    with Progress(verify_steps(net, ref, isolated), "caffe2torch verify", "layer", delay=2.0) as progress, \
+            _numerics(target):
+        report = (verify_isolated if isolated else verify_free_running)(net, ref, tolerance, device=target,
+                                                                         on_layer=progress.update)
     for line in format_report(report, tolerance, mode):
         click.echo(line)
     if plot is not None:
@@ -358,8 +364,11 @@ def fold_bn(model: Path, prototxt: Path | None, input_shape: str | None, output:
 @click.option("--tolerance", type=click.FloatRange(min=0.0), default=1e-4, show_default=True,
               help="Largest error allowed, relative to the largest output magnitude.")
 @click.option("--force", is_flag=True, help="Replace an existing output file (never the model itself).")
+@click.option("--dynamic", is_flag=True, help="Also leave height and width symbolic (onnx, pt2), over the range the "
+              "net takes; the batch always is.")
+@click.option("--fast", is_flag=True, help="Export the fast graph (norms folded, torch's Interp and pooling kernels).")
 def export(model: Path, prototxt: Path | None, input_shape: str | None, fmt: str, output: Path, no_verify: bool,
-           tolerance: float, force: bool) -> None:
+           tolerance: float, force: bool, dynamic: bool, fast: bool) -> None:
     """Export MODEL (a caffemodel or a converted folder) and check the file against the PyTorch net.
 
     The written file is run (onnxruntime, the loaded program, or the net with the file's
@@ -387,11 +396,14 @@ def export(model: Path, prototxt: Path | None, input_shape: str | None, fmt: str
             _note(note)
         net, read = conversion.net, conversion.read_files()
     try:
-        check = run_export(net, fmt, output, tolerance, force=force, read=read)
+        check = run_export(net, fmt, output, tolerance, force=force, read=read, dynamic=dynamic, fast=fast)
     except ExportMismatch as error:
         _fail(str(error), EXIT_MISMATCH)
-    click.echo(f"wrote {check.path} ({fmt}); checked against the PyTorch net: max abs error {check.max_abs:.3g}, "
-               f"relative {check.max_rel:.3g} (tolerance {tolerance:g})")
+    sizes = " and ".join(", ".join("x".join(map(str, shape)) for shape in inputs) for inputs in check.sizes)
+    click.echo(f"wrote {check.path} ({fmt}{', fast graph' if fast else ''}); sizes "
+               f"{check.dynamic or 'fixed at the example'}")
+    click.echo(f"checked against the PyTorch net at {sizes}: max abs error {check.max_abs:.3g}, relative "
+               f"{check.max_rel:.3g} (tolerance {tolerance:g})")
 
 
 if __name__ == "__main__":

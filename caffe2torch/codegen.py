@@ -12,7 +12,6 @@ import inspect
 import operator
 import re
 
-import torch
 from torch import fx, nn
 
 from caffe2torch import bvlc as bvlc_modules

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from caffe2torch.modules import _float32_if_half, _kwargs
+from caffe2torch.modules import TableCache, _concrete, _float32_if_half, _kwargs, dims
 
 # Caffe's -FLT_MAX: DetectionOutput's confidence threshold when none is given.
 LOWEST_FLOAT = -3.4028234663852886e38
@@ -66,60 +66,87 @@ class Permute(nn.Module):
         return _kwargs(order=self.order)
 
 
-def prior_box_table(layer_size: tuple, image_size: tuple, step: tuple, offset: float, box_sizes: tuple,
-                    clip: bool, variance: tuple) -> torch.Tensor:
+def prior_box_table(layer_size: tuple, image_size: tuple, step: tuple | None, offset: float, box_sizes: tuple,
+                    clip: bool, variance: tuple, device=None) -> torch.Tensor:
     """PriorBoxLayer::Forward_cpu's top, [1, 2, H*W*len(box_sizes)*4], rounded as the fork rounds.
 
     Centres are float32 ((w + offset) * step); each coordinate is (centre -/+ size / 2.) / image
-    in double, stored as float32. `box_sizes` are the (width, height) float32 values in the
-    fork's order per cell. Built a block of rows at a time into the table, so the work space stays
-    small beside a table that may be large (the converter checks the table's size first).
+    in double, stored as float32. The step, when the layer gives none, is the float32 quotient
+    image / layer of each axis, as the fork's Forward computes it. `box_sizes` are the (width,
+    height) float32 values in the fork's order per cell. Built a block of rows at a time into the
+    table, so the work space stays small beside a table that may be large (the converter checks
+    the table's size first).
     """
     height, width = layer_size
-    step_h, step_w = (torch.tensor(s, dtype=torch.float32) for s in step)
-    offset32 = torch.tensor(offset, dtype=torch.float32)
-    sizes = torch.tensor(box_sizes, dtype=torch.float32).double().reshape(-1, 2)
+    if step is None:
+        step_h, step_w = (torch.full((), i, dtype=torch.float32, device=device) /
+                          torch.full((), n, dtype=torch.float32, device=device) for i, n in zip(image_size, layer_size))
+    else:
+        step_h, step_w = (torch.tensor(s, dtype=torch.float32, device=device) for s in step)
+    offset32 = torch.tensor(offset, dtype=torch.float32, device=device)
+    sizes = torch.tensor(box_sizes, dtype=torch.float32, device=device).double().reshape(-1, 2)
     half_w, half_h = sizes[:, 0] / 2.0, sizes[:, 1] / 2.0
-    center_x = ((torch.arange(width, dtype=torch.float32) + offset32) * step_w).double()[:, None]
+    center_x = ((torch.arange(width, dtype=torch.float32, device=device) + offset32) * step_w).double()[:, None]
     x_min, x_max = (center_x - half_w) / image_size[1], (center_x + half_w) / image_size[1]  # [W, priors]
     per_row = width * sizes.shape[0] * 4
-    table = torch.empty(2, height * per_row)
-    rows = max(1, (1 << 18) // per_row)
-    for start in range(0, height, rows):
-        stop = min(start + rows, height)
-        center_y = ((torch.arange(start, stop, dtype=torch.float32) + offset32) * step_h).double()[:, None]
+
+    def block(start, stop) -> torch.Tensor:
+        rows = torch.arange(start, stop, dtype=torch.float32, device=device)
+        center_y = ((rows + offset32) * step_h).double()[:, None]
         y_min, y_max = (center_y - half_h) / image_size[0], (center_y + half_h) / image_size[0]  # [rows, priors]
-        block = torch.stack(torch.broadcast_tensors(x_min[None], y_min[:, None], x_max[None], y_max[:, None]), dim=-1)
-        table[0, start * per_row:stop * per_row] = block.reshape(-1)  # rounded to float32 as it is stored
+        corners = torch.broadcast_tensors(x_min[None], y_min[:, None], x_max[None], y_max[:, None])
+        return torch.stack(corners, dim=-1).reshape(-1).float()  # rounded to float32 as it is stored
+
+    if _concrete(height, width):
+        boxes = torch.empty(height * per_row, device=device)
+        rows = max(1, (1 << 18) // per_row)
+        for start in range(0, height, rows):
+            stop = min(start + rows, height)
+            boxes[start * per_row:stop * per_row] = block(start, stop)
+    else:  # symbolic sizes (torch.export): one block
+        boxes = block(0, height)
     if clip:
-        table[0].clamp_(0.0, 1.0)
-    table[1].view(-1, 4)[:] = torch.tensor(variance, dtype=torch.float32)  # one value for all, or one per coordinate
-    return table.unsqueeze(0)
+        boxes = boxes.clamp(0.0, 1.0)
+    variances = torch.tensor(variance, dtype=torch.float32, device=device).expand(boxes.shape[0] // 4, 4)
+    return torch.stack([boxes, variances.reshape(-1)]).unsqueeze(0)
 
 
 class PriorBox(nn.Module):
-    """SSD's PriorBox: the default boxes of a feature map, fixed by the shapes (never by the data).
+    """SSD's PriorBox: the default boxes of the feature map it gets, fixed by the shapes (never by the data).
 
-    The table is computed once from the hyper-parameters; forward returns it in the bottom's
-    dtype. Caffe gives one set for the whole batch: shape [1, 2, H*W*priors*4].
+    The grid is bottom 0's size, the image size `image_size` (img_size / img_h, img_w) or bottom 1's,
+    the step `step` or image / grid, as the fork's Forward computes them for the blobs it is given.
+    The table is built once per size (`TableCache`); forward returns it in the bottom's dtype.
+    Caffe gives one set for the whole batch: shape [1, 2, H*W*priors*4].
     """
 
-    def __init__(self, layer_size: tuple, image_size: tuple, step: tuple, offset: float, box_sizes: tuple,
-                 clip: bool, variance: tuple) -> None:
+    def __init__(self, image_size: tuple | None, step: tuple | None, offset: float, box_sizes: tuple, clip: bool,
+                 variance: tuple) -> None:
         super().__init__()
-        self.layer_size, self.image_size = tuple(map(int, layer_size)), tuple(map(int, image_size))
-        self.step, self.offset = tuple(map(float, step)), float(offset)
-        self.box_sizes, self.clip = tuple(map(float, box_sizes)), bool(clip)
+        self.image_size = None if image_size is None else tuple(map(int, image_size))
+        self.step = None if step is None else tuple(map(float, step))
+        self.offset, self.box_sizes, self.clip = float(offset), tuple(map(float, box_sizes)), bool(clip)
         self.variance = tuple(map(float, variance))
-        self.register_buffer("priors", prior_box_table(self.layer_size, self.image_size, self.step, self.offset,
-                                                       self.box_sizes, self.clip, self.variance), persistent=False)
 
     def forward(self, x: torch.Tensor, *image: torch.Tensor) -> torch.Tensor:
-        return self.priors.to(dtype=x.dtype, copy=True)
+        return prior_boxes(x, image[0] if image else None, self.image_size, self.step, self.offset, self.box_sizes,
+                           self.clip, self.variance)
 
     def extra_repr(self) -> str:
-        return _kwargs(layer_size=self.layer_size, image_size=self.image_size, step=self.step, offset=self.offset,
-                       box_sizes=self.box_sizes, clip=self.clip, variance=self.variance)
+        return _kwargs(image_size=self.image_size, step=self.step, offset=self.offset, box_sizes=self.box_sizes,
+                       clip=self.clip, variance=self.variance)
+
+
+@torch.fx.wrap
+def prior_boxes(x: torch.Tensor, image: torch.Tensor | None, image_size: tuple | None, step: tuple | None,
+                offset: float, box_sizes: tuple, clip: bool, variance: tuple) -> torch.Tensor:
+    layer_size = dims(x, 2, 3)
+    if image_size is None:
+        image_size = dims(image, 2, 3)
+    key = ("priorbox", layer_size, image_size, step, offset, box_sizes, clip, variance, x.device)
+    table = TableCache.get(key, lambda: prior_box_table(layer_size, image_size, step, offset, box_sizes, clip,
+                                                        variance, x.device), x, *layer_size, *image_size)
+    return table.to(dtype=x.dtype, copy=True)
 
 
 def decode_boxes(loc: torch.Tensor, priors: torch.Tensor, variances: torch.Tensor, code_type: str,

@@ -32,7 +32,7 @@ from torch import fx, nn
 
 from caffe2torch.errors import CaffeError
 from caffe2torch.model import net_info, unexportable_layers
-from caffe2torch.modules import Eltwise, Interp, Pool2d, caffe_pool2d, dims, interp_size, pool_geometry
+from caffe2torch.modules import Eltwise, Interp, Pool2d, _concrete, caffe_pool2d, dims, interp_size, pool_geometry
 from caffe2torch.passes import call_of, fold_norms, merge_into, module_of, only_user, replace_calls
 
 FRESH = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear,
@@ -88,6 +88,9 @@ def fast_interp(x: torch.Tensor, shrink, zoom, height, width, pad_beg: int, pad_
     out_h, out_w = interp_size((height_in, width_in), shrink, zoom, height, width)
     start = -pad_beg
     x = x[:, :, start:start + height_in, start:start + width_in]
+    if not _concrete(height_in, width_in, out_h, out_w):  # symbolic sizes: torch's resize for every case
+        return F.interpolate(x.contiguous(memory_format=memory), size=(out_h, out_w), mode="bilinear",
+                             align_corners=True)
     if (height_in, width_in) == (out_h, out_w):
         return x.clone(memory_format=memory)
     if (height_in, width_in) == (1, 1):
@@ -116,8 +119,12 @@ class FastMaxPool(nn.Module):
 @torch.fx.wrap
 def fast_max_pool(x: torch.Tensor, kernel: tuple, stride: tuple, pad: tuple) -> torch.Tensor:
     size = dims(x, -2, -1)
-    torch_size = tuple(_torch_pool_size(*a) for a in zip(size, kernel, stride, pad))
-    if torch_size != pool_geometry(size, kernel, stride, pad, pad, True)[0]:
+    if _concrete(*size):
+        same = tuple(_torch_pool_size(*a) for a in zip(size, kernel, stride, pad)) == \
+            pool_geometry(size, kernel, stride, pad, pad, True)[0]
+    else:  # symbolic sizes: torch's ceil mode branches on the size inside (an export would fix it); Caffe's form
+        same = False
+    if not same:
         return caffe_pool2d(x, "MAX", kernel, stride, pad, pad)  # Caffe keeps a window torch drops: stay exact
     x = torch.nan_to_num(x, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
     y = F.max_pool2d(x, kernel, stride, pad, ceil_mode=True)

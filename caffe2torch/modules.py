@@ -62,7 +62,8 @@ class TableCache:
 
     @staticmethod
     def usable(x: torch.Tensor, *sizes) -> bool:
-        if not _concrete(*sizes) or type(x) not in (torch.Tensor, nn.Parameter) or torch.jit.is_tracing():
+        if not _concrete(*sizes) or type(x) not in (torch.Tensor, nn.Parameter) or torch.jit.is_tracing() or \
+                x.device.type == "meta":  # shapes alone (caffe2torch.dynamic): nothing to keep
             return False
         compiling = getattr(torch.compiler, "is_compiling", None)
         return not (compiling is not None and compiling())
@@ -94,13 +95,37 @@ def pool_geometry(size: tuple, kernel: tuple, stride: tuple, pad: tuple, pad_end
     MAX, the same sum and count for AVE, no padding out to the kernel), and a stride with one window along its axis
     is never taken (it may exceed torch's int)."""
     clip = any(pad) or any(pad_end)
-    out = tuple(caffe_pooled_size(n, k, s, p, clip, ceil, e) for n, k, s, p, e in zip(size, kernel, stride, pad, pad_end))
-    valid = tuple(min(o, -(-(n + p + e) // s)) for o, n, p, e, s in zip(out, size, pad, pad_end, stride))
-    window = tuple(min(k, n + p + e) for k, n, p, e in zip(kernel, size, pad, pad_end))
-    step = tuple(s if v > 1 else 1 for s, v in zip(stride, valid))
+    if _concrete(*size):
+        out = tuple(caffe_pooled_size(n, k, s, p, clip, ceil, e)
+                    for n, k, s, p, e in zip(size, kernel, stride, pad, pad_end))
+        valid = tuple(min(o, -(-(n + p + e) // s)) for o, n, p, e, s in zip(out, size, pad, pad_end, stride))
+        window = tuple(min(k, n + p + e) for k, n, p, e in zip(kernel, size, pad, pad_end))
+        step = tuple(s if v > 1 else 1 for s, v in zip(stride, valid))
+    else:
+        out, valid, window, step = _symbolic_pool_geometry(size, kernel, stride, pad, pad_end, ceil, clip)
     (ph, pw), (kh, kw), (sh, sw), (h, w), (vh, vw) = pad, window, step, size, valid
     edges = (pw, (vw - 1) * sw + kw - pw - w, ph, (vh - 1) * sh + kh - ph - h)
     return out, edges, (out[0] - vh, out[1] - vw), window, step
+
+
+def _symbolic_pool_geometry(size: tuple, kernel: tuple, stride: tuple, pad: tuple, pad_end: tuple, ceil: bool,
+                            clip: bool):
+    """pool_geometry's rules for symbolic sizes (torch.export with dynamic height and width), written without a
+    branch on a size wherever the layer's own numbers settle it, so an export stays dynamic: Caffe's clip can only
+    drop a window when stride > kernel - pad, a window can only lie wholly past the input when stride > kernel,
+    and the windows are the kernel (an input smaller than the kernel is refused when the exported net runs)."""
+    out, valid = [], []
+    # Divisions of non-negative sizes only ((a + s - 1) // s for a ceiling): exporters may lower a symbolic floor
+    # division to a truncating one (ONNX's Div), which differs for a negative numerator.
+    for n, k, s, p, e in zip(size, kernel, stride, pad, pad_end):
+        torch._check(n + p + e >= k, lambda: "the pooling kernel is larger than the padded input")
+        span = n + p + e - k
+        o = ((span + s - 1) // s if ceil else span // s) + 1
+        if clip and s > k - p:  # the clip as a minimum: the windows that start before the input ends
+            o = torch.sym_min(o, (n + p + s - 1) // s)
+        out.append(o)
+        valid.append(o if s <= k else torch.sym_min(o, (n + p + e + s - 1) // s))
+    return tuple(out), tuple(valid), tuple(kernel), tuple(stride)
 
 
 def _pool_divisor(method: str, size: tuple, kernel: tuple, stride: tuple, pad: tuple, pad_end: tuple, out: tuple,
@@ -131,14 +156,15 @@ def caffe_pool2d(x: torch.Tensor, method: str, kernel: tuple, stride: tuple, pad
     """Caffe MAX / AVE pooling of x's last two axes at whatever size x has (see Pool2d)."""
     size = dims(x, -2, -1)
     if kernel is None:  # global pooling: one window over whatever size x has
+        if not _concrete(*size) and not mask:  # symbolic sizes (torch.export): a reduction, no symbolic kernel
+            return _global_pool(x, method)
         kernel = size
     if same:  # synopsys-caffe's SAME: ceil(size / stride) windows, the padding worked out for this size
         along = [same_padding(n, k, s) for n, k, s in zip(size, kernel, stride)]
         pad, pad_end, ceil = tuple(a // 2 for a in along), tuple(a - a // 2 for a in along), False
     out, edges, empty, window, step = pool_geometry(size, kernel, stride, pad, pad_end, ceil)
-    concrete = _concrete(*edges, *empty)
-    pads = not concrete or any(edges)
-    tail = not concrete or any(empty)
+    pads = not _concrete(*edges) or any(edges)
+    tail = not _concrete(*empty) or any(empty)
     if method == "MAX":
         x = torch.nan_to_num(x, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
         if pads:
@@ -159,6 +185,16 @@ def caffe_pool2d(x: torch.Tensor, method: str, kernel: tuple, stride: tuple, pad
                                      lambda: _pool_divisor(method, size, window, stride, pad, pad_end, out,
                                                            y.device, y.dtype, look), y, *size)
     return y * factor if rescale else y
+
+
+def _global_pool(x: torch.Tensor, method: str) -> torch.Tensor:
+    """One window over the whole plane, as Caffe's global pooling (NaN never wins MAX), for exports whose height
+    and width are symbolic (torch's pooling takes no symbolic kernel); equal to the windowed form up to the order
+    of the sum's additions."""
+    if method == "MAX":
+        y = torch.nan_to_num(x, nan=-math.inf, posinf=math.inf, neginf=-math.inf).amax(dim=(-2, -1), keepdim=True)
+        return torch.nan_to_num(y, nan=0.0, posinf=math.inf, neginf=None)
+    return x.mean(dim=(-2, -1), keepdim=True)
 
 
 def _max_with_mask(x: torch.Tensor, kernel: tuple, stride: tuple, pad: tuple, width_in, empty: tuple, tail: bool):
@@ -282,7 +318,7 @@ def same_pad2d(x: torch.Tensor, kernel: tuple, stride: tuple, extent: tuple) -> 
     pads = []
     for n, k, s, e in zip(dims(x, -2, -1), kernel, stride, extent):
         near = same_padding(n, k, s) // 2
-        pads.append((near, (-(-n // s) - 1) * s + e - n - near))
+        pads.append((near, ((n + s - 1) // s - 1) * s + e - n - near))  # a ceiling of non-negative sizes
     (top, bottom), (left, right) = pads
     return F.pad(x, (left, right, top, bottom))
 
@@ -347,7 +383,10 @@ def caffe_interp(x: torch.Tensor, shrink: int | None = None, zoom: int | None = 
     def horizontal(rows: torch.Tensor) -> torch.Tensor:
         return rows.index_select(3, w_index) * w_near + rows.index_select(3, w_next) * w_far
 
-    if 2 * out[0] < cropped[0]:  # shrinking rows: interpolate only the source rows that are used
+    # shrinking rows: interpolate only the source rows that are used (the same values either way; with symbolic
+    # sizes the rule decides, as a branch on a size would fix it in an export)
+    rows_first = 2 * out[0] < cropped[0] if _concrete(*out, *cropped) else (zoom is None and (shrink or 1) > 2)
+    if rows_first:
         near, far = horizontal(x.index_select(2, h_index)), horizontal(x.index_select(2, h_next))
     else:
         per_row = horizontal(x)

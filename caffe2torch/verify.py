@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -13,7 +14,8 @@ from caffe2torch.errors import CaffeError, term
 from caffe2torch.model import LayerCall, layer_calls, net_info, run_layers
 from caffe2torch.reference import LayerRecord, Reference, TopRecord, read_reference
 
-__all__ = ["Reference", "read_reference", "verify_free_running", "verify_isolated", "format_report", "compare"]
+__all__ = ["Reference", "read_reference", "verify_free_running", "verify_isolated", "verify_steps", "format_report",
+           "compare"]
 
 FLT_MAX = float(np.finfo(np.float32).max)
 FREE_TOLERANCE = 5e-4
@@ -148,12 +150,18 @@ def _compare_top(record: LayerRecord, top: str, value: torch.Tensor, tolerance: 
     return Comparison(record.name, record.type, top, max_abs, rel, count, stored.data is not None, ok, note)
 
 
+def verify_steps(net: fx.GraphModule, reference: Reference, isolated: bool) -> int:
+    """How many times `on_layer` is called by a verify function: per layer call free-running, per record isolated."""
+    return len(reference.layers) if isolated else sum(1 for _ in layer_calls(net))
+
+
 def verify_free_running(net: fx.GraphModule, reference: Reference, tolerance: float = FREE_TOLERANCE,
-                        device: torch.device | str = "cpu") -> Report:
+                        device: torch.device | str = "cpu", on_layer: Callable[[], None] | None = None) -> Report:
     """Run the net on the stored input, each layer on our own outputs, and compare after every layer.
 
     Works on any graph a pass made from a converted net too (`caffe2torch.fast`): records of
-    layers merged into another call are listed apart, never counted as passes.
+    layers merged into another call are listed apart, never counted as passes. `on_layer()` is
+    called after each layer call (progress).
     """
     report = Report()
     records = _records_to_check(net, reference, report)
@@ -166,6 +174,8 @@ def verify_free_running(net: fx.GraphModule, reference: Reference, tolerance: fl
             report.comparisons.extend(_compare_top(record, top, value, tolerance) for top, value in zip(call.tops, tops))
         if call.layer == reference.argmax_source:
             argmax_output["argmax"] = tops[0].detach().clone()
+        if on_layer is not None:
+            on_layer()
 
     with torch.inference_mode():
         run_layers(net, **_input_tensors(net, reference, device), after_layer=after_layer)
@@ -237,14 +247,15 @@ def isolated_plan(net: fx.GraphModule, reference: Reference, records: dict[str, 
 
 
 def verify_isolated(net: fx.GraphModule, reference: Reference, tolerance: float = ISOLATED_TOLERANCE,
-                    device: torch.device | str = "cpu") -> Report:
+                    device: torch.device | str = "cpu", on_layer: Callable[[], None] | None = None) -> Report:
     """Feed each layer the reference values of its bottoms, so an error shows at the layer that makes it.
 
     A top whose full tensor is not stored is rebuilt by our layer (and checked at the stored
     samples) when that cannot carry error forward: the layer has no parameters (ReLU, Eltwise,
     Interp, MAX pooling, ...) or it reads stored tensors only (e.g. `data_sub1`, a Scale of the
     input). A layer whose bottoms cannot be had this way is listed as unchecked, never passed
-    (`isolated_plan` says which, before anything runs).
+    (`isolated_plan` says which, before anything runs). `on_layer()` is called after each record of the
+    reference (progress).
     """
     report = Report()
     records = _records_to_check(net, reference, report)
@@ -259,6 +270,8 @@ def verify_isolated(net: fx.GraphModule, reference: Reference, tolerance: float 
 
     with torch.inference_mode():
         for record in reference.layers:
+            if on_layer is not None:
+                on_layer()
             if record.name not in records:
                 continue
             if plan.missing[record.name]:

@@ -107,7 +107,8 @@ def evaluate(list_path: str | os.PathLike, data_root: str | os.PathLike, weights
     """The whole evaluation (`icnet-eval --list ... --data-root ... --weights ...`); returns report.json's content.
 
     `options` are EvalOptions fields: device, batch_size, workers, fast_resize, fast, fast_dtype,
-    output_format, input_size, prototxt, verify_md5, resume, progress, per_image, overlay.
+    output_format, input_size, prototxt, verify_md5, resume, progress, per_image, overlay, error_maps,
+    report_page.
     """
     fields = EvalOptions.__dataclass_fields__
     unknown = sorted(set(options) - set(fields))

@@ -69,7 +69,7 @@ device_option = click.option("--device", default=None,
 @click.option("--data-root", type=_path(), help="Folder the list's paths are relative to.")
 @click.option("--weights", type=_path(), help="ICNet .caffemodel (a released one needs no prototxt), or a folder written by caffe2torch convert / save (e.g. fine-tuned).")
 @click.option("--out", type=_path(), default=Path("icnet-results"), show_default=True,
-              help="Output folder: gray/, color/ (or labelids/), report.json.")
+              help="Output folder: gray/, color/ (or labelids/), report.json, report.html and its charts.")
 @device_option
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True, help="Processes decoding and resizing images.")
@@ -90,11 +90,13 @@ device_option = click.option("--device", default=None,
 @click.option("--redo", is_flag=True, help="Recompute every image, even those whose outputs exist.")
 @click.option("--per-image", is_flag=True, help="Add each image's own mIoU and pixel accuracy to report.json.")
 @click.option("--overlay", is_flag=True, help="Also write overlay/: each image with the colour map blended over it.")
+@click.option("--error-maps", is_flag=True, help="Also write errors/: wrong pixels in red over the dimmed image, "
+                                                 "ignored pixels pale.")
 @memory_option
 @click.version_option(package_name="caffe2torch")
 @click.pass_context
 def main(ctx: click.Context, list_path, data_root, weights, out, device, batch_size, workers, fast_resize, fast,
-         fast_dtype, output_format, input_size, prototxt, no_verify, redo, per_image, overlay) -> None:
+         fast_dtype, output_format, input_size, prototxt, no_verify, redo, per_image, overlay, error_maps) -> None:
     """Evaluate ICNet on Cityscapes as its authors did (eval_sub.m + eval_acc.m).
 
     \b
@@ -117,14 +119,14 @@ def main(ctx: click.Context, list_path, data_root, weights, out, device, batch_s
     options = EvalOptions(list_path, data_root, weights, out, device, batch_size, workers, fast_resize,
                           output_format, tuple(input_size) if input_size else None, prototxt,
                           verify_md5=not no_verify, resume=not redo, per_image=per_image, overlay=overlay, fast=fast,
-                          fast_dtype=fast_dtype)
+                          fast_dtype=fast_dtype, error_maps=error_maps)
     report = evaluate(options, echo=_note)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun the first process speaks for all
     click.echo(format_report(report))
     timing = report["timing"]
     _note(f"{timing['images_inferred']} images inferred, {timing['images_resumed']} taken from earlier outputs, "
-          f"{timing['seconds']:.1f} s; report: {Path(out) / 'report.json'}")
+          f"{timing['seconds']:.1f} s; report: {Path(out) / 'report.json'}, page: {Path(out) / 'report.html'}")
 
 
 @main.command()
@@ -135,7 +137,12 @@ def main(ctx: click.Context, list_path, data_root, weights, out, device, batch_s
 @click.option("--format", "pred_format", type=click.Choice(["auto", "trainids", "labelids"]), default="auto",
               show_default=True, help="What the prediction PNGs hold (auto: what an --out folder recorded; trainIds "
                                       "otherwise, refusing values no trainId has).")
-def score(list_path: Path, data_root: Path, pred_dir: Path, json_path: Path | None, pred_format: str) -> None:
+@click.option("--out", type=_path(), default=None,
+              help="Also write report.json, report.html and its charts here, as an evaluation does.")
+@click.option("--per-image", is_flag=True, help="Add each image's own mIoU and pixel accuracy to the JSON.")
+@click.option("--error-maps", is_flag=True, help="Also write --out/errors/: wrong pixels in red over the dimmed image.")
+def score(list_path: Path, data_root: Path, pred_dir: Path, json_path: Path | None, pred_format: str,
+          out: Path | None, per_image: bool, error_maps: bool) -> None:
     """Score existing predictions against the labels, exactly as eval_acc.m."""
     from icnet_eval.report import format_report, score_predictions, write_json
 
@@ -144,10 +151,13 @@ def score(list_path: Path, data_root: Path, pred_dir: Path, json_path: Path | No
             raise CaffeError(f"--json {json_path}: is a folder, expected a file name")
         _check_not_read(json_path, [(list_path, "the list"), (pred_dir, "the prediction folder")] +
                         [(entry.label, f"the label of {entry.where}") for entry in _entries(list_path, data_root)])
-    report = score_predictions(list_path, data_root, pred_dir, echo=_note, pred_format=pred_format)
+    report = score_predictions(list_path, data_root, pred_dir, echo=_note, pred_format=pred_format,
+                               per_image=per_image, out=out, error_maps=error_maps)
     click.echo(format_report(report))
     if json_path is not None:
         write_json(json_path, report)
+    if out is not None:
+        _note(f"report: {out / 'report.json'}, page: {out / 'report.html'}")
 
 
 @main.command()
@@ -227,7 +237,8 @@ def demo(root: Path, device: str | None, workers: int, images: int) -> None:
                           input_size=DEMO_INPUT_SIZE, resume=False, extra={"demo": True})
     report = evaluate(options, echo=_note)
     click.echo(format_report(report))
-    click.echo(f"predictions: {root / 'results'} (gray/, color/), report: {root / 'results' / 'report.json'}")
+    click.echo(f"predictions: {root / 'results'} (gray/, color/), report: {root / 'results' / 'report.json'}, "
+               f"page: {root / 'results' / 'report.html'}")
     released_weights_note(click.echo)
 
 

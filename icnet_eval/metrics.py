@@ -23,6 +23,7 @@ __all__ = [
     "ConfusionCounts",
     "cityscapes_class_iou",
     "cityscapes_confusion",
+    "error_pixels",
     "image_confusion",
     "image_counts",
     "image_instance_terms",
@@ -80,6 +81,17 @@ def image_counts(pred: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.nd
     # Bin 0 holds unlabelled pixels and is dropped, as intersectionAndUnion does.
     return (intersection[1:], area_pred[1:], area_label[1:],
             int(np.count_nonzero(matches & labelled)), int(np.count_nonzero(labelled)))
+
+
+def error_pixels(pred: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where eval_acc.m counts the prediction wrong, and where it ignores the label (255, and 254 through its
+    uint8 + 1): two bool masks at the label's size (a prediction of another size is resized as eval_acc.m does)."""
+    pred = _check_image(pred, "prediction")
+    label = _check_image(label, "label")
+    anno = _plus_one_saturating(label)
+    ignored = anno == 255
+    wrong = (_prediction_at_label_size(pred, label) != anno) & ~ignored
+    return wrong, ignored
 
 
 def _predicted_class(pred: np.ndarray, label: np.ndarray) -> np.ndarray:

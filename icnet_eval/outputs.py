@@ -27,6 +27,11 @@ FORMATS = ("trainids", "labelids")
 RUN_FILE = "icnet-eval-run.json"
 LOCK_FILE = ".icnet-eval.lock"
 REPORT_FILE = "report.json"
+# Beside report.json (icnet_eval.page): the page people open, and its two charts.
+REPORT_PAGE = "report.html"
+CONFUSION_CHART = "confusion_matrix.png"
+CLASS_IOU_CHART = "class_iou.png"
+REPORT_FILES = (REPORT_FILE, REPORT_PAGE, CONFUSION_CHART, CLASS_IOU_CHART)
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
@@ -118,8 +123,9 @@ class OutputFolder:
     when this tool wrote it (listed with its sha256 in icnet-segment.json and unchanged since), never a file of the
     user's, and never a file the run reads."""
 
-    def __init__(self, folder: Path, read: ReadFiles, manifest_name: str = SEGMENT_FILES) -> None:
-        self.folder, self.read = Path(folder), read
+    def __init__(self, folder: Path, read: ReadFiles, manifest_name: str = SEGMENT_FILES,
+                 tool: str = "icnet-eval segment") -> None:
+        self.folder, self.read, self.tool = Path(folder), read, tool
         self.manifest = self.folder / manifest_name
         self.files = self._load()
         self.changed, self.saved = False, time.monotonic()
@@ -127,7 +133,7 @@ class OutputFolder:
     def _load(self) -> dict[str, str]:
         if not self.manifest.exists() and not self.manifest.is_symlink():
             return {}
-        problem = f"{self.manifest}: is not the list of files icnet-eval segment wrote; remove it or choose another -o"
+        problem = f"{self.manifest}: is not the list of files {self.tool} wrote; remove it or choose another folder"
         if self.manifest.is_symlink() or not self.manifest.is_file():
             raise CaffeError(problem)
         try:
@@ -139,22 +145,34 @@ class OutputFolder:
             raise CaffeError(problem)
         return files
 
-    def ours(self, path: Path) -> bool:
-        digest = self.files.get(path.name)
-        return (digest is not None and path.parent.resolve() == self.folder.resolve() and not path.is_symlink()
-                and path.is_file() and _sha256_file(path) == digest)
+    def _key(self, path: Path) -> str | None:
+        """The manifest's name of `path`: relative to the folder, '/'-separated (a file at the top: its name)."""
+        try:
+            parent = path.parent.resolve().relative_to(self.folder.resolve())
+        except ValueError:
+            return None
+        return (parent / path.name).as_posix()
 
-    def check(self, targets: list[Path]) -> None:
+    def ours(self, path: Path) -> bool:
+        key = self._key(path)
+        digest = self.files.get(key) if key is not None else None
+        return digest is not None and not path.is_symlink() and path.is_file() and _sha256_file(path) == digest
+
+    def check(self, targets: list[Path], option: str | None = None) -> None:
         """Refuse, before any work, every target that is read by the run or is a file this tool did not write."""
-        self.read.check_file(self.manifest, term("-o", "out"))
+        option = option or term("-o", "out")
+        self.read.check_file(self.manifest, option)
         for target in targets:
-            self.read.check_file(target, term("-o", "out"))
+            self.read.check_file(target, option)
             if (target.exists() or target.is_symlink()) and not self.ours(target):
-                raise CaffeError(f"{target}: exists and was not written by icnet-eval segment (it is not in "
-                                 f"{self.manifest.name}); move it away or choose another -o")
+                raise CaffeError(f"{target}: exists and was not written by {self.tool} (it is not in "
+                                 f"{self.manifest.name}); move it away or choose another folder")
 
     def record(self, path: Path, data: bytes | None = None) -> None:
-        self.files[path.name] = hashlib.sha256(data).hexdigest() if data is not None else _sha256_file(path)
+        key = self._key(path)
+        if key is None:
+            raise CaffeError(f"{path}: is not inside {self.folder}")
+        self.files[key] = hashlib.sha256(data).hexdigest() if data is not None else _sha256_file(path)
         self.changed = True
         if time.monotonic() - self.saved > 5.0:  # a run killed outright leaves at most 5 s of files unlisted
             self.save()
@@ -169,10 +187,12 @@ class OutputFolder:
 class OutputStore:
     """Where one run's PNGs go; picklable so DataLoader workers can run the resume check."""
 
-    def __init__(self, out: Path, output_format: str = "trainids", resume: bool = True, overlay: bool = False) -> None:
+    def __init__(self, out: Path, output_format: str = "trainids", resume: bool = True, overlay: bool = False,
+                 error_maps: bool = False) -> None:
         if output_format not in FORMATS:
             raise CaffeError(f"{term('--format', 'output_format')} {output_format}: expected one of {', '.join(FORMATS)}")
         self.out, self.output_format, self.resume, self.overlay = Path(out), output_format, resume, overlay
+        self.error_maps = error_maps
         self.main_kind = "gray" if output_format == "trainids" else "labelids"
 
     def paths(self, entry: ListEntry) -> dict[str, Path]:
@@ -184,10 +204,13 @@ class OutputStore:
         paths = {self.main_kind: main, "color": self.out / "color" / f"{entry.output_stem}.png"}
         if self.overlay:
             paths["overlay"] = self.out / "overlay" / f"{entry.output_stem}.png"
+        if self.error_maps:
+            paths["errors"] = self.out / "errors" / f"{entry.output_stem}.png"
         return paths
 
     def make_folders(self) -> None:
-        for kind in (self.main_kind, "color") + (("overlay",) if self.overlay else ()):
+        for kind in (self.main_kind, "color") + (("overlay",) if self.overlay else ()) + \
+                (("errors",) if self.error_maps else ()):
             (self.out / kind).mkdir(parents=True, exist_ok=True)
 
     def write_overlay(self, entry: ListEntry, train_ids: np.ndarray, image_bgr: np.ndarray, fresh: bool) -> None:
@@ -203,6 +226,22 @@ class OutputStore:
         if not fresh and self.resume and self._decode_complete(path, cv2.IMREAD_UNCHANGED, source) is not None:
             return
         write_png(path, overlay(image_bgr, train_ids), source)
+
+    def write_error_map(self, entry: ListEntry, train_ids: np.ndarray, image_bgr: np.ndarray, label: np.ndarray,
+                        fresh: bool) -> None:
+        """errors/: eval_acc.m's wrong pixels over the dimmed image (`visuals.error_map`).
+
+        Its PNG records what it was drawn from (the image's and the label's size and mtime, and a
+        checksum of the prediction), so a resumed run keeps only maps that still show this run's
+        prediction against these files.
+        """
+        from icnet_eval.visuals import error_map
+
+        path = self.paths(entry)["errors"]
+        source = error_map_source(entry, train_ids)
+        if not fresh and self.resume and self._decode_complete(path, cv2.IMREAD_UNCHANGED, source) is not None:
+            return
+        write_png(path, error_map(image_bgr, train_ids, label), source)
 
     def any_exists(self, entries: list[ListEntry]) -> bool:
         return any(path.exists() for entry in entries for path in self.paths(entry).values())
@@ -263,6 +302,13 @@ class OutputStore:
         return train_ids
 
 
+def error_map_source(entry: ListEntry, train_ids: np.ndarray) -> str:
+    """What an error map shows: versions of the image and the label, and the prediction (its CRC-32)."""
+    assert entry.label is not None
+    crc = zlib.crc32(np.ascontiguousarray(train_ids).data)
+    return f"{source_id(entry.image)};{source_id(entry.label)};{crc:08x}"
+
+
 def check_outputs_apart(store: OutputStore, entries: list[ListEntry], read: ReadFiles | None = None) -> None:
     """Refuse an --out where a file of the run (a prediction, the report, the run file, the lock) would be written
     over (or, with --redo, delete) a file the run reads: an image, a label, the list, the weights, the definition."""
@@ -273,7 +319,7 @@ def check_outputs_apart(store: OutputStore, entries: list[ListEntry], read: Read
     for entry in entries:
         for path in store.paths(entry).values():
             read.check_file(path, term("--out", "out"))
-    for name in (REPORT_FILE, RUN_FILE, LOCK_FILE):
+    for name in REPORT_FILES + (RUN_FILE, LOCK_FILE):
         read.check_file(store.out / name, term("--out", "out"))
 
 

@@ -16,15 +16,17 @@ import torch
 
 from caffe2torch.errors import CaffeError, term
 from caffe2torch.limits import available_cores
+from caffe2torch.progress import Progress
 from caffe2torch.protect import ReadFiles
 from icnet_eval.cityscapes import CLASS_NAMES
 from icnet_eval.data import EvaluationDataset, ListEntry, make_loader, parse_list
 from icnet_eval.metrics import ConfusionCounts, image_instance_terms
 from icnet_eval.model import LoadedModel, load_model
-from icnet_eval.outputs import (REPORT_FILE, OutputStore, PngWriter, check_outputs_apart, check_run_file,
-                                delete_outputs, lock_out_dir, prepare_out_dir, write_run_file)
+from icnet_eval.outputs import (CLASS_IOU_CHART, CONFUSION_CHART, REPORT_FILE, OutputStore, PngWriter,
+                                check_outputs_apart, check_run_file, delete_outputs, lock_out_dir, prepare_out_dir,
+                                write_run_file)
+from icnet_eval.page import PageImage, write_report_files
 from icnet_eval.predict import Launched, Mode, Predictor, numerics, resolve_mode
-from icnet_eval.progress import Progress
 from icnet_eval.report import write_json
 
 
@@ -48,6 +50,8 @@ class EvalOptions:
     progress: bool = True
     per_image: bool = False
     overlay: bool = False
+    error_maps: bool = False  # errors/: wrong pixels over the dimmed image
+    report_page: bool = True  # report.html and its charts beside report.json
     # The input resize (MATLAB's, or PyTorch's under --fast) on the net's device (default: on a GPU), else in the workers.
     resize_on_device: bool | None = None
     # PNG encoding and writing beside the main loop (0: in the main loop; None: half the cores, 2 to 8)
@@ -160,7 +164,8 @@ def _run_shard(shard: list[ListEntry], predictor: Predictor, store: OutputStore,
     device, mode = predictor.device, predictor.mode
     resize_here = device.type != "cpu" if options.resize_on_device is None else options.resize_on_device
     dataset = EvaluationDataset(shard, predictor.model.input_size, store.existing_prediction,
-                                keep_image=store.overlay, resize=not resize_here, fast_resize=mode.torch_input_resize)
+                                keep_image=store.overlay or store.error_maps, resize=not resize_here,
+                                fast_resize=mode.torch_input_resize)
     loader = make_loader(dataset, options.batch_size, options.workers, pin_memory=device.type == "cuda")
     writer = PngWriter(default_writer_threads() if options.writer_threads is None else options.writer_threads)
 
@@ -171,10 +176,13 @@ def _run_shard(shard: list[ListEntry], predictor: Predictor, store: OutputStore,
                 result.times_ms[stage].extend([value] * len(launched.items))
             for item in launched.items:
                 writer.submit(store.write, item["entry"], item["prediction"])
-        if store.overlay:
-            for item in batch:
-                writer.submit(store.write_overlay, item["entry"], item["prediction"], item["image"],
-                              item["input"] is not None)
+        for item in batch if store.overlay or store.error_maps else ():
+            fresh = item["input"] is not None  # predicted now, not taken from disk
+            if store.overlay:
+                writer.submit(store.write_overlay, item["entry"], item["prediction"], item["image"], fresh)
+            if store.error_maps and item["label"] is not None:
+                writer.submit(store.write_error_map, item["entry"], item["prediction"], item["image"], item["label"],
+                              fresh)
         for item in batch:  # list order, so the totals never depend on timing
             if item["label"] is None:
                 continue
@@ -229,6 +237,18 @@ def _run_shard(shard: list[ListEntry], predictor: Predictor, store: OutputStore,
     return result
 
 
+def _write_page(out: Path, report: dict, entries: list[ListEntry], per_image: np.ndarray, store: OutputStore) -> None:
+    """report.html and the charts, from the scores and the prediction PNGs on disk (after report.json)."""
+    scored = report.get("miou") is not None
+    if not scored:  # charts of an earlier run of this --out would not describe this one
+        for name in (CONFUSION_CHART, CLASS_IOU_CHART):
+            (out / name).unlink(missing_ok=True)
+    images = [PageImage(entry, store.paths(entry)[store.main_kind], store.output_format == "labelids",
+                        float(row[0]) if scored else None, float(row[1]) if scored else None)
+              for entry, row in zip(entries, per_image)]
+    write_report_files(out, report, images, Path(report["options"]["data_root"]))
+
+
 def _rounded(statistic: Callable, values: list[float]) -> float | None:
     return round(float(statistic(values)), 3) if values else None
 
@@ -242,13 +262,16 @@ def evaluate(options: EvalOptions, model: LoadedModel | None = None,
     if options.batch_size < 1 or options.workers < 0:
         raise CaffeError(f"{term('--batch-size', 'batch_size')} must be >= 1 and {term('--workers', 'workers')} >= 0")
     entries = parse_list(options.list_path, options.data_root)
+    if options.error_maps and entries[0].label is None:
+        raise CaffeError(f"--error-maps: the list {options.list_path} has no labels ('IMAGE LABEL' lines), so there "
+                         f"are no errors to show")
     if any(entry.label_is_label_ids for entry in entries):
         echo("note: some *_labelTrainIds.png labels are missing; their *_labelIds.png are mapped to trainIds "
              "with the official Cityscapes table")
     out = Path(options.out)
     if out.exists() and not out.is_dir():
         raise CaffeError(f"{term('--out', 'out')} {out}: is a file, expected a folder for the predictions")
-    store = OutputStore(out, options.output_format, options.resume, options.overlay)
+    store = OutputStore(out, options.output_format, options.resume, options.overlay, options.error_maps)
     if model is None:
         model = load_model(options.weights, options.prototxt, options.input_size, options.verify_md5,
                            on_warning=lambda message: echo(f"warning: {message}"))
@@ -302,7 +325,7 @@ def evaluate(options: EvalOptions, model: LoadedModel | None = None,
     agreed(lambda: (write_run_file(out, fingerprint) if dist.rank == 0 else None, store.make_folders()))
     predictor = Predictor(model, device, mode, options.batch_size)
     start = time.perf_counter()
-    progress = Progress(len(shard), options.progress and dist.rank == 0)
+    progress = Progress(len(shard), "icnet-eval", "image", enabled=options.progress and dist.rank == 0)
     per_image = np.zeros((len(entries), _PER_IMAGE_FIELDS))
     failure: BaseException | None = None
     try:
@@ -361,6 +384,8 @@ def evaluate(options: EvalOptions, model: LoadedModel | None = None,
     }
     if dist.rank == 0:
         write_json(out / REPORT_FILE, report)
+        if options.report_page:
+            _write_page(out, report, entries, per_image, store)
     if lock is not None:
         lock.close()
     dist.close()

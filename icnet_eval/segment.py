@@ -12,13 +12,13 @@ import numpy as np
 import torch
 
 from caffe2torch.errors import CaffeError, term
+from caffe2torch.progress import Progress
 from caffe2torch.protect import ReadFiles
 from icnet_eval.cityscapes import color_bgr, train_ids_to_label_ids
 from icnet_eval.data import BYTES_PER_PIXEL, check_pixels, decode_checked, preprocess
 from icnet_eval.model import LoadedModel, load_model
 from icnet_eval.outputs import OutputFolder, write_png
 from icnet_eval.predict import Mode, Predictor, numerics, resolve_mode
-from icnet_eval.progress import Progress
 
 Key = TypeVar("Key")
 
@@ -140,7 +140,7 @@ def _segment_video(path: Path, targets: dict[str, Path], segmenter: StreamSegmen
             partial.unlink(missing_ok=True)
         raise
     writers: dict[str, cv2.VideoWriter] = {}
-    progress = Progress(frames, enabled=True)
+    progress = Progress(frames or None, "icnet-eval segment", "frame")
     count = 0
     try:
         for _, frame, train_ids in segmenter.stream(_frames(capture)):
@@ -256,7 +256,7 @@ def segment_input(source: str | os.PathLike, weights: str | os.PathLike, out: st
     try:
         if video:
             return _segment_video(source, plan[0][1], segmenter, folder, echo)
-        progress = Progress(len(plan), enabled=len(plan) > 1)
+        progress = Progress(len(plan), "icnet-eval segment", "image", enabled=len(plan) > 1)
         try:
             return _segment_images(plan, segmenter, folder, progress)
         finally:

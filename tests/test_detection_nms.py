@@ -82,7 +82,7 @@ def _ssd512_priors() -> torch.Tensor:
         text = (f"min_size: {low} max_size: {high} " + " ".join(f"aspect_ratio: {r}" for r in ratios) +
                 " flip: true variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2 img_size: 512")
         layer = layer_from_text(f'name: "p" type: "PriorBox" prior_box_param {{ {text} }}')
-        tables.append(convert_layer(layer, [(1, 1, side, side)], []).module.priors)
+        tables.append(convert_layer(layer, [(1, 1, side, side)], []).module(torch.zeros(1, 1, side, side)))
     return torch.cat(tables, 2)
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from caffe2torch.cli import main
+from caffe2torch.errors import CaffeError
 from caffe2torch.export import FORMATS, SUFFIXES, ExportMismatch, check_inputs, export
 from caffe2torch.layers import registry
 from caffe2torch.layers.registry import Converted
@@ -98,7 +99,8 @@ def test_cli_export_from_a_caffemodel_and_a_converted_folder(units_dir, tmp_path
     out = tmp_path / f"net{SUFFIXES[fmt]}"
     result = runner.invoke(main, ["export", str(units_dir / "unit_inplace_chain.caffemodel"), "--format", fmt, "-o", str(out)])
     assert result.exit_code == 0, result.output
-    assert f"wrote {out} ({fmt}); checked against the PyTorch net: max abs error" in result.output
+    assert f"wrote {out} ({fmt}); sizes " in result.output
+    assert "checked against the PyTorch net at 1x3x9x11" in result.output and "max abs error" in result.output
     assert "note: using the net definition" in result.output and "unit_inplace_chain.prototxt" in result.output
     folder = tmp_path / "converted"
     assert runner.invoke(main, ["convert", str(units_dir / "unit_inplace_chain.caffemodel"), "-o", str(folder)]).exit_code == 0
@@ -120,7 +122,7 @@ def test_export_errors_are_one_line(units_dir, tmp_path, monkeypatch):
     result = runner.invoke(main, ["export", str(units_dir / "unit_conv_basic.caffemodel"), "--format", "pt2",
                                   "-o", str(tmp_path)])  # a folder, not a file: click's own usage error
     assert result.exit_code == 2 and "is a directory" in result.output
-    monkeypatch.setitem(__import__("caffe2torch.export", fromlist=["_NEEDS"])._NEEDS, "onnx", ("no_such_package_xyz",))
+    monkeypatch.setitem(__import__("caffe2torch.writers", fromlist=["_NEEDS"])._NEEDS, "onnx", ("no_such_package_xyz",))
     result = runner.invoke(main, ["export", str(units_dir / "unit_conv_basic.caffemodel"), "--format", "onnx",
                                   "-o", str(tmp_path / "x.onnx")])
     assert result.exit_code == 2 and "pip install 'caffe2torch[export]'" in result.output
@@ -216,7 +218,7 @@ def test_onnx_outputs_that_are_an_input_or_share_a_value_are_copied(tmp_path):
     import onnxruntime
     from onnx import TensorProto, helper
 
-    from caffe2torch.export import _rename_onnx
+    from caffe2torch.writers import _rename_onnx
 
     value = helper.make_tensor_value_info
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [value("x", TensorProto.FLOAT, [2])],
@@ -232,3 +234,81 @@ def test_onnx_outputs_that_are_an_input_or_share_a_value_are_copied(tmp_path):
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     results = session.run(None, {"data": np.array([-1.0, 2.0], np.float32)})
     assert [r.tolist() for r in results] == [[-1.0, 2.0], [0.0, 2.0], [0.0, 2.0]]
+
+
+def _onnx_dims(path) -> list[list]:
+    import onnx
+
+    return [[d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+            for value in onnx.load(str(path)).graph.input]
+
+
+def test_exports_take_any_batch_and_with_dynamic_any_size_the_net_takes(tmp_path):
+    """ONNX and pt2 files: a symbolic batch by default; --dynamic: symbolic height and width too, over the range the
+    net takes, checked in onnxruntime (and the loaded program) at the converted size and at another one."""
+    import onnxruntime
+
+    from caffe2torch.dynamic import size_ranges
+
+    net = convert_reference("unit_pool_max")  # converted for 1x3x13x17
+    batch = export(net, "onnx", tmp_path / "batch.onnx")
+    assert _onnx_dims(batch.path)[0][1:] == [3, 13, 17] and isinstance(_onnx_dims(batch.path)[0][0], str)
+    assert batch.sizes == [[(1, 3, 13, 17)], [(2, 3, 13, 17)]] and batch.dynamic == "data: N x 3 x 13 x 17"
+    full = export(net, "onnx", tmp_path / "full.onnx", dynamic=True)
+    assert all(isinstance(d, str) for d in _onnx_dims(full.path)[0][::2] + _onnx_dims(full.path)[0][3:])
+    low = size_ranges(net)["data"][2][0]
+    assert full.dynamic == f"data: N x 3 x H (>= {low}) x W (>= {low})" and full.max_rel <= 1e-5
+    session = onnxruntime.InferenceSession(str(full.path), providers=["CPUExecutionProvider"])
+    for shape in ((3, 3, 40, 23), (1, 3, low, 64)):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+        got = session.run(None, {"data": x.numpy()})
+        with torch.no_grad():
+            want = net(x)
+        for ours, theirs in zip(got, want, strict=True):
+            np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-5, atol=1e-5)
+    program = export(net, "pt2", tmp_path / "net.pt2", dynamic=True)
+    loaded = torch.export.load(str(program.path))
+    assert [spec.arg.name for spec in loaded.graph_signature.output_specs] == net_info(net).outputs
+    x = torch.randn(2, 3, 31, 20)
+    with torch.no_grad():
+        for ours, theirs in zip(loaded.module()(x), net(x), strict=True):
+            torch.testing.assert_close(ours, theirs)
+
+
+def test_a_net_whose_weights_fix_its_size_exports_its_batch_only(tmp_path):
+    net = convert_reference("unit_innerproduct")
+    check = export(net, "pt2", tmp_path / "net.pt2", dynamic=True)
+    assert check.dynamic == "data: N x 4 x 3 x 5"
+    with pytest.raises(CaffeError, match="dynamic=True: a TorchScript trace keeps its example's sizes"):
+        export(net, "torchscript", tmp_path / "net.pt", dynamic=True)
+    assert not (tmp_path / "net.pt").exists()
+
+
+FAST_NET = """input: "data" input_shape { dim: 1 dim: 3 dim: 24 dim: 32 }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }
+layer { name: "bn" type: "BN" bottom: "conv" top: "conv" }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool" pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 } }
+layer { name: "up" type: "Interp" bottom: "pool" top: "up" interp_param { zoom_factor: 2 } }
+"""
+
+
+def test_export_of_the_fast_graph_matches_the_net(units_dir, tmp_path):
+    """--fast: BN folded, torch's pooling and Interp kernels; checked against the converted net like every export."""
+    import onnx
+
+    from tests.conftest import random_net
+
+    net = random_net(tmp_path, FAST_NET, std=0.3)
+    with torch.no_grad():  # statistics a fold can show (var > 0)
+        for name, buffer in net.named_buffers():
+            if name.endswith("running_var"):
+                buffer.uniform_(0.5, 2.0)
+    check = export(net, "onnx", tmp_path / "fast.onnx", fast=True, dynamic=True)
+    assert check.max_rel <= 1e-5
+    kinds = {node.op_type for node in onnx.load(str(check.path)).graph.node}
+    assert "BatchNormalization" not in kinds and "Conv" in kinds  # folded into the convolution
+    result = CliRunner().invoke(main, ["export", str(units_dir / "unit_interp.caffemodel"), "--format",
+                                       "onnx", "-o", str(tmp_path / "interp.onnx"), "--fast", "--dynamic"])
+    assert result.exit_code == 0, result.output
+    assert "(onnx, fast graph); sizes data: N x 3 x H (>= " in result.output

@@ -274,3 +274,26 @@ def test_faster_rcnn_head_runs_and_says_where_it_cannot_go(tmp_path):
         cuda_graph(net, [data, info])
     save_net(net, tmp_path / "folder")
     assert torch.equal(load_standalone(tmp_path / "folder")(data, info), probabilities)
+
+
+def test_faster_rcnn_converts_once_and_runs_images_of_different_sizes(tmp_path):
+    """py-faster-rcnn reshapes for every test image (shorter side 600, longer up to 1000): one converted net takes
+    image after image of its own size with their im_info; each one's proposals and pooled regions equal loops of
+    the fork's forward at that size."""
+    from caffe2torch.model import blobs
+
+    net = random_net(tmp_path, FASTER_RCNN_HEAD, std=0.2)  # converted at 64 x 80
+    for height, width, scale in ((96, 128, 1.5), (72, 56, 0.8), (64, 80, 1.0)):
+        data = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(height))
+        info = torch.tensor([[float(height), float(width), scale]])
+        with torch.no_grad():
+            values = blobs(net, data, info)
+        scores, deltas = values["rpn_cls_prob_reshape"].numpy(), values["rpn_bbox_pred"].numpy()
+        assert scores.shape[2:] == (height // 4, width // 4)
+        expected_rois, _ = proposal_reference(scores, deltas, info.numpy(), 4, (8, 16, 32))
+        rois = values["rois"].numpy()
+        assert rois.shape == expected_rois.shape and len(rois) > 5
+        np.testing.assert_allclose(rois, expected_rois, rtol=1e-6, atol=1e-4)
+        pooled = roi_pooling_reference(values["conv"].numpy(), rois, 3, 3, 0.25)
+        np.testing.assert_array_equal(values["pool5"].numpy(), pooled)
+        assert values["cls_prob"].shape == (len(rois), 5)

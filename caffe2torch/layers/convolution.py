@@ -180,7 +180,7 @@ def _conv_module(layer, blobs: Sequence[np.ndarray], g: _ConvGeometry, transpose
     expect_blobs(layer, blobs, 1 + g.bias_term)
     weight = fit_blob(layer, "weight blob", blobs[0], weight_shape)
     bias = fit_blob(layer, "bias blob", blobs[1], [g.num_output]) if g.bias_term else None
-    padding = tuple(g.pad) if g.symmetric else (0,) * g.num_spatial
+    padding = tuple(g.pad) if g.symmetric and not g.same else (0,) * g.num_spatial
     conv = on_meta(factory, g.channels, g.num_output, tuple(g.kernel), stride=tuple(g.stride), padding=padding,
                    dilation=tuple(g.dilation), groups=g.group, bias=g.bias_term)
     assign(conv, weight=weight, bias=bias)

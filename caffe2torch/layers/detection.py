@@ -133,15 +133,12 @@ def convert_prior_box(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray
     if len(feature) != 4:
         raise layer_error(layer, f"needs a 4-axis bottom 0, has shape {feature}")
     sizes, priors = prior_sizes(layer)
-    image = _pair_or_single(layer, "img", "img_size")
+    image = given_image = _pair_or_single(layer, "img", "img_size")
     if image is None:
         if len(inputs) != 2 or len(inputs[1]) != 4:
             raise layer_error(layer, "needs the image as bottom 1 (or img_size / img_h, img_w) to scale its boxes")
         image = (inputs[1][2], inputs[1][3])
-    step = _pair_or_single(layer, "step", "step")
-    if step is None:
-        step = (_float32(np.float32(image[0]) / np.float32(feature[2])),
-                _float32(np.float32(image[1]) / np.float32(feature[3])))
+    step = _pair_or_single(layer, "step", "step")  # None: image / grid, worked out for the sizes the net gets
     variance = [float(v) for v in param.variance] or [_float32(0.1)]
     if len(variance) not in (1, 4):
         raise layer_error(layer, f"give 1 or 4 variance values, not {len(variance)}")
@@ -152,7 +149,7 @@ def convert_prior_box(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray
         raise layer_error(layer, f"offset {param.offset:g} must be a finite number")
     top = (1, 2, feature[2] * feature[3] * priors * 4)
     check_top(layer, top, inputs)  # before the table of that size is built
-    module = PriorBox((feature[2], feature[3]), image, step, param.offset, tuple(sizes), param.clip, tuple(variance))
+    module = PriorBox(given_image, step, param.offset, tuple(sizes), param.clip, tuple(variance))
     return Converted(module, [top])
 
 
