@@ -7,6 +7,7 @@ matplotlib's object API on the Agg canvas (no pyplot: no global figure state, no
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import math
 from pathlib import Path
@@ -23,6 +24,8 @@ def plot_format(path: Path) -> str:
     kind = path.suffix.lower().lstrip(".")
     if kind not in FORMATS:
         raise CaffeError(f"--plot {path}: give a file ending in {', '.join('.' + f for f in FORMATS)}")
+    if importlib.util.find_spec("matplotlib") is None:  # a machine set up with --no-deps
+        raise CaffeError(f"--plot {path}: needs matplotlib (pip install matplotlib)")
     return kind
 
 
