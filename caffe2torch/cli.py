@@ -208,7 +208,9 @@ def verify(model: Path, prototxt: Path | None, reference: Path, isolated: bool, 
     if target.type != "cpu":
         mode += f", {target}"
     if isolated:
-        _check_isolated_can_run(net, ref)
+        from caffe2torch.verify import check_isolated_can_run
+
+        check_isolated_can_run(net, ref)
     from caffe2torch.progress import Progress
     from caffe2torch.verify import verify_steps
 
@@ -220,31 +222,10 @@ def verify(model: Path, prototxt: Path | None, reference: Path, isolated: bool, 
     for line in format_report(report, tolerance, mode):
         click.echo(line)
     if plot is not None:
-        _write_plot(plot, report, tolerance, f"{model.name} vs {reference.name} ({mode})")
+        from caffe2torch.plot import write_plot
+
+        click.echo(f"wrote {write_plot(plot, report, tolerance, f'{model.name} vs {reference.name} ({mode})')}")
     sys.exit(0 if report.ok else EXIT_MISMATCH)
-
-
-def _write_plot(path: Path, report, tolerance: float, title: str) -> None:
-    from caffe2torch.plot import error_figure, figure_bytes, plot_format
-    from caffe2torch.write import write_atomic
-
-    write_atomic(path, figure_bytes(error_figure(report, tolerance, title), plot_format(path)))
-    click.echo(f"wrote {path}")
-
-
-def _check_isolated_can_run(net, ref) -> None:
-    """Refuse --isolated, before it runs, on a reference that cannot feed some layers Caffe's bottoms (one that
-    stores samples of most tops, not their full tensors): it could pass none of them."""
-    from caffe2torch.verify import isolated_plan
-
-    plan = isolated_plan(net, ref)
-    unfed = plan.unfed
-    if unfed:
-        full = sum(1 for record in ref.layers if all(value.data is not None for value in record.values))
-        raise CaffeError(f"{ref.path}: --isolated feeds each layer Caffe's full tensors of its bottoms, but this "
-                         f"reference stores them for {full} of its {len(ref.layers)} layers (samples of the rest), so "
-                         f"{len(unfed)} layers could not be checked (the first: {unfed[0]!r}); verify without "
-                         f"--isolated checks every layer free-running")
 
 
 def _convert_quietly(model: Path, prototxt: Path | None, shapes, verify_md5: bool):

@@ -79,3 +79,10 @@ def figure_bytes(figure, kind: str) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format=kind, dpi=150, metadata={"Software": None} if kind == "png" else None)
     return buffer.getvalue()
+
+
+def write_plot(path: Path, report: Report, tolerance: float, title: str) -> Path:
+    """The figure of `report` written to `path` (its extension says the format), under a temporary name first."""
+    from caffe2torch.write import write_atomic
+
+    return write_atomic(path, figure_bytes(error_figure(report, tolerance, title), plot_format(path)))

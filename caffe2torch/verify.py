@@ -246,6 +246,20 @@ def isolated_plan(net: fx.GraphModule, reference: Reference, records: dict[str, 
     return IsolatedPlan(calls, missing, rebuilt)
 
 
+def check_isolated_can_run(net: fx.GraphModule, reference: Reference) -> None:
+    """Refuse an isolated check, before it runs, on a reference that cannot feed some layers Caffe's bottoms (one
+    that stores samples of most tops, not their full tensors): it could pass none of them."""
+    unfed = isolated_plan(net, reference).unfed
+    if unfed:
+        full = sum(1 for record in reference.layers if all(value.data is not None for value in record.values))
+        isolated = term("--isolated", "verify_isolated()")
+        raise CaffeError(f"{reference.path}: {isolated} feeds each layer Caffe's full tensors of its bottoms, but this "
+                         f"reference stores them for {full} of its {len(reference.layers)} layers (samples of the "
+                         f"rest), so {len(unfed)} layers could not be checked (the first: {unfed[0]!r}); verify "
+                         f"without {term('--isolated', 'isolation (verify_free_running)')} checks every layer "
+                         f"free-running")
+
+
 def verify_isolated(net: fx.GraphModule, reference: Reference, tolerance: float = ISOLATED_TOLERANCE,
                     device: torch.device | str = "cpu", on_layer: Callable[[], None] | None = None) -> Report:
     """Feed each layer the reference values of its bottoms, so an error shows at the layer that makes it.
