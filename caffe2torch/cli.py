@@ -128,8 +128,10 @@ def convert(model: Path, prototxt: Path | None, input_shape: str | None, output:
     for note in conversion.notes:
         _note(note)
     release = f" (known release {conversion.release.name})" if conversion.release is not None else ""
-    click.echo(f"weights: {model}, md5 {conversion.md5}{release}")
-    click.echo(f"definition: {conversion.prototxt_path or 'the net stored in ' + model.name}")
+    # format_filename: a file name that is not UTF-8 is shown with replacement characters, not a crash
+    click.echo(f"weights: {click.format_filename(model)}, md5 {conversion.md5}{release}")
+    definition = conversion.prototxt_path or f"the net stored in {model.name}"
+    click.echo(f"definition: {click.format_filename(str(definition))}")
     meta = {"source": model.name, "md5": conversion.md5,
             "prototxt": str(conversion.prototxt_path) if conversion.prototxt_path else "(stored in the caffemodel)",
             "release": conversion.release.name if conversion.release else None}
@@ -224,7 +226,8 @@ def verify(model: Path, prototxt: Path | None, reference: Path, isolated: bool, 
     if plot is not None:
         from caffe2torch.plot import write_plot
 
-        click.echo(f"wrote {write_plot(plot, report, tolerance, f'{model.name} vs {reference.name} ({mode})')}")
+        written = write_plot(plot, report, tolerance, f"{model.name} vs {reference.name} ({mode})")
+        click.echo(f"wrote {click.format_filename(written)}")
     sys.exit(0 if report.ok else EXIT_MISMATCH)
 
 
@@ -295,7 +298,7 @@ def inspect(file: Path, prototxt: Path | None, input_shape: str | None, as_json:
         from caffe2torch.write import write_atomic
 
         write_atomic(graph, render(info, graph_format(graph)).encode())
-        _note(f"wrote {graph}")
+        _note(f"wrote {click.format_filename(graph)}")
     for message in info["warnings"]:
         _warn(message)
     for message in info["notes"]:

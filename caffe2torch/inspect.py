@@ -71,8 +71,13 @@ def _describe_folder(folder: Path, prototxt: Path | None, input_shape) -> dict:
         "md5": meta.get("md5") if isinstance(meta.get("md5"), str) else None,  # of the caffemodel it came from
         "release": meta.get("release") if isinstance(meta.get("release"), str) else None,
         "warnings": [],
-        "notes": [f"a folder converted from {meta.get('source', 'an unknown file')}"] + ([note] if note else []),
+        "notes": [f"a folder converted from {_printable(meta.get('source', 'an unknown file'))}"] + ([note] if note else []),
     })
+
+
+def _printable(name) -> str:
+    """A file name as text that prints and goes into JSON (a name that is not UTF-8 keeps replacement characters)."""
+    return str(name).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _description(net, definition, trained: dict, facts: dict) -> dict:
