@@ -1,9 +1,9 @@
 """caffe2torch: read Caffe models and rebuild them as native PyTorch models with Caffe's exact numerics."""
 
-from caffe2torch.errors import CaffeError
+from caffe2torch.errors import CaffeError, InputSizeError
 
-__all__ = ["CaffeError", "Converted", "blobs", "convert", "freeze_batchnorm", "load", "net_info", "register_converter",
-           "save", "unfreeze_batchnorm", "with_outputs"]
+__all__ = ["CaffeError", "Converted", "InputSizeError", "blobs", "convert", "dynamic_shapes", "freeze_batchnorm", "load",
+           "net_info", "register_converter", "save", "unfreeze_batchnorm", "with_outputs"]
 
 
 def convert(weights=None, prototxt=None, input_shape=None, verify_md5: bool = True):
@@ -64,6 +64,14 @@ def unfreeze_batchnorm(net):
     from caffe2torch.freeze import unfreeze_batchnorm as _unfreeze
 
     return _unfreeze(net)
+
+
+def dynamic_shapes(net, batch: bool = True, spatial: bool = True):
+    """torch.export Dims for the input sizes a converted net takes (see caffe2torch.dynamic), for
+    `torch.export.export(net, inputs, dynamic_shapes=...)` with example inputs of batch 2 or more."""
+    from caffe2torch.dynamic import dynamic_shapes as _dynamic_shapes
+
+    return _dynamic_shapes(net, batch, spatial)
 
 
 def register_converter(type_name: str, *, replace: bool = False):

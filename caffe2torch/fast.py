@@ -32,7 +32,7 @@ from torch import fx, nn
 
 from caffe2torch.errors import CaffeError
 from caffe2torch.model import net_info, unexportable_layers
-from caffe2torch.modules import Eltwise, Interp, Pool2d, _concrete, caffe_pool2d, dims, interp_size, pool_geometry
+from caffe2torch.modules import Eltwise, Interp, Pool2d, TableCache, _concrete, caffe_pool2d, dims, interp_size, pool_geometry
 from caffe2torch.passes import call_of, fold_norms, merge_into, module_of, only_user, replace_calls
 
 FRESH = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear,
@@ -240,12 +240,50 @@ def optimize(net: fx.GraphModule, options: FastOptions | None = None, **levers: 
     return fast
 
 
-class CUDAGraphed:
-    """A net captured in a CUDA graph for fixed input shapes: each call copies the inputs in and replays.
+class _Capture:
+    """One CUDA graph of the net for one set of input shapes and dtypes, with the size tables it reads."""
 
-    The outputs are the graph's own static tensors, overwritten by the next call: clone what
-    you keep. Build it with `cuda_graph(net, example_inputs)`.
+    def __init__(self, net: nn.Module, example_inputs: Sequence[torch.Tensor], warmup: int) -> None:
+        self.device = example_inputs[0].device
+        tables = TableCache.keep()
+        try:
+            with torch.cuda.device(self.device), torch.inference_mode():
+                self.inputs = [x.clone() for x in example_inputs]
+                stream = torch.cuda.Stream(self.device)
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(stream):
+                    for _ in range(warmup):  # lazy initialisation and cuDNN's choices happen outside the capture
+                        net(*self.inputs)
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+                self.graph = torch.cuda.CUDAGraph()
+                # thread_local: CUDA calls of other threads (a DataLoader's pin-memory thread, writers freeing
+                # pinned buffers) do not invalidate this capture
+                capture = torch.cuda.Stream(self.device)
+                with torch.cuda.graph(self.graph, stream=capture, capture_error_mode="thread_local"):
+                    self.outputs = net(*self.inputs)
+        finally:
+            TableCache.stop_keeping()
+        self.tables = tables  # the graph reads them by address: kept alive as long as it is
+
+    def replay(self, inputs: Sequence[torch.Tensor]):
+        # the static inputs are inference tensors: they can only be written in inference mode
+        with torch.cuda.device(self.device), torch.inference_mode():
+            for static, value in zip(self.inputs, inputs):
+                static.copy_(value, non_blocking=True)
+            self.graph.replay()
+        return self.outputs
+
+
+class CUDAGraphed:
+    """A net captured in CUDA graphs, one per set of input shapes (and dtypes) it is called with: each call copies the
+    inputs into the graph of their shapes and replays it; a new shape is captured on its first call (the LIMIT most
+    recently used graphs are kept).
+
+    The outputs are the graph's own static tensors, overwritten by the next call at that shape: clone what you
+    keep. Build it with `cuda_graph(net, example_inputs)` (the example's graph is captured at once).
     """
+
+    LIMIT = 4
 
     def __init__(self, net: nn.Module, example_inputs: Sequence[torch.Tensor], warmup: int = 3) -> None:
         blocking = unexportable_layers(net)
@@ -256,39 +294,39 @@ class CUDAGraphed:
             raise CaffeError("CUDA graphs need a CUDA device; none is available")
         if not all(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
             raise CaffeError("cuda_graph() needs the example inputs on the CUDA device the net is on")
-        self.net = net
+        self.net, self.warmup, self.count = net, warmup, len(example_inputs)
         self.device = example_inputs[0].device
-        with torch.cuda.device(self.device), torch.inference_mode():
-            self.inputs = [x.clone() for x in example_inputs]
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(warmup):  # lazy initialisation and cuDNN's choices happen outside the capture
-                    net(*self.inputs)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            # thread_local: CUDA calls of other threads (a DataLoader's pin-memory thread, writers freeing
-            # pinned buffers) do not invalidate this capture
-            capture = torch.cuda.Stream(self.device)
-            with torch.cuda.graph(self.graph, stream=capture, capture_error_mode="thread_local"):
-                self.outputs = net(*self.inputs)
+        self.captures: dict[tuple, _Capture] = {}
+        self._use(example_inputs)
+
+    @staticmethod
+    def _key(inputs: Sequence[torch.Tensor]) -> tuple:
+        return tuple((tuple(x.shape), x.dtype) for x in inputs)
+
+    def _use(self, inputs: Sequence[torch.Tensor]) -> _Capture:
+        key = self._key(inputs)
+        capture = self.captures.pop(key, None)
+        if capture is None:
+            if any(x.device != self.device for x in inputs):
+                raise ValueError(f"the captured net runs on {self.device}; got inputs on "
+                                 f"{', '.join(str(x.device) for x in inputs)}")
+            capture = _Capture(self.net, inputs, self.warmup)
+            while len(self.captures) >= self.LIMIT:
+                self.captures.pop(next(iter(self.captures)))
+        self.captures[key] = capture  # last: the most recently used
+        # the most recent capture's tensors, as the one graph of earlier versions exposed them
+        self.inputs, self.outputs, self.graph = capture.inputs, capture.outputs, capture.graph
+        return capture
 
     def __call__(self, *inputs: torch.Tensor):
-        if len(inputs) != len(self.inputs):
-            raise TypeError(f"the captured net takes {len(self.inputs)} inputs, got {len(inputs)}")
-        # the static inputs are inference tensors: they can only be written in inference mode
-        with torch.cuda.device(self.device), torch.inference_mode():
-            for static, value in zip(self.inputs, inputs):
-                if value.shape != static.shape or value.dtype != static.dtype:
-                    raise ValueError(f"this CUDA graph was captured for inputs of shape {tuple(static.shape)} and "
-                                     f"dtype {static.dtype}, got {tuple(value.shape)} {value.dtype}: capture another one")
-                static.copy_(value, non_blocking=True)
-            self.graph.replay()
-        return self.outputs
+        if len(inputs) != self.count:
+            raise TypeError(f"the captured net takes {self.count} inputs, got {len(inputs)}")
+        return self._use(inputs).replay(inputs)
 
 
 def cuda_graph(net: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor, warmup: int = 3) -> CUDAGraphed:
-    """Capture `net` (converted or optimised, on a CUDA device) for the shapes of `example_inputs`."""
+    """Capture `net` (converted or optimised, on a CUDA device) for the shapes of `example_inputs`; other shapes are
+    captured as they come."""
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = [example_inputs]
     return CUDAGraphed(net, list(example_inputs), warmup)

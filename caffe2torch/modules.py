@@ -85,6 +85,17 @@ class TableCache:
             cls.kept.append(value)
         return value
 
+    @classmethod
+    def keep(cls) -> list:
+        """Start collecting every table handed out (a CUDA graph capture holds them: an eviction must not free
+        what it reads); `stop_keeping()` ends it."""
+        cls.kept = []
+        return cls.kept
+
+    @classmethod
+    def stop_keeping(cls) -> None:
+        cls.kept = None
+
 
 def pool_geometry(size: tuple, kernel: tuple, stride: tuple, pad: tuple, pad_end: tuple, ceil: bool):
     """Caffe's pooled size (out), the padding or cropping that makes the input span exactly the windows that hold

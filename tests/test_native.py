@@ -229,6 +229,10 @@ def test_cuda_paths(reference_dir):
     graphed = cuda_graph(fast, [x])
     with torch.no_grad():
         torch.testing.assert_close(graphed(x).clone(), fast(x), rtol=1e-5, atol=1e-5)
+        other = torch.randn(2, 3, 260, 516, device="cuda")  # another size and batch: a second graph, kept
+        torch.testing.assert_close(graphed(other).clone(), fast(other), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(graphed(x).clone(), fast(x), rtol=1e-5, atol=1e-5)
+    assert len(graphed.captures) == 2
     for dtype in (torch.float16, torch.bfloat16):
         half = optimize(copy.deepcopy(net).to(dtype))
         with torch.no_grad():

@@ -291,7 +291,7 @@ def test_fuzzed_converted_folders(tmp_path):
         result = _outcome(lambda: load(folder))
         outcomes[result] = outcomes.get(result, 0) + 1
         shutil.rmtree(folder)
-    assert time.monotonic() - started < 20
+    assert time.monotonic() - started < 120  # a bound on a hang, not a timing: generous for a loaded machine
     assert outcomes.get("error", 0) > 20 and outcomes.get("net", 0) > 5, outcomes
 
 
@@ -354,7 +354,7 @@ def test_fuzzed_hdf5_weights_and_references_end_in_a_net_a_report_or_one_line(un
         errors = [line for line in result.output.splitlines() if line.startswith("caffe2torch: error:")]
         assert result.exit_code != 2 or len(errors) == 1, result.output
         codes[result.exit_code] = codes.get(result.exit_code, 0) + 1
-    assert time.monotonic() - started < 20
+    assert time.monotonic() - started < 120  # a bound on a hang, not a timing: generous for a loaded machine
     assert codes.get(2, 0) > 5 and codes.get(0, 0) + codes.get(1, 0) > 5, codes
 
 
@@ -416,7 +416,7 @@ def test_fuzzed_fork_layer_params(tmp_path):
         except Exception as error:  # noqa: BLE001 - the failure names the net that raised it
             raise AssertionError(f"{kind}: {type(error).__name__}: {error}\n{path.read_text()}") from error
         outcomes[kind][result] = outcomes[kind].get(result, 0) + 1
-    assert time.monotonic() - started < 20, time.monotonic() - started
+    assert time.monotonic() - started < 120, time.monotonic() - started  # a bound on a hang, generous under load
     for result, least in (("net", 200), ("error", 200), ("refused when run", 10)):  # every way out was taken
         assert sum(count.get(result, 0) for count in outcomes.values()) > least, outcomes
     assert [kind for kind, count in outcomes.items() if not count.keys() - {"error"}] == [], outcomes
