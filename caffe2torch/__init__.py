@@ -3,7 +3,7 @@
 from caffe2torch.errors import CaffeError, InputSizeError
 
 __all__ = ["CaffeError", "Converted", "InputSizeError", "blobs", "convert", "dynamic_shapes", "freeze_batchnorm", "load",
-           "net_info", "register_converter", "save"]
+           "net_info", "register_converter", "save", "unfreeze_batchnorm", "with_outputs"]
 
 
 def convert(weights=None, prototxt=None, input_shape=None, verify_md5: bool = True):
@@ -34,6 +34,14 @@ def blobs(net, *inputs, **named_inputs):
     return _blobs(net, *inputs, **named_inputs)
 
 
+def with_outputs(net, blobs):
+    """A net over the same modules (and parameters) returning the named blobs as a tuple, e.g. ICNet's cascade
+    outputs for its auxiliary losses (see caffe2torch.outputs)."""
+    from caffe2torch.outputs import with_outputs as _with_outputs
+
+    return _with_outputs(net, blobs)
+
+
 def net_info(net):
     """The Caffe facts of a converted net: input and output blob names, blob shapes, definition."""
     from caffe2torch.model import net_info as _net_info
@@ -41,11 +49,21 @@ def net_info(net):
     return _net_info(net)
 
 
-def freeze_batchnorm(net):
-    """Keep every BatchNorm of `net` on its stored statistics, also after `net.train()` (for fine-tuning)."""
-    from caffe2torch.passes import freeze_batchnorm as _freeze
+def freeze_batchnorm(net, affine: bool = True):
+    """Keep every BatchNorm of `net` on its stored statistics, also after `net.train()` (fine-tuning with small
+    batches); `affine=True` also fixes its weight and bias (gamma, beta), `affine=False` lets them learn. In place;
+    returns `net`. `save` records it, `load` restores it (see caffe2torch.freeze)."""
+    from caffe2torch.freeze import freeze_batchnorm as _freeze
 
-    return _freeze(net)
+    return _freeze(net, affine)
+
+
+def unfreeze_batchnorm(net):
+    """Let every BatchNorm of `net` train fully (batch statistics, weight and bias), also those the definition
+    froze (`frozen: true`, `use_global_stats: true`). In place; returns `net`."""
+    from caffe2torch.freeze import unfreeze_batchnorm as _unfreeze
+
+    return _unfreeze(net)
 
 
 def dynamic_shapes(net, batch: bool = True, spatial: bool = True):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from caffe2torch.errors import CaffeError
+from caffe2torch.errors import CaffeError, command_line_terms
 from caffe2torch.write import weights_stem
 
 EXIT_MISMATCH = 1
@@ -46,7 +46,8 @@ class _Group(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with command_line_terms():
+                return super().invoke(ctx)
         except CaffeError as error:
             _fail(str(error))
         except OSError as error:  # the file system refused: a path the user gave
@@ -126,10 +127,11 @@ def convert(model: Path, prototxt: Path | None, input_shape: str | None, output:
     conversion = run_convert(model, prototxt, _parse_shape(input_shape), verify_md5=not no_verify, on_warning=_warn)
     for note in conversion.notes:
         _note(note)
-    if conversion.release is not None:
-        click.echo(f"md5 {conversion.md5}: known release {conversion.release.name}")
-    else:
-        click.echo(f"md5 {conversion.md5}")
+    release = f" (known release {conversion.release.name})" if conversion.release is not None else ""
+    # format_filename: a file name that is not UTF-8 is shown with replacement characters, not a crash
+    click.echo(f"weights: {click.format_filename(model)}, md5 {conversion.md5}{release}")
+    definition = conversion.prototxt_path or f"the net stored in {model.name}"
+    click.echo(f"definition: {click.format_filename(str(definition))}")
     meta = {"source": model.name, "md5": conversion.md5,
             "prototxt": str(conversion.prototxt_path) if conversion.prototxt_path else "(stored in the caffemodel)",
             "release": conversion.release.name if conversion.release else None}
@@ -154,8 +156,11 @@ def _shapes(shapes) -> str:
 @click.option("--fast", is_flag=True, help="Check the fast inference graph (caffe2torch.fast.optimize: BN folded, ReLU fused, "
               "channels_last); records it no longer makes are listed apart.")
 @click.option("--device", default="cpu", show_default=True, help="Where to run the net (cpu, cuda, cuda:1, ...).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also draw each top's rel L2 error in Caffe's order (log scale, the tolerance, failures named) "
+                   "into this .png, .svg or .pdf file.")
 def verify(model: Path, prototxt: Path | None, reference: Path, isolated: bool, tolerance: float | None, no_verify: bool,
-           fast: bool, device: str) -> None:
+           fast: bool, device: str, plot: Path | None) -> None:
     """Run MODEL on the reference input and compare every recorded layer with Caffe's outputs.
 
     MODEL is a .caffemodel / .caffemodel.h5 or a folder written by `caffe2torch convert`.
@@ -170,6 +175,13 @@ def verify(model: Path, prototxt: Path | None, reference: Path, isolated: bool, 
                                     verify_free_running, verify_isolated)
 
     target = _device(device)
+    if plot is not None:  # before the work: a bad name or a file this run reads
+        from caffe2torch.plot import plot_format
+        from caffe2torch.protect import ReadFiles
+
+        plot_format(plot)
+        ReadFiles([(model, "the model being verified"), (prototxt, "the net definition"),
+                   (reference, "the reference")]).check_file(plot, "--plot")
     ref = read_reference(reference)
     if model.is_dir():
         from caffe2torch.folder import load
@@ -197,6 +209,10 @@ def verify(model: Path, prototxt: Path | None, reference: Path, isolated: bool, 
         net = optimize(net)
     if target.type != "cpu":
         mode += f", {target}"
+    if isolated:
+        from caffe2torch.verify import check_isolated_can_run
+
+        check_isolated_can_run(net, ref)
     from caffe2torch.progress import Progress
     from caffe2torch.verify import verify_steps
 
@@ -207,6 +223,11 @@ def verify(model: Path, prototxt: Path | None, reference: Path, isolated: bool, 
                                                                          on_layer=progress.update)
     for line in format_report(report, tolerance, mode):
         click.echo(line)
+    if plot is not None:
+        from caffe2torch.plot import write_plot
+
+        written = write_plot(plot, report, tolerance, f"{model.name} vs {reference.name} ({mode})")
+        click.echo(f"wrote {click.format_filename(written)}")
     sys.exit(0 if report.ok else EXIT_MISMATCH)
 
 
@@ -258,11 +279,26 @@ def _numerics(device):
 @prototxt_option
 @shape_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def inspect(file: Path, prototxt: Path | None, input_shape: str | None, as_json: bool) -> None:
-    """List the layers of FILE (.caffemodel, .caffemodel.h5 or .prototxt) with shapes and parameter counts."""
+@click.option("--graph", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also draw the layer graph with blob shapes into this .svg file (or write it as Graphviz .dot).")
+def inspect(file: Path, prototxt: Path | None, input_shape: str | None, as_json: bool, graph: Path | None) -> None:
+    """List the layers of FILE (.caffemodel, .caffemodel.h5, .prototxt or a converted folder) with shapes and
+    parameter counts."""
     from caffe2torch.inspect import describe
 
+    if graph is not None:  # before the work: a bad name or a file this run reads
+        from caffe2torch.graphsvg import graph_format
+        from caffe2torch.protect import ReadFiles
+
+        graph_format(graph)
+        ReadFiles([(file, "the net being inspected"), (prototxt, "the net definition")]).check_file(graph, "--graph")
     info = describe(file, prototxt, _parse_shape(input_shape))
+    if graph is not None:
+        from caffe2torch.graphsvg import render
+        from caffe2torch.write import write_atomic
+
+        write_atomic(graph, render(info, graph_format(graph)).encode())
+        _note(f"wrote {click.format_filename(graph)}")
     for message in info["warnings"]:
         _warn(message)
     for message in info["notes"]:
@@ -278,7 +314,7 @@ def inspect(file: Path, prototxt: Path | None, input_shape: str | None, as_json:
     click.echo(f"{len(info['layers'])} layers, {info['parameters']} parameters; inputs {info['inputs']}")
     if info.get("md5"):
         release = f" (known release {info['release']})" if info.get("release") else ""
-        click.echo(f"md5 {info['md5']}{release}")
+        click.echo(f"weights md5 {info['md5']}{release}")
 
 
 @main.command("fold-bn")

@@ -10,7 +10,8 @@ from typing import Callable, Sequence
 from torch import fx
 
 from caffe2torch import manifest
-from caffe2torch.errors import CaffeError
+from caffe2torch.errors import CaffeError, term
+from caffe2torch.freeze import frozen_note
 from caffe2torch.model import from_net_parameter, layer_calls, unmatched_weights
 from caffe2torch.protect import ReadFiles
 from caffe2torch.read import (UnknownField, ambiguous_binary_fields, read_prototxt, read_weights,
@@ -60,7 +61,8 @@ def _definition_for(weights_path: Path | None, stored: caffe_pb2.NetParameter | 
         return read_prototxt(deploy), deploy
     beside = prototxt_beside(weights_path) if find_prototxt and weights_path is not None else None
     if beside is not None:
-        notes.append(f"using the net definition {beside} found beside the weights (give --prototxt to choose another)")
+        notes.append(f"using the net definition {beside} found beside the weights ({term('give --prototxt', 'pass prototxt=')} "
+                     f"to choose another)")
         return read_prototxt(beside, unknown), beside
     if stored is not None:
         definition = stored
@@ -68,7 +70,8 @@ def _definition_for(weights_path: Path | None, stored: caffe_pb2.NetParameter | 
         unknown.extend(unknown_binary_fields(definition, str(weights_path)))
         notes.append(f"using the net definition stored in {weights_path.name}")
         return definition, None
-    raise CaffeError(f"{weights_path}: HDF5 weights carry no net definition; give one with --prototxt")
+    raise CaffeError(f"{weights_path}: HDF5 weights carry no net definition; give one with "
+                     f"{term('--prototxt', 'prototxt=')}")
 
 
 def check_complete(definition: caffe_pb2.NetParameter, source: Path) -> None:
@@ -87,7 +90,7 @@ def check_complete(definition: caffe_pb2.NetParameter, source: Path) -> None:
             if unread:
                 raise CaffeError(f"{source}: the stored net is incomplete: Caffe's split layer {layer.name!r} feeds "
                                  f"{len(layer.top)} readers but {len(unread)} of them are missing (the file was cut "
-                                 f"short?); give the deploy definition with --prototxt")
+                                 f"short?); give the deploy definition with {term('--prototxt', 'prototxt=')}")
 
 
 def convert(weights: str | os.PathLike | None, prototxt: str | os.PathLike | None = None,
@@ -142,4 +145,7 @@ def convert(weights: str | os.PathLike | None, prototxt: str | os.PathLike | Non
     for item in unknown:
         if item.layer is None or item.layer in kept:
             warn(item.describe())
+    frozen = frozen_note(net)
+    if frozen is not None:
+        notes.append(frozen)
     return Conversion(net, definition, weights_path, prototxt_path, md5, release, trained, collected, notes)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from caffe2torch.errors import CaffeError
+from caffe2torch.errors import CaffeError, term
 from caffe2torch.model import layer_calls, unexportable_layers, net_info
 from caffe2torch.protect import ReadFiles
 from caffe2torch.refinput import reference_inputs
@@ -150,7 +150,7 @@ def _export_plan(net: fx.GraphModule, fmt: str, dynamic: bool, seed: int):
             why = ("a TorchScript trace keeps its example's sizes" if fmt == "torchscript" else
                    "torch's older ONNX exporter traces, keeping its example's sizes; install onnxscript")
             if fmt != "safetensors":
-                raise CaffeError(f"--dynamic: {why}; export pt2 or onnx for symbolic sizes")
+                raise CaffeError(f"{term('--dynamic', 'dynamic=True')}: {why}; export pt2 or onnx for symbolic sizes")
         return None, converted, [converted], ""
     try:
         ranges = size_ranges(net, batch=True, spatial=dynamic)
@@ -177,7 +177,7 @@ def export(net: fx.GraphModule, fmt: str, path: str | os.PathLike, tolerance: fl
     paths), nor anything inside a folder among them.
     """
     if fmt not in FORMATS:
-        raise CaffeError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+        raise CaffeError(f"{term('--format', 'format')} {fmt}: expected one of {', '.join(FORMATS)}")
     require(fmt)
     info = net_info(net)
     blocking = unexportable_layers(net) if fmt != "safetensors" else []
@@ -186,16 +186,17 @@ def export(net: fx.GraphModule, fmt: str, path: str | os.PathLike, tolerance: fl
         raise CaffeError(f"layer {layer}: {reason}, so it has no {fmt} export; export a definition without it "
                          f"(its bottoms become the outputs) and run it in PyTorch after the exported part")
     if fast and fmt == "safetensors":
-        raise CaffeError("--fast: safetensors holds the converted net's tensors; export the fast graph as onnx or pt2")
+        raise CaffeError(f"{term('--fast', 'fast=True')}: safetensors holds the converted net's tensors; export the fast "
+                         f"graph as onnx or pt2")
     path = Path(path)
     if path.is_dir():
         raise CaffeError(f"{path}: is a folder; give the file to write")
     read = read or ReadFiles()
     for source in protect:
         read.add(source, "the model being exported")
-    read.check_file(path, "-o")
+    read.check_file(path, term("-o", "path"))
     if path.exists() and not force:
-        raise CaffeError(f"{path}: exists; pass --force to replace it")
+        raise CaffeError(f"{path}: exists; pass {term('--force', 'force=True')} to replace it")
     net = net.eval()
     shapes, example, checks, symbolic = _export_plan(net, fmt, dynamic, seed)
     module = _fast_graph(net) if fast else net

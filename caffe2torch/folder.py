@@ -23,7 +23,9 @@ from google.protobuf import text_format
 from torch import fx
 
 from caffe2torch.codegen import WEIGHTS_FILE, check_standalone, generate_source
-from caffe2torch.errors import CaffeError
+from caffe2torch.errors import CaffeError, term
+from caffe2torch.freeze import apply_batchnorm_record, batchnorm_record
+from caffe2torch.outputs import VIEW_KEY
 from caffe2torch.model import from_net_parameter, layer_modules, legacy_python_names, net_info
 from caffe2torch.protect import ReadFiles
 from caffe2torch.read import parse_prototxt
@@ -55,6 +57,9 @@ def folder_contents(net: fx.GraphModule, meta: dict[str, Any] | None = None,
 
     `extra` files (e.g. fold-bn's Caffe files) are written and listed in the manifest too.
     """
+    if getattr(net, "meta", {}).get(VIEW_KEY):
+        raise CaffeError("this net returns blobs chosen by caffe2torch.with_outputs; save the net it was made from "
+                         "(they share their parameters)")
     check_standalone(net)
     info = net_info(net)
     meta = dict(meta or {})
@@ -71,7 +76,7 @@ def folder_contents(net: fx.GraphModule, meta: dict[str, Any] | None = None,
         files[name] = data
     meta.update(format=FORMAT, caffe2torch=_version(), torch=torch.__version__, name=info.name,
                 inputs={name: list(shape) for name, shape in info.inputs.items()}, outputs=list(info.outputs),
-                modules=[list(pair) for pair in layer_modules(net)],
+                modules=[list(pair) for pair in layer_modules(net)], batchnorm=batchnorm_record(net),
                 files={name: _sha256(data) for name, data in files.items()})
     files[META] = (json.dumps(meta, indent=2, ensure_ascii=True) + "\n").encode()
     return files
@@ -107,7 +112,7 @@ def check_target(folder: Path, force: bool, read: ReadFiles | None = None) -> No
     if folder.is_symlink():
         raise CaffeError(f"{folder}: is a symbolic link; give the folder itself or another output path")
     if read is not None:
-        read.check_folder(folder, "-o")
+        read.check_folder(folder, term("-o", "folder"))
     if folder.exists() and not folder.is_dir():
         raise CaffeError(f"{folder}: exists and is not a folder")
     if folder.is_dir() and any(folder.iterdir()):
@@ -115,7 +120,8 @@ def check_target(folder: Path, force: bool, read: ReadFiles | None = None) -> No
         if reason is not None:
             raise CaffeError(f"{folder}: is not empty and not a caffe2torch output ({reason}); choose another output folder")
         if not force:
-            raise CaffeError(f"{folder}: holds an earlier caffe2torch output; pass --force to replace it")
+            raise CaffeError(f"{folder}: holds an earlier caffe2torch output; pass {term('--force', 'force=True')} to "
+                             f"replace it")
 
 
 def _staged(parent: Path, name: str, files: dict[str, bytes]) -> Path:
@@ -326,5 +332,6 @@ def load(folder: str | os.PathLike, map_location: str | torch.device = "cpu") ->
         storages.add(storage)
         fitted[name] = tensor
     net.load_state_dict(fitted, assign=True)
+    apply_batchnorm_record(net, meta, str(folder / META))  # state_dicts do not keep which norms learn
     net_info(net).source = str(meta.get("source", folder))
     return net.to(map_location).eval()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from caffe2torch.errors import CaffeError, ShapelessInput
+from caffe2torch.errors import CaffeError, ShapelessInput, term
 from proto import caffe_pb2
 
 Shape = tuple[int, ...]
@@ -198,10 +198,11 @@ def build_graph(
             # Images are colour unless the blob is a label map (one value per pixel).
             shape = graph.inputs[name] = (1, 1 if "label" in name.lower() else 3) + tuple(assumed_size)
             graph.notes.append(f"input {name!r} (from data {readers[name]}) has no size in the net: shown for "
-                               f"{'x'.join(map(str, shape))}; give --input-shape for the size you use")
+                               f"{'x'.join(map(str, shape))}; give {term('--input-shape', 'input_shape=')} for the size you use")
         if not shape:
             origin = f" (data {readers[name]} does not say its size)" if name in readers else ""
-            raise ShapelessInput(f"{source}: input {name!r} has no shape{origin}; give one with --input-shape")
+            raise ShapelessInput(f"{source}: input {name!r} has no shape{origin}; give one with "
+                                 f"{term('--input-shape', 'input_shape=')}")
         if any(d <= 0 for d in shape):
             raise CaffeError(f"{source}: input {name!r} has a non-positive dimension in shape {shape}")
     _resolve_auto_crops(graph)

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Iterator, Sequence
 
-from caffe2torch.errors import CaffeError
+from caffe2torch.errors import CaffeError, term
 
 ENVIRONMENT = "CAFFE2TORCH_MAX_MEMORY"
 # Whatever the limit says, nothing beyond 2^60 bytes (an exbibyte) is accepted: torch and NumPy count elements
@@ -112,7 +112,8 @@ _ACTIVE: ContextVar[MemoryBudget | None] = ContextVar("caffe2torch_memory_budget
 
 def refuse(where: str, needed: int, limit: int) -> None:
     raise CaffeError(f"{where} needs {format_bytes(needed)}, more than the memory limit of {format_bytes(limit)} "
-                     f"(the available memory unless --max-memory or {ENVIRONMENT} says otherwise)")
+                     f"(the available memory unless {term('--max-memory', 'memory_limit=')} or {ENVIRONMENT} says "
+                     f"otherwise)")
 
 
 def check_top(layer, shape: Sequence[int], bottoms: Sequence[Sequence[int]] = (), what: str = "top") -> None:

@@ -10,7 +10,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from caffe2torch.errors import CaffeError
+from caffe2torch.errors import CaffeError, term
 
 MANIFEST_PACKAGE = "weights"
 MANIFEST_FILE = "manifest.json"
@@ -163,7 +163,7 @@ def check_release(
             raise CaffeError(
                 f"{path}: md5 {actual_md5} differs from the released {by_name.name} (md5 {by_name.md5}); "
                 "the download is incomplete or this is another file under that name; "
-                "pass --no-verify to convert it anyway"
+                f"pass {term('--no-verify', 'verify_md5=False')} to convert it anyway"
             )
         # Unverified and not the release: say nothing about a name that would be false.
         return lookup_by_md5(actual_md5, manifest)

@@ -1,4 +1,4 @@
-"""Passes over a converted graph: fold norm layers into convolutions, fuse or rewrite calls, freeze BatchNorm.
+"""Passes over a converted graph: fold norm layers into convolutions, fuse or rewrite calls.
 
 A pass keeps Caffe's bookkeeping: a call that takes over another layer's work says which layer's
 output it now makes (`LayerCall.layer`) and which layers' outputs no longer exist (`absorbed`), so
@@ -16,11 +16,10 @@ from torch import fx, nn
 
 from caffe2torch.fold import Affine, bn_affine, fold_into_conv, scale_affine
 from caffe2torch.model import META_KEY, LayerCall, net_info
-from caffe2torch.modules import CaffeOrderNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, Scale
+from caffe2torch.modules import CaffeOrderNorm, Scale
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _DECONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_FROZEN = {nn.BatchNorm1d: FrozenBatchNorm1d, nn.BatchNorm2d: FrozenBatchNorm2d, nn.BatchNorm3d: FrozenBatchNorm3d}
 
 
 def call_of(node: fx.Node) -> LayerCall | None:
@@ -159,19 +158,6 @@ def caffe_order_norms(net: fx.GraphModule) -> fx.GraphModule:
 
     replace_calls(exact, rewrite)
     return exact.eval()
-
-
-def freeze_batchnorm(net: nn.Module, affine: bool = True) -> nn.Module:
-    """Keep every BatchNorm on its stored statistics, also after `.train()` (the usual way to fine-tune
-    a Caffe segmentation net with small batches); `affine` also stops its weight and bias from learning."""
-    for module in net.modules():
-        frozen = _FROZEN.get(type(module))
-        if frozen is not None:
-            module.__class__ = frozen
-            module.eval()
-        if affine and isinstance(module, tuple(_FROZEN.values())):
-            module.requires_grad_(False)
-    return net
 
 
 def retag(node: fx.Node, **changes) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from caffe2torch.errors import CaffeError
+from caffe2torch.errors import CaffeError, term
 from proto import caffe_pb2
 
 # V1LayerParameter.LayerType -> the type string Caffe's UpgradeV1LayerType gives it.
@@ -361,7 +361,8 @@ def _recover_upstream_params(net: caffe_pb2.NetParameter) -> None:
         layer.ClearField(names[0])
 
 
-TEXT_PROTOTXT = "this is a text prototxt: pass it with --prototxt (or use inspect)"
+def _text_prototxt() -> str:
+    return f"this is a text prototxt: pass it with {term('--prototxt', 'prototxt=')} (or use inspect)"
 
 
 def _is_text_net(data: bytes) -> bool:
@@ -381,13 +382,13 @@ def parse_caffemodel(data: bytes, source: str = "<caffemodel>") -> caffe_pb2.Net
         net.ParseFromString(data)
     except Exception as error:  # noqa: BLE001 - any runtime's decoder failure is a bad file, not a bug of ours
         if _is_text_net(data):
-            raise CaffeError(f"{source}: {TEXT_PROTOTXT}") from None
+            raise CaffeError(f"{source}: {_text_prototxt()}") from None
         reason = str(error) if isinstance(error, (DecodeError, RuntimeError, ValueError, UnicodeDecodeError)) \
             else f"{type(error).__name__}: {error}"
         raise CaffeError(f"{source}: not a valid caffemodel (protobuf decoding failed: {reason})") from None
     if not net.layer and not net.layers:
         if data and _is_text_net(data):
-            raise CaffeError(f"{source}: {TEXT_PROTOTXT}")
+            raise CaffeError(f"{source}: {_text_prototxt()}")
         raise CaffeError(f"{source}: not a valid caffemodel (it holds no layers)")
     bad = _undecodable_string(net, "")
     if bad is not None:
@@ -594,7 +595,7 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, list[np.ndarray]], 
     """Weights by layer name from a .caffemodel or .caffemodel.h5, with the stored net (blobs removed) when there is one."""
     path = Path(path)
     if path.suffix in (".prototxt", ".pbtxt"):
-        raise CaffeError(f"{path}: {TEXT_PROTOTXT}")
+        raise CaffeError(f"{path}: {_text_prototxt()}")
     if path.suffix in (".h5", ".hdf5"):
         return read_caffemodel_h5(path), None
     net = read_caffemodel(path)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from caffe2torch.errors import CaffeError
+from caffe2torch.errors import CaffeError, term
 from caffe2torch.model import LayerCall, layer_calls, net_info, run_layers
 from caffe2torch.reference import LayerRecord, Reference, TopRecord, read_reference
 
@@ -198,6 +198,68 @@ def _check_argmax(report: Report, reference: Reference, output: torch.Tensor | N
     report.argmax_ok = report.argmax_agreement >= ARGMAX_AGREEMENT
 
 
+@dataclass
+class IsolatedPlan:
+    """What an isolated check can feed each recorded layer, worked out from the reference alone."""
+
+    calls: dict[str, list[tuple[fx.Node, LayerCall]]]
+    missing: dict[str, list[str]]  # recorded layer -> bottoms with no value to feed it (empty: checkable)
+    rebuilt: dict[str, bool]  # recorded layer -> our outputs stand in for tops the reference has no full tensor of
+
+    @property
+    def unfed(self) -> list[str]:
+        return [name for name, bottoms in self.missing.items() if bottoms]
+
+
+def isolated_plan(net: fx.GraphModule, reference: Reference, records: dict[str, LayerRecord] | None = None
+                  ) -> IsolatedPlan:
+    """Which layers `verify_isolated` can check: a bottom has a value when Caffe's full tensor of it is stored,
+    or our layer rebuilt it without carrying error forward (no parameters, or only stored bottoms)."""
+    records = records if records is not None else _records_to_check(net, reference, Report())
+    calls: dict[str, list[tuple[fx.Node, LayerCall]]] = {}
+    for node, call in layer_calls(net):
+        calls.setdefault(call.layer, []).append((node, call))
+    available = set(net_info(net).inputs)
+    stored = set(available)  # values that are Caffe's own, not rebuilt by us
+    missing: dict[str, list[str]] = {}
+    rebuilt: dict[str, bool] = {}
+    for record in reference.layers:
+        if record.name not in records:
+            continue
+        bottoms = [b for _, call in calls[record.name] for b in call.bottoms]
+        missing[record.name] = [b for b in bottoms if b not in available]
+        rebuildable = not missing[record.name] and all(
+            not net.get_submodule(node.target).state_dict() or all(b in stored for b in call.bottoms)
+            for node, call in calls[record.name])
+        rebuilt[record.name] = rebuildable
+        for top, value in zip(record.tops, record.values):
+            if value.data is not None:
+                available.add(top)
+                if not missing[record.name]:
+                    stored.add(top)
+            elif rebuildable:
+                available.add(top)
+                stored.discard(top)
+            else:
+                available.discard(top)
+                stored.discard(top)
+    return IsolatedPlan(calls, missing, rebuilt)
+
+
+def check_isolated_can_run(net: fx.GraphModule, reference: Reference) -> None:
+    """Refuse an isolated check, before it runs, on a reference that cannot feed some layers Caffe's bottoms (one
+    that stores samples of most tops, not their full tensors): it could pass none of them."""
+    unfed = isolated_plan(net, reference).unfed
+    if unfed:
+        full = sum(1 for record in reference.layers if all(value.data is not None for value in record.values))
+        isolated = term("--isolated", "verify_isolated()")
+        raise CaffeError(f"{reference.path}: {isolated} feeds each layer Caffe's full tensors of its bottoms, but this "
+                         f"reference stores them for {full} of its {len(reference.layers)} layers (samples of the "
+                         f"rest), so {len(unfed)} layers could not be checked (the first: {unfed[0]!r}); verify "
+                         f"without {term('--isolated', 'isolation (verify_free_running)')} checks every layer "
+                         f"free-running")
+
+
 def verify_isolated(net: fx.GraphModule, reference: Reference, tolerance: float = ISOLATED_TOLERANCE,
                     device: torch.device | str = "cpu", on_layer: Callable[[], None] | None = None) -> Report:
     """Feed each layer the reference values of its bottoms, so an error shows at the layer that makes it.
@@ -205,18 +267,17 @@ def verify_isolated(net: fx.GraphModule, reference: Reference, tolerance: float 
     A top whose full tensor is not stored is rebuilt by our layer (and checked at the stored
     samples) when that cannot carry error forward: the layer has no parameters (ReLU, Eltwise,
     Interp, MAX pooling, ...) or it reads stored tensors only (e.g. `data_sub1`, a Scale of the
-    input). A layer whose bottoms cannot be had this way is listed as unchecked, never passed.
-    `on_layer()` is called after each record of the reference (progress).
+    input). A layer whose bottoms cannot be had this way is listed as unchecked, never passed
+    (`isolated_plan` says which, before anything runs). `on_layer()` is called after each record of the
+    reference (progress).
     """
     report = Report()
     records = _records_to_check(net, reference, report)
     if report.folded:
-        raise CaffeError("--isolated needs the converted net itself, not an optimised graph")
-    calls: dict[str, list[tuple[fx.Node, LayerCall]]] = {}
-    for node, call in layer_calls(net):
-        calls.setdefault(call.layer, []).append((node, call))
+        raise CaffeError(f"{term('--isolated', 'verify_isolated()')} needs the converted net itself, not an optimised "
+                         f"graph")
+    plan = isolated_plan(net, reference, records)
     available: dict[str, torch.Tensor | None] = dict(_input_tensors(net, reference, device))
-    stored_blobs = set(available)  # values that are Caffe's own, not rebuilt by us
 
     def stored_value(stored: TopRecord) -> torch.Tensor | None:
         return torch.from_numpy(stored.data.copy()).to(device) if stored.data is not None else None
@@ -227,28 +288,23 @@ def verify_isolated(net: fx.GraphModule, reference: Reference, tolerance: float 
                 on_layer()
             if record.name not in records:
                 continue
-            layer_bottoms = [b for _, call in calls[record.name] for b in call.bottoms]
-            missing = [b for b in layer_bottoms if available.get(b) is None]
-            if missing:
-                report.unchecked.append(f"{record.name} ({record.type}): no reference for bottom(s) {', '.join(missing)}")
+            if plan.missing[record.name]:
+                report.unchecked.append(f"{record.name} ({record.type}): no reference for bottom(s) "
+                                        f"{', '.join(plan.missing[record.name])}")
                 for top, stored in zip(record.tops, record.values):
                     available[top] = stored_value(stored)
                 continue
             results: dict[str, torch.Tensor] = {}
-            rebuildable = True
-            for node, call in calls[record.name]:
+            for node, call in plan.calls[record.name]:
                 module = net.get_submodule(node.target)
-                rebuildable = rebuildable and (not module.state_dict() or all(b in stored_blobs for b in call.bottoms))
                 result = module(*(available[b] for b in call.bottoms))
                 results.update(zip(call.tops, result if isinstance(result, tuple) else (result,)))
             report.comparisons.extend(_compare_top(record, top, results[top], tolerance) for top in record.tops)
             for top, stored in zip(record.tops, record.values):
                 if stored.data is not None:
                     available[top] = stored_value(stored)
-                    stored_blobs.add(top)
                 else:
-                    available[top] = results[top] if rebuildable else None
-                    stored_blobs.discard(top)
+                    available[top] = results[top] if plan.rebuilt[record.name] else None
             if reference.argmax_source == record.name:
                 _check_argmax(report, reference, results[record.tops[0]])
     if reference.final_argmax is not None and report.argmax_agreement is None:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from caffe2torch.errors import CaffeError
+from caffe2torch.errors import CaffeError, term
 
 FORMATS = ("onnx", "pt2", "torchscript", "safetensors")
 SUFFIXES = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt", "safetensors": ".safetensors"}
@@ -32,7 +32,8 @@ Runner = Callable[[tuple], list]
 def require(fmt: str) -> None:
     missing = [name for name in _NEEDS.get(fmt, ()) if importlib.util.find_spec(name) is None]
     if missing:
-        raise CaffeError(f"--format {fmt} needs the package(s) {', '.join(missing)}: pip install 'caffe2torch[export]'")
+        raise CaffeError(f"{term('--format', 'format')} {fmt} needs the package(s) {', '.join(missing)}: "
+                         f"pip install 'caffe2torch[export]'")
 
 
 def dynamo_onnx() -> bool:
@@ -218,4 +219,4 @@ def write(fmt: str, module: nn.Module, inputs: tuple, path: Path, input_names: l
             with torch.inference_mode():
                 return list(_as_tuple(clone(*given)))
         return reloaded
-    raise CaffeError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    raise CaffeError(f"{term('--format', 'format')} {fmt}: expected one of {', '.join(FORMATS)}")

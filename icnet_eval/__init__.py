@@ -18,11 +18,12 @@ def _silence_opencv() -> None:
 _silence_opencv()
 
 
-def segment(image_bgr, model, device=None, fast: bool = False):
-    """trainIds of one BGR uint8 image (see icnet_eval.api.segment)."""
+def segment(image, model, device=None, fast: bool = False, channels: str = "bgr"):
+    """trainIds of one uint8 image, BGR unless `channels="rgb"`; the net is loaded once for later calls with the
+    same weights (see icnet_eval.api.segment)."""
     from icnet_eval.api import segment as _segment
 
-    return _segment(image_bgr, model, device, fast)
+    return _segment(image, model, device, fast, channels)
 
 
 def evaluate(list_path, data_root, weights, out="icnet-results", **options):
@@ -30,6 +31,18 @@ def evaluate(list_path, data_root, weights, out="icnet-results", **options):
     from icnet_eval.api import evaluate as _evaluate
 
     return _evaluate(list_path, data_root, weights, out, **options)
+
+
+def __getattr__(name: str):
+    if name == "Segmenter":  # ICNet loaded once, segmenting image after image (icnet_eval.api.Segmenter)
+        from icnet_eval.api import Segmenter
+
+        return Segmenter
+    if name == "load_model":  # the net icnet-eval evaluates, with where it came from (icnet_eval.model)
+        from icnet_eval.model import load_model
+
+        return load_model
+    raise AttributeError(f"module 'icnet_eval' has no attribute {name!r}")
 
 
 class _Package(types.ModuleType):

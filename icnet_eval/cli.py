@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from caffe2torch.cli import memory_option
-from caffe2torch.errors import CaffeError
+from caffe2torch.errors import CaffeError, command_line_terms
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -30,7 +30,8 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with command_line_terms():
+                return super().invoke(ctx)
         except CaffeError as error:
             _fail(str(error))
         except OSError as error:
@@ -245,7 +246,10 @@ def demo(root: Path, device: str | None, workers: int, images: int) -> None:
 @click.argument("source", type=_path())
 @click.option("--weights", type=_path(), required=True, help="ICNet .caffemodel or a converted folder.")
 @click.option("-o", "--out", type=_path(), default=Path("icnet-segment"), show_default=True,
-              help="Folder for <name>_color.png and <name>_overlay.png (a video: <name>_overlay.mp4).")
+              help="Folder for <name>_<format>.png (a video: <name>_<format>.mp4).")
+@click.option("--format", "formats", multiple=True, metavar="FORMAT",
+              help="trainids, labelids (gray PNGs of class numbers), color, overlay; repeat it or separate by commas "
+                   "[default: color and overlay; a video: overlay]")
 @device_option
 @click.option("--fast-resize", is_flag=True, help="PyTorch's resize of the class scores instead of MATLAB's.")
 @click.option("--fast", is_flag=True, help="As icnet-eval --fast: half precision on a GPU, PyTorch's resizes.")
@@ -254,13 +258,16 @@ def demo(root: Path, device: str | None, workers: int, images: int) -> None:
 @input_size_option
 @click.option("--prototxt", type=_path(), help="Deploy net definition for weights the manifest does not know.")
 @memory_option
-def segment_command(source: Path, weights: Path, out: Path, device: str | None, fast_resize: bool, fast: bool,
-                    fast_dtype: str | None, input_size, prototxt: Path | None) -> None:
-    """Segment SOURCE (an image, a folder of images or a video) without labels: colour maps and overlays."""
+def segment_command(source: Path, weights: Path, out: Path, formats: tuple[str, ...], device: str | None,
+                    fast_resize: bool, fast: bool, fast_dtype: str | None, input_size, prototxt: Path | None) -> None:
+    """Segment SOURCE (an image, a folder of images or a video) without labels: colour maps and overlays, or the
+    class numbers (trainIds, labelIds)."""
     from icnet_eval.segment import segment_input
 
+    kinds = [kind.strip() for text in formats for kind in text.split(",") if kind.strip()] if formats else None
     written = segment_input(source, weights, out, device, fast_resize, prototxt,
-                            tuple(input_size) if input_size else None, echo=_note, fast=fast, fast_dtype=fast_dtype)
+                            tuple(input_size) if input_size else None, echo=_note, fast=fast, fast_dtype=fast_dtype,
+                            formats=kinds)
     _note(f"wrote {len(written)} files to {out}")
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from caffe2torch.errors import CaffeError
+from caffe2torch.errors import CaffeError, term
 from icnet_eval.header import image_size
 from icnet_eval.imresize import matlab_imresize
 
@@ -86,22 +86,26 @@ def split_list_line(line: str, where: str) -> list[str]:
     return line.split()
 
 
+def _LIST() -> str:
+    return term("--list", "list_path")
+
+
 def parse_list(list_path: str | os.PathLike, data_root: str | os.PathLike, need_images: bool = True,
                need_labels: bool = False) -> list[ListEntry]:
     """Read an `IMAGE [LABEL]` list; every error names the list line. Paths are relative to `data_root`."""
     list_path, data_root = Path(list_path), Path(data_root)
     if not data_root.is_dir():
-        raise CaffeError(f"--data-root {data_root}: no such folder")
+        raise CaffeError(f"{term('--data-root', 'data_root')} {data_root}: no such folder")
     try:
         text = list_path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not part of the first path
     except FileNotFoundError:
-        raise CaffeError(f"--list {list_path}: no such file") from None
+        raise CaffeError(f"{_LIST()} {list_path}: no such file") from None
     except IsADirectoryError:
-        raise CaffeError(f"--list {list_path}: is a folder, expected a text file") from None
+        raise CaffeError(f"{_LIST()} {list_path}: is a folder, expected a text file") from None
     except UnicodeDecodeError as error:
-        raise CaffeError(f"--list {list_path}: not a text file (byte {error.start} is not UTF-8)") from None
+        raise CaffeError(f"{_LIST()} {list_path}: not a text file (byte {error.start} is not UTF-8)") from None
     except OSError as error:
-        raise CaffeError(f"--list {list_path}: cannot read ({error.strerror})") from None
+        raise CaffeError(f"{_LIST()} {list_path}: cannot read ({error.strerror})") from None
 
     entries: list[ListEntry] = []
     stems: dict[str, int] = {}
@@ -136,7 +140,7 @@ def parse_list(list_path: str | os.PathLike, data_root: str | os.PathLike, need_
             stems[entry.output_stem] = number
         entries.append(entry)
     if not entries:
-        raise CaffeError(f"--list {list_path}: no images listed (the list is empty)")
+        raise CaffeError(f"{_LIST()} {list_path}: no images listed (the list is empty)")
     return entries
 
 
@@ -187,7 +191,7 @@ def check_pixels(size: tuple[int, int], what: str, bytes_per_pixel: int = BYTES_
     needed = int(size[0]) * int(size[1]) * bytes_per_pixel
     if needed > memory_limit():
         raise CaffeError(f"{what} is {size[0]}x{size[1]}: evaluating it needs {format_bytes(needed)}, more than the "
-                         f"memory limit (--max-memory)")
+                         f"memory limit ({term('--max-memory', 'the CAFFE2TORCH_MAX_MEMORY environment variable')})")
 
 
 def decode_checked(data: np.ndarray, flags: int, what: str, bytes_per_pixel: int) -> np.ndarray | None:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from caffe2torch import manifest
-from caffe2torch.errors import CaffeError
+from caffe2torch.errors import CaffeError, term
 from caffe2torch.model import from_net_parameter, net_info, unmatched_weights
 from caffe2torch.read import read_weights
 from caffe2torch.write import with_blobs, write_atomic
@@ -102,12 +102,13 @@ def load_model(weights: str | os.PathLike | None, prototxt: str | os.PathLike | 
     from caffe2torch.conversion import convert
 
     if weights is None:
-        raise CaffeError("--weights is required (a .caffemodel; run `icnet-eval demo` to try the tool without one)")
+        raise CaffeError(f"{term('--weights', 'weights')} is required (a .caffemodel; run `icnet-eval demo` to try the tool "
+                         f"without one)")
     weights_path = Path(weights)
     if weights_path.is_dir():
         return _converted_folder(weights_path, prototxt, input_size)
     if not weights_path.is_file():
-        raise CaffeError(f"--weights {weights_path}: no such file")
+        raise CaffeError(f"{term('--weights', 'weights')} {weights_path}: no such file")
     if prototxt is not None:
         shape = (1, 3, *input_size) if input_size is not None else None
         conversion = convert(weights_path, prototxt, shape, verify_md5=verify_md5, on_warning=on_warning)
@@ -136,12 +137,14 @@ def _converted_folder(folder: Path, prototxt, input_size) -> LoadedModel:
     from caffe2torch.folder import DEFINITION, WEIGHTS, load
 
     if prototxt is not None:
-        raise CaffeError(f"--weights {folder}: a converted folder holds its definition; leave out --prototxt")
+        raise CaffeError(f"{term('--weights', 'weights')} {folder}: a converted folder holds its definition; leave out "
+                         f"{term('--prototxt', 'prototxt')}")
     net = load(folder)
     source = f"converted folder {folder}"
     size = _input_size_of(net, source)
     if input_size is not None and tuple(input_size) != size:
-        raise CaffeError(f"--weights {folder}: the net was converted for {size[0]}x{size[1]}, not --input-size "
+        raise CaffeError(f"{term('--weights', 'weights')} {folder}: the net was converted for {size[0]}x{size[1]}, not "
+                         f"{term('--input-size', 'input_size')} "
                          f"{input_size[0]} {input_size[1]}; convert it again for that size")
     _check_output(net, source)
     definition_md5 = hashlib.md5((folder / DEFINITION).read_bytes()).hexdigest()

@@ -16,7 +16,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from caffe2torch.errors import CaffeError
+from caffe2torch.errors import CaffeError, term
 from icnet_eval.cityscapes import LABEL_ID_TO_TRAIN_ID, NUM_CLASSES, color_bgr, colorize, train_ids_to_label_ids
 from icnet_eval.data import IMAGE_TAG, ListEntry
 from icnet_eval.header import image_size as header_size
@@ -38,13 +38,13 @@ _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 def prepare_out_dir(out: Path) -> Path:
     """Create --out (refusing a file in its place) and check it can be written."""
     if out.exists() and not out.is_dir():
-        raise CaffeError(f"--out {out}: is a file, expected a folder for the predictions")
+        raise CaffeError(f"{term('--out', 'out')} {out}: is a file, expected a folder for the predictions")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise CaffeError(f"--out {out}: cannot create the folder ({error.strerror or error})") from None
+        raise CaffeError(f"{term('--out', 'out')} {out}: cannot create the folder ({error.strerror or error})") from None
     if not os.access(out, os.W_OK | os.X_OK):
-        raise CaffeError(f"--out {out}: the folder is not writable")
+        raise CaffeError(f"{term('--out', 'out')} {out}: the folder is not writable")
     return out
 
 
@@ -158,8 +158,9 @@ class OutputFolder:
         digest = self.files.get(key) if key is not None else None
         return digest is not None and not path.is_symlink() and path.is_file() and _sha256_file(path) == digest
 
-    def check(self, targets: list[Path], option: str = "-o") -> None:
+    def check(self, targets: list[Path], option: str | None = None) -> None:
         """Refuse, before any work, every target that is read by the run or is a file this tool did not write."""
+        option = option or term("-o", "out")
         self.read.check_file(self.manifest, option)
         for target in targets:
             self.read.check_file(target, option)
@@ -189,7 +190,7 @@ class OutputStore:
     def __init__(self, out: Path, output_format: str = "trainids", resume: bool = True, overlay: bool = False,
                  error_maps: bool = False) -> None:
         if output_format not in FORMATS:
-            raise CaffeError(f"--format {output_format}: expected one of {', '.join(FORMATS)}")
+            raise CaffeError(f"{term('--format', 'output_format')} {output_format}: expected one of {', '.join(FORMATS)}")
         self.out, self.output_format, self.resume, self.overlay = Path(out), output_format, resume, overlay
         self.error_maps = error_maps
         self.main_kind = "gray" if output_format == "trainids" else "labelids"
@@ -317,9 +318,9 @@ def check_outputs_apart(store: OutputStore, entries: list[ListEntry], read: Read
         read.add(entry.label, f"the label of {entry.where}")
     for entry in entries:
         for path in store.paths(entry).values():
-            read.check_file(path, "--out")
+            read.check_file(path, term("--out", "out"))
     for name in REPORT_FILES + (RUN_FILE, LOCK_FILE):
-        read.check_file(store.out / name, "--out")
+        read.check_file(store.out / name, term("--out", "out"))
 
 
 def lock_out_dir(out: Path):
@@ -362,12 +363,14 @@ def check_run_file(out: Path, fingerprint: dict, store: OutputStore, entries: li
             key = changed[0]
             before = repr(recorded[key]) if key in recorded else "not recorded"
             raise CaffeError(
-                f"--out {out}: holds predictions made with another {key} ({before}, now "
-                f"{fingerprint[key]!r}); use another --out, or --redo to replace them"
+                f"{term('--out', 'out')} {out}: holds predictions made with another {key} ({before}, now "
+                f"{fingerprint[key]!r}); use another {term('--out', 'out')}, or {term('--redo', 'resume=False')} to "
+                f"replace them"
             )
     elif store.any_exists(entries):
-        raise CaffeError(f"--out {out}: holds predictions not recorded in {RUN_FILE} (made by another tool "
-                         "or version); use another --out, or --redo to replace them")
+        raise CaffeError(f"{term('--out', 'out')} {out}: holds predictions not recorded in {RUN_FILE} (made by "
+                         f"another tool or version); use another {term('--out', 'out')}, or "
+                         f"{term('--redo', 'resume=False')} to replace them")
 
 
 def delete_outputs(store: OutputStore, entries: list[ListEntry]) -> None:

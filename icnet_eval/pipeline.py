@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from caffe2torch.errors import CaffeError
+from caffe2torch.errors import CaffeError, term
 from caffe2torch.limits import available_cores
 from caffe2torch.progress import Progress
 from caffe2torch.protect import ReadFiles
@@ -68,9 +68,9 @@ def resolve_device(name: str | None) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as error:
-        raise CaffeError(f"--device {name}: {error}") from None
+        raise CaffeError(f"{term('--device', 'device')} {name}: {error}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise CaffeError(f"--device {name}: CUDA is not available on this machine")
+        raise CaffeError(f"{term('--device', 'device')} {name}: CUDA is not available on this machine")
     return device
 
 
@@ -260,7 +260,7 @@ def evaluate(options: EvalOptions, model: LoadedModel | None = None,
     device = resolve_device(options.device)
     mode = resolve_mode(options.fast, options.fast_resize, options.fast_dtype, device)
     if options.batch_size < 1 or options.workers < 0:
-        raise CaffeError("--batch-size must be >= 1 and --workers >= 0")
+        raise CaffeError(f"{term('--batch-size', 'batch_size')} must be >= 1 and {term('--workers', 'workers')} >= 0")
     entries = parse_list(options.list_path, options.data_root)
     if options.error_maps and entries[0].label is None:
         raise CaffeError(f"--error-maps: the list {options.list_path} has no labels ('IMAGE LABEL' lines), so there "
@@ -270,7 +270,7 @@ def evaluate(options: EvalOptions, model: LoadedModel | None = None,
              "with the official Cityscapes table")
     out = Path(options.out)
     if out.exists() and not out.is_dir():
-        raise CaffeError(f"--out {out}: is a file, expected a folder for the predictions")
+        raise CaffeError(f"{term('--out', 'out')} {out}: is a file, expected a folder for the predictions")
     store = OutputStore(out, options.output_format, options.resume, options.overlay, options.error_maps)
     if model is None:
         model = load_model(options.weights, options.prototxt, options.input_size, options.verify_md5,
@@ -313,8 +313,8 @@ def evaluate(options: EvalOptions, model: LoadedModel | None = None,
         if dist.rank == 0:  # one lock per run: a second run's rank 0 is refused, and its ranks with it
             lock = lock_out_dir(out)
             if lock is None:
-                raise CaffeError(f"--out {out}: another icnet-eval run is writing there; wait for it or "
-                                 f"choose another --out")
+                raise CaffeError(f"{term('--out', 'out')} {out}: another icnet-eval run is writing there; wait for it or "
+                                 f"choose another {term('--out', 'out')}")
 
     # Nothing is deleted or written until every rank holds what it needs: the lock, then the settings
     # check, then --redo's deletions, then rank 0's run file.

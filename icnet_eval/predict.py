@@ -29,7 +29,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from caffe2torch.errors import CaffeError
+from caffe2torch.errors import CaffeError, term
 from icnet_eval.cityscapes import NUM_CLASSES
 from icnet_eval.data import MEAN_BGR
 from icnet_eval.imresize import fast_resize, matlab_imresize_torch
@@ -67,9 +67,9 @@ def resolve_mode(fast: bool, fast_resize: bool, dtype: str | None, device: torch
     """--fast / --fast-resize / --fast-dtype as a Mode; half precision by default only on a GPU (CPU
     float16 convolutions are slower than float32 ones)."""
     if dtype is not None and dtype not in DTYPES:
-        raise CaffeError(f"--fast-dtype {dtype}: expected one of {', '.join(DTYPES)}")
+        raise CaffeError(f"{term('--fast-dtype', 'fast_dtype')} {dtype}: expected one of {', '.join(DTYPES)}")
     if dtype is not None and not fast:
-        raise CaffeError("--fast-dtype needs --fast")
+        raise CaffeError(f"{term('--fast-dtype', 'fast_dtype')} needs {term('--fast', 'fast=True')}")
     if fast:
         return Mode("fast", DTYPES[dtype or ("float16" if device.type == "cuda" else "float32")])
     return Mode("fast-resize" if fast_resize else "exact")

@@ -1,14 +1,18 @@
-"""Shared pytest fixtures: location of the read-only Caffe reference data, and converted reference nets."""
+"""Shared pytest fixtures: the Caffe reference data (vendored unit nets, external ICNet nets) and converted nets."""
 import os
 from pathlib import Path
 
 import pytest
 
-# ../shared/reference beside the repo; CAFFE2TORCH_REFERENCE names another copy (e.g. the files a GPU run carries).
+DATA_DIR = Path(__file__).resolve().parent / "data"
+# The unit nets and the small imresize cases are vendored (tests/data/README.md): every checkout runs their tests.
+UNITS_DIR = DATA_DIR / "units"
+IMRESIZE_DIR = DATA_DIR / "imresize"
+# The ICNet references (about 115 MB) are not: CAFFE2TORCH_REFERENCE names their folder, else reference/ in a
+# `shared` folder beside the repository (README, "Tests").
 REFERENCE_DIR = Path(os.environ.get("CAFFE2TORCH_REFERENCE") or
                      Path(__file__).resolve().parents[1].parent / "shared" / "reference")
 
-# The unit nets of ../shared/reference/units (README: "Unit nets").
 UNITS = [
     "unit_activations", "unit_argmax", "unit_batchnorm_scale_bias", "unit_conv_basic",
     "unit_conv_group_dilation", "unit_eltwise_concat", "unit_fork_bn", "unit_innerproduct",
@@ -17,6 +21,20 @@ UNITS = [
 ]
 # Every reference net a test may convert: the unit nets and ICNet at 257x513 (its calibrated weights).
 REFERENCE_NETS = UNITS + ["icnet_257x513"]
+# What the ICNet tests read from REFERENCE_DIR.
+ICNET_FILES = ("icnet_cityscapes.prototxt", "icnet_cityscapes_bnnomerge.prototxt", "icnet_merged_1025x2049.caffemodel",
+               "icnet_merged_1025x2049.ref.h5", "icnet_bnnomerge_1025x2049.caffemodel",
+               "icnet_bnnomerge_1025x2049.ref.h5", "icnet_merged_257x513.prototxt", "icnet_merged_257x513.ref.h5")
+
+
+def external_reference(*names: str) -> Path:
+    """REFERENCE_DIR when it holds the named files (default: the ICNet nets); otherwise the test is skipped, saying
+    which file is missing where."""
+    for name in names or ICNET_FILES:
+        if not (REFERENCE_DIR / name).is_file():
+            pytest.skip(f"ICNet Caffe reference data not found ({name} is not in {REFERENCE_DIR}; set "
+                        f"CAFFE2TORCH_REFERENCE to the folder that holds it)")
+    return REFERENCE_DIR
 
 
 @pytest.fixture(scope="module")
@@ -33,21 +51,26 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    """The Caffe reference data folder beside the repo; skips the test when it is absent."""
-    if not REFERENCE_DIR.is_dir():
-        pytest.skip(f"Caffe reference data not found at {REFERENCE_DIR}")
-    return REFERENCE_DIR
+    """The external ICNet reference data; skips the test when it is absent."""
+    return external_reference()
 
 
-def convert_reference(reference_dir: Path, name: str):
-    """A fresh conversion of one reference net (tests may train or change it)."""
+@pytest.fixture(scope="session")
+def units_dir() -> Path:
+    """The vendored unit nets: X.prototxt, X.caffemodel, X.caffemodel.h5 and X.ref.h5 for each of UNITS."""
+    return UNITS_DIR
+
+
+def convert_reference(name: str):
+    """A fresh conversion of one reference net (tests may train or change it); ICNet's skips the test when the
+    external data is absent."""
     from caffe2torch.conversion import convert
 
     if name == "icnet_257x513":
+        reference_dir = external_reference("icnet_merged_1025x2049.caffemodel", "icnet_merged_257x513.prototxt")
         return convert(reference_dir / "icnet_merged_1025x2049.caffemodel", reference_dir / "icnet_merged_257x513.prototxt",
                        on_warning=lambda _: None).net
-    units = reference_dir / "units"
-    return convert(units / f"{name}.caffemodel", units / f"{name}.prototxt", on_warning=lambda _: None).net
+    return convert(UNITS_DIR / f"{name}.caffemodel", UNITS_DIR / f"{name}.prototxt", on_warning=lambda _: None).net
 
 
 def random_net(tmp_path: Path, prototxt: str, std: float, seed: int = 0):

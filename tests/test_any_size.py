@@ -199,7 +199,7 @@ def test_sizes_a_definition_cannot_take_name_the_layer_in_one_line(tmp_path):
     assert net_info(inner).inputs["data"] == (1, 3, 8, 8)
 
 
-def test_verify_and_the_standalone_model_take_other_sizes(reference_dir, tmp_path):
+def test_verify_and_the_standalone_model_take_other_sizes(units_dir, tmp_path):
     """A folder converted at one size is verified against a reference recorded at another; its standalone model.py
     (whose embedded modules compute their sizes at run time) gives the net's outputs at any size."""
     from click.testing import CliRunner
@@ -207,14 +207,12 @@ def test_verify_and_the_standalone_model_take_other_sizes(reference_dir, tmp_pat
     from caffe2torch.cli import main
     from caffe2torch.folder import save_net
     from tests.conftest import load_standalone
-
-    units = reference_dir / "units"
     folder = tmp_path / "converted"
-    result = CliRunner().invoke(main, ["convert", str(units / "unit_pool_ave.caffemodel"), "--prototxt",
-                                       str(units / "unit_pool_ave.prototxt"), "--input-shape", "1,2,20,24",
+    result = CliRunner().invoke(main, ["convert", str(units_dir / "unit_pool_ave.caffemodel"), "--prototxt",
+                                       str(units_dir / "unit_pool_ave.prototxt"), "--input-shape", "1,2,20,24",
                                        "-o", str(folder)])
     assert result.exit_code == 0, result.output
-    result = CliRunner().invoke(main, ["verify", str(folder), "--reference", str(units / "unit_pool_ave.ref.h5")])
+    result = CliRunner().invoke(main, ["verify", str(folder), "--reference", str(units_dir / "unit_pool_ave.ref.h5")])
     assert result.exit_code == 0, result.output
     assert "6/6 layers within tolerance" in result.output
     text, shapes_at = CASES["ssd_head"]

@@ -21,20 +21,20 @@ from tests.conftest import REFERENCE_NETS, UNITS, convert_reference
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("name", REFERENCE_NETS)
-def test_every_reference_net_exports_and_matches(reference_dir, tmp_path, name, fmt):
-    net = convert_reference(reference_dir, name)
+def test_every_reference_net_exports_and_matches(tmp_path, name, fmt):
+    net = convert_reference(name)
     check = export(net, fmt, tmp_path / f"net{SUFFIXES[fmt]}")
     assert check.max_rel <= 1e-4, check
     assert sorted(tmp_path.iterdir()) == [check.path]  # no temporary file left behind
 
 
-def test_onnx_graph_names_are_caffe_blobs(reference_dir, tmp_path):
+def test_onnx_graph_names_are_caffe_blobs(tmp_path):
     import onnx
     import onnxruntime
 
     for name, inputs, outputs in (("unit_eltwise_concat", ["a", "b"], None), ("unit_power_exp_log", ["data"], None),
                                   ("icnet_257x513", ["data"], ["conv6_interp"])):
-        net = convert_reference(reference_dir, name)
+        net = convert_reference(name)
         path = export(net, "onnx", tmp_path / f"{name}.onnx").path
         graph = onnx.load(str(path)).graph
         assert [value.name for value in graph.input] == inputs
@@ -45,18 +45,21 @@ def test_onnx_graph_names_are_caffe_blobs(reference_dir, tmp_path):
         assert len(session.run(None, feeds)) == len(graph.output)
 
 
-def test_check_inputs_are_the_reference_generators(reference_dir):
-    """The export check feeds inputs made like ../shared/reference's: the generator reproduces the stored ones."""
+def test_check_inputs_are_the_reference_generators(units_dir):
+    """The export check feeds inputs made like the reference data's: the generator reproduces the stored ones."""
     for unit in UNITS:
-        reference = read_reference(reference_dir / "units" / f"{unit}.ref.h5")
+        reference = read_reference(units_dir / f"{unit}.ref.h5")
         import h5py
 
         with h5py.File(reference.path) as file:
             seed = int(file.attrs["seed"])
-        net = convert_reference(reference_dir, unit)
+        net = convert_reference(unit)
         for index, name in enumerate(net_info(net).input_names):
             np.testing.assert_array_equal(reference_input(reference.inputs[name].shape, seed + index, "unit"),
                                           reference.inputs[name], err_msg=unit)
+
+
+def test_check_inputs_are_the_icnet_reference_generator(reference_dir):
     icnet = read_reference(reference_dir / "icnet_merged_257x513.ref.h5")
     np.testing.assert_array_equal(reference_input((1, 3, 257, 513), 11, "image"), icnet.inputs["data"])
 
@@ -73,78 +76,75 @@ def _sum_pool_converter(layer, inputs, blobs):
     return Converted(SumPool(), [(n, c, h // 2, w // 2)])
 
 
-def test_a_silently_wrong_export_is_deleted_and_blamed(reference_dir, tmp_path, monkeypatch):
+def test_a_silently_wrong_export_is_deleted_and_blamed(units_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(registry.CONVERTERS, "Pooling", _sum_pool_converter)
-    units = reference_dir / "units"
     output = tmp_path / "pool.onnx"
-    result = CliRunner().invoke(main, ["export", str(units / "unit_pool_ave.caffemodel"), "--prototxt",
-                                       str(units / "unit_pool_ave.prototxt"), "--format", "onnx", "-o", str(output)])
+    result = CliRunner().invoke(main, ["export", str(units_dir / "unit_pool_ave.caffemodel"), "--prototxt",
+                                       str(units_dir / "unit_pool_ave.prototxt"), "--format", "onnx", "-o", str(output)])
     assert result.exit_code == 1, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("caffe2torch: error")]
     assert len(errors) == 1 and "file deleted" in errors[0]
     assert "the first layer that differs alone: Pooling layer 'ave_k3_s2'" in errors[0]
     assert not output.exists() and list(tmp_path.iterdir()) == []
     # The same module is fine where the format keeps its meaning.
-    net = convert_reference(reference_dir, "unit_pool_ave")
+    net = convert_reference("unit_pool_ave")
     assert export(net, "pt2", tmp_path / "pool.pt2").max_rel == 0.0
     with pytest.raises(ExportMismatch, match="Pooling layer"):
         export(net, "onnx", tmp_path / "pool.onnx")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_cli_export_from_a_caffemodel_and_a_converted_folder(reference_dir, tmp_path, fmt):
-    units = reference_dir / "units"
+def test_cli_export_from_a_caffemodel_and_a_converted_folder(units_dir, tmp_path, fmt):
     runner = CliRunner()
     out = tmp_path / f"net{SUFFIXES[fmt]}"
-    result = runner.invoke(main, ["export", str(units / "unit_inplace_chain.caffemodel"), "--format", fmt, "-o", str(out)])
+    result = runner.invoke(main, ["export", str(units_dir / "unit_inplace_chain.caffemodel"), "--format", fmt, "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert f"wrote {out} ({fmt}); sizes " in result.output
     assert "checked against the PyTorch net at 1x3x9x11" in result.output and "max abs error" in result.output
     assert "note: using the net definition" in result.output and "unit_inplace_chain.prototxt" in result.output
     folder = tmp_path / "converted"
-    assert runner.invoke(main, ["convert", str(units / "unit_inplace_chain.caffemodel"), "-o", str(folder)]).exit_code == 0
+    assert runner.invoke(main, ["convert", str(units_dir / "unit_inplace_chain.caffemodel"), "-o", str(folder)]).exit_code == 0
     again = tmp_path / f"again{SUFFIXES[fmt]}"
     result = runner.invoke(main, ["export", str(folder), "--format", fmt, "-o", str(again)])
     assert result.exit_code == 0, result.output
     assert again.is_file()
 
 
-def test_export_errors_are_one_line(reference_dir, tmp_path, monkeypatch):
-    units = reference_dir / "units"
+def test_export_errors_are_one_line(units_dir, tmp_path, monkeypatch):
     runner = CliRunner()
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    result = runner.invoke(main, ["export", str(units / "unit_conv_basic.caffemodel"), "--format", "onnx",
+    result = runner.invoke(main, ["export", str(units_dir / "unit_conv_basic.caffemodel"), "--format", "onnx",
                                   "-o", str(blocker / "net.onnx")])  # the parent is a file
     assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("caffe2torch: error")]
     assert len(errors) == 1 and f"{blocker}: is not a folder" in errors[0], errors
-    result = runner.invoke(main, ["export", str(units / "unit_conv_basic.caffemodel"), "--format", "pt2",
+    result = runner.invoke(main, ["export", str(units_dir / "unit_conv_basic.caffemodel"), "--format", "pt2",
                                   "-o", str(tmp_path)])  # a folder, not a file: click's own usage error
     assert result.exit_code == 2 and "is a directory" in result.output
     monkeypatch.setitem(__import__("caffe2torch.writers", fromlist=["_NEEDS"])._NEEDS, "onnx", ("no_such_package_xyz",))
-    result = runner.invoke(main, ["export", str(units / "unit_conv_basic.caffemodel"), "--format", "onnx",
+    result = runner.invoke(main, ["export", str(units_dir / "unit_conv_basic.caffemodel"), "--format", "onnx",
                                   "-o", str(tmp_path / "x.onnx")])
     assert result.exit_code == 2 and "pip install 'caffe2torch[export]'" in result.output
 
 
 @pytest.mark.parametrize("name", ["unit_argmax", "unit_power_exp_log", "unit_pool_empty_window", "icnet_257x513"])
-def test_onnx_without_onnxscript_uses_torchs_older_exporter(reference_dir, tmp_path, monkeypatch, name):
+def test_onnx_without_onnxscript_uses_torchs_older_exporter(tmp_path, monkeypatch, name):
     """Where onnxscript is missing (some GPU images), the TorchScript-based exporter writes the file; same check."""
     import importlib.util
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda module, *a: None if module == "onnxscript" else find_spec(module, *a))
-    check = export(convert_reference(reference_dir, name), "onnx", tmp_path / "net.onnx")
+    check = export(convert_reference(name), "onnx", tmp_path / "net.onnx")
     assert check.max_rel <= 1e-4
 
 
-def test_export_never_overwrites_its_model_or_a_file_unasked(reference_dir, tmp_path):
+def test_export_never_overwrites_its_model_or_a_file_unasked(units_dir, tmp_path):
     import shutil
 
     model = tmp_path / "unit_conv_basic.caffemodel"
-    shutil.copy(reference_dir / "units" / "unit_conv_basic.caffemodel", model)
-    shutil.copy(reference_dir / "units" / "unit_conv_basic.prototxt", tmp_path / "unit_conv_basic.prototxt")
+    shutil.copy(units_dir / "unit_conv_basic.caffemodel", model)
+    shutil.copy(units_dir / "unit_conv_basic.prototxt", tmp_path / "unit_conv_basic.prototxt")
     original = model.read_bytes()
     runner = CliRunner()
     for extra in ((), ("--force",)):
@@ -243,14 +243,14 @@ def _onnx_dims(path) -> list[list]:
             for value in onnx.load(str(path)).graph.input]
 
 
-def test_exports_take_any_batch_and_with_dynamic_any_size_the_net_takes(reference_dir, tmp_path):
+def test_exports_take_any_batch_and_with_dynamic_any_size_the_net_takes(tmp_path):
     """ONNX and pt2 files: a symbolic batch by default; --dynamic: symbolic height and width too, over the range the
     net takes, checked in onnxruntime (and the loaded program) at the converted size and at another one."""
     import onnxruntime
 
     from caffe2torch.dynamic import size_ranges
 
-    net = convert_reference(reference_dir, "unit_pool_max")  # converted for 1x3x13x17
+    net = convert_reference("unit_pool_max")  # converted for 1x3x13x17
     batch = export(net, "onnx", tmp_path / "batch.onnx")
     assert _onnx_dims(batch.path)[0][1:] == [3, 13, 17] and isinstance(_onnx_dims(batch.path)[0][0], str)
     assert batch.sizes == [[(1, 3, 13, 17)], [(2, 3, 13, 17)]] and batch.dynamic == "data: N x 3 x 13 x 17"
@@ -275,11 +275,11 @@ def test_exports_take_any_batch_and_with_dynamic_any_size_the_net_takes(referenc
             torch.testing.assert_close(ours, theirs)
 
 
-def test_a_net_whose_weights_fix_its_size_exports_its_batch_only(reference_dir, tmp_path):
-    net = convert_reference(reference_dir, "unit_innerproduct")
+def test_a_net_whose_weights_fix_its_size_exports_its_batch_only(tmp_path):
+    net = convert_reference("unit_innerproduct")
     check = export(net, "pt2", tmp_path / "net.pt2", dynamic=True)
     assert check.dynamic == "data: N x 4 x 3 x 5"
-    with pytest.raises(CaffeError, match="--dynamic: a TorchScript trace keeps its example's sizes"):
+    with pytest.raises(CaffeError, match="dynamic=True: a TorchScript trace keeps its example's sizes"):
         export(net, "torchscript", tmp_path / "net.pt", dynamic=True)
     assert not (tmp_path / "net.pt").exists()
 
@@ -293,7 +293,7 @@ layer { name: "up" type: "Interp" bottom: "pool" top: "up" interp_param { zoom_f
 """
 
 
-def test_export_of_the_fast_graph_matches_the_net(reference_dir, tmp_path):
+def test_export_of_the_fast_graph_matches_the_net(units_dir, tmp_path):
     """--fast: BN folded, torch's pooling and Interp kernels; checked against the converted net like every export."""
     import onnx
 
@@ -308,7 +308,7 @@ def test_export_of_the_fast_graph_matches_the_net(reference_dir, tmp_path):
     assert check.max_rel <= 1e-5
     kinds = {node.op_type for node in onnx.load(str(check.path)).graph.node}
     assert "BatchNormalization" not in kinds and "Conv" in kinds  # folded into the convolution
-    result = CliRunner().invoke(main, ["export", str(reference_dir / "units" / "unit_interp.caffemodel"), "--format",
+    result = CliRunner().invoke(main, ["export", str(units_dir / "unit_interp.caffemodel"), "--format",
                                        "onnx", "-o", str(tmp_path / "interp.onnx"), "--fast", "--dynamic"])
     assert result.exit_code == 0, result.output
     assert "(onnx, fast graph); sizes data: N x 3 x H (>= " in result.output

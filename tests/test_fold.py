@@ -123,13 +123,12 @@ layer { name: "loss" type: "SoftmaxWithLoss" bottom: "out" bottom: "data" top: "
 
 # ---------------------------------------------------------------- reference unit net
 
-def test_unit_inplace_chain_folded_equals_unfolded(reference_dir):
-    units = reference_dir / "units"
-    conversion = convert(units / "unit_inplace_chain.caffemodel", units / "unit_inplace_chain.prototxt")
+def test_unit_inplace_chain_folded_equals_unfolded(units_dir):
+    conversion = convert(units_dir / "unit_inplace_chain.caffemodel", units_dir / "unit_inplace_chain.prototxt")
     definition, blobs, folded = fold_net(conversion.definition, conversion.trained)
     assert folded == {"conv1_bn": "conv1", "conv2_bn": "conv2", "conv2_scale": "conv2"}
     assert [layer.type for layer in definition.layer] == ["Convolution", "ReLU", "Convolution", "ReLU", "Dropout", "Eltwise"]
-    reference = read_reference(units / "unit_inplace_chain.ref.h5")
+    reference = read_reference(units_dir / "unit_inplace_chain.ref.h5")
     x = reference.inputs["data"]
     before, after = _run(conversion.definition, conversion.trained, x), _run(definition, blobs, x)
     assert _rel(after["sum"], before["sum"]) < 1e-6
@@ -137,10 +136,9 @@ def test_unit_inplace_chain_folded_equals_unfolded(reference_dir):
     assert _rel(after["sum"], caffe_sum) < 1e-6
 
 
-def test_fast_path_on_unit_chain_lists_folded_records(reference_dir):
-    units = reference_dir / "units"
-    conversion = convert(units / "unit_inplace_chain.caffemodel", units / "unit_inplace_chain.prototxt")
-    reference = read_reference(units / "unit_inplace_chain.ref.h5")
+def test_fast_path_on_unit_chain_lists_folded_records(units_dir):
+    conversion = convert(units_dir / "unit_inplace_chain.caffemodel", units_dir / "unit_inplace_chain.prototxt")
+    reference = read_reference(units_dir / "unit_inplace_chain.ref.h5")
     fast = optimize(conversion.net, fuse_relu=False)
     report = verify_free_running(fast, reference, tolerance=1e-5)
     assert report.ok and report.passed == 6 and not report.unchecked
@@ -155,9 +153,8 @@ def test_fast_path_on_unit_chain_lists_folded_records(reference_dir):
     assert {c.layer for c in fused.comparisons} == {"conv1_relu", "conv2_relu", "conv2_drop", "sum"}
 
 
-def test_cli_fold_bn_and_verify_fast(reference_dir, tmp_path):
-    units = reference_dir / "units"
-    model, prototxt = units / "unit_inplace_chain.caffemodel", units / "unit_inplace_chain.prototxt"
+def test_cli_fold_bn_and_verify_fast(units_dir, tmp_path):
+    model, prototxt = units_dir / "unit_inplace_chain.caffemodel", units_dir / "unit_inplace_chain.prototxt"
     runner = CliRunner()
     result = runner.invoke(main, ["fold-bn", str(model), "--prototxt", str(prototxt), "-o", str(tmp_path)])
     assert result.exit_code == 0, result.output
@@ -169,7 +166,7 @@ def test_cli_fold_bn_and_verify_fast(reference_dir, tmp_path):
     assert [call.type for _, call in layer_calls(load(tmp_path))] == ["Convolution", "ReLU", "Convolution", "ReLU",
                                                                      "Dropout", "Eltwise"]
     result = runner.invoke(main, ["verify", str(model), "--prototxt", str(prototxt),
-                                  "--reference", str(units / "unit_inplace_chain.ref.h5"), "--fast"])
+                                  "--reference", str(units_dir / "unit_inplace_chain.ref.h5"), "--fast"])
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[-1].startswith("4/4 layers within tolerance (free-running, fast path")
     assert "5 pre-BN/pre-ReLU records folded away" in result.output.splitlines()[-1]

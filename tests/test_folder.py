@@ -36,8 +36,8 @@ def _exec_model_py(folder):
 
 
 @pytest.mark.parametrize("name", REFERENCE_NETS)
-def test_model_py_builds_the_same_net(reference_dir, tmp_path, name):
-    net = convert_reference(reference_dir, name)
+def test_model_py_builds_the_same_net(tmp_path, name):
+    net = convert_reference(name)
     folder = save_net(net, tmp_path / "out")
     namespace = _exec_model_py(folder)
     standalone = namespace["load"]()
@@ -58,8 +58,8 @@ def test_model_py_builds_the_same_net(reference_dir, tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ["unit_interp", "unit_argmax", "icnet_257x513"])
-def test_python_model_py_runs_without_caffe2torch(reference_dir, tmp_path, name):
-    net = convert_reference(reference_dir, name)
+def test_python_model_py_runs_without_caffe2torch(tmp_path, name):
+    net = convert_reference(name)
     folder = save_net(net, tmp_path / "out")
     source = (folder / "model.py").read_text()
     assert "caffe2torch" not in "\n".join(line for line in source.splitlines() if line.startswith(("import", "from")))
@@ -70,8 +70,8 @@ def test_python_model_py_runs_without_caffe2torch(reference_dir, tmp_path, name)
     assert done.stdout.splitlines() == expected
 
 
-def test_model_py_is_readable_pytorch(reference_dir, tmp_path):
-    folder = save_net(convert_reference(reference_dir, "icnet_257x513"), tmp_path / "out")
+def test_model_py_is_readable_pytorch(tmp_path):
+    folder = save_net(convert_reference("icnet_257x513"), tmp_path / "out")
     source = (folder / "model.py").read_text()
     assert "        self.conv1_1_3x3_s2 = nn.Conv2d(3, 32, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1)" in source
     assert "        self.conv5_3_pool1 = Pool2d(method='AVE', kernel=(9, 17)" in source
@@ -134,12 +134,12 @@ class Payload:
     """An arbitrary pickled object: torch.load(weights_only=True) refuses to build it."""
 
 
-def _converted(reference_dir, tmp_path):
-    return save_net(convert_reference(reference_dir, "unit_conv_basic"), tmp_path / "good")
+def _converted(tmp_path):
+    return save_net(convert_reference("unit_conv_basic"), tmp_path / "good")
 
 
 def test_load_refuses_bad_folders_with_one_clear_error(reference_dir, tmp_path):
-    good = _converted(reference_dir, tmp_path)
+    good = _converted(tmp_path)
     load(good)
     with pytest.raises(CaffeError, match="no such folder"):
         load(tmp_path / "missing")
@@ -171,9 +171,8 @@ def test_load_refuses_bad_folders_with_one_clear_error(reference_dir, tmp_path):
     assert "net.prototxt:1" in broken(lambda f: (f / "net.prototxt").write_text("layer {"))
 
 
-def test_outputs_never_go_into_links_or_user_folders(reference_dir, tmp_path, monkeypatch):
-    units = reference_dir / "units"
-    convert = ["convert", str(units / "unit_conv_basic.caffemodel"), "-o"]
+def test_outputs_never_go_into_links_or_user_folders(units_dir, tmp_path, monkeypatch):
+    convert = ["convert", str(units_dir / "unit_conv_basic.caffemodel"), "-o"]
     real = tmp_path / "real"
     real.mkdir()
     link = tmp_path / "link"
@@ -192,12 +191,12 @@ def test_outputs_never_go_into_links_or_user_folders(reference_dir, tmp_path, mo
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_read_only_parent_is_one_line(reference_dir, tmp_path):
+def test_read_only_parent_is_one_line(units_dir, tmp_path):
     parent = tmp_path / "locked"
     parent.mkdir()
     parent.chmod(0o555)
     try:
-        result = CliRunner().invoke(main, ["convert", str(reference_dir / "units" / "unit_conv_basic.caffemodel"),
+        result = CliRunner().invoke(main, ["convert", str(units_dir / "unit_conv_basic.caffemodel"),
                                            "-o", str(parent / "out")])
         assert result.exit_code == 2 and "cannot write the converted folder (Permission denied)" in result.output
         assert ".partial" not in result.output
@@ -232,10 +231,10 @@ layer { name: "c" type: "Convolution" bottom: "i" top: "c" convolution_param { n
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
 
 
-def test_a_failed_replacement_keeps_the_earlier_output(reference_dir, tmp_path, monkeypatch):
+def test_a_failed_replacement_keeps_the_earlier_output(tmp_path, monkeypatch):
     from caffe2torch import folder as folder_module
 
-    net = convert_reference(reference_dir, "unit_conv_basic")
+    net = convert_reference("unit_conv_basic")
     out = save_net(net, tmp_path / "out")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     rename = folder_module.Path.rename
@@ -255,11 +254,11 @@ def test_a_failed_replacement_keeps_the_earlier_output(reference_dir, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or backup left behind
 
 
-def test_evaluation_only_graphs_are_not_saved(reference_dir, tmp_path):
+def test_evaluation_only_graphs_are_not_saved(tmp_path):
     from caffe2torch.fast import optimize
     from caffe2torch.passes import caffe_order_norms
 
-    net = convert_reference(reference_dir, "unit_fork_bn")
+    net = convert_reference("unit_fork_bn")
     with pytest.raises(CaffeError, match="Caffe's order"):
         save_net(caffe_order_norms(net), tmp_path / "a")
     with pytest.raises(CaffeError, match="save the converted net itself"):

@@ -30,8 +30,8 @@ def _floats(net) -> list[torch.dtype]:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_floating_folders_load_as_float32(reference_dir, tmp_path, dtype):
-    net = convert_reference(reference_dir, "unit_batchnorm_scale_bias")
+def test_floating_folders_load_as_float32(tmp_path, dtype):
+    net = convert_reference("unit_batchnorm_scale_bias")
     inputs = check_inputs(net)
     stored = net.to(dtype)  # in place: `net` now holds the values the folder stores
     folder = save_net(stored, tmp_path / "out")
@@ -47,8 +47,8 @@ def test_floating_folders_load_as_float32(reference_dir, tmp_path, dtype):
     assert len({t.data_ptr() for t in loaded.state_dict().values()}) == len(loaded.state_dict())
 
 
-def test_foreign_kinds_and_float64_beyond_float32_are_refused(reference_dir, tmp_path):
-    folder = save_net(convert_reference(reference_dir, "unit_batchnorm_scale_bias"), tmp_path / "out")
+def test_foreign_kinds_and_float64_beyond_float32_are_refused(tmp_path):
+    folder = save_net(convert_reference("unit_batchnorm_scale_bias"), tmp_path / "out")
     good = torch.load(folder / "weights.pt", weights_only=True)
     weight = "scale.weight"
     counter = "bn_std.num_batches_tracked"  # an integer buffer of BatchNorm
@@ -77,20 +77,19 @@ def test_foreign_kinds_and_float64_beyond_float32_are_refused(reference_dir, tmp
     assert torch.isinf(caffe2torch.load(folder).state_dict()[weight]).sum() == 1
 
 
-def test_verify_runs_a_half_precision_folder(reference_dir, tmp_path):
-    units = reference_dir / "units"
-    net = convert_reference(reference_dir, "unit_conv_basic")
+def test_verify_runs_a_half_precision_folder(units_dir, tmp_path):
+    net = convert_reference("unit_conv_basic")
     for dtype, tolerance, code in ((torch.float64, [], 0), (torch.float16, ["--tolerance", "0.01"], 0)):
         folder = save_net(net.to(dtype), tmp_path / str(dtype))
         result = CliRunner().invoke(caffe2torch_main, ["verify", str(folder), "--reference",
-                                                       str(units / "unit_conv_basic.ref.h5"), *tolerance])
+                                                       str(units_dir / "unit_conv_basic.ref.h5"), *tolerance])
         assert result.exit_code == code, result.output
         assert "7/7 layers within tolerance" in result.output
         net = net.float()
     torch.save({k: v.long() for k, v in torch.load(folder / "weights.pt", weights_only=True).items()},
                folder / "weights.pt")
     result = CliRunner().invoke(caffe2torch_main, ["verify", str(folder), "--reference",
-                                                   str(units / "unit_conv_basic.ref.h5")])
+                                                   str(units_dir / "unit_conv_basic.ref.h5")])
     assert result.exit_code == 2 and "is int64, the net needs float32" in result.output
     assert "Traceback" not in result.output
 
@@ -114,10 +113,10 @@ def test_icnet_eval_and_segment_take_a_half_precision_folder(tmp_path, dataset, 
     assert np.isfinite(report["pixel_accuracy"])
 
 
-def test_tensors_sharing_storage_in_the_file_become_separate_parameters(reference_dir, tmp_path):
+def test_tensors_sharing_storage_in_the_file_become_separate_parameters(tmp_path):
     """A weights.pt may store several tensors as views of one storage (torch.save keeps views): each layer
     still gets its own parameter, so training one does not change another."""
-    folder = save_net(convert_reference(reference_dir, "unit_batchnorm_scale_bias"), tmp_path / "out")
+    folder = save_net(convert_reference("unit_batchnorm_scale_bias"), tmp_path / "out")
     state = torch.load(folder / "weights.pt", weights_only=True)
     base = torch.arange(4, dtype=torch.float32) + 1
     state["scale.weight"], state["scale_nobias.weight"] = base[:], base.view(4)

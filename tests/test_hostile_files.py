@@ -51,8 +51,8 @@ def test_an_hdf5_layer_name_that_is_not_utf8_is_one_line(tmp_path):
         read_caffemodel_h5(path)
 
 
-def test_reference_names_that_are_not_utf8_are_one_line(reference_dir, tmp_path):
-    source = reference_dir / "units" / "unit_conv_basic.ref.h5"
+def test_reference_names_that_are_not_utf8_are_one_line(units_dir, tmp_path):
+    source = units_dir / "unit_conv_basic.ref.h5"
     for change, message in (
             (lambda f: f["layers/0000"].attrs.__setitem__("name", np.bytes_(b"conv\xff")),
              r"attribute 'name' of /layers/0000 b'conv\\xff' is not UTF-8 text"),
@@ -70,8 +70,8 @@ def test_reference_names_that_are_not_utf8_are_one_line(reference_dir, tmp_path)
         assert _one_line(caught.value).startswith(str(path))
 
 
-def test_a_binary_caffemodel_string_that_is_not_utf8_names_the_field_and_bytes(reference_dir):
-    data = (reference_dir / "units" / "unit_conv_basic.caffemodel").read_bytes()
+def test_a_binary_caffemodel_string_that_is_not_utf8_names_the_field_and_bytes(units_dir):
+    data = (units_dir / "unit_conv_basic.caffemodel").read_bytes()
     with pytest.raises(CaffeError) as caught:
         parse_caffemodel(data.replace(b"conv_k3_s2", b"conv_k3_\xff2", 1), "x.caffemodel")
     assert _one_line(caught.value) == ("x.caffemodel: not a valid caffemodel (layer[2].name holds bytes that are not "
@@ -199,10 +199,9 @@ def test_hdf5_weights_of_a_size_past_int64_are_one_line(tmp_path):
     ("link.prototxt", False),  # a symbolic link in the reference's folder to the trap outside it
     ("sub/trap.prototxt", True),  # a plain relative name inside the folder: read
 ])
-def test_verify_reads_only_a_definition_inside_the_references_folder(reference_dir, tmp_path, name, used):
+def test_verify_reads_only_a_definition_inside_the_references_folder(units_dir, tmp_path, name, used):
     """A `.ref.h5` names its prototxt relative to itself; anything else is ignored with a note, and verify goes
     on with the net stored in the caffemodel. The trap is not a valid prototxt: reading it would be an error."""
-    units = reference_dir / "units"
     folder, elsewhere = tmp_path / "ref", tmp_path / "elsewhere"
     (folder / "sub").mkdir(parents=True)
     elsewhere.mkdir()
@@ -210,9 +209,9 @@ def test_verify_reads_only_a_definition_inside_the_references_folder(reference_d
     for path in (trap, folder / "sub" / "trap.prototxt"):
         path.write_text("layer {")
     (folder / "link.prototxt").symlink_to(trap)
-    shutil.copy(units / "unit_conv_basic.caffemodel", folder / "model.caffemodel")
+    shutil.copy(units_dir / "unit_conv_basic.caffemodel", folder / "model.caffemodel")
     reference = folder / "model.ref.h5"
-    shutil.copy(units / "unit_conv_basic.ref.h5", reference)
+    shutil.copy(units_dir / "unit_conv_basic.ref.h5", reference)
     with h5py.File(reference, "r+") as file:
         file.attrs["prototxt"] = str(trap) if name == "ABSOLUTE" else name
     result = CliRunner().invoke(main, ["verify", str(folder / "model.caffemodel"), "--reference", str(reference)])

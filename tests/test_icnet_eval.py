@@ -387,11 +387,11 @@ def test_generated_net_reproduces_caffe_argmax(reference_dir):
     assert bn_model.definition == "generated ICNet 257x513 (separate BN)"
 
 
-def test_weights_of_another_net_are_refused_before_building(reference_dir):
+def test_weights_of_another_net_are_refused_before_building(units_dir):
     from icnet_eval.model import load_model
 
     with pytest.raises(CaffeError, match=r"unit_conv_basic\.caffemodel: none of its 6 weighted layers match a layer name of generated ICNet"):
-        load_model(reference_dir / "units" / "unit_conv_basic.caffemodel", None, (257, 513))
+        load_model(units_dir / "unit_conv_basic.caffemodel", None, (257, 513))
 
 
 # ---------------------------------------------------------------- safety of --out and resume

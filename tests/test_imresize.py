@@ -15,6 +15,7 @@ from icnet_eval.imresize import (
     matlab_imresize,
     matlab_imresize_torch,
 )
+from tests.conftest import IMRESIZE_DIR, external_reference
 
 TIE_TOLERANCE = 1e-6
 
@@ -112,8 +113,13 @@ def test_contributions_of_icnet_resizes():
     assert indices.min() == 0 and indices.max() == 1024
 
 
-def test_rgb_icnet_input_resize_matches_reference(reference_dir):
-    folder = reference_dir / "imresize"
+# The ICNet-sized vectors (12 MB) are external; the gray cases are vendored in tests/data/imresize.
+RGB = ("imresize/rgb_1024x2048.png", "imresize/rgb_1024x2048_to_1025x2049.png")
+PROBS = ("imresize/probs_257x513x5.npy", "imresize/probs_257x513x5_to_256x512.npy")
+
+
+def test_rgb_icnet_input_resize_matches_reference():
+    folder = external_reference(*RGB) / "imresize"
     image = np.array(Image.open(folder / "rgb_1024x2048.png"))
     expected = np.array(Image.open(folder / "rgb_1024x2048_to_1025x2049.png"))
     resized = matlab_imresize(image, (1025, 2049))
@@ -123,36 +129,37 @@ def test_rgb_icnet_input_resize_matches_reference(reference_dir):
     _assert_equal_except_ties(independent, expected, ties)
 
 
-def test_the_gpu_passes_equal_the_numpy_resize_on_the_shared_vectors(reference_dir):
+@pytest.mark.parametrize("name,size", [("rgb_1024x2048.png", (1025, 2049)), ("gray_37x53.png", (80, 101)),
+                                       ("gray_37x53.png", (16, 23))])
+def test_the_gpu_passes_equal_the_numpy_resize_on_the_shared_vectors(name, size):
     """The whole-tensor passes a GPU runs (here on the CPU) give the NumPy resize's bits on the shared ICNet input
     and gray cases; the NumPy resize with one thread (as in a loader worker) too."""
     from icnet_eval.imresize import set_resize_threads
 
-    folder = reference_dir / "imresize"
-    for name, size in (("rgb_1024x2048.png", (1025, 2049)), ("gray_37x53.png", (80, 101)), ("gray_37x53.png", (16, 23))):
-        image = np.array(Image.open(folder / name))
-        volume = image[None] if image.ndim == 2 else image.transpose(2, 0, 1)
-        by_numpy = matlab_imresize(image, size)
-        by_passes = _resize_chw_torch_ops(torch.from_numpy(np.ascontiguousarray(volume)), size, "bilinear").numpy()
-        np.testing.assert_array_equal(by_passes[0] if image.ndim == 2 else by_passes.transpose(1, 2, 0), by_numpy)
-        set_resize_threads(1)
-        try:
-            np.testing.assert_array_equal(matlab_imresize(image, size), by_numpy)
-        finally:
-            set_resize_threads(None)
+    folder = (external_reference(*RGB) / "imresize") if name.startswith("rgb") else IMRESIZE_DIR
+    image = np.array(Image.open(folder / name))
+    volume = image[None] if image.ndim == 2 else image.transpose(2, 0, 1)
+    by_numpy = matlab_imresize(image, size)
+    by_passes = _resize_chw_torch_ops(torch.from_numpy(np.ascontiguousarray(volume)), size, "bilinear").numpy()
+    np.testing.assert_array_equal(by_passes[0] if image.ndim == 2 else by_passes.transpose(1, 2, 0), by_numpy)
+    set_resize_threads(1)
+    try:
+        np.testing.assert_array_equal(matlab_imresize(image, size), by_numpy)
+    finally:
+        set_resize_threads(None)
 
 
 @pytest.mark.parametrize("size", [(16, 23), (80, 101), (37, 20)])
-def test_gray_cases_match_reference(reference_dir, size):
-    folder = reference_dir / "imresize"
+def test_gray_cases_match_reference(size):
+    folder = IMRESIZE_DIR
     image = np.array(Image.open(folder / "gray_37x53.png"))
     expected = np.array(Image.open(folder / f"gray_37x53_to_{size[0]}x{size[1]}.png"))
     _, ties = _reference_resize(image, size)
     _assert_equal_except_ties(matlab_imresize(image, size), expected, ties)
 
 
-def test_probability_shrink_matches_reference(reference_dir):
-    folder = reference_dir / "imresize"
+def test_probability_shrink_matches_reference():
+    folder = external_reference(*PROBS) / "imresize"
     probs = np.load(folder / "probs_257x513x5.npy")
     expected = np.load(folder / "probs_257x513x5_to_256x512.npy")
     resized = matlab_imresize(probs, (256, 512))
@@ -230,8 +237,8 @@ def test_gpu_path_matches_numpy():
         np.testing.assert_array_equal(on_gpu, _resize_chw_numpy(volume, size, "bilinear"))
 
 
-def test_fast_resize_is_close(reference_dir):
-    folder = reference_dir / "imresize"
+def test_fast_resize_is_close():
+    folder = external_reference(*PROBS, RGB[0]) / "imresize"
     probs = torch.from_numpy(np.load(folder / "probs_257x513x5.npy")).permute(2, 0, 1)
     expected = np.load(folder / "probs_257x513x5_to_256x512.npy").transpose(2, 0, 1)
     fast = fast_resize(probs, (256, 512))

@@ -56,12 +56,11 @@ def assert_caffe_close(actual: np.ndarray, expected: np.ndarray, what: str, tole
 
 
 @pytest.mark.parametrize("unit", sorted(UNITS))
-def test_unit_net_layers_match_caffe(reference_dir, unit: str) -> None:
-    units = reference_dir / "units"
-    net = text_format.Parse((units / f"{unit}.prototxt").read_text(), caffe_pb2.NetParameter())
+def test_unit_net_layers_match_caffe(units_dir, unit: str) -> None:
+    net = text_format.Parse((units_dir / f"{unit}.prototxt").read_text(), caffe_pb2.NetParameter())
     layers = {layer.name: layer for layer in net.layer}
     checked = []
-    with h5py.File(units / f"{unit}.ref.h5", "r") as ref, h5py.File(units / f"{unit}.caffemodel.h5", "r") as weights:
+    with h5py.File(units_dir / f"{unit}.ref.h5", "r") as ref, h5py.File(units_dir / f"{unit}.caffemodel.h5", "r") as weights:
         latest = {name: ref["input"][name][()] for name in ref["input"]}  # blob name -> tensor as Caffe had it
         for key in sorted(ref["layers"]):
             record = ref["layers"][key]
@@ -82,9 +81,9 @@ def test_unit_net_layers_match_caffe(reference_dir, unit: str) -> None:
     assert len(checked) == UNITS[unit], checked
 
 
-def test_empty_pooling_windows_are_caffe_sentinels(reference_dir) -> None:
+def test_empty_pooling_windows_are_caffe_sentinels(units_dir) -> None:
     """Stride 3 > kernel 2 on 12 rows: Caffe's 5th window row lies wholly outside the image."""
-    with h5py.File(reference_dir / "units" / "unit_pool_empty_window.ref.h5", "r") as ref:
+    with h5py.File(units_dir / "unit_pool_empty_window.ref.h5", "r") as ref:
         x = ref["input"]["data"][()]
     max_top, = run(layer_from_text('name: "m" type: "Pooling" pooling_param { pool: MAX kernel_size: 2 stride: 3 }'),
                    [x])

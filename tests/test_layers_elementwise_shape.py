@@ -13,8 +13,8 @@ from google.protobuf import text_format
 from caffe2torch.errors import CaffeError
 from caffe2torch.layers import convert_layer
 from proto import caffe_pb2
+from tests.conftest import UNITS_DIR
 
-UNITS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "units"
 
 ACTIVATION_TYPES = {
     "ReLU", "PReLU", "Sigmoid", "TanH", "ELU", "AbsVal", "Power", "Exp", "Log", "BNLL",
@@ -31,8 +31,6 @@ V1_PARAM_FIELDS = (
 
 def _recorded_layers() -> list[tuple[str, str]]:
     """(net, record group) for every recorded layer of a type this family converts."""
-    if not UNITS_DIR.is_dir():
-        return []
     found = []
     for ref_path in sorted(UNITS_DIR.glob("unit_*.ref.h5")):
         with h5py.File(ref_path, "r") as ref:
@@ -94,8 +92,7 @@ def _relative_l2(actual: np.ndarray, expected: np.ndarray) -> float:
     return error / scale if scale > 0 else error
 
 
-@pytest.mark.skipif(not RECORDED, reason=f"Caffe unit reference data not found at {UNITS_DIR}")
-@pytest.mark.parametrize("net_name, record_key", RECORDED, ids=[f"{n}-{k}" for n, k in RECORDED] or None)
+@pytest.mark.parametrize("net_name, record_key", RECORDED, ids=[f"{n}-{k}" for n, k in RECORDED])
 def test_layer_matches_caffe_reference(net_name: str, record_key: str) -> None:
     with h5py.File(UNITS_DIR / f"{net_name}.ref.h5", "r") as ref:
         record = ref["layers"][record_key]
@@ -199,7 +196,6 @@ def test_argmax_ties_go_to_the_larger_index() -> None:
     np.testing.assert_array_equal(y.numpy()[0, :, 0, 0], [2.0, 1.0, 3.0])
 
 
-@pytest.mark.skipif(not RECORDED, reason=f"Caffe unit reference data not found at {UNITS_DIR}")
 def test_reference_tie_is_resolved_like_caffe() -> None:
     with h5py.File(UNITS_DIR / "unit_argmax.ref.h5", "r") as ref:
         data = ref["input"]["data"][...]

@@ -391,7 +391,7 @@ def test_a_python_data_layer_becomes_an_input(tmp_path):
     info = describe(path)
     assert info["inputs"] == {"data": [1, 3, 224, 224]} and info["layers"][0]["top_shapes"] == [[1, 2, 224, 224]]
     assert ("input 'data' (from data layer 'data' (Python voc_layers.VOCSegDataLayer)) has no size in the net: "
-            "shown for 1x3x224x224; give --input-shape for the size you use") in info["notes"]
+            "shown for 1x3x224x224; give input_shape= for the size you use") in info["notes"]  # the API's words
     assert describe(path, input_shape=(1, 3, 8, 8))["inputs"] == {"data": [1, 3, 8, 8]}
     # A size the user gives is kept while another input's is assumed.
     path.write_text(path.read_text().replace(

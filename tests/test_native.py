@@ -38,7 +38,7 @@ def _same(a, b) -> None:
 
 
 def test_icnet_is_a_graph_of_standard_modules(reference_dir):
-    net = convert_reference(reference_dir, "icnet_257x513")
+    net = convert_reference("icnet_257x513")
     assert isinstance(net, fx.GraphModule)
     calls = list(layer_calls(net))
     # One call per Caffe layer, in Caffe's order, named after it.
@@ -57,8 +57,8 @@ def test_icnet_is_a_graph_of_standard_modules(reference_dir):
     assert dict(net.named_parameters())["conv6_cls.weight"].shape == (19, 128, 1, 1)
 
 
-def test_batch_norms_hold_caffes_statistics_under_torch_names(reference_dir):
-    net = convert_reference(reference_dir, "unit_fork_bn")
+def test_batch_norms_hold_caffes_statistics_under_torch_names():
+    net = convert_reference("unit_fork_bn")
     bn, frozen = layer_module(net, "bn"), layer_module(net, "bn_frozen")
     assert type(bn) is nn.BatchNorm2d and bn.momentum == pytest.approx(0.1)  # 1 - the fork's default momentum 0.9
     assert set(bn.state_dict()) == {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
@@ -87,8 +87,8 @@ def _from_text(text: str):
     return from_net_parameter(parse_prototxt(text), {}, fill_missing=True, on_warning=lambda _: None)
 
 
-def test_freeze_batchnorm_for_fine_tuning(reference_dir):
-    net = convert_reference(reference_dir, "unit_inplace_chain")
+def test_freeze_batchnorm_for_fine_tuning():
+    net = convert_reference("unit_inplace_chain")
     x = check_inputs(net)[0]
     with torch.no_grad():
         evaluated = net(x)
@@ -105,8 +105,8 @@ def test_freeze_batchnorm_for_fine_tuning(reference_dir):
 
 
 @pytest.mark.parametrize("name", REFERENCE_NETS)
-def test_training_reaches_every_learnable_parameter(reference_dir, name):
-    net = convert_reference(reference_dir, name).train()
+def test_training_reaches_every_learnable_parameter(name):
+    net = convert_reference(name).train()
     learnable = {n: p for n, p in net.named_parameters() if p.requires_grad}
     outputs = [o for o in _outputs(net(*check_inputs(net))) if o.requires_grad]
     if not learnable:
@@ -122,8 +122,8 @@ def test_training_reaches_every_learnable_parameter(reference_dir, name):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", REFERENCE_NETS)
-def test_half_precision_runs_finite(reference_dir, name, dtype):
-    net = convert_reference(reference_dir, name)
+def test_half_precision_runs_finite(name, dtype):
+    net = convert_reference(name)
     inputs = check_inputs(net)
     with torch.no_grad():
         exact = _outputs(net(*inputs))
@@ -135,8 +135,8 @@ def test_half_precision_runs_finite(reference_dir, name, dtype):
 
 @pytest.mark.parametrize("name", ["unit_interp", "unit_pool_empty_window", "unit_argmax", "unit_shape_softmax",
                                   "unit_innerproduct", "unit_batchnorm_scale_bias", "icnet_257x513"])
-def test_traces_and_exports_with_torch(reference_dir, name):
-    net = convert_reference(reference_dir, name)
+def test_traces_and_exports_with_torch(name):
+    net = convert_reference(name)
     inputs = check_inputs(net)
     with torch.no_grad():
         want = net(*inputs)
@@ -149,39 +149,36 @@ def test_traces_and_exports_with_torch(reference_dir, name):
 
 
 @pytest.mark.parametrize("name", ["unit_pool_ave", "unit_inplace_chain"])
-def test_torch_compile(reference_dir, name):
-    net = convert_reference(reference_dir, name)
+def test_torch_compile(name):
+    net = convert_reference(name)
     inputs = check_inputs(net)
     with torch.no_grad():
         _same(torch.compile(net)(*inputs), net(*inputs))
 
 
-def test_other_sizes_run_and_sizes_fixed_by_weights_name_the_layer(reference_dir):
+def test_other_sizes_run_and_sizes_fixed_by_weights_name_the_layer(units_dir):
     """A convolution net takes any size (equal to a conversion at that size); an InnerProduct after spatial layers
     refuses another size with one line naming the layer, the size it was converted for and the size it got."""
     from caffe2torch.conversion import convert
     from caffe2torch.errors import InputSizeError
-
-    units = reference_dir / "units"
-    net = convert_reference(reference_dir, "unit_conv_basic")
+    net = convert_reference("unit_conv_basic")
     x = torch.randn(2, 3, 14, 19, generator=torch.Generator().manual_seed(0))
-    there = convert(units / "unit_conv_basic.caffemodel", units / "unit_conv_basic.prototxt", (1, 3, 14, 19),
+    there = convert(units_dir / "unit_conv_basic.caffemodel", units_dir / "unit_conv_basic.prototxt", (1, 3, 14, 19),
                     on_warning=lambda _: None).net
     _same(net(x), there(x))
     assert net(torch.zeros(4, 3, 13, 17))[0].shape[0] == 4  # the batch size is free
-    fixed = convert_reference(reference_dir, "unit_innerproduct")
+    fixed = convert_reference("unit_innerproduct")
     shape = net_info(fixed).inputs["data"]
     with pytest.raises(InputSizeError) as raised:
         fixed(torch.zeros(shape[0], shape[1], shape[2] + 1, *shape[3:]))
     message = str(raised.value)
     assert "\n" not in message and "layer 'ip" in message and "(InnerProduct)" in message
     assert "converted for " + "x".join(map(str, shape)) in message
-def test_convert_is_callable_again_and_again(reference_dir):
-    units = reference_dir / "units"
-    nets = [caffe2torch.convert(units / "unit_conv_basic.caffemodel") for _ in range(2)]
+def test_convert_is_callable_again_and_again(units_dir):
+    nets = [caffe2torch.convert(units_dir / "unit_conv_basic.caffemodel") for _ in range(2)]
     assert all(isinstance(net, fx.GraphModule) for net in nets)
     importlib.import_module("caffe2torch.conversion")  # importing the submodule must not shadow the function
-    assert callable(caffe2torch.convert) and isinstance(caffe2torch.convert(units / "unit_fork_bn.caffemodel"), fx.GraphModule)
+    assert callable(caffe2torch.convert) and isinstance(caffe2torch.convert(units_dir / "unit_fork_bn.caffemodel"), fx.GraphModule)
 
 
 def test_python_dash_m_runs_the_command_line():
@@ -191,8 +188,8 @@ def test_python_dash_m_runs_the_command_line():
 
 # ---------------------------------------------------------------- the fast graph on any device and dtype
 
-def test_fast_graph_in_bfloat16(reference_dir):
-    net = convert_reference(reference_dir, "icnet_257x513")
+def test_fast_graph_in_bfloat16():
+    net = convert_reference("icnet_257x513")
     x = check_inputs(net)[0]
     with torch.no_grad():
         exact = net(x)
@@ -203,7 +200,7 @@ def test_fast_graph_in_bfloat16(reference_dir):
 
 
 def test_fast_graph_matches_caffe_and_leaves_the_net_alone(reference_dir):
-    net = convert_reference(reference_dir, "icnet_257x513")
+    net = convert_reference("icnet_257x513")
     state = copy.deepcopy(net.state_dict())
     fast = optimize(net)
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
@@ -212,8 +209,8 @@ def test_fast_graph_matches_caffe_and_leaves_the_net_alone(reference_dir):
     assert report.ok and report.argmax_agreement >= 0.9995
 
 
-def test_cuda_graph_needs_cuda(reference_dir):
-    net = convert_reference(reference_dir, "unit_conv_basic")
+def test_cuda_graph_needs_cuda():
+    net = convert_reference("unit_conv_basic")
     if CUDA:
         pytest.skip("this machine has CUDA; test_cuda_paths covers it")
     with pytest.raises(CaffeError, match="CUDA"):
@@ -222,7 +219,7 @@ def test_cuda_graph_needs_cuda(reference_dir):
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_cuda_paths(reference_dir):
-    net = convert_reference(reference_dir, "icnet_257x513").cuda()
+    net = convert_reference("icnet_257x513").cuda()
     reference = read_reference(reference_dir / "icnet_merged_257x513.ref.h5")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     assert verify_free_running(net, reference, device="cuda").ok
@@ -243,16 +240,16 @@ def test_cuda_paths(reference_dir):
     np.testing.assert_array_equal(net(x).argmax(1).cpu().numpy().shape, (1, 257, 513))
 
 
-def test_caffe_order_norms_give_caffes_bits(reference_dir):
+def test_caffe_order_norms_give_caffes_bits(units_dir):
     """icnet-eval's exact mode evaluates BN in Caffe's order: bit for bit on the unit nets' norm layers."""
     from caffe2torch.passes import caffe_order_norms
     from caffe2torch.verify import verify_isolated
 
     for unit, norms in (("unit_fork_bn", {"bn", "bn_eps", "bn_frozen"}),
                         ("unit_batchnorm_scale_bias", {"bn_std", "bn_std_eps"})):
-        net = convert_reference(reference_dir, unit)
+        net = convert_reference(unit)
         exact = caffe_order_norms(net)
-        reference = read_reference(reference_dir / "units" / f"{unit}.ref.h5")
+        reference = read_reference(units_dir / f"{unit}.ref.h5")
         plain = {c.layer: c.max_abs for c in verify_isolated(net, reference).comparisons}
         ours = {c.layer: c.max_abs for c in verify_isolated(exact, reference).comparisons}
         assert all(ours[name] == 0.0 for name in norms), ours
@@ -260,8 +257,8 @@ def test_caffe_order_norms_give_caffes_bits(reference_dir):
         assert isinstance(layer_module(net, sorted(norms)[0]), nn.modules.batchnorm._BatchNorm)  # the net is untouched
 
 
-def test_fast_max_pooling_keeps_caffes_special_values(reference_dir):
-    net = convert_reference(reference_dir, "unit_pool_max")
+def test_fast_max_pooling_keeps_caffes_special_values():
+    net = convert_reference("unit_pool_max")
     x = check_inputs(net)[0].clone()
     x[0, 0, :3, :3] = float("nan")
     x[0, 1, :3, :3] = -float("inf")

@@ -21,19 +21,17 @@ def _assert_passes(report, expected_records: int) -> None:
 
 @pytest.mark.parametrize("unit", UNITS)
 @pytest.mark.parametrize("weights_suffix", [".caffemodel", ".caffemodel.h5"])
-def test_unit_nets_free_running(reference_dir, unit, weights_suffix):
-    units = reference_dir / "units"
-    reference = read_reference(units / f"{unit}.ref.h5")
-    conversion = convert(units / f"{unit}{weights_suffix}", units / f"{unit}.prototxt", on_warning=lambda _: None)
+def test_unit_nets_free_running(units_dir, unit, weights_suffix):
+    reference = read_reference(units_dir / f"{unit}.ref.h5")
+    conversion = convert(units_dir / f"{unit}{weights_suffix}", units_dir / f"{unit}.prototxt", on_warning=lambda _: None)
     report = verify_free_running(conversion.net, reference, tolerance=1e-5)
     _assert_passes(report, sum(len(layer.tops) for layer in reference.layers))
 
 
-def test_unit_caffemodel_alone_carries_the_architecture(reference_dir):
-    units = reference_dir / "units"
-    reference = read_reference(units / "unit_conv_basic.ref.h5")
+def test_unit_caffemodel_alone_carries_the_architecture(units_dir):
+    reference = read_reference(units_dir / "unit_conv_basic.ref.h5")
     # Caffe stores the input names in the caffemodel but not their shapes.
-    conversion = convert(units / "unit_conv_basic.caffemodel", input_shape={"data": (1, 3, 13, 17)}, find_prototxt=False)
+    conversion = convert(units_dir / "unit_conv_basic.caffemodel", input_shape={"data": (1, 3, 13, 17)}, find_prototxt=False)
     report = verify_free_running(conversion.net, reference, tolerance=1e-5)
     _assert_passes(report, len(reference.layers))
 

@@ -75,7 +75,7 @@ def test_modes_from_the_options():
     assert resolve_mode(True, False, None, torch.device("cuda")) == Mode("fast", torch.float16)
     assert resolve_mode(True, True, "bfloat16", CPU).dtype == torch.bfloat16
     assert Mode("fast", torch.bfloat16).dtype_name == "bfloat16"
-    with pytest.raises(CaffeError, match="--fast-dtype needs --fast"):
+    with pytest.raises(CaffeError, match="fast_dtype needs fast=True"):  # the API's words
         resolve_mode(False, False, "float16", CPU)
     with pytest.raises(CaffeError, match="expected one of"):
         resolve_mode(True, False, "int8", CPU)
@@ -156,7 +156,7 @@ def test_fast_half_precision_accuracy_guard(reference_dir):
     """
     from tests.conftest import convert_reference
 
-    net = convert_reference(reference_dir, "icnet_257x513").eval()
+    net = convert_reference("icnet_257x513").eval()
     x = _reference_input(reference_dir / "icnet_merged_257x513.ref.h5")
     model = untrained_model((257, 513))
     image, _ = street_scene(0, (256, 512))

@@ -108,13 +108,11 @@ def test_segment_of_a_folder_logs_its_progress(tmp_path, monkeypatch):
                                                       "icnet-eval segment: 2/2 images (100%)"]
 
 
-def test_verify_logs_its_progress_per_layer(reference_dir, monkeypatch):
+def test_verify_logs_its_progress_per_layer(units_dir, monkeypatch):
     from caffe2torch.cli import main
-
-    units = reference_dir / "units"
     monkeypatch.setenv(INTERVAL_ENV, "0")
-    result = CliRunner().invoke(main, ["verify", str(units / "unit_conv_basic.caffemodel"), "--reference",
-                                       str(units / "unit_conv_basic.ref.h5"), "--tolerance", "1e-5"])
+    result = CliRunner().invoke(main, ["verify", str(units_dir / "unit_conv_basic.caffemodel"), "--reference",
+                                       str(units_dir / "unit_conv_basic.ref.h5"), "--tolerance", "1e-5"])
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stderr.splitlines() if line.startswith("caffe2torch verify: ")]
     assert lines and re.match(r"caffe2torch verify: (\d+)/\1 layers \(100%\)", lines[-1]), lines

@@ -35,9 +35,9 @@ def _unknown_field_paths(message, path: str = "") -> list[str]:
     return found
 
 
-def _reference_files(reference_dir: Path, suffix: str) -> list[Path]:
-    files = sorted(reference_dir.glob(f"*{suffix}")) + sorted((reference_dir / "units").glob(f"*{suffix}"))
-    assert files, f"no *{suffix} files in {reference_dir}"
+def _files(folder: Path, suffix: str) -> list[Path]:
+    files = sorted(folder.glob(f"*{suffix}"))
+    assert files, f"no *{suffix} files in {folder}"
     return files
 
 
@@ -144,34 +144,43 @@ def test_wire_and_text_round_trip() -> None:
     assert text_format.Parse(text_format.MessageToString(net), caffe_pb2.NetParameter()) == net
 
 
-def test_every_reference_prototxt_parses(reference_dir: Path) -> None:
-    for path in _reference_files(reference_dir, ".prototxt"):
+def test_every_reference_prototxt_parses(units_dir: Path) -> None:
+    official = REPO_ROOT / "weights"  # the authors' two deploy prototxts (md5 in the manifest)
+    for path in _files(units_dir, ".prototxt") + _files(official, ".prototxt"):
         net = _parse_prototxt(path)
         assert len(net.layer) + len(net.layers) > 0, path.name
 
-    bnnomerge = _parse_prototxt(reference_dir / "icnet_cityscapes_bnnomerge.prototxt")
+    bnnomerge = _parse_prototxt(official / "icnet_cityscapes_bnnomerge.prototxt")
     bn_layers = [layer for layer in bnnomerge.layer if layer.type == "BN"]
     assert len(bn_layers) == 63
     assert all(layer.HasField("bn_param") for layer in bn_layers)
-    merged = _parse_prototxt(reference_dir / "icnet_cityscapes.prototxt")
+    merged = _parse_prototxt(official / "icnet_cityscapes.prototxt")
     assert (len(merged.layer), list(merged.input), list(merged.input_dim)) == (156, ["data"], [1, 3, 1025, 2049])
     interp = {layer.name: layer.interp_param for layer in merged.layer if layer.type == "Interp"}
     assert interp["data_sub2"].shrink_factor == 2
     assert interp["conv6_interp"].zoom_factor == 4
 
-    fork_bn = _parse_prototxt(reference_dir / "units" / "unit_fork_bn.prototxt")
+    fork_bn = _parse_prototxt(units_dir / "unit_fork_bn.prototxt")
     params = {layer.name: layer.bn_param for layer in fork_bn.layer if layer.type == "BN"}
     assert params["bn_eps"].eps == pytest.approx(1e-3)
     assert params["bn_frozen"].frozen and not params["bn"].frozen
 
 
-def test_every_reference_caffemodel_decodes_exactly(reference_dir: Path) -> None:
-    for path in _reference_files(reference_dir, ".caffemodel"):
+def _decodes_exactly(paths: list[Path]) -> None:
+    for path in paths:
         wire = path.read_bytes()
         net = caffe_pb2.NetParameter.FromString(wire)
         assert len(net.layer) + len(net.layers) > 0, path.name
         assert _unknown_field_paths(net) == [], path.name
         assert net.SerializeToString() == wire, path.name
+
+
+def test_every_unit_caffemodel_decodes_exactly(units_dir: Path) -> None:
+    _decodes_exactly(_files(units_dir, ".caffemodel"))
+
+
+def test_every_icnet_reference_caffemodel_decodes_exactly(reference_dir: Path) -> None:
+    _decodes_exactly(_files(reference_dir, ".caffemodel"))
 
 
 def test_merged_icnet_caffemodel_blobs(merged_icnet: caffe_pb2.NetParameter) -> None:
@@ -198,8 +207,8 @@ def test_bnnomerge_caffemodel_has_fork_bn_blobs(reference_dir: Path) -> None:
     assert first.bn_param.frozen and first.bn_param.momentum == pytest.approx(0.95)
 
 
-def test_legacy_v1_caffemodel_uses_layers_with_4d_dims(reference_dir: Path) -> None:
-    net = caffe_pb2.NetParameter.FromString((reference_dir / "units" / "unit_legacy_v1.caffemodel").read_bytes())
+def test_legacy_v1_caffemodel_uses_layers_with_4d_dims(units_dir: Path) -> None:
+    net = caffe_pb2.NetParameter.FromString((units_dir / "unit_legacy_v1.caffemodel").read_bytes())
     assert len(net.layer) == 0
     V1 = caffe_pb2.V1LayerParameter
     assert [(layer.name, layer.type) for layer in net.layers] == [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -49,11 +51,12 @@ def test_blob_shape_forms():
         blob_to_array(wrong, "layer 'x' blob 0")
 
 
-def test_phase_filtering_and_declared_inputs(reference_dir):
-    graph = build_graph(read_prototxt(reference_dir / "units" / "unit_phase_filter.prototxt"))
+def test_phase_filtering_and_declared_inputs(units_dir):
+    graph = build_graph(read_prototxt(units_dir / "unit_phase_filter.prototxt"))
     assert [layer.name for layer in graph.layers] == ["conv1", "relu_test_only", "power_not_train", "conv2"]
     assert graph.inputs == {"data": (1, 3, 9, 11)}
-    legacy = build_graph(read_prototxt(reference_dir / "icnet_cityscapes.prototxt"), input_shapes=(1, 3, 257, 513))
+    official = Path(__file__).resolve().parents[1] / "weights" / "icnet_cityscapes.prototxt"
+    legacy = build_graph(read_prototxt(official), input_shapes=(1, 3, 257, 513))
     assert legacy.inputs == {"data": (1, 3, 257, 513)}
 
 
@@ -84,12 +87,11 @@ def test_in_place_output_and_unknown_bottom():
         build_graph(broken)
 
 
-def test_legacy_v1_caffemodel_upgrades_to_the_same_blobs_as_its_h5(reference_dir):
-    units = reference_dir / "units"
-    net = read_caffemodel(units / "unit_legacy_v1.caffemodel")
+def test_legacy_v1_caffemodel_upgrades_to_the_same_blobs_as_its_h5(units_dir):
+    net = read_caffemodel(units_dir / "unit_legacy_v1.caffemodel")
     assert [layer.type for layer in net.layer][:3] == ["Convolution", "ReLU", "Pooling"]
     from_binary = trained_blobs(net, "v1")
-    from_h5 = read_caffemodel_h5(units / "unit_legacy_v1.caffemodel.h5")
+    from_h5 = read_caffemodel_h5(units_dir / "unit_legacy_v1.caffemodel.h5")
     assert set(from_binary) == {name for name, blobs in from_h5.items() if blobs}
     for name, blobs in from_binary.items():
         for ours, theirs in zip(blobs, from_h5[name]):
@@ -110,12 +112,9 @@ def test_garbage_and_empty_caffemodels(tmp_path):
 
 @pytest.fixture(scope="module")
 def unit_caffemodel_bytes() -> bytes:
-    from tests.conftest import REFERENCE_DIR
+    from tests.conftest import UNITS_DIR
 
-    path = REFERENCE_DIR / "units" / "unit_inplace_chain.caffemodel"
-    if not path.is_file():
-        pytest.skip(f"Caffe reference data not found at {REFERENCE_DIR}")
-    return path.read_bytes()
+    return (UNITS_DIR / "unit_inplace_chain.caffemodel").read_bytes()
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -212,8 +211,8 @@ def test_a_train_val_net_converts_as_a_deploy_net_with_notes():
                      "layer 'accuracy' (Accuracy) only scores training or testing: left out",
                      "layer 'loss' (SoftmaxWithLoss) only scores training or testing: left out",
                      "input 'label' feeds only layers left out: dropped"]
-    # A data layer that does not say its size needs --input-shape, and says so.
-    with pytest.raises(CaffeError, match=r"input 'data' has no shape \(data layer 'data' \(Data\) does not say its size\); give one with --input-shape"):
+    # A data layer that does not say its size needs input_shape (--input-shape), and says so.
+    with pytest.raises(CaffeError, match=r"input 'data' has no shape \(data layer 'data' \(Data\) does not say its size\); give one with input_shape="):
         build_graph(parse_prototxt(TRAIN_VAL.replace("transform_param { crop_size: 12 } ", "")))
     # A fork's *Data type (HED's ImageLabelmapData) reads a dataset too; a fork's *Accuracy only scores.
     forked = TRAIN_VAL.replace('type: "Data"', 'type: "ImageLabelmapData"').replace('"Accuracy"', '"MultiLabelAccuracy"')

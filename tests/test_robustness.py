@@ -63,18 +63,17 @@ def _outcome(action) -> str:
         return "error"
 
 
-def test_fuzzed_caffemodels(reference_dir, tmp_path):
+def test_fuzzed_caffemodels(units_dir, tmp_path):
     rng = np.random.default_rng(20261130)
     outcomes: dict[str, int] = {}
     started = time.monotonic()
     for case in range(240):
         unit = FUZZ_UNITS[case % len(FUZZ_UNITS)]
-        units = reference_dir / "units"
         path = tmp_path / f"{unit}.caffemodel"
-        path.write_bytes(_mutate((units / f"{unit}.caffemodel").read_bytes(), rng))
+        path.write_bytes(_mutate((units_dir / f"{unit}.caffemodel").read_bytes(), rng))
         # Half with the deploy definition (weights damaged), half with the stored one (definition damaged too).
-        prototxt = units / f"{unit}.prototxt" if case % 2 else None
-        shapes = {name: tuple(value.shape) for name, value in read_reference(units / f"{unit}.ref.h5").inputs.items()}
+        prototxt = units_dir / f"{unit}.prototxt" if case % 2 else None
+        shapes = {name: tuple(value.shape) for name, value in read_reference(units_dir / f"{unit}.ref.h5").inputs.items()}
         result = _outcome(lambda: convert(path, prototxt, shapes if prototxt is None else None, on_warning=lambda _: None,
                                           find_prototxt=False).net)
         outcomes[result] = outcomes.get(result, 0) + 1
@@ -82,13 +81,13 @@ def test_fuzzed_caffemodels(reference_dir, tmp_path):
     assert outcomes.get("error", 0) > 20 and outcomes.get("net", 0) > 20, outcomes  # both kinds were exercised
 
 
-def test_fuzzed_prototxts(reference_dir, tmp_path):
+def test_fuzzed_prototxts(units_dir, tmp_path):
     rng = np.random.default_rng(7)
     alphabet = list('{}:"_ \n0123456789-.abcdefghijklmnopqrstuvwxyz') + ["kernel_size", "num_output", "top", "bottom"]
     outcomes: dict[str, int] = {}
     for case in range(240):
         unit = FUZZ_UNITS[case % len(FUZZ_UNITS)]
-        text = (reference_dir / "units" / f"{unit}.prototxt").read_text()
+        text = (units_dir / f"{unit}.prototxt").read_text()
         digits = [i for i, ch in enumerate(text) if ch.isdigit()]
         for _ in range(rng.integers(1, 4)):
             if rng.random() < 0.7:  # a changed number: sizes, strides, axes, counts (syntax stays valid)
@@ -107,16 +106,15 @@ def test_fuzzed_prototxts(reference_dir, tmp_path):
     assert outcomes.get("error", 0) > 20 and outcomes.get("net", 0) > 20, outcomes
 
 
-def test_fuzzed_hdf5_files(reference_dir, tmp_path, monkeypatch):
+def test_fuzzed_hdf5_files(units_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(guard, "BASE_SECONDS", 10.0)
     rng = np.random.default_rng(3)
-    units = reference_dir / "units"
     started = time.monotonic()
     for case in range(40):
         unit = FUZZ_UNITS[case % len(FUZZ_UNITS)]
         for suffix, reader in ((".caffemodel.h5", read_caffemodel_h5), (".ref.h5", read_reference)):
             path = tmp_path / f"{unit}{suffix}"
-            data = (units / f"{unit}{suffix}").read_bytes()
+            data = (units_dir / f"{unit}{suffix}").read_bytes()
             # HDF5 keeps its metadata near the start: damage it there more often.
             array = bytearray(data)
             for _ in range(2):
@@ -138,12 +136,12 @@ def _crash(path):
     os._exit(3)
 
 
-def test_a_reader_that_hangs_or_crashes_is_one_error(reference_dir, monkeypatch):
+def test_a_reader_that_hangs_or_crashes_is_one_error(units_dir, monkeypatch):
     import caffe2torch.reference as reference_module
 
     if os.environ.get("CAFFE2TORCH_NO_FORK"):
         pytest.skip("readers run in the calling process here")
-    path = reference_dir / "units" / "unit_argmax.ref.h5"
+    path = units_dir / "unit_argmax.ref.h5"
     monkeypatch.setattr(guard, "BASE_SECONDS", 1.0)
     monkeypatch.setattr(reference_module, "_read", _sleep_forever)
     started = time.monotonic()
@@ -155,17 +153,17 @@ def test_a_reader_that_hangs_or_crashes_is_one_error(reference_dir, monkeypatch)
         read_reference(path)
 
 
-def test_a_layer_name_with_invalid_utf8_is_one_error(reference_dir):
-    data = (reference_dir / "units" / "unit_conv_basic.caffemodel").read_bytes()
+def test_a_layer_name_with_invalid_utf8_is_one_error(units_dir):
+    data = (units_dir / "unit_conv_basic.caffemodel").read_bytes()
     damaged = data.replace(b"conv_k3_p1", b"conv_k3_\xff1", 1)
     with pytest.raises(CaffeError, match="not a valid caffemodel"):
         parse_caffemodel(damaged, "x.caffemodel")
 
 
-def test_disk_full_while_saving_leaves_nothing(reference_dir, tmp_path, monkeypatch):
+def test_disk_full_while_saving_leaves_nothing(units_dir, tmp_path, monkeypatch):
     from caffe2torch import folder as folder_module
 
-    net = convert(reference_dir / "units" / "unit_conv_basic.caffemodel").net
+    net = convert(units_dir / "unit_conv_basic.caffemodel").net
     real_write = folder_module.Path.write_bytes
 
     def full(self, data):
@@ -179,10 +177,10 @@ def test_disk_full_while_saving_leaves_nothing(reference_dir, tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
-def test_unusable_reference_records_are_errors(reference_dir, tmp_path):
+def test_unusable_reference_records_are_errors(units_dir, tmp_path):
     import h5py
 
-    source = reference_dir / "units" / "unit_conv_basic.ref.h5"
+    source = units_dir / "unit_conv_basic.ref.h5"
     for change, message in ((lambda f: f["layers/0000/0/sample_index"].__setitem__(0, 10**9), "outside its"),
                             (lambda f: (f["layers/0000/0"].__delitem__("data"),
                                         f["layers/0000/0"].__delitem__("sample_index"),
@@ -264,13 +262,13 @@ def _mutated_state(path, rng: np.random.Generator) -> None:
     torch.save(state, path)
 
 
-def test_fuzzed_converted_folders(reference_dir, tmp_path):
+def test_fuzzed_converted_folders(tmp_path):
     """meta.json, net.prototxt and weights.pt damaged byte by byte or changed in content: load() gives a net that
     runs or one CaffeError line."""
     from caffe2torch.folder import load, save_net
     from tests.conftest import convert_reference
 
-    sources = {unit: save_net(convert_reference(reference_dir, unit), tmp_path / unit) for unit in FOLDER_UNITS}
+    sources = {unit: save_net(convert_reference(unit), tmp_path / unit) for unit in FOLDER_UNITS}
     rng = np.random.default_rng(17)
     outcomes: dict[str, int] = {}
     started = time.monotonic()
@@ -331,7 +329,7 @@ def _mutated_hdf5(path, rng: np.random.Generator) -> None:
             group.create_dataset(["9", "extra", "0000x"][rng.integers(3)], data=np.ones(3, "f4"))
 
 
-def test_fuzzed_hdf5_weights_and_references_end_in_a_net_a_report_or_one_line(reference_dir, tmp_path, monkeypatch):
+def test_fuzzed_hdf5_weights_and_references_end_in_a_net_a_report_or_one_line(units_dir, tmp_path, monkeypatch):
     """Structurally changed .caffemodel.h5 and .ref.h5 files through the commands that read them."""
     from click.testing import CliRunner
 
@@ -339,18 +337,17 @@ def test_fuzzed_hdf5_weights_and_references_end_in_a_net_a_report_or_one_line(re
 
     monkeypatch.setattr(guard, "BASE_SECONDS", 10.0)
     rng = np.random.default_rng(29)
-    units = reference_dir / "units"
     codes: dict[int, int] = {}
     started = time.monotonic()
     for case in range(72):
         unit = FUZZ_UNITS[case % len(FUZZ_UNITS)]
         weights, reference = tmp_path / f"{unit}.caffemodel.h5", tmp_path / f"{unit}.ref.h5"
-        shutil.copy(units / f"{unit}.caffemodel.h5", weights)
-        shutil.copy(units / f"{unit}.ref.h5", reference)
-        shutil.copy(units / f"{unit}.prototxt", tmp_path)  # what the reference names, beside it
+        shutil.copy(units_dir / f"{unit}.caffemodel.h5", weights)
+        shutil.copy(units_dir / f"{unit}.ref.h5", reference)
+        shutil.copy(units_dir / f"{unit}.prototxt", tmp_path)  # what the reference names, beside it
         _mutated_hdf5(weights if case % 2 else reference, rng)
         # A third without --prototxt: the definition the (mutated) reference names is looked up beside it.
-        prototxt = ["--prototxt", str(units / f"{unit}.prototxt")] if case % 3 else []
+        prototxt = ["--prototxt", str(units_dir / f"{unit}.prototxt")] if case % 3 else []
         result = CliRunner().invoke(main, ["verify", str(weights), *prototxt, "--reference", str(reference)])
         assert result.exit_code in (0, 1, 2) and not isinstance(result.exception, Exception) or \
             isinstance(result.exception, SystemExit), (case, result.output, result.exception)

@@ -242,3 +242,64 @@ def test_damaged_images_and_videos_end_in_one_line_or_a_result(net, tmp_path):
             _one_line_error(result)
         outcomes.add(result.exit_code)
     assert outcomes == {0, 2}  # the mutations do reach both ends
+
+
+def test_formats_choose_the_files_written(net, tmp_path):
+    from icnet_eval.cityscapes import train_ids_to_label_ids
+
+    source = _image(tmp_path / "in" / "a.png")
+    out = tmp_path / "out"
+    result = _segment(net, source, out, "--format", "trainids,labelids", "--format", "color")
+    assert result.exit_code == 0, result.output
+    assert sorted(_files(out)) == ["a_color.png", "a_labelids.png", "a_trainids.png", "icnet-segment.json"]
+    train_ids = cv2.imread(str(out / "a_trainids.png"), cv2.IMREAD_UNCHANGED)
+    assert train_ids.shape == (64, 128) and train_ids.dtype == np.uint8 and train_ids.max() <= 18
+    np.testing.assert_array_equal(cv2.imread(str(out / "a_labelids.png"), cv2.IMREAD_UNCHANGED),
+                                  train_ids_to_label_ids(train_ids))
+    assert "--format nope: expected one or more of trainids, labelids, color, overlay" in _one_line_error(
+        _segment(net, source, tmp_path / "o2", "--format", "nope"))
+
+
+def test_a_video_gives_colour_and_overlay_videos_only(net, tmp_path):
+    video = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 4, (128, 64))
+    for seed in (10, 11):
+        writer.write(street_scene(seed, (64, 128))[0])
+    writer.release()
+    result = _segment(net, video, tmp_path / "out", "--format", "color,overlay")
+    assert result.exit_code == 0, result.output
+    assert sorted(_files(tmp_path / "out")) == ["clip_color.mp4", "clip_overlay.mp4", "icnet-segment.json"]
+    capture = cv2.VideoCapture(str(tmp_path / "out" / "clip_color.mp4"))
+    assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 2
+    capture.release()
+    line = _one_line_error(_segment(net, video, tmp_path / "o2", "--format", "trainids"))
+    assert "--format trainids: a video gives color and overlay videos only" in line
+
+
+def test_segmenter_loads_once_and_takes_rgb(net, tmp_path, monkeypatch):
+    import icnet_eval
+    import icnet_eval.api
+
+    weights, prototxt = net
+    image = street_scene(10, (64, 128))[0][..., ::-1].copy()  # BGR
+    segmenter = icnet_eval.Segmenter(weights, device="cpu", prototxt=prototxt)
+    train_ids = segmenter(image)
+    assert train_ids.shape == (64, 128) and train_ids.dtype == np.uint8
+    np.testing.assert_array_equal(segmenter(image[..., ::-1].copy(), channels="rgb"), train_ids)
+    with pytest.raises(icnet_eval.api.CaffeError, match="channels must be 'bgr' or 'rgb', got 'RGB'"):
+        segmenter(image, channels="RGB")
+    # segment(image, weights) loads the net on the first call only, and again when the weights change
+    folder = tmp_path / "converted"
+    import caffe2torch
+
+    caffe2torch.save(segmenter.model.net, folder)
+    loads = []
+    real = icnet_eval.api.load_model
+    monkeypatch.setattr(icnet_eval.api, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    first = icnet_eval.segment(image, folder, device="cpu")
+    np.testing.assert_array_equal(icnet_eval.segment(image, folder, device="cpu"), first)
+    np.testing.assert_array_equal(icnet_eval.segment(image[..., ::-1].copy(), folder, device="cpu", channels="rgb"),
+                                  first)
+    assert len(loads) == 1
+    icnet_eval.segment(image, folder, device="cpu", fast=True)  # another mode: another net
+    assert len(loads) == 2
