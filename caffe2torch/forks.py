@@ -44,13 +44,13 @@ class MaxUnpool(nn.Module):
 
 
 @torch.fx.wrap
-def max_unpool(x: torch.Tensor, mask: torch.Tensor, size: tuple, layer: str = "") -> torch.Tensor:
+def max_unpool(x: torch.Tensor, mask: torch.Tensor, size: tuple, layer: str = "", kind: str = "Upsample") -> torch.Tensor:
     n, c = x.shape[:2]
     plane = size[0] * size[1]
     index = mask.reshape(n, c, -1).long()
     values = x.reshape(n, c, -1)
     if not _tracing() and bool((index >= plane).any()):
-        where = f"layer {layer!r} (Upsample)" if layer else "Upsample"
+        where = f"layer {layer!r} ({kind})" if layer else kind
         raise CaffeError(f"{where}: mask index {int(index.max())} is outside the {size[0]} x {size[1]} output (the "
                          f"mask of a larger pooling input?)")
     keep = (index >= 0) & (index < plane)

@@ -12,9 +12,13 @@ Shape = tuple[int, ...]
 
 # Layers that read a dataset: in a train/test net given for conversion their tops become the net's inputs.
 DATA_TYPES = {"Data", "ImageData", "HDF5Data", "WindowData", "MemoryData", "DummyData", "ImageSegData",
-              "AnnotatedData", "DenseImageData", "VideoData"}
-# Layers that only score training or testing: dropped from a conversion (any type named *Loss too).
-SCORING_TYPES = {"Accuracy", "SegAccuracy", "HDF5Output", "MatWrite", "DetectionEvaluate", "Silence"}
+              "AnnotatedData", "DenseImageData", "VideoData",
+              # DeconvNet / DecoupledNet's data layers (their V1 types), Intel Caffe's BoxData
+              "WindowSegData", "WindowInstSegData", "WindowClsData", "WindowSegBinary", "SelectSegBinary", "BoxData"}
+# Layers that only score training or testing: dropped from a conversion (any type named *Loss too). Intel Caffe's
+# OHEM losses, the ROI sampler for them and its YOLO scoring (EvalDetection reads the labels).
+SCORING_TYPES = {"Accuracy", "SegAccuracy", "HDF5Output", "MatWrite", "DetectionEvaluate", "Silence",
+                 "SoftmaxWithLossOHEM", "SmoothL1LossOHEM", "BoxAnnotatorOHEM", "EvalDetection"}
 
 
 def is_scoring(layer_type: str) -> bool:
@@ -98,6 +102,17 @@ def included(layer: caffe_pb2.LayerParameter, state: caffe_pb2.NetState) -> bool
     if layer.include:
         return any(_rule_matches(rule, state) for rule in layer.include)
     return not any(_rule_matches(rule, state) for rule in layer.exclude)
+
+
+def kept_layers(net: caffe_pb2.NetParameter, phase: int = caffe_pb2.TEST) -> set[str]:
+    """Names of the layers a conversion keeps (build_graph's filter, without shapes): those of the phase that
+    are no Input, Silence, data or scoring layer."""
+    state = caffe_pb2.NetState()
+    state.CopyFrom(net.state)
+    state.phase = phase
+    return {layer.name or "(unnamed)" for layer in net.layer
+            if included(layer, state) and layer.type not in ("Input", "Silence") and not is_data_layer(layer)
+            and not is_scoring(layer.type)}
 
 
 def _declared_inputs(net: caffe_pb2.NetParameter, source: str) -> dict[str, Shape]:
