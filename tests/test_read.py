@@ -207,7 +207,7 @@ def test_a_train_val_net_converts_as_a_deploy_net_with_notes():
     net = from_net_parameter(parse_prototxt(TRAIN_VAL), {}, fill_missing=True, on_warning=lambda _: None,
                              on_note=notes.append)
     info = net_info(net)
-    assert info.inputs == {"data": (1, 3, 12, 12)} and info.outputs == ["fc"]
+    assert info.inputs == {"data": (50, 3, 12, 12)} and info.outputs == ["fc"]  # the TEST phase's batch_size
     assert notes == ["layer 'data' (Data) reads a dataset: its tops 'data', 'label' are taken as the net's inputs",
                      "layer 'accuracy' (Accuracy) only scores training or testing: left out",
                      "layer 'loss' (SoftmaxWithLoss) only scores training or testing: left out",
