@@ -193,6 +193,9 @@ def _diagnose(net: "CaffeNet", args, kwargs) -> str | None:
                 if node.op != "call_module" or not isinstance(call, LayerCall):
                     raise
                 values = [self.env[a] for a in node.args if isinstance(a, fx.Node)]
+                sizes = [tuple(value.shape)[1:] for value in values if isinstance(value, torch.Tensor)]
+                if sizes == [tuple(info.blob_shapes.get(blob, ()))[1:] for blob in call.bottoms]:
+                    raise  # the sizes it was converted for (any batch): no size error, a dtype or device without a kernel
                 got = ", ".join(f"{blob!r} {_shape_text(tuple(value.shape))}" for blob, value in
                                 zip(call.bottoms, values) if isinstance(value, torch.Tensor))
                 wanted = ", ".join(f"{_shape_text(info.blob_shapes[blob])}" for blob in call.bottoms

@@ -726,11 +726,28 @@ def caffe_argmax(x: torch.Tensor, top_k: int, out_max_val: bool, axis: int | Non
     return torch.stack(parts, dim=1).reshape([x.shape[0], len(parts), top_k] + trailing)
 
 
+class LRNAcrossChannels(nn.Module):
+    """Caffe LRN ACROSS_CHANNELS: y = x * (k + alpha / size * window sum of x^2 over channels)^-beta, torch's
+    local_response_norm. In half precision it computes in float32: the squares would overflow float16 from
+    |x| = 256, and its average pooling has no half-precision kernel on the CPU."""
+
+    def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> None:
+        super().__init__()
+        self.size, self.alpha, self.beta, self.k = int(size), float(alpha), float(beta), float(k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.local_response_norm(_float32_if_half(x), self.size, self.alpha, self.beta, self.k).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return _kwargs(size=self.size, alpha=self.alpha, beta=self.beta, k=self.k)
+
+
 class LRNWithinChannel(nn.Module):
     """Caffe LRN WITHIN_CHANNEL: y = x * (1 + alpha * A)^-beta, A = Caffe AVE pooling of x^2.
 
     The pooling has kernel `size`, stride 1 and pad (size-1)/2 with Caffe's divisor rule (padded
-    zeros count); Caffe ignores `k` in this mode. ACROSS_CHANNELS is torch.nn.LocalResponseNorm.
+    zeros count); Caffe ignores `k` in this mode. In half precision it computes in float32 (the squares
+    would overflow float16).
     """
 
     def __init__(self, size: int, alpha: float, beta: float) -> None:
@@ -740,7 +757,8 @@ class LRNWithinChannel(nn.Module):
         self.average = Pool2d("AVE", (self.size, self.size), (1, 1), (half, half))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.pow(self.average(x * x) * self.alpha + 1, -self.beta)
+        work = _float32_if_half(x)
+        return (work * torch.pow(self.average(work * work) * self.alpha + 1, -self.beta)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return _kwargs(size=self.size, alpha=self.alpha, beta=self.beta)

@@ -15,7 +15,7 @@ from caffe2torch.layers.registry import (Converted, Shape, assign, caffe_int, ca
                                          expect_blobs, expect_bottoms, image_shape, on_meta)
 from caffe2torch.limits import check_top
 from caffe2torch.modules import (AddOperand, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d,
-                                 LRNWithinChannel, Scale)
+                                 LRNAcrossChannels, LRNWithinChannel, Scale)
 from proto import caffe_pb2
 
 # Blob rank -> the torch norm module for it (normal, frozen); axis 1 holds the channels.
@@ -256,8 +256,8 @@ def convert_bias(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> Convert
 
 @converter("LRN")
 def convert_lrn(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> Converted:
-    """ACROSS_CHANNELS: nn.LocalResponseNorm (x * (k + alpha/size * window sum of x^2)^-beta);
-    WITHIN_CHANNEL: Caffe's AVE-pooled form, which has no torch module."""
+    """ACROSS_CHANNELS: torch's local_response_norm (x * (k + alpha/size * window sum of x^2)^-beta), in float32
+    for half precision; WITHIN_CHANNEL: Caffe's AVE-pooled form, which has no torch module."""
     expect_bottoms(layer, inputs, 1)
     expect_blobs(layer, blobs, 0)
     param = layer.lrn_param
@@ -272,5 +272,5 @@ def convert_lrn(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> Converte
     check_top(layer, (n, c + size - 1, h, w) if across else (n, c, h + size - 1, w + size - 1),
               what="padded copy")
     if across:
-        return Converted(nn.LocalResponseNorm(size, alpha=alpha, beta=beta, k=_as_float32(param.k)), [shape])
+        return Converted(LRNAcrossChannels(size, alpha=alpha, beta=beta, k=_as_float32(param.k)), [shape])
     return Converted(LRNWithinChannel(size, alpha, beta), [shape])
