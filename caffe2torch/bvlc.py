@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from caffe2torch.modules import _float32_if_half, _kwargs, caffe_pool2d, dims
+from caffe2torch.modules import _float32_if_half, _kwargs, add_epsilon, caffe_pool2d, dims
 
 
 class Clip(nn.Module):
@@ -100,7 +100,7 @@ class MVN(nn.Module):
         centred = work - work.sum(dims, keepdim=True) * inverse
         if self.normalize_variance:
             variance = (centred * centred).sum(dims, keepdim=True) * inverse
-            centred = centred / (torch.sqrt(variance) + self.eps)
+            centred = centred / add_epsilon(torch.sqrt(variance), self.eps)
         return centred.to(x.dtype)
 
     def extra_repr(self) -> str:

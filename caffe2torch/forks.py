@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from caffe2torch.errors import CaffeError
-from caffe2torch.modules import TableCache, _float32_if_half, _kwargs, _tracing, dims
+from caffe2torch.modules import TableCache, _float32_if_half, _kwargs, _tracing, add_epsilon, dims
 
 
 class MaxUnpool(nn.Module):
@@ -121,7 +121,7 @@ class BatchStatNorm(nn.Module):
         mean = (work.mean(spatial) if spatial else work).mean(0)
         square = (work.square().mean(spatial) if spatial else work.square()).mean(0)
         variance = square - mean.square()
-        y = (work - mean.reshape(per_channel)) / torch.sqrt(variance + self.eps).reshape(per_channel)
+        y = (work - mean.reshape(per_channel)) / torch.sqrt(add_epsilon(variance, self.eps)).reshape(per_channel)
         y = y * self.weight.to(work.dtype).reshape(per_channel) + self.bias.to(work.dtype).reshape(per_channel)
         return y.to(x.dtype)
 

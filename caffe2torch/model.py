@@ -397,13 +397,17 @@ def run_layers(net: fx.GraphModule, *args: torch.Tensor,
 
 
 def blobs(net: fx.GraphModule, *args: torch.Tensor, **kwargs: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every blob by its Caffe name, holding for in-place layers the value after the last layer that writes it."""
-    values = dict(zip(net_info(net).input_names, bind_inputs(net, args, kwargs)))
+    """Every blob by its Caffe name, holding for in-place layers the value after the last layer that writes it.
+
+    The values are detached (computed without autograd), as Caffe's blobs are plain data: `.numpy()` works.
+    """
+    values = dict(zip(net_info(net).input_names, (x.detach() for x in bind_inputs(net, args, kwargs))))
 
     def keep(call: LayerCall, tops: tuple[torch.Tensor, ...]) -> None:
         values.update(zip(call.tops, tops))
 
-    run_layers(net, *values.values(), after_layer=keep)
+    with torch.no_grad():
+        run_layers(net, *values.values(), after_layer=keep)
     return values
 
 

@@ -209,6 +209,13 @@ def _kwargs(**values) -> str:
     return ", ".join(f"{name}={_literal(value)}" for name, value in values.items())
 
 
+def add_epsilon(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x + eps (rounded to x's dtype, as a scalar would be). The epsilon goes in as a one-element vector: ONNX
+    optimisers drop the addition of a scalar within 1e-8 of 0 as a no-op (onnxscript's add_0 rule, which torch's
+    exporter runs), and an all-zero norm then divides 0 by 0."""
+    return x + torch.full((1,), eps, dtype=x.dtype, device=x.device)
+
+
 def _float32_if_half(x: torch.Tensor) -> torch.Tensor:
     """float16 / bfloat16 as float32, for sums over many values; other dtypes as they are."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

@@ -125,3 +125,15 @@ def test_a_kernel_missing_for_a_dtype_is_not_reported_as_a_size_error(tmp_path):
     with pytest.raises(RuntimeError) as failure:
         net(x)
     assert not isinstance(failure.value, InputSizeError)
+
+
+def test_blobs_are_detached_plain_data(tmp_path):
+    import caffe2torch
+
+    net = _from_text(tmp_path, "squeezenet", public_nets.squeezenet(size=67))
+    x = torch.randn(1, 3, 67, 67, requires_grad=True)
+    values = caffe2torch.blobs(net, x)  # outside torch.no_grad(), with an input that requires grad
+    assert all(not value.requires_grad for value in values.values())
+    assert values["data"].numpy().shape == (1, 3, 67, 67)
+    with torch.no_grad():
+        np.testing.assert_array_equal(values[net.meta["caffe"].outputs[0]].numpy(), net(x).numpy())
