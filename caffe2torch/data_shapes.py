@@ -2,7 +2,7 @@
 
 Each follows the layer's DataLayerSetUp (BVLC's data_layer.cpp, image_data_layer.cpp, window_data_layer.cpp,
 memory_data_layer.cpp, dummy_data_layer.cpp; DeepLab's image_seg_data_layer.cpp; SSD's annotated_data_layer.cpp):
-the batch is the layer's batch_size; the image's size is the crop (transform_param's crop_size, or the crop_height /
+the batch is the layer's batch_size (DecoupledNet's select_seg_binary_layer.cpp too); the image's size is the crop (transform_param's crop_size, or the crop_height /
 crop_width and crop_h / crop_w of forks), else what the layer resizes to (ImageData's new_height / new_width, SSD's
 resize_param); labels are (batch,) or, for segmentation data, (batch, 1, H, W). What comes from the data itself (a
 database record's or the first image's size, an HDF5 file's shapes, a window file's channels) is unknown here: the
@@ -43,7 +43,7 @@ def data_layer_shapes(param: caffe_pb2.LayerParameter) -> list[Shape]:
                                                                     dummy.width)]
         # One shape serves every top (dummy_data_layer.cpp's "shape_size == 1" case).
         return (shapes * tops if len(shapes) == 1 else shapes + [()] * tops)[:tops]
-    if kind in ("ImageData", "ImageSegData"):
+    if kind in ("ImageData", "ImageSegData", "SelectSegBinary"):
         image = param.image_data_param
         batch, channels = int(image.batch_size), 3 if image.is_color else 1
         size = crop if all(crop) else (int(image.new_height), int(image.new_width))
@@ -51,7 +51,10 @@ def data_layer_shapes(param: caffe_pb2.LayerParameter) -> list[Shape]:
         if kind == "ImageData":
             return [data, (batch,)][:tops]
         label = (batch, 1) + size if all(size) else ()
-        return [data, label, (batch, 1, 1, 2)][:tops]
+        # DecoupledNet's select_seg_binary_layer.cpp: its third top holds the image's class labels.
+        third = (batch, int(param.window_cls_data_param.label_dim), 1, 1) if kind == "SelectSegBinary" else \
+            (batch, 1, 1, 2)
+        return [data, label, third][:tops]
     if kind == "AnnotatedData":  # its label top's size depends on the boxes of each batch
         resize = param.transform_param.resize_param
         size = (int(resize.height), int(resize.width)) if resize.height and resize.width else crop

@@ -78,3 +78,15 @@ def test_a_v1_image_data_net_states_its_size_through_the_upgraded_crop(tmp_path)
     result = CliRunner().invoke(main, ["inspect", str(path)])
     assert result.exit_code == 0, result.output
     assert "inputs {'data': [5, 3, 15, 15]}" in result.output and "shown for" not in result.output
+
+
+def test_decouplednet_select_seg_binary_tops():
+    # select_seg_binary_layer.cpp: data and its segmentation label at the crop, the class labels (batch, label_dim).
+    text = ('layers { name: "data" type: SELECT_SEG_BINARY top: "data" top: "seg" top: "cls" image_data_param { '
+            'source: "s" batch_size: 4 new_height: 40 new_width: 40 } transform_param { crop_size: 32 } '
+            'window_cls_data_param { label_dim: 20 } }\n'
+            'layers { name: "conv" type: CONVOLUTION bottom: "data" top: "conv" convolution_param { num_output: 20 '
+            'kernel_size: 32 } }\n'
+            'layers { name: "mask" type: ELTWISE bottom: "conv" bottom: "cls" top: "mask" eltwise_param { '
+            'operation: PROD } }\n')
+    assert build_graph(parse_prototxt(text)).inputs == {"data": (4, 3, 32, 32), "cls": (4, 20, 1, 1)}

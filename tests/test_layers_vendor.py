@@ -332,3 +332,18 @@ def test_v1_data_layer_transformation_fields_move_to_transform_param():
                          'image_data_param { source: "x" crop_size: 227 mirror: true batch_size: 5 } }', "v1")
     assert net.layer[0].transform_param.crop_size == 227 and net.layer[0].transform_param.mirror
     assert not net.layer[0].image_data_param.HasField("crop_size")
+
+
+def test_deconvnet_bn_learn_with_batch_mean_and_variance_tops():
+    # bn_layer.cpp LEARN: E[x] and E[x^2] - E[x]^2 over batch and positions, copied to tops 1 and 2 before eps.
+    x = _rng(9).standard_normal((2, 3, 2, 3)).astype(F)
+    layer = layer_from_text('name: "bn" type: "BN" top: "y" top: "mean" top: "var" bn_param { bn_mode: LEARN }')
+    scale, shift = np.full((1, 3, 1, 1), 1.5, F), np.full((1, 3, 1, 1), -0.5, F)
+    converted, (y, mean, var) = run_layer(layer, [x.shape], [scale, shift], x)
+    assert converted.top_shapes == [x.shape, (1, 3, 1, 1), (1, 3, 1, 1)]
+    want_mean = x.mean(axis=(2, 3)).mean(axis=0)
+    want_var = (x * x).mean(axis=(2, 3)).mean(axis=0) - want_mean * want_mean
+    np.testing.assert_allclose(mean.reshape(-1), want_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var.reshape(-1), want_var, rtol=1e-5, atol=1e-6)
+    want = (x - want_mean[None, :, None, None]) / np.sqrt(want_var + F(1e-9))[None, :, None, None] * 1.5 - 0.5
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)

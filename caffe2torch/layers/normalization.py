@@ -163,12 +163,15 @@ def _segnet_bn(layer, shape: Shape, blobs: Sequence[np.ndarray]) -> Converted:
             raise CaffeError(f"layer {layer.name!r} (BN): INFERENCE mode has one top")
         module = on_meta(Scale, (shape[1],), (shape[1],), trailing=2, bias_trailing=2)
         return Converted(assign(module, weight=scale, bias=shift), [shape])
-    if len(layer.top) > 1:
-        raise CaffeError(f"layer {layer.name!r} (BN): the batch mean and variance tops are not supported")
-    module = assign(on_meta(BatchStatNorm, shape[1]), weight=scale, bias=shift)
-    return Converted(module, [shape], ["bn_mode LEARN normalises with each batch's own statistics at test time "
-                                       "too, as SegNet's fork does (its compute_bn_statistics.py makes an "
-                                       "INFERENCE model)"])
+    if len(layer.top) > 3:
+        raise CaffeError(f"layer {layer.name!r} (BN): at most 3 tops (the output, the batch mean and variance)")
+    # DeconvNet's bn_layer.cpp: tops 1 and 2 are the batch mean and variance, [1, C, 1, 1].
+    tops = max(len(layer.top), 1)
+    module = assign(on_meta(BatchStatNorm, shape[1], tops=tops), weight=scale, bias=shift)
+    stats = [(1, shape[1], 1, 1)] * (tops - 1)
+    return Converted(module, [shape] + stats, ["bn_mode LEARN normalises with each batch's own statistics at test "
+                                               "time too, as SegNet's fork does (its compute_bn_statistics.py "
+                                               "makes an INFERENCE model)"])
 
 
 def _filled(layer, what: str, filler, has_filler: bool, default: float, shape: Sequence[int]) -> np.ndarray:
