@@ -6,11 +6,20 @@ __all__ = ["CaffeError", "Converted", "InputSizeError", "blobs", "convert", "dyn
            "net_info", "register_converter", "save", "unfreeze_batchnorm", "with_outputs"]
 
 
-def convert(weights=None, prototxt=None, input_shape=None, verify_md5: bool = True):
-    """Convert a .caffemodel / .caffemodel.h5 (and optional deploy prototxt) into a torch.fx.GraphModule."""
+def convert(weights=None, prototxt=None, input_shape=None, verify_md5: bool = True,
+            allow_unknown_fields: bool = False):
+    """Convert a .caffemodel / .caffemodel.h5 (and optional deploy prototxt) into a torch.fx.GraphModule.
+
+    A field the schema does not know that may change a kept layer's forward is a CaffeError, unless
+    `allow_unknown_fields`; what is skipped is reported through Python's `warnings`, and a CaffeError carries the
+    warnings gathered before it in its `warnings` attribute.
+    """
+    import warnings
+
     from caffe2torch.conversion import convert as _convert
 
-    return _convert(weights, prototxt, input_shape, verify_md5).net
+    return _convert(weights, prototxt, input_shape, verify_md5, on_warning=lambda message: warnings.warn(
+        message, stacklevel=3), allow_unknown_fields=allow_unknown_fields).net
 
 
 def load(folder, map_location="cpu"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from caffe2torch.modules import _concrete, _float32_if_half, _kwargs, caffe_pool2d, dims
+from caffe2torch.modules import _concrete, _float32_if_half, _kwargs, add_epsilon, caffe_pool2d, dims
 
 
 class Clip(nn.Module):
@@ -155,7 +155,7 @@ def caffe_mvn(x: torch.Tensor, normalize_variance: bool, across_channels: bool, 
     centred = work - work.sum(axes, keepdim=True) * inverse
     if normalize_variance:
         variance = (centred * centred).sum(axes, keepdim=True) * inverse
-        centred = centred / (torch.sqrt(variance) + eps)
+        centred = centred / add_epsilon(torch.sqrt(variance), eps)
     return centred.to(x.dtype)
 
 

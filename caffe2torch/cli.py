@@ -37,18 +37,27 @@ def _parse_shape(text: str | None):
         raise CaffeError(f"--input-shape {text!r}: expected comma-separated integers like 1,3,1025,2049") from None
 
 
+_shown: set[str] = set()  # warnings printed by this command, so an error repeats only the others
+
+
 def _warn(message: str) -> None:
+    _shown.add(message)
     click.echo(f"caffe2torch: warning: {message}", err=True)
 
 
 class _Group(click.Group):
-    """Turns our own errors into one line on stderr instead of a traceback."""
+    """Turns our own errors into one line on stderr instead of a traceback, after the warnings gathered before
+    them (skipped fields may be why a net does not build)."""
 
     def invoke(self, ctx):
+        _shown.clear()  # a new command (tests and scripts run several in one process)
         try:
             with command_line_terms():
                 return super().invoke(ctx)
         except CaffeError as error:
+            for message in error.warnings:
+                if message not in _shown:
+                    _warn(message)
             _fail(str(error))
         except OSError as error:  # the file system refused: a path the user gave
             where = f"{error.filename}: " if error.filename else ""
@@ -94,6 +103,9 @@ memory_option = click.option("--max-memory", metavar="SIZE", expose_value=False,
                              help="Refuse nets needing more memory than this (e.g. 64G; default: the available memory).")
 force_option = click.option("--force", is_flag=True,
                             help="Replace an earlier caffe2torch output in the output folder (never anything else).")
+unknown_option = click.option("--allow-unknown-fields", is_flag=True,
+                              help="Convert even when a field our schema does not know may change a layer's "
+                                   "forward (each is a warning; the net is built without it).")
 
 
 def _note(message: str) -> None:
@@ -108,8 +120,9 @@ def _note(message: str) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output folder (default: beside MODEL, named after it).")
 @click.option("--no-verify", is_flag=True, help="Accept a file whose md5 differs from the manifest's for its name.")
 @force_option
+@unknown_option
 def convert(model: Path, prototxt: Path | None, input_shape: str | None, output: Path | None, no_verify: bool,
-            force: bool) -> None:
+            force: bool, allow_unknown_fields: bool) -> None:
     """Convert MODEL (.caffemodel or .caffemodel.h5) into a PyTorch model folder.
 
     The folder holds model.py (standalone PyTorch source), weights.pt (its state_dict),
@@ -124,7 +137,8 @@ def convert(model: Path, prototxt: Path | None, input_shape: str | None, output:
     # before the work, so a refusal costs nothing; again once the definition found beside the weights is known
     check_target(folder.absolute(), force, ReadFiles([(model, "the model being converted"),
                                                       (prototxt, "the net definition being used")]))
-    conversion = run_convert(model, prototxt, _parse_shape(input_shape), verify_md5=not no_verify, on_warning=_warn)
+    conversion = run_convert(model, prototxt, _parse_shape(input_shape), verify_md5=not no_verify, on_warning=_warn,
+                             allow_unknown_fields=allow_unknown_fields)
     for note in conversion.notes:
         _note(note)
     release = f" (known release {conversion.release.name})" if conversion.release is not None else ""
@@ -159,8 +173,9 @@ def _shapes(shapes) -> str:
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Also draw each top's rel L2 error in Caffe's order (log scale, the tolerance, failures named) "
                    "into this .png, .svg or .pdf file.")
+@unknown_option
 def verify(model: Path, prototxt: Path | None, reference: Path, isolated: bool, tolerance: float | None, no_verify: bool,
-           fast: bool, device: str, plot: Path | None) -> None:
+           fast: bool, device: str, plot: Path | None, allow_unknown_fields: bool) -> None:
     """Run MODEL on the reference input and compare every recorded layer with Caffe's outputs.
 
     MODEL is a .caffemodel / .caffemodel.h5 or a folder written by `caffe2torch convert`.
@@ -197,7 +212,7 @@ def verify(model: Path, prototxt: Path | None, reference: Path, isolated: bool, 
             if note:
                 _note(f"{note}; give --prototxt to choose the definition")
         shapes = {name: value.shape for name, value in ref.inputs.items()}
-        conversion = _convert_quietly(model, prototxt, shapes, not no_verify)
+        conversion = _convert_quietly(model, prototxt, shapes, not no_verify, allow_unknown_fields)
         net = conversion.net
     net = net.to(target)
     tolerance = tolerance if tolerance is not None else (ISOLATED_TOLERANCE if isolated else FREE_TOLERANCE)
@@ -231,10 +246,11 @@ def verify(model: Path, prototxt: Path | None, reference: Path, isolated: bool, 
     sys.exit(0 if report.ok else EXIT_MISMATCH)
 
 
-def _convert_quietly(model: Path, prototxt: Path | None, shapes, verify_md5: bool):
+def _convert_quietly(model: Path, prototxt: Path | None, shapes, verify_md5: bool, allow_unknown_fields: bool):
     from caffe2torch.conversion import convert as run_convert
 
-    return run_convert(model, prototxt, shapes, verify_md5=verify_md5, on_warning=_warn)
+    return run_convert(model, prototxt, shapes, verify_md5=verify_md5, on_warning=_warn,
+                       allow_unknown_fields=allow_unknown_fields)
 
 
 def _device(name: str):
@@ -283,7 +299,11 @@ def _numerics(device):
               help="Also draw the layer graph with blob shapes into this .svg file (or write it as Graphviz .dot).")
 def inspect(file: Path, prototxt: Path | None, input_shape: str | None, as_json: bool, graph: Path | None) -> None:
     """List the layers of FILE (.caffemodel, .caffemodel.h5, .prototxt or a converted folder) with shapes and
-    parameter counts."""
+    parameter counts.
+
+    A net with fields our schema does not know is described anyway, each such field shown as a warning
+    (convert stops at those that may change a layer's forward unless --allow-unknown-fields).
+    """
     from caffe2torch.inspect import describe
 
     if graph is not None:  # before the work: a bad name or a file this run reads
@@ -325,13 +345,14 @@ def inspect(file: Path, prototxt: Path | None, input_shape: str | None, as_json:
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--no-verify", is_flag=True, help="Accept a file whose md5 differs from the manifest's.")
 @force_option
+@unknown_option
 def fold_bn(model: Path, prototxt: Path | None, input_shape: str | None, output: Path, no_verify: bool,
-            force: bool) -> None:
+            force: bool, allow_unknown_fields: bool) -> None:
     """Fold BN / BatchNorm(+Scale) into the preceding convolutions; write a caffemodel, prototxt and PyTorch folder."""
     from caffe2torch.fold import fold_files
 
     written = fold_files(model, prototxt, output, verify_md5=not no_verify, on_warning=_warn,
-                         input_shape=_parse_shape(input_shape), force=force)
+                         input_shape=_parse_shape(input_shape), force=force, allow_unknown_fields=allow_unknown_fields)
     for line in written:
         click.echo(line)
 
@@ -351,8 +372,9 @@ def fold_bn(model: Path, prototxt: Path | None, input_shape: str | None, output:
 @click.option("--dynamic", is_flag=True, help="Also leave height and width symbolic (onnx, pt2), over the range the "
               "net takes; the batch always is.")
 @click.option("--fast", is_flag=True, help="Export the fast graph (norms folded, torch's Interp and pooling kernels).")
+@unknown_option
 def export(model: Path, prototxt: Path | None, input_shape: str | None, fmt: str, output: Path, no_verify: bool,
-           tolerance: float, force: bool, dynamic: bool, fast: bool) -> None:
+           tolerance: float, force: bool, dynamic: bool, fast: bool, allow_unknown_fields: bool) -> None:
     """Export MODEL (a caffemodel or a converted folder) and check the file against the PyTorch net.
 
     The written file is run (onnxruntime, the loaded program, or the net with the file's
@@ -375,7 +397,7 @@ def export(model: Path, prototxt: Path | None, input_shape: str | None, fmt: str
     else:
         read = ReadFiles([(model, "the model being exported"), (prototxt, "the net definition being used")])
         read.check_file(output, "-o")  # before the work
-        conversion = _convert_quietly(model, prototxt, _parse_shape(input_shape), not no_verify)
+        conversion = _convert_quietly(model, prototxt, _parse_shape(input_shape), not no_verify, allow_unknown_fields)
         for note in conversion.notes:
             _note(note)
         net, read = conversion.net, conversion.read_files()

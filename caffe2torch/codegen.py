@@ -16,11 +16,13 @@ from torch import fx, nn
 
 from caffe2torch import bvlc as bvlc_modules
 from caffe2torch import detection as detection_modules
+from caffe2torch import detectnet as detectnet_modules
 from caffe2torch import errors as error_types
 from caffe2torch import forks as fork_modules
 from caffe2torch import rcnn as rcnn_modules
 from caffe2torch import yolo as yolo_modules
 from caffe2torch import modules as caffe_modules
+from caffe2torch import vendor as vendor_modules
 from caffe2torch.errors import CaffeError
 from caffe2torch.model import META_KEY, LayerCall, NetInfo, net_info, python_names
 
@@ -33,7 +35,8 @@ _DECONV = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Our files of modules whose source a generated model.py embeds (they import only torch, math, each other and
 # errors: the CaffeError a module raises on data the fork refuses, e.g. an ROI's batch index).
-_RUNTIME = (error_types, caffe_modules, bvlc_modules, detection_modules, fork_modules, rcnn_modules, yolo_modules)
+_RUNTIME = (error_types, caffe_modules, bvlc_modules, detection_modules, fork_modules, rcnn_modules, yolo_modules,
+            vendor_modules, detectnet_modules)
 _RUNTIME_NAMES = {module.__name__ for module in _RUNTIME}
 
 
@@ -53,8 +56,8 @@ def constructor(module: nn.Module) -> str:
         raise CaffeError("this graph evaluates BatchNorm in Caffe's order (passes.caffe_order_norms), for "
                          "inference only; save the converted net itself")
     if kind.__module__ in _RUNTIME_NAMES and not isinstance(module, _NORM):
-        if isinstance(module, caffe_modules.BatchAxes):
-            return f"BatchAxes({constructor(module.inner)}, {module.extra_repr()})"
+        if isinstance(module, (caffe_modules.BatchAxes, vendor_modules.ConvSum)):  # a module around another
+            return f"{kind.__name__}({constructor(module.inner)}, {module.extra_repr()})"
         return f"{kind.__name__}({module.extra_repr()})"
     if isinstance(module, _NORM):
         return _norm_constructor(module)

@@ -12,7 +12,9 @@ from torch import fx
 from caffe2torch import manifest
 from caffe2torch.errors import CaffeError, term
 from caffe2torch.freeze import frozen_note
-from caffe2torch.model import from_net_parameter, layer_calls, unmatched_weights
+from caffe2torch.model import from_net_parameter, unmatched_weights
+from caffe2torch.fields import check_unknown
+from caffe2torch.graph import kept_layers
 from caffe2torch.protect import ReadFiles
 from caffe2torch.read import (UnknownField, ambiguous_binary_fields, read_prototxt, read_weights,
                               unknown_binary_fields)
@@ -96,7 +98,8 @@ def check_complete(definition: caffe_pb2.NetParameter, source: Path) -> None:
 def convert(weights: str | os.PathLike | None, prototxt: str | os.PathLike | None = None,
             input_shape: Sequence[int] | dict | None = None, verify_md5: bool = True,
             on_warning: Callable[[str], None] | None = None, find_prototxt: bool = True,
-            memory_limit: int | str | None = None, assumed_size: tuple[int, int] | None = None) -> Conversion:
+            memory_limit: int | str | None = None, assumed_size: tuple[int, int] | None = None,
+            allow_unknown_fields: bool = False) -> Conversion:
     """Build the PyTorch net for `weights` (.caffemodel or .caffemodel.h5), optionally with a deploy prototxt.
 
     Without `prototxt`, the definition is the manifest's for a known release, else (with
@@ -105,6 +108,10 @@ def convert(weights: str | os.PathLike | None, prototxt: str | os.PathLike | Non
     parameter blobs. `memory_limit` (bytes or e.g. '64G'; default: the available memory) refuses
     a net too large to build or run here. `assumed_size` (H, W) stands in, with a note, for the size
     a data layer does not say (`inspect` describes a train/test net that way).
+
+    A field the schema does not know, on a layer the net keeps, stops the conversion unless it is known not to
+    change the float forward (`caffe2torch.fields`) or `allow_unknown_fields` is given. A CaffeError raised here
+    carries in `warnings` every warning gathered before it.
     """
     weights_path = Path(weights) if weights is not None else None
     prototxt_path = Path(prototxt) if prototxt is not None else None
@@ -116,6 +123,18 @@ def convert(weights: str | os.PathLike | None, prototxt: str | os.PathLike | Non
         if on_warning is not None:
             on_warning(message)
 
+    try:
+        return _convert(weights_path, prototxt_path, input_shape, verify_md5, find_prototxt, memory_limit,
+                        assumed_size, allow_unknown_fields, warn, notes, collected)
+    except CaffeError as error:
+        # What was skipped or warned about may explain the failure: it travels with it.
+        error.warnings = (*collected, *(w for w in error.warnings if w not in collected))
+        raise
+
+
+def _convert(weights_path: Path | None, prototxt_path: Path | None, input_shape, verify_md5: bool,
+             find_prototxt: bool, memory_limit, assumed_size, allow_unknown_fields: bool,
+             warn: Callable[[str], None], notes: list[str], collected: list[str]) -> Conversion:
     md5 = release = None
     trained: dict = {}
     stored = None
@@ -135,16 +154,13 @@ def convert(weights: str | os.PathLike | None, prototxt: str | os.PathLike | Non
     if definition is stored and stored is not None:
         for message in ambiguous_binary_fields(definition, str(weights_path)):
             warn(message)
+    # A fork's field can change what a layer computes: checked for the layers the net keeps (those left out, data
+    # and loss, do not matter), before anything is built, so a failure to build comes with them.
+    check_unknown(unknown, kept_layers(definition), allow_unknown_fields, warn)
     unmatched_weights(definition, trained, str(weights_path), source)
     # A prototxt alone shows the structure: layers get zero-filled blobs of Caffe's shapes.
     net = from_net_parameter(definition, trained, source, input_shape, warn, fill_missing=weights_path is None,
                              memory_limit=memory_limit, on_note=notes.append, assumed_size=assumed_size)
-    # A fork's field can change what a layer computes: warn for the layers the net keeps; those
-    # left out (data, loss) do not matter.
-    kept = {call.layer for _, call in layer_calls(net)}
-    for item in unknown:
-        if item.layer is None or item.layer in kept:
-            warn(item.describe())
     frozen = frozen_note(net)
     if frozen is not None:
         notes.append(frozen)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from caffe2torch.modules import TableCache, _concrete, _float32_if_half, _kwargs, dims
+from caffe2torch.modules import TableCache, _concrete, _float32_if_half, _kwargs, add_epsilon, dims
 
 # Caffe's -FLT_MAX: DetectionOutput's confidence threshold when none is given.
 LOWEST_FLOAT = -3.4028234663852886e38
@@ -37,11 +37,11 @@ class Normalize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         work = _float32_if_half(x)
         if self.across_spatial:
-            norm = torch.sqrt(work.square().flatten(1).sum(1) + self.eps)
+            norm = torch.sqrt(add_epsilon(work.square().flatten(1).sum(1), self.eps))
             # Caffe scales by Dtype(1.0 / norm): double division rounded once, the same as a float32 one.
             y = work * torch.reciprocal(norm).reshape((-1,) + (1,) * (x.dim() - 1))
         else:
-            y = work / torch.sqrt(work.square().sum(1, keepdim=True) + self.eps)
+            y = work / torch.sqrt(add_epsilon(work.square().sum(1, keepdim=True), self.eps))
         scale = self.weight.to(work.dtype)
         if not self.channel_shared:
             scale = scale.reshape((-1,) + (1,) * (x.dim() - 2))

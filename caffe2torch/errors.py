@@ -7,7 +7,13 @@ from typing import Iterator
 
 
 class CaffeError(Exception):
-    """A problem with the user's files or arguments; the CLI prints it as one line and exits non-zero."""
+    """A problem with the user's files or arguments; the CLI prints it as one line and exits non-zero.
+
+    `warnings` are those gathered before it (e.g. fields a conversion skipped, which may explain a shape error):
+    the CLI prints them with it.
+    """
+
+    warnings: tuple = ()
 
 
 class ShapelessInput(CaffeError):
@@ -37,3 +43,12 @@ def command_line_terms() -> Iterator[None]:
         yield
     finally:
         _COMMAND_LINE.reset(token)
+
+
+class UnknownFieldError(CaffeError):
+    """A field the schema does not know that may change a layer's forward (caffe2torch.fields): `finding` names it,
+    the message adds what to do, which a caller with other options may say differently."""
+
+    def __init__(self, finding: str, remedy: str) -> None:
+        super().__init__(f"{finding}: {remedy}")
+        self.finding = finding

@@ -76,7 +76,13 @@ def _specs(layer, shapes: Sequence[Shape]) -> list[tuple[Shape, float]]:
         return [(weight, 0.0)] + ([((param.num_output,), 0.0)] if param.bias_term else [])
     if kind == "BatchNorm":
         channels = _channels(layer, shapes)
-        return [((channels,), 0.0), ((channels,), 1.0), ((1,), 1.0)]
+        from caffe2torch.layers.normalization import batch_norm_fork
+
+        norm, fork = layer.batch_norm_param, batch_norm_fork(layer)
+        # NVCaffe's and Intel Caffe's own scale and bias (blobs 3 and 4)
+        affine = 2 if fork == "NVCaffe" else (norm.use_weight_bias + (norm.use_weight_bias and norm.bias_term)
+                                              if fork == "Intel Caffe" else 0)
+        return [((channels,), 0.0), ((channels,), 1.0), ((1,), 1.0)] + [((channels,), 1.0), ((channels,), 0.0)][:affine]
     if kind == "BN":
         channel_shape = (1, _channels(layer, shapes), 1, 1)
         from caffe2torch.layers.normalization import is_segnet_bn

@@ -167,14 +167,18 @@ def _eligible_layer(entry: _Entry, blobs: Mapping[str, Sequence[np.ndarray]]) ->
         shared = any(spec.name for spec in param.param)  # weights shared by name must stay as they are
         # A Deconvolution padded by a negative amount has outputs no kernel reaches: a folded bias would differ there.
         grown = entry.type == "Deconvolution" and min(conv.pad_l, conv.pad_r, conv.pad_t, conv.pad_b) < 0
-        return (conv.axis == 1 and not shared and not grown and len(arrays) == 1 + bool(conv.bias_term)
-                and arrays[0].ndim >= 3)
+        # Intel Caffe's fused ReLU or sum would come before the folded norm.
+        fused = conv.relu or conv.fusion_type != caffe_pb2.ConvolutionParameter.NONE_FUSION
+        return (conv.axis == 1 and not shared and not grown and not fused
+                and len(arrays) == 1 + bool(conv.bias_term) and arrays[0].ndim >= 3)
     if entry.type == "BN":
         return len(arrays) == 4 and len({_channels_of(a) for a in arrays}) == 1
     if entry.type == "BatchNorm":
+        from caffe2torch.layers.normalization import batch_norm_fork
+
         norm = param.batch_norm_param
-        if norm.HasField("use_global_stats") and not norm.use_global_stats:
-            return False
+        if norm.HasField("use_global_stats") and not norm.use_global_stats or batch_norm_fork(param) is not None:
+            return False  # batch statistics, or a fork's own affine, eps rule or ReLU: left to the converter
         return len(arrays) == 3 and _channels_of(arrays[0]) == _channels_of(arrays[1]) and _channels_of(arrays[2]) == 1
     if entry.type == "Scale":
         scale = param.scale_param
@@ -256,7 +260,7 @@ def fold_net(definition: caffe_pb2.NetParameter, blobs: Mapping[str, Sequence[np
 
 def fold_files(model: str | os.PathLike, prototxt: str | os.PathLike | None, output_dir: str | os.PathLike,
                verify_md5: bool = True, on_warning: Callable[[str], None] | None = None,
-               input_shape=None, force: bool = False) -> list[str]:
+               input_shape=None, force: bool = False, allow_unknown_fields: bool = False) -> list[str]:
     """Fold MODEL's norm layers into OUTPUT: a converted folder of the folded net that also holds
     <stem>_folded.prototxt and <stem>_folded.caffemodel; returns report lines."""
     from caffe2torch.conversion import convert
@@ -267,7 +271,8 @@ def fold_files(model: str | os.PathLike, prototxt: str | os.PathLike | None, out
     model, output_dir = Path(model), Path(output_dir)
     check_target(output_dir.absolute(), force, ReadFiles([(model, "the model being folded"),
                                                           (prototxt, "the net definition being used")]))
-    conversion = convert(model, prototxt, input_shape, verify_md5=verify_md5, on_warning=on_warning)
+    conversion = convert(model, prototxt, input_shape, verify_md5=verify_md5, on_warning=on_warning,
+                         allow_unknown_fields=allow_unknown_fields)
     definition, blobs, folded = fold_net(conversion.definition, conversion.trained)
     source = f"{conversion.prototxt_path or model} (folded)"
     info = conversion.net.meta["caffe"]

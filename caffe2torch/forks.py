@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from caffe2torch.errors import CaffeError
-from caffe2torch.modules import TableCache, _concrete, _float32_if_half, _kwargs, _tracing, dims
+from caffe2torch.modules import TableCache, _concrete, _float32_if_half, _kwargs, _tracing, add_epsilon, dims
 
 
 class MaxUnpool(nn.Module):
@@ -44,13 +44,13 @@ class MaxUnpool(nn.Module):
 
 
 @torch.fx.wrap
-def max_unpool(x: torch.Tensor, mask: torch.Tensor, size: tuple, layer: str = "") -> torch.Tensor:
+def max_unpool(x: torch.Tensor, mask: torch.Tensor, size: tuple, layer: str = "", kind: str = "Upsample") -> torch.Tensor:
     n, c = x.shape[:2]
     plane = size[0] * size[1]
     index = mask.reshape(n, c, -1).long()
     values = x.reshape(n, c, -1)
     if not _tracing() and x.device.type != "meta" and bool((index >= plane).any()):
-        where = f"layer {layer!r} (Upsample)" if layer else "Upsample"
+        where = f"layer {layer!r} ({kind})" if layer else kind
         raise CaffeError(f"{where}: mask index {int(index.max())} is outside the {size[0]} x {size[1]} output (the "
                          f"mask of a larger pooling input?)")
     keep = (index >= 0) & (index < plane)
@@ -102,31 +102,35 @@ class BoundedReLU(nn.Module):
 
 
 class BatchStatNorm(nn.Module):
-    """SegNet's BN in LEARN mode: normalised with the batch's own statistics, in every phase.
+    """SegNet's (and DeconvNet's) BN in LEARN mode: normalised with the batch's own statistics, in every phase.
 
     mean = E[x], var = E[x^2] - E[x]^2 over batch and positions (the fork's formula), then
-    (x - mean) / sqrt(var + eps) * scale + shift. At batch size 1 this is instance norm.
+    (x - mean) / sqrt(var + eps) * scale + shift. At batch size 1 this is instance norm. With `tops` 2 or 3 it also
+    returns the batch mean and variance (before eps) as [1, C, 1, 1], DeconvNet's second and third tops.
     """
 
-    def __init__(self, channels: int, eps: float = 1e-9) -> None:
+    def __init__(self, channels: int, eps: float = 1e-9, tops: int = 1) -> None:
         super().__init__()
-        self.channels, self.eps = int(channels), float(eps)
+        self.channels, self.eps, self.tops = int(channels), float(eps), int(tops)
         self.weight = nn.Parameter(torch.ones(self.channels))
         self.bias = nn.Parameter(torch.zeros(self.channels))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
         work = _float32_if_half(x)
         per_channel = (1, -1) + (1,) * (x.dim() - 2)
         spatial = list(range(2, x.dim()))
         mean = (work.mean(spatial) if spatial else work).mean(0)
         square = (work.square().mean(spatial) if spatial else work.square()).mean(0)
         variance = square - mean.square()
-        y = (work - mean.reshape(per_channel)) / torch.sqrt(variance + self.eps).reshape(per_channel)
+        y = (work - mean.reshape(per_channel)) / torch.sqrt(add_epsilon(variance, self.eps)).reshape(per_channel)
         y = y * self.weight.to(work.dtype).reshape(per_channel) + self.bias.to(work.dtype).reshape(per_channel)
-        return y.to(x.dtype)
+        if self.tops == 1:
+            return y.to(x.dtype)
+        stats = (mean.reshape(per_channel).to(x.dtype), variance.reshape(per_channel).to(x.dtype))
+        return (y.to(x.dtype),) + stats[:self.tops - 1]
 
     def extra_repr(self) -> str:
-        return _kwargs(channels=self.channels, eps=self.eps)
+        return _kwargs(channels=self.channels, eps=self.eps, tops=self.tops)
 
 
 class ShuffleChannel(nn.Module):

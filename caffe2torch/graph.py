@@ -6,15 +6,20 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from caffe2torch.errors import CaffeError, ShapelessInput, term
+from caffe2torch.data_shapes import data_layer_shapes
 from proto import caffe_pb2
 
 Shape = tuple[int, ...]
 
 # Layers that read a dataset: in a train/test net given for conversion their tops become the net's inputs.
 DATA_TYPES = {"Data", "ImageData", "HDF5Data", "WindowData", "MemoryData", "DummyData", "ImageSegData",
-              "AnnotatedData", "DenseImageData", "VideoData"}
-# Layers that only score training or testing: dropped from a conversion (any type named *Loss too).
-SCORING_TYPES = {"Accuracy", "SegAccuracy", "HDF5Output", "MatWrite", "DetectionEvaluate", "Silence"}
+              "AnnotatedData", "DenseImageData", "VideoData",
+              # DeconvNet / DecoupledNet's data layers (their V1 types), Intel Caffe's BoxData
+              "WindowSegData", "WindowInstSegData", "WindowClsData", "WindowSegBinary", "SelectSegBinary", "BoxData"}
+# Layers that only score training or testing: dropped from a conversion (any type named *Loss too). Intel Caffe's
+# OHEM losses, the ROI sampler for them and its YOLO scoring (EvalDetection reads the labels).
+SCORING_TYPES = {"Accuracy", "SegAccuracy", "HDF5Output", "MatWrite", "DetectionEvaluate", "Silence",
+                 "SoftmaxWithLossOHEM", "SmoothL1LossOHEM", "BoxAnnotatorOHEM", "EvalDetection"}
 
 
 def is_scoring(layer_type: str) -> bool:
@@ -31,26 +36,6 @@ def is_data_layer(param: caffe_pb2.LayerParameter) -> bool:
 
         return converter_key(param) not in CONVERTERS
     return False
-
-
-def data_layer_shapes(param: caffe_pb2.LayerParameter) -> list[Shape]:
-    """The shapes a data layer's tops would have at batch size 1, where its parameters say (else ())."""
-    kind, transform = param.type, param.transform_param
-    if kind == "MemoryData":
-        memory = param.memory_data_param
-        return [(1, memory.channels, memory.height, memory.width)] + [(1,)] * (len(param.top) - 1)
-    if kind == "DummyData":
-        dummy = param.dummy_data_param
-        if dummy.shape:
-            return [(1,) + tuple(int(d) for d in shape.dim[1:]) for shape in dummy.shape]
-        return [(1, c, h, w) for c, h, w in zip(dummy.channels, dummy.height, dummy.width)]
-    height = transform.crop_height or transform.crop_size
-    width = transform.crop_width or transform.crop_size
-    if kind == "ImageData" and not height:
-        height, width = param.image_data_param.new_height, param.image_data_param.new_width
-    channels = 3 if kind != "ImageData" or param.image_data_param.is_color else 1
-    first = (1, channels, height, width) if height and width else ()
-    return [first] + [()] * (len(param.top) - 1)
 
 
 @dataclass
@@ -98,6 +83,17 @@ def included(layer: caffe_pb2.LayerParameter, state: caffe_pb2.NetState) -> bool
     if layer.include:
         return any(_rule_matches(rule, state) for rule in layer.include)
     return not any(_rule_matches(rule, state) for rule in layer.exclude)
+
+
+def kept_layers(net: caffe_pb2.NetParameter, phase: int = caffe_pb2.TEST) -> set[str]:
+    """Names of the layers a conversion keeps (build_graph's filter, without shapes): those of the phase that
+    are no Input, Silence, data or scoring layer."""
+    state = caffe_pb2.NetState()
+    state.CopyFrom(net.state)
+    state.phase = phase
+    return {layer.name or "(unnamed)" for layer in net.layer
+            if included(layer, state) and layer.type not in ("Input", "Silence") and not is_data_layer(layer)
+            and not is_scoring(layer.type)}
 
 
 def _declared_inputs(net: caffe_pb2.NetParameter, source: str) -> dict[str, Shape]:
@@ -191,7 +187,7 @@ def build_graph(
         available.update(param.top)
         graph.layers.append(Layer(param.name, param.type, list(param.bottom), list(param.top), param))
 
-    _drop_unread_inputs(graph)
+    _drop_unread_inputs(graph, set(readers))
     _apply_overrides(graph, input_shapes, source)
     for name, shape in graph.inputs.items():
         if not shape and name in readers and assumed_size is not None:
@@ -233,10 +229,11 @@ def _resolve_auto_crops(graph: NetGraph) -> None:
         layer.param = param
 
 
-def _drop_unread_inputs(graph: NetGraph) -> None:
-    """Inputs nothing reads any more once scoring layers are left out (a data layer's labels)."""
+def _drop_unread_inputs(graph: NetGraph, from_data: set[str]) -> None:
+    """Inputs nothing reads any more once scoring layers are left out: a data layer's labels (whatever their
+    shape), and declared inputs without a shape."""
     read = {bottom for layer in graph.layers for bottom in layer.bottoms}
-    for name in [name for name, shape in graph.inputs.items() if name not in read and not shape]:
+    for name in [name for name, shape in graph.inputs.items() if name not in read and (not shape or name in from_data)]:
         del graph.inputs[name]
         graph.notes.append(f"input {name!r} feeds only layers left out: dropped")
 

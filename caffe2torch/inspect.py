@@ -30,20 +30,23 @@ def describe(file: Path, prototxt: Path | None = None, input_shape=None) -> dict
     else:
         file_pair = (file, prototxt)
     try:
-        conversion = convert(*file_pair, input_shape, on_warning=lambda _: None)
-    except ShapelessInput:
+        conversion = convert(*file_pair, input_shape, on_warning=lambda _: None, allow_unknown_fields=True)
+    except ShapelessInput as shapeless:
         # A train/test net's data layer need not say its image size: describe the net at the first usual
         # size it builds at, with a note (a size that breaks a fixed-size layer, e.g. SegNet's pad_out_h, fails).
         failures = []
         for size in ASSUMED_SIZES:
             try:
-                conversion = convert(*file_pair, input_shape, on_warning=lambda _: None, assumed_size=size)
+                conversion = convert(*file_pair, input_shape, on_warning=lambda _: None, assumed_size=size,
+                                     allow_unknown_fields=True)
                 break
             except CaffeError as error:
-                failures.append(f"at {size[0]}x{size[1]}: {error}")
+                failures.append((f"at {size[0]}x{size[1]}: {error}", error.warnings))
         else:
-            raise CaffeError(f"{file}: a data layer does not say its input size and none of the usual sizes builds "
-                             f"({failures[0]}); give --input-shape") from None
+            error = CaffeError(f"{file}: a data layer does not say its input size and none of the usual sizes builds "
+                               f"({failures[0][0]}); give --input-shape")
+            error.warnings = failures[0][1] or shapeless.warnings
+            raise error from None
     return _description(conversion.net, conversion.definition, conversion.trained, {
         "file": str(file),
         "prototxt": str(conversion.prototxt_path) if conversion.prototxt_path else None,

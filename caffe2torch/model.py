@@ -204,6 +204,9 @@ def _diagnose(net: "CaffeNet", args, kwargs) -> str | None:
                 if node.op != "call_module" or not isinstance(call, LayerCall) or _out_of_memory(error):
                     raise
                 values = [self.env[a] for a in node.args if isinstance(a, fx.Node)]
+                sizes = [tuple(value.shape)[1:] for value in values if isinstance(value, torch.Tensor)]
+                if sizes == [tuple(info.blob_shapes.get(blob, ()))[1:] for blob in call.bottoms]:
+                    raise  # the sizes it was converted for (any batch): no size error, a dtype or device without a kernel
                 got = ", ".join(f"{blob!r} {_shape_text(tuple(value.shape))}" for blob, value in
                                 zip(call.bottoms, values) if isinstance(value, torch.Tensor))
                 wanted = ", ".join(f"{_shape_text(info.blob_shapes[blob])}" for blob in call.bottoms
@@ -405,13 +408,17 @@ def run_layers(net: fx.GraphModule, *args: torch.Tensor,
 
 
 def blobs(net: fx.GraphModule, *args: torch.Tensor, **kwargs: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every blob by its Caffe name, holding for in-place layers the value after the last layer that writes it."""
-    values = dict(zip(net_info(net).input_names, bind_inputs(net, args, kwargs)))
+    """Every blob by its Caffe name, holding for in-place layers the value after the last layer that writes it.
+
+    The values are detached (computed without autograd), as Caffe's blobs are plain data: `.numpy()` works.
+    """
+    values = dict(zip(net_info(net).input_names, (x.detach() for x in bind_inputs(net, args, kwargs))))
 
     def keep(call: LayerCall, tops: tuple[torch.Tensor, ...]) -> None:
         values.update(zip(call.tops, tops))
 
-    run_layers(net, *values.values(), after_layer=keep)
+    with torch.no_grad():
+        run_layers(net, *values.values(), after_layer=keep)
     return values
 
 

@@ -294,6 +294,13 @@ def _kwargs(**values) -> str:
     return ", ".join(f"{name}={_literal(value)}" for name, value in values.items())
 
 
+def add_epsilon(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x + eps (rounded to x's dtype, as a scalar would be). The epsilon goes in as a one-element vector: ONNX
+    optimisers drop the addition of a scalar within 1e-8 of 0 as a no-op (onnxscript's add_0 rule, which torch's
+    exporter runs), and an all-zero norm then divides 0 by 0."""
+    return x + torch.full((1,), eps, dtype=x.dtype, device=x.device)
+
+
 def _float32_if_half(x: torch.Tensor) -> torch.Tensor:
     """float16 / bfloat16 as float32, for sums over many values; other dtypes as they are."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -825,11 +832,28 @@ def caffe_argmax(x: torch.Tensor, top_k: int, out_max_val: bool, axis: int | Non
     return torch.stack(parts, dim=1).reshape([x.shape[0], len(parts), top_k] + trailing)
 
 
+class LRNAcrossChannels(nn.Module):
+    """Caffe LRN ACROSS_CHANNELS: y = x * (k + alpha / size * window sum of x^2 over channels)^-beta, torch's
+    local_response_norm. In half precision it computes in float32: the squares would overflow float16 from
+    |x| = 256, and its average pooling has no half-precision kernel on the CPU."""
+
+    def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> None:
+        super().__init__()
+        self.size, self.alpha, self.beta, self.k = int(size), float(alpha), float(beta), float(k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.local_response_norm(_float32_if_half(x), self.size, self.alpha, self.beta, self.k).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return _kwargs(size=self.size, alpha=self.alpha, beta=self.beta, k=self.k)
+
+
 class LRNWithinChannel(nn.Module):
     """Caffe LRN WITHIN_CHANNEL: y = x * (1 + alpha * A)^-beta, A = Caffe AVE pooling of x^2.
 
     The pooling has kernel `size`, stride 1 and pad (size-1)/2 with Caffe's divisor rule (padded
-    zeros count); Caffe ignores `k` in this mode. ACROSS_CHANNELS is torch.nn.LocalResponseNorm.
+    zeros count); Caffe ignores `k` in this mode. In half precision it computes in float32 (the squares
+    would overflow float16).
     """
 
     def __init__(self, size: int, alpha: float, beta: float) -> None:
@@ -839,7 +863,8 @@ class LRNWithinChannel(nn.Module):
         self.average = Pool2d("AVE", (self.size, self.size), (1, 1), (half, half))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.pow(self.average(x * x) * self.alpha + 1, -self.beta)
+        work = _float32_if_half(x)
+        return (work * torch.pow(self.average(work * work) * self.alpha + 1, -self.beta)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return _kwargs(size=self.size, alpha=self.alpha, beta=self.beta)

@@ -61,6 +61,22 @@ _V1_TYPE_NAMES = {
     "PADDING": "Padding",
     "MAT_WRITE": "MatWrite",
     "MAT_READ": "MatRead",
+    # DeconvNet / DecoupledNet (HyeonwooNoh/caffe): the fork never had string types; these are its class names as
+    # Caffe's registry names a layer class. Its CROP is the coord-map crop that HED / RCF call AutoCrop.
+    "CROP": "AutoCrop",
+    "ELTWISE_ACCURACY": "EltwiseAccuracy",
+    "UNPOOLING": "Unpooling",
+    "BN": "BN",
+    "RED_SOFTMAX_LOSS": "RedSoftmaxWithLoss",
+    "RED_ACCURACY": "RedAccuracy",
+    "DECONVNET_IMAGE_SEG_DATA": "ImageSegData",
+    "WINDOW_SEG_DATA": "WindowSegData",
+    "WINDOW_INST_SEG_DATA": "WindowInstSegData",
+    "BIN_ACCURACY": "BinaryAccuracy",
+    "WINDOW_CLS_DATA": "WindowClsData",
+    "WINDOW_SEG_BINARY": "WindowSegBinary",
+    "SELECT_SEG_BINARY": "SelectSegBinary",
+    "DROPOUT_CHANNEL": "DropoutChannel",
 }
 
 
@@ -158,6 +174,32 @@ def _upgrade_v0(net: caffe_pb2.NetParameter, source: str) -> None:
     net.layers.extend(upgraded)
 
 
+# V1 data layers whose own params held the transformation fields (Caffe's UpgradeNetDataTransformation).
+_V1_TRANSFORMED = {"DATA": "data_param", "IMAGE_DATA": "image_data_param", "WINDOW_DATA": "window_data_param"}
+
+
+def _upgrade_data_transformation(net: caffe_pb2.NetParameter) -> None:
+    """Caffe's UpgradeNetDataTransformation: scale, mean_file, crop_size and mirror move into transform_param."""
+    for layer in net.layers:
+        field = _V1_TRANSFORMED.get(caffe_pb2.V1LayerParameter.LayerType.Name(layer.type)) \
+            if layer.HasField("type") else None
+        if field is None or not layer.HasField(field):
+            continue
+        param = getattr(layer, field)
+        for name in ("scale", "mean_file", "crop_size", "mirror"):
+            if param.HasField(name):
+                setattr(layer.transform_param, name, getattr(param, name))
+                param.ClearField(name)
+
+
+def _recover_v1_params(old: caffe_pb2.V1LayerParameter, new: caffe_pb2.LayerParameter) -> None:
+    """DeconvNet's V1 bn_param is field 45, which this schema gives DeepLab v1's padding_param: in a binary a BN
+    layer's params decode there, and are read again (same wire bytes) as the BN message they are."""
+    if new.type == "BN" and old.HasField("padding_param") and not old.HasField("bn_param"):
+        new.segnet_bn_param.ParseFromString(old.padding_param.SerializePartialToString(deterministic=True))
+        new.ClearField("padding_param")
+
+
 def _upgrade_v1(net: caffe_pb2.NetParameter, source: str) -> caffe_pb2.NetParameter:
     """Caffe's UpgradeV1Net: move `layers` (V1) into `layer` with string types and the same parameters."""
     if not net.layers:
@@ -165,6 +207,7 @@ def _upgrade_v1(net: caffe_pb2.NetParameter, source: str) -> caffe_pb2.NetParame
     if net.layer:
         raise CaffeError(f"{source}: mixes V1 'layers' and current 'layer' definitions")
     _upgrade_v0(net, source)
+    _upgrade_data_transformation(net)
     upgraded = caffe_pb2.NetParameter()
     upgraded.CopyFrom(net)
     del upgraded.layers[:]
@@ -195,6 +238,7 @@ def _upgrade_v1(net: caffe_pb2.NetParameter, source: str) -> caffe_pb2.NetParame
                 target.CopyFrom(value)
             else:
                 setattr(new, name, value)
+        _recover_v1_params(old, new)
     return upgraded
 
 
@@ -211,32 +255,74 @@ def _read_bytes(path: str | os.PathLike) -> bytes:
 
 @dataclass(frozen=True)
 class UnknownField:
-    """A field our schema lacks (a fork's), skipped while reading: where it was and what it was called."""
+    """A field our schema lacks (a fork's), skipped while reading: where it was and what it was called.
+
+    A known field given an enum value our schema lacks (Intel Caffe's `engine: MKLDNN`) is one too (`known`).
+    """
 
     source: str
     line: int | None  # text files only
     layer: str | None  # the layer it sits in; None at the net's level
     field: str  # its path from the layer (or net), e.g. "pooling_param.ceil_mode"; a number in a binary
+    type: str | None = None  # the layer's type
+    value: str | None = None  # the value as written, for a scalar (text files only)
+    known: bool = False  # the field is known, its enum `value` is not
+
+    @property
+    def where(self) -> str:
+        """'file:line: layer 'name' (Type)' or 'file: the net'."""
+        place = f"{self.source}:{self.line}" if self.line is not None else self.source
+        if self.layer is None:
+            return f"{place}: the net"
+        return f"{place}: layer {self.layer!r}" + (f" ({self.type})" if self.type else "")
+
+    @property
+    def what(self) -> str:
+        """'field 'a.b'' or 'field 'a.b' value X'."""
+        return f"field {self.field!r}" + (f" value {self.value}" if self.known else "")
 
     def describe(self) -> str:
-        where = f"{self.source}:{self.line}" if self.line is not None else self.source
-        owner = f"layer {self.layer!r}" if self.layer is not None else "the net"
-        return f"{where}: {owner}: field {self.field!r} is unknown to our Caffe schema (a fork's?), ignored"
+        return f"{self.where}: {self.what} is unknown to our Caffe schema (a fork's?), ignored"
 
 
 _LAYER_MESSAGES = ("LayerParameter", "V1LayerParameter", "V0LayerParameter")
 
 
+def _layer_type(message) -> str | None:
+    """A layer message's type as the converted layer will have it (V1 enums by their upgraded name)."""
+    name = message.DESCRIPTOR.name
+    if name == "V1LayerParameter":
+        if not message.HasField("type"):
+            return None
+        enum_name = caffe_pb2.V1LayerParameter.LayerType.Name(message.type)
+        return _V1_TYPE_NAMES.get(enum_name, enum_name)
+    return message.type or None
+
+
+def _unknown_enum(field, token: str) -> bool:
+    """Whether `token` names no value of the enum field (a fork's value) rather than being a syntax error."""
+    values = field.enum_type.values_by_name
+    if token in values:
+        return False
+    try:
+        number = int(token, 0)
+    except ValueError:
+        return bool(token) and (token[0].isalpha() or token[0] == "_")
+    return number not in field.enum_type.values_by_number
+
+
 def _recording_parser(found: list):
-    """A text parser that skips fields the schema lacks and records each (protobuf's own only skips).
+    """A text parser that skips fields the schema lacks and records each (protobuf's own only skips); a known
+    enum field given a value the schema lacks (a fork's) is recorded and skipped the same way.
 
     Builds on text_format._Parser's hooks, stable since protobuf 3; None where they are missing.
     """
-    from google.protobuf import text_format
+    from google.protobuf import descriptor, text_format
 
     base = getattr(text_format, "_Parser", None)
     if base is None or not all(hasattr(base, hook) for hook in
-                               ("_MergeField", "_MergeMessageField", "_SkipFieldContents")):
+                               ("_MergeField", "_MergeMessageField", "_SkipFieldContents", "_MergeScalarField",
+                                "_SkipFieldValue")):
         return None
 
     class Recording(base):
@@ -244,6 +330,7 @@ def _recording_parser(found: list):
             super().__init__(allow_unknown_field=True)
             self.frames: list[list] = []  # [field name, layer message or None] per open message field
             self.skipping = 0
+            self.scalar_pending = False
 
         def _MergeMessageField(self, tokenizer, message, field):
             self.frames.append([field.name, None])
@@ -257,14 +344,37 @@ def _recording_parser(found: list):
                 self.frames[-1][1] = message
             return super()._MergeField(tokenizer, message)
 
+        def _record(self, tokenizer, name: str, value: str | None = None, known: bool = False) -> None:
+            start = next((i for i in range(len(self.frames) - 1, -1, -1) if self.frames[i][1] is not None), None)
+            path = [frame[0] for frame in self.frames[start + 1 if start is not None else 0:]] + [name]
+            layer = self.frames[start][1] if start is not None else None
+            line = getattr(tokenizer, "_line", None)
+            found.append((line + 1 if isinstance(line, int) else None, layer, ".".join(path), value, known))
+
+        def _MergeScalarField(self, tokenizer, message, field):
+            if field.type == descriptor.FieldDescriptor.TYPE_ENUM and _unknown_enum(field, tokenizer.token):
+                if self.frames and self.frames[-1][1] is None and message.DESCRIPTOR.name in _LAYER_MESSAGES:
+                    self.frames[-1][1] = message
+                self._record(tokenizer, field.name, tokenizer.token, known=True)
+                tokenizer.NextToken()
+                return None
+            return super()._MergeScalarField(tokenizer, message, field)
+
+        def _SkipRepeatedFieldValue(self, tokenizer, *args):
+            self.scalar_pending = False  # a list has no one value
+            return super()._SkipRepeatedFieldValue(tokenizer, *args)
+
+        def _SkipFieldValue(self, tokenizer):
+            # The value of an unknown scalar field (not of one inside an unknown message), as written.
+            if self.skipping == 1 and found and found[-1][3] is None and self.scalar_pending:
+                found[-1] = (*found[-1][:3], tokenizer.token, False)
+            self.scalar_pending = False
+            return super()._SkipFieldValue(tokenizer)
+
         def _SkipFieldContents(self, tokenizer, *args):
             if not self.skipping:
-                name = args[0] if args and isinstance(args[0], str) else "?"
-                start = next((i for i in range(len(self.frames) - 1, -1, -1) if self.frames[i][1] is not None), None)
-                path = [frame[0] for frame in self.frames[start + 1 if start is not None else 0:]] + [name]
-                layer = self.frames[start][1] if start is not None else None
-                line = getattr(tokenizer, "_line", None)
-                found.append((line + 1 if isinstance(line, int) else None, layer, ".".join(path)))
+                self._record(tokenizer, args[0] if args and isinstance(args[0], str) else "?")
+                self.scalar_pending = True
             self.skipping += 1
             try:
                 return super()._SkipFieldContents(tokenizer, *args)
@@ -304,7 +414,8 @@ def parse_prototxt(text: str, source: str = "<prototxt>",
     try:
         text_format.Parse(text, net)
     except text_format.ParseError as error:
-        if unknown is None or "has no field named" not in str(error):
+        if unknown is None or not any(text in str(error) for text in ("has no field named", "has no value named",
+                                                                       "has no value with number")):
             raise _parse_error(error, source) from None
         net = caffe_pb2.NetParameter()
         found: list = []
@@ -313,13 +424,16 @@ def parse_prototxt(text: str, source: str = "<prototxt>",
             if parser is not None:
                 parser.ParseLines(text.split("\n"), net)
             else:
+                if "has no field named" not in str(error):
+                    raise _parse_error(error, source) from None
                 text_format.Parse(text, net, allow_unknown_field=True)
-                found.append((error.GetLine(), None, str(error).rsplit("named", 1)[-1].strip(' ."')))
+                found.append((error.GetLine(), None, str(error).rsplit("named", 1)[-1].strip(' ."'), None, False))
         except text_format.ParseError as second:
             raise _parse_error(second, source) from None
         # A layer's name may come after the unknown field, so names are read once the whole file is in.
-        unknown.extend(UnknownField(source, line, (layer.name or "(unnamed)") if layer is not None else None, path)
-                       for line, layer, path in found)
+        unknown.extend(UnknownField(source, line, (layer.name or "(unnamed)") if layer is not None else None, path,
+                                    _layer_type(layer) if layer is not None else None, value, known)
+                       for line, layer, path, value, known in found)
     return _upgrade_v1(net, source)
 
 
@@ -421,7 +535,7 @@ def unknown_binary_fields(net: caffe_pb2.NetParameter, source: str) -> list[Unkn
 
     fields = [UnknownField(source, None, None, f"#{item.field_number}") for item in UnknownFieldSet(net)]
     for layer in net.layer:
-        fields += [UnknownField(source, None, layer.name, path) for path in walk(layer, [])]
+        fields += [UnknownField(source, None, layer.name, path, layer.type or None) for path in walk(layer, [])]
     return fields
 
 
@@ -475,9 +589,38 @@ def h5_name(key: str | bytes, what: str, path: str | os.PathLike) -> str:
     return key
 
 
+# NVCaffe's raw_data types a blob can be read from (its Blob::FromProto refuses the others).
+_RAW_TYPES = {caffe_pb2.BlobProto.FLOAT16: np.dtype("<f2"), caffe_pb2.BlobProto.FLOAT: np.dtype("<f4"),
+              caffe_pb2.BlobProto.DOUBLE: np.dtype("<f8")}
+
+
+def _raw_dtype(blob: caffe_pb2.BlobProto, where: str) -> np.dtype:
+    if not blob.HasField("raw_data_type"):
+        raise CaffeError(f"{where}: raw_data without raw_data_type (NVCaffe refuses it too)")
+    dtype = _RAW_TYPES.get(blob.raw_data_type)
+    if dtype is None:
+        name = caffe_pb2.BlobProto.RawType.Name(blob.raw_data_type)
+        raise CaffeError(f"{where}: raw_data of type {name}, which NVCaffe cannot read as a blob either")
+    if len(blob.raw_data) % dtype.itemsize:
+        raise CaffeError(f"{where}: raw_data of {len(blob.raw_data)} bytes is not a whole number of "
+                         f"{caffe_pb2.BlobProto.RawType.Name(blob.raw_data_type)} values")
+    return dtype
+
+
+def _value_count(blob: caffe_pb2.BlobProto, where: str) -> int:
+    """How many values the blob stores, from the field Caffe reads: double_data, else data, else NVCaffe's raw_data."""
+    if len(blob.double_data):
+        return len(blob.double_data)
+    if len(blob.data):
+        return len(blob.data)
+    if blob.HasField("raw_data"):
+        return len(blob.raw_data) // _raw_dtype(blob, where).itemsize
+    return 0
+
+
 def blob_shape(blob: caffe_pb2.BlobProto, where: str) -> tuple[int, ...]:
     """The blob's shape: `shape`, else legacy num/channels/height/width, else 1-D from the data length."""
-    count = len(blob.data) or len(blob.double_data)
+    count = _value_count(blob, where)
     if blob.HasField("shape"):
         shape = tuple(int(d) for d in blob.shape.dim)
     elif any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
@@ -493,11 +636,15 @@ def blob_shape(blob: caffe_pb2.BlobProto, where: str) -> tuple[int, ...]:
 
 
 def blob_to_array(blob: caffe_pb2.BlobProto, where: str = "blob") -> np.ndarray:
+    """The blob as float32, read from the field Caffe's Blob::FromProto reads (NVCaffe's float16 raw_data
+    widens exactly)."""
     shape = blob_shape(blob, where)
-    if len(blob.data):
+    if len(blob.double_data):
+        values = np.asarray(blob.double_data, dtype=np.float64).astype(np.float32)
+    elif len(blob.data) or not blob.HasField("raw_data"):
         values = np.asarray(blob.data, dtype=np.float32)
     else:
-        values = np.asarray(blob.double_data, dtype=np.float64).astype(np.float32)
+        values = np.frombuffer(blob.raw_data, dtype=_raw_dtype(blob, where)).astype(np.float32)
     return values.reshape(shape)
 
 

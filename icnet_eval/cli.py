@@ -21,7 +21,11 @@ def _fail(message: str, code: int = EXIT_ERROR) -> None:
     sys.exit(code)
 
 
+_shown: set[str] = set()  # messages printed by this command, so an error repeats only the others
+
+
 def _note(message: str) -> None:
+    _shown.add(message.removeprefix("warning: "))
     click.echo(f"icnet-eval: {message}", err=True)
 
 
@@ -29,10 +33,14 @@ class _Group(click.Group):
     """Turns our errors (and the file system's) into one line on stderr instead of a traceback."""
 
     def invoke(self, ctx: click.Context):
+        _shown.clear()  # a new command (tests and scripts run several in one process)
         try:
             with command_line_terms():
                 return super().invoke(ctx)
         except CaffeError as error:
+            for message in error.warnings:  # gathered before the error (skipped fields may explain it)
+                if message not in _shown:
+                    _note(f"warning: {message}")
             _fail(str(error))
         except OSError as error:
             where = f"{error.filename}: " if error.filename else ""

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from caffe2torch import manifest
-from caffe2torch.errors import CaffeError, term
+from caffe2torch.errors import CaffeError, UnknownFieldError, term
 from caffe2torch.model import from_net_parameter, net_info, unmatched_weights
 from caffe2torch.read import read_weights
 from caffe2torch.write import with_blobs, write_atomic
@@ -91,7 +91,7 @@ def generated_net(height: int, width: int, weights: Mapping[str, list[np.ndarray
 
 def load_model(weights: str | os.PathLike | None, prototxt: str | os.PathLike | None = None,
                input_size: tuple[int, int] | None = None, verify_md5: bool = True,
-               on_warning: Callable[[str], None] | None = None) -> LoadedModel:
+               on_warning: Callable[[str], None] | None = None, allow_unknown_fields: bool = False) -> LoadedModel:
     """The net to evaluate.
 
     * `prototxt` given: that definition (its input resized to `input_size` if given), as Caffe would load it.
@@ -99,7 +99,16 @@ def load_model(weights: str | os.PathLike | None, prototxt: str | os.PathLike | 
     * otherwise the ICNet definition generated for `input_size` (default 1025x2049), with or without
       separate BN layers as the weights have them (the manifest's `bn_merged` for a release).
     """
-    from caffe2torch.conversion import convert
+    from caffe2torch.conversion import convert as run_convert
+
+    def convert(*args, **kwargs):
+        try:
+            return run_convert(*args, **kwargs, allow_unknown_fields=allow_unknown_fields)
+        except UnknownFieldError as error:  # icnet-eval has no such option: it takes the converted folder instead
+            again = UnknownFieldError(error.finding, "convert it with `caffe2torch convert --allow-unknown-fields` "
+                                      "and give the folder as --weights")
+            again.warnings = error.warnings
+            raise again from None
 
     if weights is None:
         raise CaffeError(f"{term('--weights', 'weights')} is required (a .caffemodel; run `icnet-eval demo` to try the tool "

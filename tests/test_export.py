@@ -312,3 +312,38 @@ def test_export_of_the_fast_graph_matches_the_net(units_dir, tmp_path):
                                        "onnx", "-o", str(tmp_path / "interp.onnx"), "--fast", "--dynamic"])
     assert result.exit_code == 0, result.output
     assert "(onnx, fast graph); sizes data: N x 3 x H (>= " in result.output
+
+
+def test_onnx_keeps_every_epsilon_through_the_exporters_optimiser(tmp_path):
+    """torch's dynamo exporter runs onnxscript's rewriter, whose add_0 rule drops `x + c` for |c| <= 1e-8: SSD's
+    Normalize (eps 1e-10), MVN and SegNet's BN (1e-9) then divide 0 by 0 on an all-zero column. Added as a
+    one-element vector, the epsilon stays, and onnxruntime gives torch's 0 there."""
+    import onnxruntime
+
+    from caffe2torch.conversion import convert
+
+    text = """input: "data" input_shape { dim: 1 dim: 4 dim: 3 dim: 5 }
+layer { name: "norm" type: "Normalize" bottom: "data" top: "norm" norm_param { across_spatial: false } }
+layer { name: "whole" type: "Normalize" bottom: "data" top: "whole" }
+layer { name: "mvn" type: "MVN" bottom: "data" top: "mvn" }
+layer { name: "bn" type: "BN" bottom: "data" top: "bn" bn_param { bn_mode: LEARN } }
+"""
+    path = tmp_path / "eps.prototxt"
+    path.write_text(text)
+    net = convert(None, path).net
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.fill_(1.5)
+    onnx_path = export(net, "onnx", tmp_path / "eps.onnx").path
+    x = torch.randn(1, 4, 3, 5)
+    x[:, :, 1, 2] = 0  # an all-zero pixel column: Normalize's sum of squares is 0
+    x[:, 3] = 0  # an all-zero channel: MVN's and BN's variance is 0
+    zeros = torch.zeros(1, 4, 3, 5)  # and all zero: the whole-item Normalize too
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    for sample in (x, zeros):
+        ours = session.run(None, {"data": sample.numpy()})
+        with torch.no_grad():
+            theirs = net(sample)
+        for got, wanted in zip(ours, theirs):
+            assert not np.isnan(got).any()
+            np.testing.assert_allclose(got, wanted.numpy(), rtol=1e-5, atol=1e-5)

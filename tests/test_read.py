@@ -206,7 +206,7 @@ def test_a_train_val_net_converts_as_a_deploy_net_with_notes():
     net = from_net_parameter(parse_prototxt(TRAIN_VAL), {}, fill_missing=True, on_warning=lambda _: None,
                              on_note=notes.append)
     info = net_info(net)
-    assert info.inputs == {"data": (1, 3, 12, 12)} and info.outputs == ["fc"]
+    assert info.inputs == {"data": (50, 3, 12, 12)} and info.outputs == ["fc"]  # the TEST phase's batch_size
     assert notes == ["layer 'data' (Data) reads a dataset: its tops 'data', 'label' are taken as the net's inputs",
                      "layer 'accuracy' (Accuracy) only scores training or testing: left out",
                      "layer 'loss' (SoftmaxWithLoss) only scores training or testing: left out",
@@ -262,8 +262,8 @@ def test_unknown_text_fields_are_listed_with_line_layer_and_path():
         (2, None, "speed_hint"), (5, "pool", "pooling_param.odd_option"), (6, "relu", "relu_param.fancy"),
         (7, "loss", "loss_param.magic")]
     assert net.layer[0].pooling_param.kernel_size == 2 and net.layer[1].name == "relu"
-    assert found[1].describe() == ("forky.prototxt:5: layer 'pool': field 'pooling_param.odd_option' is unknown "
-                                   "to our Caffe schema (a fork's?), ignored")
+    assert found[1].describe() == ("forky.prototxt:5: layer 'pool' (Pooling): field 'pooling_param.odd_option' is "
+                                   "unknown to our Caffe schema (a fork's?), ignored")
     # Without a list to put them in (our own files), they stay errors.
     with pytest.raises(CaffeError, match=r'forky.prototxt:2:1: .*has no field named "speed_hint"'):
         parse_prototxt(FORK_FIELDS, "forky.prototxt")
@@ -272,14 +272,24 @@ def test_unknown_text_fields_are_listed_with_line_layer_and_path():
         parse_prototxt(FORK_FIELDS.replace("b: [1, 2] }", "b: [1, 2 }"), "forky.prototxt", [])
 
 
-def test_unknown_fields_warn_only_for_layers_the_net_keeps(tmp_path):
+def test_unknown_fields_count_only_for_layers_the_net_keeps(tmp_path):
     from caffe2torch.conversion import convert
+    from caffe2torch.errors import UnknownFieldError
 
     path = tmp_path / "forky.prototxt"
     path.write_text(FORK_FIELDS)
-    conversion = convert(None, path)
-    assert [w.split(": ", 2)[1] for w in conversion.warnings] == ["the net", "layer 'pool'", "layer 'relu'"]
-    assert all("unknown to our Caffe schema" in w for w in conversion.warnings)
+    with pytest.raises(UnknownFieldError) as failure:
+        convert(None, path)
+    # The first one stops it; the others were warned before it; the loss layer's (left out) is not looked at.
+    assert str(failure.value).startswith(f"{path}:2: the net: field 'speed_hint' is unknown to our Caffe schema and "
+                                         f"may change what the layer computes, so the converted net could differ "
+                                         f"from Caffe's (2 more such fields above): convert anyway with "
+                                         f"--allow-unknown-fields")
+    assert [w.split(": ", 2)[1] for w in failure.value.warnings] == ["layer 'pool' (Pooling)", "layer 'relu' (ReLU)"]
+    conversion = convert(None, path, allow_unknown_fields=True)
+    assert [w.split(": ", 2)[1] for w in conversion.warnings] == ["the net", "layer 'pool' (Pooling)",
+                                                                  "layer 'relu' (ReLU)"]
+    assert all("may change what the layer computes; skipped" in w for w in conversion.warnings)
 
 
 def _varint(value: int) -> bytes:

@@ -17,6 +17,7 @@ from caffe2torch.layers import (  # noqa: F401,E402
     rcnn,
     reduction,
     shape,
+    vendor,
     yolo,
 )
 

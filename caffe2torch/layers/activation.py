@@ -24,6 +24,7 @@ from caffe2torch.layers.registry import (
 from caffe2torch.bvlc import Clip, Swish
 from caffe2torch.forks import BoundedReLU, DropoutScaledAtTest
 from caffe2torch.modules import AbsVal, Exp, Log, Power, Threshold
+from caffe2torch.vendor import ReLUMask, ScaledELU
 
 
 def _f32(value: float) -> float:
@@ -50,10 +51,19 @@ def _slope(layer, value: float) -> float:
 def convert_relu(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
     """max(x, 0) + negative_slope * min(x, 0): nn.ReLU, or nn.LeakyReLU with a slope.
 
-    Caffe's ReLU(-inf) is NaN (0 * -inf); torch's is 0, the only difference.
+    Caffe's ReLU(-inf) is NaN (0 * -inf); torch's is 0, the only difference. DeconvNet's second top is a mask,
+    1 where the value is above 0 (relu_layer.cpp there). Intel Caffe's `fuse` (its MKL-DNN ReLU after a convolution
+    that applies it) passes the bottom on unchanged (mkldnn_relu_layer.cpp).
     """
+    if len(layer.top) == 2:  # DeconvNet / DecoupledNet
+        expect_bottoms(layer, inputs, 1)
+        expect_blobs(layer, blobs, 0)
+        in_place = layer.top[0] == layer.bottom[0]
+        return Converted(ReLUMask(_slope(layer, layer.relu_param.negative_slope), in_place), [tuple(inputs[0])] * 2)
     shapes = _neuron_setup(layer, inputs, blobs)
     param = layer.relu_param
+    if param.fuse:
+        return Converted(nn.Identity(), shapes)
     slope = _slope(layer, param.negative_slope)
     if param.relu6 or param.maximum > 0 or param.minimum != 0:  # synopsys-caffe's bounded ReLU
         caps = ([6.0] if param.relu6 else []) + ([_f32(param.maximum)] if param.maximum > 0 else [])
@@ -128,8 +138,10 @@ def convert_tanh(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) ->
 
 @converter("ELU")
 def convert_elu(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    """max(x, 0) + alpha * (exp(min(x, 0)) - 1), times NVCaffe's `lambda` (elu_layer.cpp there)."""
     shapes = _neuron_setup(layer, inputs, blobs)
-    return Converted(nn.ELU(_f32(layer.elu_param.alpha)), shapes)
+    alpha, scale = _f32(layer.elu_param.alpha), _f32(getattr(layer.elu_param, "lambda"))
+    return Converted(nn.ELU(alpha) if scale == 1.0 else ScaledELU(alpha, scale), shapes)
 
 
 @converter("AbsVal")

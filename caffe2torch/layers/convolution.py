@@ -23,6 +23,8 @@ from caffe2torch.layers.registry import (
 )
 from caffe2torch.bvlc import Im2col
 from caffe2torch.modules import BatchAxes, InnerProduct, SamePad2d, same_padding
+from caffe2torch.vendor import ConvSum
+from proto import caffe_pb2
 
 # synopsys-caffe's padding per side, read as (top, left) then (bottom, right); Pooling has the same fields.
 SIDES = ("pad_t", "pad_l", "pad_b", "pad_r")
@@ -199,9 +201,27 @@ def _conv_module(layer, blobs: Sequence[np.ndarray], g: _ConvGeometry, transpose
     return conv if g.axis == 1 else BatchAxes(conv, g.axis)
 
 
+def _activation(relu: bool, slope: float) -> nn.Module | None:
+    """Intel Caffe's fused ReLU (MKL-DNN's eltwise_relu post-op, `negative_slope` its alpha)."""
+    if not relu:
+        return None
+    return nn.LeakyReLU(float(np.float32(slope))) if slope else nn.ReLU()
+
+
 @converter("Convolution")
 def convert_convolution(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> Converted:
-    """Cross-correlation as torch's; out = floor((H + 2p - (d(k-1)+1)) / s) + 1; each bottom its own top."""
+    """Cross-correlation as torch's; out = floor((H + 2p - (d(k-1)+1)) / s) + 1; each bottom its own top.
+
+    Intel Caffe's fusions (mkldnn_convolution_layer.cpp, its default engine): `relu` applies a ReLU with
+    `negative_slope` after the convolution; SUM_FUSION with two bottoms adds bottom 1 (the size of the output) to
+    the convolution of bottom 0 before that ReLU, in one top. `coeff` scales only its int8 path.
+    """
+    param = layer.convolution_param
+    fused_sum = param.fusion_type == caffe_pb2.ConvolutionParameter.SUM_FUSION and len(inputs) > 1
+    if fused_sum:
+        if len(inputs) != 2 or len(layer.top) != 1:
+            raise CaffeError(f"layer {layer.name!r} (Convolution): SUM_FUSION takes two bottoms and one top")
+        inputs, residual = inputs[:1], tuple(inputs[1])
     g = _ConvGeometry(layer, inputs)
     out_spatial = []
     for size, pad, end, extent, stride in zip(g.shape[g.axis + 1:], g.pad, g.pad_end, g.extents(), g.stride):
@@ -213,7 +233,16 @@ def convert_convolution(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> 
             )
         out_spatial.append((size + pad + end - extent) // stride + 1)
     top = tuple(g.shape[: g.axis]) + (g.num_output,) + tuple(out_spatial)
-    return Converted(_conv_module(layer, blobs, g, transposed=False), [top] * len(inputs), per_bottom=True)
+    module = _conv_module(layer, blobs, g, transposed=False)
+    if fused_sum:
+        if residual != top:
+            raise CaffeError(f"layer {layer.name!r} (Convolution): SUM_FUSION's bottom 1 has shape {residual}, the "
+                             f"convolution's output {top}: they must agree")
+        return Converted(ConvSum(module, param.relu, float(np.float32(param.negative_slope))), [top])
+    activation = _activation(param.relu, param.negative_slope)
+    if activation is not None:
+        module = nn.Sequential(module, activation)
+    return Converted(module, [top] * len(inputs), per_bottom=True)
 
 
 @converter("Deconvolution")
@@ -232,7 +261,8 @@ def convert_deconvolution(layer, inputs: list[Shape], blobs: list[np.ndarray]) -
 
 @converter("InnerProduct")
 def convert_inner_product(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> Converted:
-    """nn.Linear on the axes from `axis` on, flattened; weight [N, K] (stored [K, N] with `transpose`)."""
+    """nn.Linear on the axes from `axis` on, flattened; weight [N, K] (stored [K, N] with `transpose`); Intel Caffe's
+    `relu` (mkldnn_inner_product_layer.cpp) a ReLU with `negative_slope` after it."""
     expect_bottoms(layer, inputs, 1)
     param = layer.inner_product_param
     shape = tuple(inputs[0])
@@ -251,7 +281,10 @@ def convert_inner_product(layer, inputs: list[Shape], blobs: list[np.ndarray]) -
         linear = on_meta(nn.Linear, k, num_output, bias=bool(param.bias_term))
     else:
         linear = on_meta(InnerProduct, k, num_output, bias=bool(param.bias_term), axis=axis)
-    return Converted(assign(linear, weight=weight, bias=bias), [shape[:axis] + (num_output,)])
+    module = assign(linear, weight=weight, bias=bias)
+    activation = _activation(param.relu, param.negative_slope)
+    return Converted(module if activation is None else nn.Sequential(module, activation),
+                     [shape[:axis] + (num_output,)])
 
 
 @converter("Im2col")

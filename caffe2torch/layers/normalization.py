@@ -15,7 +15,7 @@ from caffe2torch.layers.registry import (Converted, Shape, assign, caffe_int, ca
                                          expect_blobs, expect_bottoms, image_shape, on_meta)
 from caffe2torch.limits import check_top
 from caffe2torch.modules import (AddOperand, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d,
-                                 LRNWithinChannel, Scale)
+                                 LRNAcrossChannels, LRNWithinChannel, Scale)
 from proto import caffe_pb2
 
 # Blob rank -> the torch norm module for it (normal, frozen); axis 1 holds the channels.
@@ -37,6 +37,18 @@ def _norm_module(layer, shape: Shape, frozen: bool, **options) -> nn.Module:
     return on_meta(frozen_kind if frozen else normal, shape[1], **options)
 
 
+def batch_norm_fork(param) -> str | None:
+    """Which fork's BatchNorm the layer's fields say it is: "NVCaffe" (scale_bias or one of its fillers, which
+    imply it), "Intel Caffe" (use_weight_bias, bias_term, relu, or an MKL engine), else None (BVLC's)."""
+    norm = param.batch_norm_param
+    if norm.scale_bias or norm.HasField("scale_filler") or norm.HasField("bias_filler"):
+        return "NVCaffe"
+    if any(norm.HasField(name) for name in ("use_weight_bias", "bias_term", "relu")) or norm.engine in (
+            caffe_pb2.BatchNormParameter.MKL2017, caffe_pb2.BatchNormParameter.MKLDNN):
+        return "Intel Caffe"
+    return None
+
+
 @converter("BatchNorm")
 def convert_batch_norm(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> Converted:
     """nn.BatchNorm (no affine: a Scale follows) with Caffe's mean = blobs[0]/s and var = blobs[1]/s.
@@ -45,29 +57,58 @@ def convert_batch_norm(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> C
     Caffe. `moving_average_fraction` becomes momentum 1 - fraction; `use_global_stats: true`
     keeps the stored statistics in training (a frozen module), `false` normalises with batch
     statistics at test time too (no running statistics).
+
+    NVCaffe's (caffe-0.17 batch_norm_layer.cpp and its cuDNN twin; `scale_bias`, or either filler, which imply
+    it): blobs 3 and 4 are a scale and a bias applied after normalising; at test time the stored mean and variance
+    are used as they are (blobs[2] is never read), whatever use_global_stats says, and eps is at least 1e-5.
+    Intel Caffe's (its default MKL-DNN engine, mkldnn_batch_norm_layer.cpp): blob 3 a scale when use_weight_bias
+    (default true), blob 4 a bias when bias_term too, statistics divided by s as BVLC's, and `relu` a ReLU after it.
     """
     expect_bottoms(layer, inputs, 1)
     param = layer.batch_norm_param
+    fork = batch_norm_fork(layer)
     shape = tuple(inputs[0])
     channels = shape[1] if len(shape) > 1 else 1
+    scale_bias = {"NVCaffe": (True, True), "Intel Caffe": (param.use_weight_bias,
+                                                          param.use_weight_bias and param.bias_term)}.get(fork)
+    has_scale, has_bias = scale_bias or (False, False)
     warnings = []
     if not blobs:
-        # Caffe's initial blobs are all zero; the scale factor 0 then means mean 0 and variance 0.
-        blobs = [np.zeros(channels, np.float32), np.zeros(channels, np.float32), np.zeros(1, np.float32)]
+        # Caffe's initial blobs: zero statistics (NVCaffe's factor 1), the scale and bias from their fillers.
+        blobs = [np.zeros(channels, np.float32), np.zeros(channels, np.float32),
+                 np.full(1, 1.0 if fork == "NVCaffe" else 0.0, np.float32)]
+        # (Intel's scale filler is its field `filler`, which this schema does not read: its default, 1.)
+        fillers = (("scale", "scale_filler" if fork == "NVCaffe" else None, 1.0), ("bias", "bias_filler", 0.0))
+        for (what, name, default), wanted in zip(fillers, (has_scale, has_bias)):
+            if wanted:
+                given = name is not None and param.HasField(name)
+                blobs.append(_filled(layer, what, getattr(param, name) if given else None, given, default,
+                                     [channels]))
         warnings.append("has no weights; using Caffe's zero statistics")
-    expect_blobs(layer, blobs, 3)
+    expect_blobs(layer, blobs, 3 + has_scale + has_bias)
     mean, variance = (fit_blob(layer, f"{what} blob", blob, [channels]) for what, blob in zip(("mean", "variance"), blobs))
     stored = fit_blob(layer, "scale factor blob", blobs[2], [1])
-    # Caffe scales the stored sums by the factor in float32.
-    factor = torch.where(stored == 0, torch.zeros_like(stored), 1 / stored)
-    batch_statistics = param.HasField("use_global_stats") and not param.use_global_stats
-    module = _norm_module(layer, shape, frozen=param.use_global_stats, eps=_as_float32(param.eps),
-                          momentum=_as_float32(1 - _as_float32(param.moving_average_fraction)), affine=False,
+    affine = {}
+    if has_scale:
+        affine["weight"] = fit_blob(layer, "scale blob", blobs[3], [channels])
+        affine["bias"] = fit_blob(layer, "bias blob", blobs[4], [channels]) if has_bias else torch.zeros(channels)
+    eps = _as_float32(param.eps)
+    if fork == "NVCaffe":
+        factor, batch_statistics = torch.ones(1), False
+        eps = max(eps, _as_float32(1e-5))  # std::max<float>(param.eps(), 0.00001f)
+    else:
+        # Caffe scales the stored sums by the factor in float32.
+        factor = torch.where(stored == 0, torch.zeros_like(stored), 1 / stored)
+        batch_statistics = param.HasField("use_global_stats") and not param.use_global_stats
+    module = _norm_module(layer, shape, frozen=param.use_global_stats, eps=eps,
+                          momentum=_as_float32(1 - _as_float32(param.moving_average_fraction)), affine=has_scale,
                           track_running_stats=not batch_statistics)
-    if batch_statistics:
-        return Converted(module, [shape], warnings)
-    return Converted(assign(module, running_mean=factor * mean, running_var=factor * variance,
-                            num_batches_tracked=torch.tensor(0)), [shape], warnings)
+    if not batch_statistics:
+        affine.update(running_mean=factor * mean, running_var=factor * variance, num_batches_tracked=torch.tensor(0))
+    module = assign(module, **affine)
+    if fork == "Intel Caffe" and param.relu:
+        module = nn.Sequential(module, nn.ReLU())
+    return Converted(module, [shape], warnings)
 
 
 @converter("BN")
@@ -122,12 +163,15 @@ def _segnet_bn(layer, shape: Shape, blobs: Sequence[np.ndarray]) -> Converted:
             raise CaffeError(f"layer {layer.name!r} (BN): INFERENCE mode has one top")
         module = on_meta(Scale, (shape[1],), (shape[1],), trailing=2, bias_trailing=2)
         return Converted(assign(module, weight=scale, bias=shift), [shape])
-    if len(layer.top) > 1:
-        raise CaffeError(f"layer {layer.name!r} (BN): the batch mean and variance tops are not supported")
-    module = assign(on_meta(BatchStatNorm, shape[1]), weight=scale, bias=shift)
-    return Converted(module, [shape], ["bn_mode LEARN normalises with each batch's own statistics at test time "
-                                       "too, as SegNet's fork does (its compute_bn_statistics.py makes an "
-                                       "INFERENCE model)"])
+    if len(layer.top) > 3:
+        raise CaffeError(f"layer {layer.name!r} (BN): at most 3 tops (the output, the batch mean and variance)")
+    # DeconvNet's bn_layer.cpp: tops 1 and 2 are the batch mean and variance, [1, C, 1, 1].
+    tops = max(len(layer.top), 1)
+    module = assign(on_meta(BatchStatNorm, shape[1], tops=tops), weight=scale, bias=shift)
+    stats = [(1, shape[1], 1, 1)] * (tops - 1)
+    return Converted(module, [shape] + stats, ["bn_mode LEARN normalises with each batch's own statistics at test "
+                                               "time too, as SegNet's fork does (its compute_bn_statistics.py "
+                                               "makes an INFERENCE model)"])
 
 
 def _filled(layer, what: str, filler, has_filler: bool, default: float, shape: Sequence[int]) -> np.ndarray:
@@ -215,8 +259,8 @@ def convert_bias(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> Convert
 
 @converter("LRN")
 def convert_lrn(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> Converted:
-    """ACROSS_CHANNELS: nn.LocalResponseNorm (x * (k + alpha/size * window sum of x^2)^-beta);
-    WITHIN_CHANNEL: Caffe's AVE-pooled form, which has no torch module."""
+    """ACROSS_CHANNELS: torch's local_response_norm (x * (k + alpha/size * window sum of x^2)^-beta), in float32
+    for half precision; WITHIN_CHANNEL: Caffe's AVE-pooled form, which has no torch module."""
     expect_bottoms(layer, inputs, 1)
     expect_blobs(layer, blobs, 0)
     param = layer.lrn_param
@@ -231,5 +275,5 @@ def convert_lrn(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> Converte
     check_top(layer, (n, c + size - 1, h, w) if across else (n, c, h + size - 1, w + size - 1),
               what="padded copy")
     if across:
-        return Converted(nn.LocalResponseNorm(size, alpha=alpha, beta=beta, k=_as_float32(param.k)), [shape])
+        return Converted(LRNAcrossChannels(size, alpha=alpha, beta=beta, k=_as_float32(param.k)), [shape])
     return Converted(LRNWithinChannel(size, alpha, beta), [shape])

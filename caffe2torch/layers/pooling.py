@@ -62,7 +62,11 @@ def _side_pads(layer, param, size: tuple[int, int], kernel: tuple[int, int], str
 
 @converter("Pooling")
 def convert_pooling(layer, inputs: list[Shape], blobs: list) -> Converted:
-    """Caffe rounds the output size up, then drops a last window that would start inside the padding."""
+    """Caffe rounds the output size up, then drops a last window that would start inside the padding.
+
+    Intel Caffe's `avg_include_pad: false` (mkldnn_pooling_layer.cpp) leaves the padding out of AVE's count, as
+    synopsys-caffe's AVE_EXC_PAD does.
+    """
     expect_bottoms(layer, inputs, 1)
     expect_blobs(layer, blobs, 0)
     param = layer.pooling_param
@@ -116,7 +120,10 @@ def convert_pooling(layer, inputs: list[Shape], blobs: list) -> Converted:
                          f"give no valid output on a {size} input")
     check_top(layer, shape[:2] + out, inputs)  # before the divisor table of that size is built
     same = sides is not None and param.pad_type == 1  # worked out again for each input size, as the fork does
-    module = Pool2d(methods[param.pool], None if param.global_pooling else kernel, stride, (0, 0) if same else pad,
+    method = methods[param.pool]
+    if method == AVE and not param.avg_include_pad:
+        method = "AVE_EXC_PAD"
+    module = Pool2d(method, None if param.global_pooling else kernel, stride, (0, 0) if same else pad,
                     ceil=not floor,
                     mask=len(layer.top) == 2, pad_end=None if pad_end == pad or same else pad_end, same=same)
     return Converted(module, [shape[:2] + module.output_size(size)] * (2 if module.mask else 1))

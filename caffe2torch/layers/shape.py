@@ -13,6 +13,7 @@ from caffe2torch.bvlc import Tile
 from caffe2torch.layers.registry import (Converted, Shape, canonical_axis, converter, expect_blobs, expect_bottoms,
                                          layer_error)
 from caffe2torch.modules import ArgMax, Concat, Crop, Reshape, Slice, Split
+from caffe2torch.vendor import FlattenConcat
 
 
 def _single_bottom(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Shape:
@@ -37,6 +38,9 @@ def convert_concat(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) 
             raise layer_error(layer, f"concat_dim {axis} out of range for a {len(first)}-axis blob")
     else:
         axis = canonical_axis(layer, param.axis, len(first))
+    engine = param.engine
+    if param.per_fla_fuse and axis == 1 and engine not in (param.CAFFE, param.MKL2017):
+        return _flatten_concat(layer, inputs)
     top = list(first)
     for index, shape in enumerate(inputs[1:], start=1):
         shape = tuple(shape)
@@ -44,6 +48,18 @@ def convert_concat(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) 
             raise layer_error(layer, f"bottom {index} has shape {shape}, bottom 0 has {first}: all axes but {axis} must agree")
         top[axis] += shape[axis]
     return Converted(Concat(axis), [tuple(top)])
+
+
+def _flatten_concat(layer, inputs: Sequence[Shape]) -> Converted:
+    """Intel Caffe's `per_fla_fuse` along axis 1 (mkldnn_concat_layer.cpp, its default engine; its CAFFE and MKL2017
+    engines ignore the field): each bottom contributes its count from axis 1, the axes after 1 become 1."""
+    first = tuple(inputs[0])
+    for index, shape in enumerate(inputs[1:], start=1):
+        if len(shape) != len(first) or shape[0] != first[0]:
+            raise layer_error(layer, f"per_fla_fuse: bottom {index} has shape {tuple(shape)}, bottom 0 has {first}: "
+                                     f"they must agree in rank and on axis 0")
+    total = sum(math.prod(shape[1:]) for shape in inputs)
+    return Converted(FlattenConcat(len(first)), [(first[0], total) + (1,) * (len(first) - 2)])
 
 
 @converter("Slice")

@@ -22,7 +22,7 @@ def convert_reorg(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -
     expect_blobs(layer, blobs, 0)
     (n, c, h, w), = _maps(layer, inputs)
     param = layer.reorg_param
-    if not param.HasField("stride") or param.stride < 1:
+    if param.stride < 1:  # absent: caffe-yolo9000's default 2 (MobileNet-YOLO and Intel Caffe require one)
         raise layer_error(layer, "reorg_param needs stride >= 1")
     s = int(param.stride)
     if c % (s * s):

@@ -1,0 +1,98 @@
+"""Fields our schema does not know (a fork's): which are known not to change the float forward, and the rule for
+the rest.
+
+A field the schema lacks is skipped by the readers (`read.UnknownField`). On a layer the net keeps (or on the net
+itself) it may change what Caffe computes, so `check_unknown` stops the conversion with one line naming it, unless
+it is on the documented list below, or the caller allows unknown fields (`--allow-unknown-fields`,
+`allow_unknown_fields=True`): then each is a warning and the net is built without it. Layers a conversion leaves
+out (data, loss, accuracy) are not looked at.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from caffe2torch.errors import UnknownFieldError, term
+from caffe2torch.read import UnknownField
+
+FILLER = "a filler only initialises a blob, which the trained weights replace"
+ENGINE = "it picks an implementation (cuDNN, MKL, MKL-DNN, a convolution algorithm), not what the layer computes"
+PRECISION = ("NVCaffe's storage and math precision (its float16 modes); the converted net computes in float32, as "
+             "its FLOAT setting does (net.half() for half precision)")
+TRAINING = ("training only (gradient scaling, statistics over sub-batches, random seeds, memory sharing, multi-node "
+            "settings)")
+INTEL_QUANTISATION = ("Intel Caffe's int8 calibration (scales, bit widths), read only by its int8 MKL-DNN path; its "
+                      "float forward ignores it")
+SYNOPSYS_IDENTITY = "synopsys-caffe's quantisation at its identity value, with which its forward is the float one"
+INERT = "declared in NVCaffe's caffe.proto (caffe-0.17) but read by none of its layers"
+
+# By the unknown field's own name (the last part of its path), wherever it sits.
+_BY_NAME = {
+    **dict.fromkeys(("engine", "conv_algorithm", "cudnn_convolution_algo_seeker", "conv_algos_override",
+                     "cudnn_math_override", "default_conv_algos_override", "default_cudnn_math_override"), ENGINE),
+    **dict.fromkeys(("forward_type", "backward_type", "forward_math", "backward_math", "default_forward_type",
+                     "default_backward_type", "default_forward_math", "default_backward_math"), PRECISION),
+    **dict.fromkeys(("global_grad_scale", "global_grad_scale_adaptive", "reduce_buckets", "eltwise_mem_sharing",
+                     "debug", "bn_stats_batch_size", "stats_batch_size", "random_seed", "multinode",
+                     "mn_activation_param", "mn_grad_compress_param", "compile_net_state"), TRAINING),
+    "quantization_param": INTEL_QUANTISATION,
+}
+# By the whole path.
+_BY_PATH = {"pooling_param.torch_pooling": INERT}
+# synopsys-caffe's quantisation fields: harmless only at the value with which its forward is the float one
+# (conv_layer.cpp and the others scale and shift only when a scale differs from 1 or a zero point from 0).
+_SYNOPSYS_IDENTITY = {
+    **dict.fromkeys(("input_scale", "output_scale", "weight_scale", "bias_scale"), {"1", "1.0"}),
+    **dict.fromkeys(("input_zero_point", "output_zero_point", "weight_zero_point", "bias_zero_point"), {"0"}),
+    "saturate": {"None"},
+    "quantize_method": None,  # which rounding a quantised forward uses: none happens at the identity values
+}
+# A binary's fields by number, at the layer's level: NVCaffe's forward_type, backward_type, forward_math,
+# backward_math (145-148), debug (149) and cudnn_math_override (150) are varints where this schema has PSPNet's
+# messages, so they arrive as unknown numbers.
+_BINARY_LAYER = {f"#{number}": PRECISION for number in range(145, 151)}
+
+
+def harmless_reason(item: UnknownField) -> str | None:
+    """Why the field cannot change the float forward, or None when it may."""
+    name = item.field.rsplit(".", 1)[-1]
+    if name.startswith("#"):
+        return _BINARY_LAYER.get(item.field) if item.layer is not None else None
+    if name == "filler" or name.endswith("_filler"):
+        return FILLER
+    if item.field in _BY_PATH:
+        return _BY_PATH[item.field]
+    if name in _SYNOPSYS_IDENTITY:
+        wanted = _SYNOPSYS_IDENTITY[name]
+        return SYNOPSYS_IDENTITY if wanted is None or item.value in wanted else None
+    return _BY_NAME.get(name)
+
+
+def _changing(item: UnknownField) -> str:
+    return f"{item.where}: {item.what} is unknown to our Caffe schema and may change what the layer computes"
+
+
+def check_unknown(unknown: Iterable[UnknownField], kept: set[str], allow: bool, warn: Callable[[str], None]) -> None:
+    """Apply the rule to the fields the readers skipped: harmless ones and (with `allow`) the others are warnings;
+    without `allow`, a field that may change the forward is an error naming it (the others are warned first)."""
+    relevant = [item for item in unknown if item.layer is None or item.layer in kept]
+    changing = []
+    for item in relevant:
+        reason = harmless_reason(item)
+        if reason is None:
+            changing.append(item)
+        else:
+            warn(f"{item.where}: {item.what} is unknown to our Caffe schema; ignored: {reason}")
+    if not changing:
+        return
+    if allow:
+        for item in changing:
+            flag = term("--allow-unknown-fields", "allow_unknown_fields=True")
+            warn(f"{_changing(item)}; skipped (without {flag}, conversion stops here)")
+        return
+    for item in changing[1:]:
+        warn(_changing(item))
+    more = f" ({len(changing) - 1} more such fields above)" if len(changing) > 1 else ""
+    raise UnknownFieldError(f"{_changing(changing[0])}, so the converted net could differ from Caffe's{more}",
+                            f"convert anyway with {term('--allow-unknown-fields', 'allow_unknown_fields=True')}, or "
+                            "remove the field if the net computes the same without it")
