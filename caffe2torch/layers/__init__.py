@@ -15,6 +15,7 @@ from caffe2torch.layers import (  # noqa: F401,E402
     normalization,
     pooling,
     rcnn,
+    recurrent,
     reduction,
     shape,
     yolo,
