@@ -1,5 +1,5 @@
 """Torch modules for BVLC layer types no torch module means exactly: Clip, Swish, Tile, Reduction, MVN, SPP,
-Embed, Parameter, BatchReindex.
+Embed, Parameter, BatchReindex, Im2col.
 
 The same contract as caffe2torch.modules (torch only, so a standalone `model.py` can embed them;
 `extra_repr` is the constructor's keyword arguments). Each follows BVLC Caffe's CPU forward.
@@ -8,6 +8,7 @@ The same contract as caffe2torch.modules (torch only, so a standalone `model.py`
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from caffe2torch.modules import _float32_if_half, _kwargs, caffe_pool2d, dims
@@ -178,3 +179,27 @@ class BatchReindex(nn.Module):
 
     def forward(self, x: torch.Tensor, permutation: torch.Tensor) -> torch.Tensor:
         return x.index_select(0, permutation.reshape(-1).long())
+
+
+class Im2col(nn.Module):
+    """im2col_layer.cpp (2-D, axis 1): each output position's patch as channels (C slowest, then kernel rows and
+    columns), [N, C * kh * kw, out_h, out_w], out_* from the input it gets as Caffe's Reshape computes them."""
+
+    def __init__(self, kernel: tuple, stride: tuple, pad: tuple, dilation: tuple) -> None:
+        super().__init__()
+        self.kernel, self.stride = tuple(int(k) for k in kernel), tuple(int(s) for s in stride)
+        self.pad, self.dilation = tuple(int(p) for p in pad), tuple(int(d) for d in dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return caffe_im2col(x, self.kernel, self.stride, self.pad, self.dilation)
+
+    def extra_repr(self) -> str:
+        return _kwargs(kernel=self.kernel, stride=self.stride, pad=self.pad, dilation=self.dilation)
+
+
+@torch.fx.wrap
+def caffe_im2col(x: torch.Tensor, kernel: tuple, stride: tuple, pad: tuple, dilation: tuple) -> torch.Tensor:
+    out = [(n + 2 * p - (d * (k - 1) + 1)) // s + 1 for n, k, s, p, d in zip(dims(x, 2, 3), kernel, stride, pad,
+                                                                              dilation)]
+    cols = F.unfold(x, kernel, dilation=dilation, padding=pad, stride=stride)
+    return cols.reshape(cols.shape[0], cols.shape[1], out[0], out[1])

@@ -21,6 +21,7 @@ from caffe2torch import errors as error_types
 from caffe2torch import forks as fork_modules
 from caffe2torch import rcnn as rcnn_modules
 from caffe2torch import recurrent as recurrent_modules
+from caffe2torch import text as text_modules
 from caffe2torch import yolo as yolo_modules
 from caffe2torch import modules as caffe_modules
 from caffe2torch.errors import CaffeError
@@ -36,7 +37,7 @@ _NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Our files of modules whose source a generated model.py embeds (they import only torch, math, each other and
 # errors: the CaffeError a module raises on data the fork refuses, e.g. an ROI's batch index).
 _RUNTIME = (error_types, caffe_modules, bvlc_modules, detection_modules, fork_modules, rcnn_modules, yolo_modules,
-            recurrent_modules)
+            recurrent_modules, text_modules)
 _RUNTIME_NAMES = {module.__name__ for module in _RUNTIME}
 
 

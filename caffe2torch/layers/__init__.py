@@ -18,6 +18,7 @@ from caffe2torch.layers import (  # noqa: F401,E402
     recurrent,
     reduction,
     shape,
+    text,
     yolo,
 )
 

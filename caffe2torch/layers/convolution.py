@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from caffe2torch.bvlc import Im2col
 from caffe2torch.errors import CaffeError
 from caffe2torch.layers.registry import (
     Converted,
@@ -255,8 +256,8 @@ def convert_inner_product(layer, inputs: list[Shape], blobs: list[np.ndarray]) -
 
 @converter("Im2col")
 def convert_im2col(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> Converted:
-    """Each output position's patch as channels (C slowest, then kernel rows and columns): nn.Unfold, unflattened
-    to [N, C * kh * kw, out_h, out_w] (2-D, axis 1)."""
+    """Each output position's patch as channels (C slowest, then kernel rows and columns): F.unfold, shaped
+    [N, C * kh * kw, out_h, out_w] (2-D, axis 1)."""
     expect_bottoms(layer, inputs, 1)
     expect_blobs(layer, blobs, 0)
     param = layer.convolution_param
@@ -273,6 +274,5 @@ def convert_im2col(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> Conve
     out = [(n + 2 * p - (d * (k - 1) + 1)) // s + 1 for n, k, s, p, d in zip(shape[2:], kernel, stride, pad, dilation)]
     if min(out) <= 0:
         raise CaffeError(f"layer {layer.name!r} (Im2col): the kernel does not fit the padded {shape[2:]} input")
-    module = nn.Sequential(nn.Unfold(tuple(kernel), dilation=tuple(dilation), padding=tuple(pad), stride=tuple(stride)),
-                           nn.Unflatten(2, tuple(out)))
+    module = Im2col(tuple(kernel), tuple(stride), tuple(pad), tuple(dilation))  # any input size, as Caffe's Reshape
     return Converted(module, [(shape[0], shape[1] * kernel[0] * kernel[1], *out)])
