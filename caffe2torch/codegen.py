@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from caffe2torch import bvlc as bvlc_modules
+from caffe2torch import cascade as cascade_modules
 from caffe2torch import detection as detection_modules
 from caffe2torch import errors as error_types
 from caffe2torch import forks as fork_modules
@@ -37,7 +38,7 @@ _NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Our files of modules whose source a generated model.py embeds (they import only torch, math, each other and
 # errors: the CaffeError a module raises on data the fork refuses, e.g. an ROI's batch index).
 _RUNTIME = (error_types, caffe_modules, bvlc_modules, detection_modules, fork_modules, rcnn_modules, yolo_modules,
-            recurrent_modules, text_modules)
+            recurrent_modules, text_modules, cascade_modules)
 _RUNTIME_NAMES = {module.__name__ for module in _RUNTIME}
 
 
