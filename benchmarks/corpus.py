@@ -6,8 +6,9 @@ CORPUS_DIR holds the .prototxt files (kept out of this repository); the optional
 with a header and the columns index, repo, commit, path, family, model, where a file's name starts
 with its index. Prints one line per file (OK with the outputs and their shapes, or the one-line
 error) and then the counts; exits 0 whatever the counts. With --run, each net that builds is also
-given random weights (seed 0) and run at batch 1 on random inputs, saved as a folder, and its
-standalone model.py run on the same inputs: OK only when the outputs are identical.
+given random weights (seed 0) and run at batch 1 on random inputs (at the converted shapes where axis 0
+is no batch: a recurrent net's time steps; zeros for word indices), saved as a folder, and its standalone
+model.py run on the same inputs: OK only when the outputs are identical.
 """
 
 from __future__ import annotations
@@ -75,17 +76,36 @@ def run_check(path: Path) -> str:
     with torch.no_grad():
         for parameter in net.parameters():
             parameter.normal_(0, 0.05)
-    inputs = []
-    for name, shape in net.meta["caffe"].inputs.items():
-        shape = (1,) + tuple(shape[1:])
-        if name == "im_info":  # R-CNN: height, width, scale
-            inputs.append(torch.tensor([600.0, 800.0, 1.0] + [1.0] * (math.prod(shape) - 3)).reshape(shape))
-        elif name == "rois":  # one region in image 0
-            inputs.append(torch.tensor([0.0, 1.0, 1.0, 50.0, 50.0]).reshape(shape))
-        else:
-            inputs.append(torch.randn(shape))
+    from caffe2torch.bvlc import Embed
+    from caffe2torch.errors import InputSizeError
+
+    # Inputs read by an Embed layer are word indices: 0 (randn truncated could be negative).
+    indices = {arg.meta.get("caffe_blob") for node in net.graph.nodes if node.op == "call_module"
+               and isinstance(net.get_submodule(node.target), Embed) for arg in node.args
+               if getattr(arg, "op", None) == "placeholder"}
+
+    def make_inputs(batch_one: bool) -> list:
+        inputs = []
+        for name, shape in net.meta["caffe"].inputs.items():
+            shape = (1,) + tuple(shape[1:]) if batch_one else tuple(shape)
+            if name == "im_info":  # R-CNN: height, width, scale
+                inputs.append(torch.tensor([600.0, 800.0, 1.0] + [1.0] * (math.prod(shape) - 3)).reshape(shape))
+            elif name == "rois":  # one region in image 0
+                inputs.append(torch.tensor([0.0, 1.0, 1.0, 50.0, 50.0]).reshape(shape))
+            elif name in indices:
+                inputs.append(torch.zeros(shape))
+            else:
+                inputs.append(torch.randn(shape))
+        return inputs
+
+    note = ""
     with torch.no_grad():
-        outputs = net(*inputs)
+        inputs = make_inputs(True)
+        try:
+            outputs = net(*inputs)
+        except InputSizeError:  # axis 0 is no batch (a recurrent net's time steps, a fixed Reshape)
+            inputs, note = make_inputs(False), " (at the converted shapes)"
+            outputs = net(*inputs)
         folder = Path(tempfile.mkdtemp()) / "net"
         save_net(net, folder)
         spec = importlib.util.spec_from_file_location("standalone", folder / "model.py")
@@ -94,7 +114,7 @@ def run_check(path: Path) -> str:
         again = module.load(folder)(*inputs)
     outputs, again = (o if isinstance(o, tuple) else (o,) for o in (outputs, again))
     same = len(outputs) == len(again) and all(torch.equal(a, b) for a, b in zip(outputs, again))
-    return ("OK" if same else "DIFFERENT") + "\t" + ", ".join("x".join(map(str, o.shape)) for o in outputs)
+    return ("OK" if same else "DIFFERENT") + note + "\t" + ", ".join("x".join(map(str, o.shape)) for o in outputs)
 
 
 def main() -> int:

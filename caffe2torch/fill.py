@@ -103,6 +103,10 @@ def _specs(layer, shapes: Sequence[Shape]) -> list[tuple[Shape, float]]:
         from caffe2torch.layers.recurrent import recurrent_blob_shapes
 
         return [(shape, 0.0) for shape in recurrent_blob_shapes(layer, shapes)]
+    if kind == "DenseBlock":
+        from caffe2torch.layers.text import dense_block_blob_shapes
+
+        return [(shape, 0.0) for shape in dense_block_blob_shapes(layer, shapes)]
     # Every other type has no parameters.
     return []
 

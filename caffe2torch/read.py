@@ -357,6 +357,7 @@ _FORK_PARAMS = {
     "Transpose": (("scale_param", "transpose_param"),),  # CTPN 142
     "Reverse": (("domain_transform_param", "reverse_param"), ("interp_param", "reverse_param")),  # ctc 147, CTPN 143
     "CTCGreedyDecoder": (("bias_channel_param", "ctc_decoder_param"),),  # BVLC's ctc branch 149
+    "DenseBlock": (("domain_transform_param", "denseblock_param"),),  # senlinuc/caffe_ocr 147
     "ROIAlign": (("domain_transform_param", "roi_pooling_param"),),  # cascade-rcnn / mscnn 147
     "DecodeBBox": (("unique_label_param", "bbox_reg_param"),),  # cascade-rcnn 150
     "BoxGroupOutput": (("unique_label_param", "bbox_reg_param"),),  # cascade-rcnn 150

@@ -1,10 +1,10 @@
 """Torch modules for text recognition and detection forks: the CTC greedy decoder (BVLC's ctc branch, ChWick, also
-in MhLiao/TextBoxes_plusplus; senlinuc/caffe_ocr's one-bottom variant) and CTPN's text proposal layer
-(tianzhi0549/CTPN, src/layers/text_proposal_layer.py with src/anchor.py and src/other.py).
+in MhLiao/TextBoxes_plusplus; senlinuc/caffe_ocr's one-bottom variant), senlinuc/caffe_ocr's DenseBlock and CTPN's
+text proposal layer (tianzhi0549/CTPN, src/layers/text_proposal_layer.py with src/anchor.py and src/other.py).
 
 The same contract as caffe2torch.modules (torch, math and caffe2torch.modules only, so a standalone `model.py`
 embeds them; `extra_repr` is the constructor's keyword arguments). Both have outputs of a fixed shape, computed
-with exportable tensor ops (no Python loop over the data).
+with exportable tensor ops (no Python loop over the data); DenseBlock is convolutions and BN.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from caffe2torch.modules import _kwargs, dims
@@ -132,3 +133,58 @@ class TextProposal(nn.Module):
 
     def extra_repr(self) -> str:
         return _kwargs(feat_stride=self.feat_stride)
+
+
+class DenseBlock(nn.Module):
+    """senlinuc/caffe_ocr's DenseBlock (DenseBlock_layer.cpp / .cu, Tongcheng Li's memory-efficient DenseNet block):
+    `transitions` times BN (stored statistics) - ReLU - [with `bottleneck`: 1 x 1 convolution to 4 growth
+    channels - BN - ReLU -] 3 x 3 convolution to `growth` channels, each output appended to the block's channels.
+    The fork hard-codes the 3 x 3 kernel, padding 1 and stride 1, and convolves (CUDNN_CONVOLUTION on the GPU, the
+    same flipped kernel in its CPU loop), where Caffe's Convolution correlates. Its BN: mean and variance are the
+    stored blobs times 1 / factor (0 when the factor is 0), y = scale (1 / sqrt(var + 1e-5) (x - mean)) + bias,
+    the inverse root in double. The statistics stay fixed in training too (the fork's TRAIN phase would use the
+    batch's)."""
+
+    def __init__(self, in_channels: int, transitions: int, growth: int, bottleneck: bool = False) -> None:
+        super().__init__()
+        self.in_channels, self.transitions, self.growth = int(in_channels), int(transitions), int(growth)
+        self.bottleneck = bool(bottleneck)
+        widths = [self.in_channels + t * self.growth for t in range(self.transitions)]
+        inner = 4 * self.growth if self.bottleneck else None
+        self.filters = nn.ParameterList([nn.Parameter(torch.empty(self.growth, inner or c, 3, 3)) for c in widths])
+        self.scales = nn.ParameterList([nn.Parameter(torch.empty(c)) for c in widths])
+        self.biases = nn.ParameterList([nn.Parameter(torch.empty(c)) for c in widths])
+        for t, c in enumerate(widths):
+            self.register_buffer(f"mean_{t}", torch.empty(c))
+            self.register_buffer(f"var_{t}", torch.empty(c))
+        if self.bottleneck:
+            self.bottleneck_filters = nn.ParameterList([nn.Parameter(torch.empty(inner, c, 1, 1)) for c in widths])
+            self.bottleneck_scales = nn.ParameterList([nn.Parameter(torch.empty(inner)) for _ in widths])
+            self.bottleneck_biases = nn.ParameterList([nn.Parameter(torch.empty(inner)) for _ in widths])
+            for t in range(self.transitions):
+                self.register_buffer(f"bottleneck_mean_{t}", torch.empty(inner))
+                self.register_buffer(f"bottleneck_var_{t}", torch.empty(inner))
+        self.register_buffer("factor", torch.empty(1))
+
+    def _norm(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, scale: torch.Tensor,
+              bias: torch.Tensor) -> torch.Tensor:
+        factor = torch.where(self.factor == 0, torch.zeros_like(self.factor), 1 / self.factor)
+        mean, var = mean * factor, var * factor
+        denom = (1.0 / torch.sqrt(var.double() + 1e-5)).to(x.dtype)
+        view = (1, -1, 1, 1)
+        y = scale.reshape(view) * (denom.reshape(view) * (x - mean.to(x.dtype).reshape(view))) + bias.reshape(view)
+        return torch.where(y >= 0, y, torch.zeros_like(y))  # the fork's ReLU: y >= 0 ? y : 0 (NaN gives 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for t in range(self.transitions):
+            y = self._norm(x, getattr(self, f"mean_{t}"), getattr(self, f"var_{t}"), self.scales[t], self.biases[t])
+            if self.bottleneck:
+                y = F.conv2d(y, self.bottleneck_filters[t])
+                y = self._norm(y, getattr(self, f"bottleneck_mean_{t}"), getattr(self, f"bottleneck_var_{t}"),
+                               self.bottleneck_scales[t], self.bottleneck_biases[t])
+            x = torch.cat([x, F.conv2d(y, self.filters[t].flip(2, 3), padding=1)], dim=1)
+        return x
+
+    def extra_repr(self) -> str:
+        return _kwargs(in_channels=self.in_channels, transitions=self.transitions, growth=self.growth,
+                       bottleneck=self.bottleneck)

@@ -185,3 +185,53 @@ def test_ctpn_proposal_checks_its_parameters():
     with pytest.raises(CaffeError, match="feat_stride' must be a positive integer"):
         convert_layer(layer, [(1, 20, 2, 2), (1, 20, 2, 2), (1, 3)], [])
     assert math.isclose(len([11, 16, 23, 33, 48, 68, 97, 139, 198, 283]), 10)
+
+
+def dense_block_reference(x: np.ndarray, blobs: list, count: int, growth: int, bottleneck: bool) -> np.ndarray:
+    """DenseBlockLayer::Forward_cpu at TEST: BN_inf_Fwd, ReLU_Fwd, (1 x 1 convolution_Fwd, BN, ReLU,) 3 x 3
+    convolution_Fwd (localX = h + 1 - fx: a flipped kernel), mergeChannelData."""
+    factor = blobs[-1].reshape(-1)[0]
+    scale = F(0) if factor == 0 else F(F(1) / factor)
+
+    def norm(v, mean, var, gamma, beta):
+        out = np.empty_like(v)
+        for c in range(v.shape[1]):
+            denom = F(1.0 / math.sqrt(float(F(var.reshape(-1)[c] * scale)) + 1e-5))
+            centred = (v[:, c] - F(mean.reshape(-1)[c] * scale)).astype(F)
+            out[:, c] = (gamma.reshape(-1)[c] * (denom * centred).astype(F)).astype(F) + beta.reshape(-1)[c]
+        return np.where(out >= 0, out, F(0)).astype(F)
+
+    def convolve(v, w):
+        kernel = w.shape[2]
+        padded = np.pad(v.astype(np.float64), ((0, 0), (0, 0), (kernel // 2,) * 2, (kernel // 2,) * 2))
+        out = np.zeros((v.shape[0], w.shape[0]) + v.shape[2:])
+        for fx in range(kernel):
+            for fy in range(kernel):
+                window = padded[:, :, 2 * (kernel // 2) - fx:, 2 * (kernel // 2) - fy:][:, :, :v.shape[2], :v.shape[3]]
+                out += np.einsum("nchw,oc->nohw", window, w[:, :, fx, fy].astype(np.float64))
+        return out.astype(F)
+
+    for t in range(count):
+        y = norm(x, blobs[3 * count + t], blobs[4 * count + t], blobs[count + t], blobs[2 * count + t])
+        if bottleneck:
+            y = convolve(y, blobs[5 * count + t])
+            y = norm(y, blobs[8 * count + t], blobs[9 * count + t], blobs[6 * count + t], blobs[7 * count + t])
+        x = np.concatenate([x, convolve(y, blobs[t])], axis=1)
+    return x
+
+
+@pytest.mark.parametrize("bottleneck", [False, True])
+def test_dense_block_matches_the_fork_cpu_loops(bottleneck):
+    from caffe2torch.layers.text import dense_block_blob_shapes
+
+    layer = layer_from_text(f'name: "DenseBlock1" type: "DenseBlock" denseblock_param {{ numTransition: 3 '
+                            f'growthRate: 2 use_BC: {str(bottleneck).lower()} }}')
+    rng = np.random.default_rng(4)
+    x = rng.normal(0, 1, (2, 3, 5, 6)).astype(F)
+    blobs = [np.abs(rng.normal(0.5, 0.3, shape)).astype(F) for shape in dense_block_blob_shapes(layer, [x.shape])]
+    blobs[-1] = np.array([0.75], F)  # the moving-average factor the stored statistics are divided by
+    converted, out = run_layer(layer, [x.shape], blobs, x)
+    assert converted.top_shapes == [(2, 3 + 3 * 2, 5, 6)]
+    np.testing.assert_allclose(out, dense_block_reference(x, blobs, 3, 2, bottleneck), rtol=1e-5, atol=1e-5)
+    # A kernel that is not symmetric: the fork convolves (flipped), where Caffe's Convolution correlates.
+    assert not np.allclose(blobs[0], blobs[0][:, :, ::-1, ::-1])
