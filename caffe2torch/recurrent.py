@@ -246,3 +246,28 @@ class Transpose(nn.Module):
 
     def extra_repr(self) -> str:
         return _kwargs(dims=self.dims)
+
+
+class ContinuationIndicator(nn.Module):
+    """jolibrain's ContinuationIndicator (continuation_indicator_layer.cpp): the cont markers [time_step, N] of an
+    LSTM, 0 at t = 0 and 1 after; N is bottom 0's size along `axis`, or (the layer's first version, no bottom)
+    `batch`."""
+
+    def __init__(self, time_step: int, axis: int = 0, batch: int = 0) -> None:
+        super().__init__()
+        self.time_step, self.axis, self.batch = int(time_step), int(axis), int(batch)
+
+    def forward(self, *bottoms: torch.Tensor) -> torch.Tensor:
+        return continuation_markers(bottoms[0] if bottoms else None, self.time_step, self.axis, self.batch)
+
+    def extra_repr(self) -> str:
+        return _kwargs(time_step=self.time_step, axis=self.axis, batch=self.batch)
+
+
+@torch.fx.wrap
+def continuation_markers(x: torch.Tensor | None, time_step: int, axis: int, batch: int) -> torch.Tensor:
+    if x is None:
+        return torch.cat([torch.zeros(1, batch), torch.ones(time_step - 1, batch)])
+    (size,) = dims(x, axis)
+    first = x.new_zeros(1, size)
+    return torch.cat([first, torch.ones_like(first).expand(time_step - 1, size)])

@@ -334,3 +334,17 @@ def test_recurrent_net_exports_at_its_time_steps(tmp_path, fmt):
     net = random_net(tmp_path, NET, 0.5)
     check = export(net, fmt, tmp_path / f"net.{fmt}")
     assert check.max_rel <= 1e-5, check
+
+
+def test_continuation_indicator_marks_each_sequence_start():
+    """continuation_indicator_layer.cpp: t == 0 ? 0 : 1 for every stream; N from a bottom's axis or batch_size."""
+    x = np.zeros((2, 3, 7), F)
+    layer = layer_from_text('name: "indicator" type: "ContinuationIndicator" continuation_indicator_param { '
+                            'time_step: 4 axis: 1 }')
+    converted, out = run_layer(layer, [x.shape], [], x)
+    assert converted.top_shapes == [(4, 3)]
+    np.testing.assert_array_equal(out, [[0, 0, 0]] + [[1, 1, 1]] * 3)
+    layer = layer_from_text('name: "indicator" type: "ContinuationIndicator" continuation_indicator_param { '
+                            'time_step: 2 batch_size: 2 }')
+    _, out = run_layer(layer, [], [])
+    np.testing.assert_array_equal(out, [[0, 0], [1, 1]])

@@ -1,5 +1,5 @@
 """Converters for BVLC's recurrent layers (LSTM, RNN, LSTMUnit) and the sequence layers of the OCR and
-text-detection forks (CTPN's Lstm, Reverse, Transpose)."""
+text-detection forks (CTPN's Lstm, Reverse, Transpose; jolibrain's ContinuationIndicator)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 from caffe2torch.layers.convolution import fit_blob
 from caffe2torch.layers.registry import (Converted, Shape, assign, converter, expect_blobs, expect_bottoms,
                                          layer_error, on_meta)
-from caffe2torch.recurrent import CaffeLSTM, CaffeRNN, ForkLstm, LSTMUnit, Reverse, Transpose
+from caffe2torch.recurrent import CaffeLSTM, CaffeRNN, ContinuationIndicator, ForkLstm, LSTMUnit, Reverse, Transpose
 
 
 def _recurrent_layout(layer, inputs: Sequence[Shape]) -> tuple[int, int, int, int, bool]:
@@ -157,3 +157,24 @@ def convert_transpose(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray
     if layer.bottom and layer.top and layer.bottom[0] == layer.top[0]:
         raise layer_error(layer, "does not work in place (the fork refuses it)")
     return Converted(Transpose(tuple(order)), [tuple(shape[d] for d in order)])
+
+
+@converter("ContinuationIndicator")
+def convert_continuation_indicator(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    """jolibrain's cont markers [time_step, N]: 0 at the first step, 1 after; N from bottom 0's `axis` (or, in
+    the layer's first version without a bottom, batch_size)."""
+    expect_bottoms(layer, inputs, 0, 1)
+    expect_blobs(layer, blobs, 0)
+    param = layer.continuation_indicator_param
+    if param.time_step <= 0:
+        raise layer_error(layer, "time_step must be positive")
+    if inputs:
+        shape = tuple(inputs[0])
+        if not 0 <= param.axis < len(shape):
+            raise layer_error(layer, f"axis {param.axis} is not an axis of bottom 0 {shape}")
+        module, batch = ContinuationIndicator(param.time_step, param.axis), shape[param.axis]
+    else:
+        if param.batch_size <= 0:
+            raise layer_error(layer, "needs batch_size (or a bottom to take the batch size from)")
+        module, batch = ContinuationIndicator(param.time_step, batch=param.batch_size), param.batch_size
+    return Converted(module, [(int(param.time_step), int(batch))])
