@@ -54,14 +54,13 @@ class DecodeBBox(nn.Module):
         deltas = bbox_pred.reshape(bbox_pred.shape[0], -1)[:, 4:8].float()
         boxes = rois.reshape(rois.shape[0], -1).float()
         x1, y1, x2, y2 = boxes[:, 1], boxes[:, 2], boxes[:, 3], boxes[:, 4]
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=boxes.device)
-        std = torch.tensor(self.std, dtype=torch.float32, device=boxes.device)
         pw, ph = x2 - x1 + 1, y2 - y1 + 1
         cx, cy = (x2 + x1) * 0.5, (y2 + y1) * 0.5
-        d = deltas * std + mean
-        tx, ty = d[:, 0] * pw + cx, d[:, 1] * ph + cy
-        tw = (pw.double() * _libm(torch.exp, d[:, 2])).float()
-        th = (ph.double() * _libm(torch.exp, d[:, 3])).float()
+        # Python floats of float32 values: torch multiplies a float32 tensor by them in float32, as the fork.
+        d = [deltas[:, k] * self.std[k] + self.mean[k] for k in range(4)]
+        tx, ty = d[0] * pw + cx, d[1] * ph + cy
+        tw = (pw.double() * _libm(torch.exp, d[2])).float()
+        th = (ph.double() * _libm(torch.exp, d[3])).float()
         tx, ty = tx - (tw - 1) / 2, ty - (th - 1) / 2
         out = torch.stack([boxes[:, 0], tx, ty, tx + tw - 1, ty + th - 1], dim=1)
         return out.reshape(rois.shape).to(rois.dtype)
@@ -340,7 +339,7 @@ def roi_align(features: torch.Tensor, rois: torch.Tensor, pooled_size: tuple, sp
         where = f"layer {layer!r} (ROIAlign)" if layer else "ROIAlign"
         raise CaffeError(f"{where}: region {region} has batch index {float(boxes[region, 0]):g}; "
                          f"it must be in [0, {num})")
-    scale, ratio = torch.tensor(spatial_scale, dtype=torch.float32), torch.tensor(pad_ratio, dtype=torch.float32)
+    scale, ratio = spatial_scale, pad_ratio  # float32 values: a float32 tensor times them rounds as the fork
     pad_w = (boxes[:, 3] - boxes[:, 1] + 1) * ratio
     pad_h = (boxes[:, 4] - boxes[:, 2] + 1) * ratio
     start_w, start_h = (boxes[:, 1] - pad_w) * scale - 0.5, (boxes[:, 2] - pad_h) * scale - 0.5
