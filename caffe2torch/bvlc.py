@@ -205,7 +205,7 @@ class Embed(nn.Module):
         super().__init__()
         self.input_dim, self.num_output = int(input_dim), int(num_output)
         self.weight = nn.Parameter(torch.empty(self.input_dim, self.num_output))
-        self.bias = nn.Parameter(torch.empty(self.num_output)) if bias else None
+        self.register_parameter("bias", nn.Parameter(torch.empty(self.num_output)) if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = nn.functional.embedding(x.long(), self.weight)

@@ -15,11 +15,14 @@ import re
 from torch import fx, nn
 
 from caffe2torch import bvlc as bvlc_modules
+from caffe2torch import cascade as cascade_modules
 from caffe2torch import detection as detection_modules
 from caffe2torch import detectnet as detectnet_modules
 from caffe2torch import errors as error_types
 from caffe2torch import forks as fork_modules
 from caffe2torch import rcnn as rcnn_modules
+from caffe2torch import recurrent as recurrent_modules
+from caffe2torch import text as text_modules
 from caffe2torch import yolo as yolo_modules
 from caffe2torch import modules as caffe_modules
 from caffe2torch import vendor as vendor_modules
@@ -36,7 +39,7 @@ _NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Our files of modules whose source a generated model.py embeds (they import only torch, math, each other and
 # errors: the CaffeError a module raises on data the fork refuses, e.g. an ROI's batch index).
 _RUNTIME = (error_types, caffe_modules, bvlc_modules, detection_modules, fork_modules, rcnn_modules, yolo_modules,
-            vendor_modules, detectnet_modules)
+            vendor_modules, detectnet_modules, recurrent_modules, text_modules, cascade_modules)
 _RUNTIME_NAMES = {module.__name__ for module in _RUNTIME}
 
 

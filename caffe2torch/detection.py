@@ -67,15 +67,16 @@ class Permute(nn.Module):
 
 
 def prior_box_table(layer_size: tuple, image_size: tuple, step: tuple | None, offset: float, box_sizes: tuple,
-                    clip: bool, variance: tuple, device=None) -> torch.Tensor:
+                    clip: bool, variance: tuple, device=None, denser: bool = False) -> torch.Tensor:
     """PriorBoxLayer::Forward_cpu's top, [1, 2, H*W*len(box_sizes)*4], rounded as the fork rounds.
 
     Centres are float32 ((w + offset) * step); each coordinate is (centre -/+ size / 2.) / image
     in double, stored as float32. The step, when the layer gives none, is the float32 quotient
     image / layer of each axis, as the fork's Forward computes it. `box_sizes` are the (width,
-    height) float32 values in the fork's order per cell. Built a block of rows at a time into the
-    table, so the work space stays small beside a table that may be large (the converter checks
-    the table's size first).
+    height) float32 values in the fork's order per cell. TextBoxes++'s `denser` follows each box by
+    a copy centred on the cell's lower edge ((h + 1.0) * step, in double, stored as float32). Built a
+    block of rows at a time into the table, so the work space stays small beside a table that may
+    be large (the converter checks the table's size first).
     """
     height, width = layer_size
     if step is None:
@@ -85,6 +86,11 @@ def prior_box_table(layer_size: tuple, image_size: tuple, step: tuple | None, of
         step_h, step_w = (torch.tensor(s, dtype=torch.float32, device=device) for s in step)
     offset32 = torch.tensor(offset, dtype=torch.float32, device=device)
     sizes = torch.tensor(box_sizes, dtype=torch.float32, device=device).double().reshape(-1, 2)
+    # Each prior's vertical offset in its cell: `offset`, and 1.0 for TextBoxes++'s denser copies.
+    offsets_y = torch.full((sizes.shape[0],), float(offset32), dtype=torch.float32, device=device)
+    if denser:
+        sizes = sizes.repeat_interleave(2, dim=0)
+        offsets_y = torch.stack([offsets_y, torch.ones_like(offsets_y)], dim=1).reshape(-1)
     half_w, half_h = sizes[:, 0] / 2.0, sizes[:, 1] / 2.0
     center_x = ((torch.arange(width, dtype=torch.float32, device=device) + offset32) * step_w).double()[:, None]
     x_min, x_max = (center_x - half_w) / image_size[1], (center_x + half_w) / image_size[1]  # [W, priors]
@@ -92,7 +98,7 @@ def prior_box_table(layer_size: tuple, image_size: tuple, step: tuple | None, of
 
     def block(start, stop) -> torch.Tensor:
         rows = torch.arange(start, stop, dtype=torch.float32, device=device)
-        center_y = ((rows + offset32) * step_h).double()[:, None]
+        center_y = ((rows[:, None] + offsets_y) * step_h).double()
         y_min, y_max = (center_y - half_h) / image_size[0], (center_y + half_h) / image_size[0]  # [rows, priors]
         corners = torch.broadcast_tensors(x_min[None], y_min[:, None], x_max[None], y_max[:, None])
         return torch.stack(corners, dim=-1).reshape(-1).float()  # rounded to float32 as it is stored
@@ -121,31 +127,31 @@ class PriorBox(nn.Module):
     """
 
     def __init__(self, image_size: tuple | None, step: tuple | None, offset: float, box_sizes: tuple, clip: bool,
-                 variance: tuple) -> None:
+                 variance: tuple, denser: bool = False) -> None:
         super().__init__()
         self.image_size = None if image_size is None else tuple(map(int, image_size))
         self.step = None if step is None else tuple(map(float, step))
         self.offset, self.box_sizes, self.clip = float(offset), tuple(map(float, box_sizes)), bool(clip)
-        self.variance = tuple(map(float, variance))
+        self.variance, self.denser = tuple(map(float, variance)), bool(denser)
 
     def forward(self, x: torch.Tensor, *image: torch.Tensor) -> torch.Tensor:
         return prior_boxes(x, image[0] if image else None, self.image_size, self.step, self.offset, self.box_sizes,
-                           self.clip, self.variance)
+                           self.clip, self.variance, self.denser)
 
     def extra_repr(self) -> str:
         return _kwargs(image_size=self.image_size, step=self.step, offset=self.offset, box_sizes=self.box_sizes,
-                       clip=self.clip, variance=self.variance)
+                       clip=self.clip, variance=self.variance) + (", denser=True" if self.denser else "")
 
 
 @torch.fx.wrap
 def prior_boxes(x: torch.Tensor, image: torch.Tensor | None, image_size: tuple | None, step: tuple | None,
-                offset: float, box_sizes: tuple, clip: bool, variance: tuple) -> torch.Tensor:
+                offset: float, box_sizes: tuple, clip: bool, variance: tuple, denser: bool = False) -> torch.Tensor:
     layer_size = dims(x, 2, 3)
     if image_size is None:
         image_size = dims(image, 2, 3)
-    key = ("priorbox", layer_size, image_size, step, offset, box_sizes, clip, variance, x.device)
+    key = ("priorbox", layer_size, image_size, step, offset, box_sizes, clip, variance, denser, x.device)
     table = TableCache.get(key, lambda: prior_box_table(layer_size, image_size, step, offset, box_sizes, clip,
-                                                        variance, x.device), x, *layer_size, *image_size)
+                                                        variance, x.device, denser), x, *layer_size, *image_size)
     return table.to(dtype=x.dtype, copy=True)
 
 
@@ -174,6 +180,31 @@ def decode_boxes(loc: torch.Tensor, priors: torch.Tensor, variances: torch.Tenso
     box_h = (torch.exp((v[3] * lo[3]).double()) * height.double()).float().double()
     return torch.stack([box_x - box_w / 2.0, box_y - box_h / 2.0, box_x + box_w / 2.0, box_y + box_h / 2.0],
                        dim=-1).float()
+
+
+def text_values(kind: str) -> int:
+    """TextBoxes++'s location values a prior beyond the box's four."""
+    return {"polygon": 8, "rbox": 5}.get(kind, 0)
+
+
+def decode_text(loc: torch.Tensor, priors: torch.Tensor, variances: torch.Tensor, kind: str) -> torch.Tensor:
+    """TextBoxes++'s DecodeBBoxPolygon / DecodeBBoxRBox (CENTER_SIZE, variance in the prior) for [..., 8 or 5]
+    values, float32 operation by operation: a polygon's corner k is variance * offset * prior size + the prior's
+    corner k (x1 y1 top left, then clockwise); a rotated box's points are offsets from the prior's centre, its
+    height exp(variance * h) * prior height (libm's double exp, rounded once)."""
+    xmin, ymin, xmax, ymax = priors.unbind(-1)
+    v = variances.unbind(-1)
+    width, height = xmax - xmin, ymax - ymin
+    if kind == "polygon":
+        xs, ys = (xmin, xmax, xmax, xmin), (ymin, ymin, ymax, ymax)
+        out = []
+        for k in range(4):
+            out += [v[0] * loc[..., 2 * k] * width + xs[k], v[1] * loc[..., 2 * k + 1] * height + ys[k]]
+        return torch.stack(out, dim=-1)
+    center_x, center_y = (xmin + xmax) / 2, (ymin + ymax) / 2
+    h = (torch.exp((v[3] * loc[..., 4]).double()) * height.double()).float()
+    return torch.stack([v[0] * loc[..., 0] * width + center_x, v[1] * loc[..., 1] * height + center_y,
+                        v[0] * loc[..., 2] * width + center_x, v[1] * loc[..., 3] * height + center_y, h], dim=-1)
 
 
 def box_sizes(boxes: torch.Tensor) -> torch.Tensor:
@@ -286,6 +317,11 @@ class DetectionOutput(nn.Module):
     probabilities (the layer applies no softmax). Boxes are not clipped. Ties: NMS ranks equal
     scores by prior index (the fork's stable sort); keep_top_k's ranking is an unstable std::sort
     in the fork, here equal scores keep the lower label first.
+
+    TextBoxes++ (MhLiao/TextBoxes_plusplus) predicts more per prior: `extra` "polygon" (12 values: the box, then a
+    quadrilateral's four corners as offsets from the prior's corners) or "rbox" (9: the box, then a rotated box's
+    two points as offsets from the prior's centre and its log height). NMS still runs on the boxes; each row gains
+    the decoded corners (x1, y1 .. x4, y4: 15 columns) or (x1, y1, x2, y2, h: 12 columns).
     """
 
     not_exportable = "its output size depends on the data"
@@ -293,8 +329,9 @@ class DetectionOutput(nn.Module):
     def __init__(self, num_classes: int, share_location: bool = True, background_label_id: int = 0,
                  nms_threshold: float = 0.3, top_k: int = -1, eta: float = 1.0, keep_top_k: int = -1,
                  code_type: str = "CORNER", variance_encoded_in_target: bool = False,
-                 confidence_threshold: float = LOWEST_FLOAT) -> None:
+                 confidence_threshold: float = LOWEST_FLOAT, extra: str = "") -> None:
         super().__init__()
+        self.extra = str(extra)  # "", "polygon" or "rbox" (TextBoxes++)
         self.num_classes, self.share_location = int(num_classes), bool(share_location)
         self.background_label_id = int(background_label_id)
         self.nms_threshold, self.top_k, self.eta = float(nms_threshold), int(top_k), float(eta)
@@ -306,20 +343,24 @@ class DetectionOutput(nn.Module):
         num = loc.shape[0]
         loc_classes = 1 if self.share_location else self.num_classes
         priors = prior.float().reshape(2, -1, 4)
-        loc = loc.float().reshape(num, priors.shape[1], loc_classes, 4)
+        values = 4 + text_values(self.extra)
+        loc = loc.float().reshape(num, priors.shape[1], loc_classes, values)
         conf = conf.float().reshape(num, priors.shape[1], self.num_classes)
         rows: list[list[float]] = []
         for image in range(num):
-            decoded = decode_boxes(loc[image], priors[0, :, None, :], priors[1, :, None, :], self.code_type,
+            decoded = decode_boxes(loc[image, ..., :4], priors[0, :, None, :], priors[1, :, None, :], self.code_type,
                                    self.variance_encoded_in_target)
-            sizes = box_sizes(decoded)
+            if self.extra:  # TextBoxes++: the decoded quadrilateral or rotated box rides along with each box
+                decoded = torch.cat([decoded, decode_text(loc[image, ..., 4:], priors[0, :, None, :],
+                                                          priors[1, :, None, :], self.extra)], dim=-1)
+            sizes = box_sizes(decoded[..., :4])
             scores = conf[image]
             chosen: list[tuple[int, list[int]]] = []
             for label in range(self.num_classes):
                 if label == self.background_label_id:
                     continue
                 column = 0 if self.share_location else label
-                chosen.append((label, nms_fast(decoded[:, column], sizes[:, column], scores[:, label],
+                chosen.append((label, nms_fast(decoded[:, column, :4], sizes[:, column], scores[:, label],
                                                self.confidence_threshold, self.nms_threshold, self.eta, self.top_k)))
             total = sum(len(indices) for _, indices in chosen)
             if -1 < self.keep_top_k < total:
@@ -342,16 +383,17 @@ class DetectionOutput(nn.Module):
                 rows.append(torch.cat([torch.full((len(indices), 1), float(image), device=decoded.device),
                                        torch.full((len(indices), 1), float(label), device=decoded.device),
                                        values[:, None], boxes], dim=1))
+        width = 7 + text_values(self.extra)
         if not rows:
             # The fork's "no detections" top: one row of -1 per image, with the image's index.
-            empty = torch.full((num, 7), -1.0, device=loc.device)
+            empty = torch.full((num, width), -1.0, device=loc.device)
             empty[:, 0] = torch.arange(num, dtype=torch.float32, device=loc.device)
-            return empty.reshape(1, 1, num, 7).to(prior.dtype)
-        return torch.cat(rows).reshape(1, 1, -1, 7).to(prior.dtype)
+            return empty.reshape(1, 1, num, width).to(prior.dtype)
+        return torch.cat(rows).reshape(1, 1, -1, width).to(prior.dtype)
 
     def extra_repr(self) -> str:
         return _kwargs(num_classes=self.num_classes, share_location=self.share_location,
                        background_label_id=self.background_label_id, nms_threshold=self.nms_threshold,
                        top_k=self.top_k, eta=self.eta, keep_top_k=self.keep_top_k, code_type=self.code_type,
                        variance_encoded_in_target=self.variance_encoded_in_target,
-                       confidence_threshold=self.confidence_threshold)
+                       confidence_threshold=self.confidence_threshold) + (f", extra={self.extra!r}" if self.extra else "")

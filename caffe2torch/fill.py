@@ -105,6 +105,14 @@ def _specs(layer, shapes: Sequence[Shape]) -> list[tuple[Shape, float]]:
         return [(tuple(int(d) for d in layer.parameter_param.shape.dim), 0.0)]
     if kind in ("Scale", "Bias") and len(shapes) == 1:
         return _scale_bias_specs(layer, shapes[0])
+    if kind in ("LSTM", "RNN", "Lstm"):
+        from caffe2torch.layers.recurrent import recurrent_blob_shapes
+
+        return [(shape, 0.0) for shape in recurrent_blob_shapes(layer, shapes)]
+    if kind == "DenseBlock":
+        from caffe2torch.layers.text import dense_block_blob_shapes
+
+        return [(shape, 0.0) for shape in dense_block_blob_shapes(layer, shapes)]
     # Every other type has no parameters.
     return []
 

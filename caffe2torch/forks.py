@@ -7,6 +7,7 @@ can embed them; `extra_repr` is the constructor's keyword arguments). Each follo
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from caffe2torch.errors import CaffeError
@@ -59,6 +60,74 @@ def max_unpool(x: torch.Tensor, mask: torch.Tensor, size: tuple, layer: str = ""
     slot = torch.where(keep, index, torch.full_like(index, plane))
     out = out.scatter(2, slot, values)
     return out[:, :, :-1].reshape(n, c, size[0], size[1])
+
+
+class Unpooling(nn.Module):
+    """HyeonwooNoh/caffe's Unpooling (DeconvNet; deep image matting ports), unpooling_layer.cpp onto a zero map of
+    the fixed `size` (unpool_size or unpool_h / unpool_w, which the fork requires). MAX with a mask (bottom 1,
+    MAX pooling's second top) writes each value at its mask index (as SegNet's Upsample); MAX without one writes
+    value (ph, pw) at (ph stride, pw stride), clipped to the map, a later value winning. AVE adds value / window
+    size and TILE the value over each kernel window (window sizes count only the part inside the map), summed in
+    the fork's order of source positions. Padding is 0 (the fork's CHECK)."""
+
+    def __init__(self, method: str, kernel: tuple, stride: tuple, size: tuple, layer: str = "") -> None:
+        super().__init__()
+        self.method, self.layer = str(method), str(layer)
+        self.kernel, self.stride = tuple(int(k) for k in kernel), tuple(int(s) for s in stride)
+        self.size = tuple(int(n) for n in size)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is not None and self.method == "MAX":
+            return max_unpool(x, mask, self.size, self.layer, "Unpooling")
+        return caffe_unpool(x, self.method, self.kernel, self.stride, self.size)
+
+    def extra_repr(self) -> str:
+        return _kwargs(method=self.method, kernel=self.kernel, stride=self.stride, size=self.size, layer=self.layer)
+
+
+@torch.fx.wrap
+def caffe_unpool(x: torch.Tensor, method: str, kernel: tuple, stride: tuple, size: tuple) -> torch.Tensor:
+    """Unpooling without a mask: the input's values placed at stride steps of the `size` map (see Unpooling)."""
+    height, width = dims(x, -2, -1)
+    (kh, kw), (sh, sw), (uh, uw) = kernel, stride, size
+    if method == "MAX":  # top[min(ph * s, U - 1)] = bottom[ph]: a later value wins where the clipping repeats a target
+        rows = torch.clamp(torch.arange(height, device=x.device) * sh, max=uh - 1)
+        cols = torch.clamp(torch.arange(width, device=x.device) * sw, max=uw - 1)
+        keep_rows = torch.cat([rows[1:] != rows[:-1], torch.ones_like(rows[:1], dtype=torch.bool)])
+        keep_cols = torch.cat([cols[1:] != cols[:-1], torch.ones_like(cols[:1], dtype=torch.bool)])
+        index = rows[:, None] * uw + cols[None, :]
+        index = torch.where(keep_rows[:, None] & keep_cols[None, :], index, torch.full_like(index, -1))
+        return max_unpool(x, index.expand(x.shape), size, "", "Unpooling")  # long: exact past float16's 2048
+    if method == "AVE":  # pool_size = (min(start + k, U) - start) ...: the window's part inside the map
+        rows = torch.clamp(uh - torch.arange(height, device=x.device) * sh, max=kh).clamp(min=1)
+        cols = torch.clamp(uw - torch.arange(width, device=x.device) * sw, max=kw).clamp(min=1)
+        x = x / (rows[:, None] * cols[None, :]).to(x.dtype)
+    # Each source value at (ph s, pw s) of a zero canvas; then one shifted copy per kernel offset, added from the
+    # last offset to the first so that every output sums its sources in the fork's (ph, pw) order.
+    n, c = x.shape[:2]
+    spread = x.new_zeros(n, c, height, sh, width, sw)
+    spread[:, :, :, 0, :, 0] = x
+    spread = spread.reshape(n, c, height * sh, width * sw)
+    out = x.new_zeros(n, c, uh, uw)
+    for dy in reversed(range(kh)):
+        for dx in reversed(range(kw)):
+            out = out + F.pad(spread, (dx, uw - dx - width * sw, dy, uh - dy - height * sh))
+    return out
+
+
+class Flip(nn.Module):
+    """happynear/caffe-windows' Flip: the image reversed along its width (flip_width, default) and/or height."""
+
+    def __init__(self, width: bool = True, height: bool = False) -> None:
+        super().__init__()
+        self.width, self.height = bool(width), bool(height)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        axes = [axis for axis, on in ((-1, self.width), (-2, self.height)) if on]
+        return torch.flip(x, axes) if axes else x.clone()
+
+    def extra_repr(self) -> str:
+        return _kwargs(width=self.width, height=self.height)
 
 
 class DropoutScaledAtTest(nn.Module):

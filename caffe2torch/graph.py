@@ -202,6 +202,7 @@ def build_graph(
         if any(d <= 0 for d in shape):
             raise CaffeError(f"{source}: input {name!r} has a non-positive dimension in shape {shape}")
     _resolve_auto_crops(graph)
+    _resolve_textboxes_priors(graph)
     names = [layer.name for layer in graph.layers]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
@@ -227,6 +228,43 @@ def _resolve_auto_crops(graph: NetGraph) -> None:
         param.crop_param.ClearField("offset")
         param.crop_param.offset.extend(offsets)
         layer.param = param
+
+
+def _resolve_textboxes_priors(graph: NetGraph) -> None:
+    """TextBoxes (MhLiao/TextBoxes) always follows each prior box by a copy half a cell lower, where SSD's
+    PriorBox (same type, same params) does not; TextBoxes++ made it the option denser_prior_boxes. A PriorBox
+    whose feature map feeds location and confidence convolutions of twice SSD's outputs (and not SSD's) is TextBoxes':
+    its param gets denser_prior_boxes, with a note."""
+    from caffe2torch.layers.detection import prior_sizes
+
+    outputs = [layer for layer in graph.layers if layer.type == "DetectionOutput"]
+    if not outputs:
+        return
+    param = outputs[0].param.detection_output_param
+    loc_classes = 1 if param.share_location else max(int(param.num_classes), 1)
+    convolutions: dict[str, set[int]] = {}
+    for layer in graph.layers:
+        if layer.type == "Convolution" and layer.bottoms:
+            convolutions.setdefault(layer.bottoms[0], set()).add(int(layer.param.convolution_param.num_output))
+    for layer in graph.layers:
+        if layer.type != "PriorBox" or not layer.bottoms or layer.param.prior_box_param.HasField("denser_prior_boxes"):
+            continue
+        try:
+            count = prior_sizes(layer.param)[1]
+        except CaffeError:
+            continue  # the converter reports it
+        outputs_here = convolutions.get(layer.bottoms[0], set())
+        classes = int(param.num_classes)
+        textboxes = {8 * count * loc_classes, 2 * count * classes} <= outputs_here  # locations and confidences
+        ssd = {4 * count * loc_classes, count * classes} <= outputs_here
+        if textboxes and not ssd:
+            param_copy = caffe_pb2.LayerParameter()
+            param_copy.CopyFrom(layer.param)
+            param_copy.prior_box_param.denser_prior_boxes = True
+            layer.param = param_copy
+            graph.notes.append(f"layer {layer.name!r} (PriorBox): its map's location convolution predicts twice "
+                               f"SSD's {count} priors a cell: TextBoxes' (MhLiao/TextBoxes) denser boxes, which that "
+                               f"fork always makes")
 
 
 def _drop_unread_inputs(graph: NetGraph, from_data: set[str]) -> None:

@@ -73,10 +73,12 @@ class ROIPool(nn.Module):
 
     not_exportable = "it reads each region's coordinates from the data to slice the features"
 
-    def __init__(self, pooled_size: tuple, spatial_scale: float, layer: str = "") -> None:
+    def __init__(self, pooled_size: tuple, spatial_scale: float, layer: str = "", pad_ratio: float = 0.0) -> None:
         super().__init__()
         self.pooled_size, self.spatial_scale = tuple(int(n) for n in pooled_size), float(spatial_scale)
         self.layer = str(layer)  # the Caffe layer's name, for errors about the data
+        # mscnn / cascade-rcnn: each region grown by this share of its (pixel-inclusive) size on every side
+        self.pad_ratio = float(pad_ratio)
 
     def forward(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         pooled_h, pooled_w = self.pooled_size
@@ -84,7 +86,12 @@ class ROIPool(nn.Module):
         where = _where(self.layer, "ROIPooling")
         boxes = rois.float().reshape(-1, 5).cpu()  # [R, 5] or R-FCN's [R, 5, 1, 1]
         batch = _batch_indices(boxes[:, 0], features.shape[0], where)
-        rounded = _round_half_away(boxes[:, 1:5] * torch.tensor(self.spatial_scale, dtype=torch.float32))
+        corners = boxes[:, 1:5]
+        if self.pad_ratio:  # pad = (x2 - x1 + 1) * pad_ratio in float; round((x1 - pad) * scale) ...
+            ratio = torch.tensor(self.pad_ratio, dtype=torch.float32)
+            pad = torch.stack([corners[:, 2] - corners[:, 0] + 1, corners[:, 3] - corners[:, 1] + 1], 1) * ratio
+            corners = torch.cat([corners[:, :2] - pad, corners[:, 2:] + pad], dim=1)
+        rounded = _round_half_away(corners * torch.tensor(self.spatial_scale, dtype=torch.float32))
         _check_coordinates(rounded, where)
         corners = rounded.long()
         start_w, start_h, end_w, end_h = corners.unbind(1)
@@ -114,7 +121,8 @@ class ROIPool(nn.Module):
         return torch.stack(outputs)
 
     def extra_repr(self) -> str:
-        return _kwargs(pooled_size=self.pooled_size, spatial_scale=self.spatial_scale, layer=self.layer)
+        return _kwargs(pooled_size=self.pooled_size, spatial_scale=self.spatial_scale, layer=self.layer) + \
+            (f", pad_ratio={self.pad_ratio!r}" if self.pad_ratio else "")
 
 
 class PSROIPool(nn.Module):

@@ -464,15 +464,32 @@ _UPSTREAM_PARAMS = {
 }
 
 
+# The recurrent, OCR and cascade forks' params (caffe.proto's last block), by the number each fork gives them; a
+# type may have several sources (one per fork). Numbers our schema does not know stay unknown fields.
+_FORK_PARAMS = {
+    "Lstm": (("elu_param", "lstm_param"), ("roi_pooling_param", "lstm_param")),  # CTPN 140, senlinuc 8266711
+    "Transpose": (("scale_param", "transpose_param"),),  # CTPN 142
+    "Reverse": (("domain_transform_param", "reverse_param"), ("interp_param", "reverse_param")),  # ctc 147, CTPN 143
+    "CTCGreedyDecoder": (("bias_channel_param", "ctc_decoder_param"),),  # BVLC's ctc branch 149
+    "DenseBlock": (("domain_transform_param", "denseblock_param"),),  # senlinuc/caffe_ocr 147
+    "ROIAlign": (("domain_transform_param", "roi_pooling_param"),),  # cascade-rcnn / mscnn 147
+    "DecodeBBox": (("unique_label_param", "bbox_reg_param"),),  # cascade-rcnn 150
+    "BoxGroupOutput": (("unique_label_param", "bbox_reg_param"),),  # cascade-rcnn 150
+    "BoxOutput": (("mat_read_param", "box_output_param"),),  # mscnn 151
+}
+
+
 def _recover_upstream_params(net: caffe_pb2.NetParameter) -> None:
     """Re-read an upstream layer's param from the fork message it decoded into (same wire bytes)."""
     for layer in net.layer:
-        names = _UPSTREAM_PARAMS.get(layer.type)
-        if names is None or not layer.HasField(names[0]) or layer.HasField(names[1]):
-            continue
-        wire = getattr(layer, names[0]).SerializePartialToString(deterministic=True)
-        getattr(layer, names[1]).ParseFromString(wire)
-        layer.ClearField(names[0])
+        sources = _FORK_PARAMS.get(layer.type, ()) + ((_UPSTREAM_PARAMS[layer.type],)
+                                                       if layer.type in _UPSTREAM_PARAMS else ())
+        for names in sources:
+            if not layer.HasField(names[0]) or layer.HasField(names[1]):
+                continue
+            wire = getattr(layer, names[0]).SerializePartialToString(deterministic=True)
+            getattr(layer, names[1]).ParseFromString(wire)
+            layer.ClearField(names[0])
 
 
 def _text_prototxt() -> str:

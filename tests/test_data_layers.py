@@ -58,7 +58,7 @@ def test_sizes_only_the_data_knows_still_need_an_input_shape():
     for layer in ('type: "ImageData" top: "data" top: "label" image_data_param { source: "l" batch_size: 8 }',
                   'type: "HDF5Data" top: "data" top: "label" hdf5_data_param { source: "h" batch_size: 8 }',
                   'type: "Data" top: "data" top: "label" data_param { source: "db" batch_size: 8 }'):
-        with pytest.raises(ShapelessInput, match=r"input 'data' has no shape .*give one with --input-shape"):
+        with pytest.raises(ShapelessInput, match=r"input 'data' has no shape .*give one with input_shape="):
             _inputs(f'layer {{ name: "data" {layer} }}\n')
 
 

@@ -22,8 +22,8 @@ layer { name: "s" type: "Convolution" bottom: "data" bottom: "c" top: "s" convol
   kernel_size: 1 fusion_type: SUM_FUSION } }
 layer { name: "bn" type: "BatchNorm" bottom: "s" top: "bn" batch_norm_param { scale_bias: true } }
 layer { name: "e" type: "ELU" bottom: "bn" top: "e" elu_param { lambda: 2 } }
-layer { name: "ave" type: "Unpooling" bottom: "e" top: "ave" unpooling_param { unpool: AVE kernel_size: 3 stride: 2 } }
-layer { name: "max" type: "Unpooling" bottom: "e" top: "max" unpooling_param { unpool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "ave" type: "Unpooling" bottom: "e" top: "ave" unpooling_param { unpool: AVE kernel_size: 3 stride: 2 unpool_size: 13 } }
+layer { name: "max" type: "Unpooling" bottom: "e" top: "max" unpooling_param { unpool: MAX kernel_size: 2 stride: 2 unpool_size: 13 } }
 layer { name: "r" type: "ReLU" bottom: "max" top: "r" top: "mask" }
 layer { name: "cat" type: "Concat" bottom: "ave" bottom: "e" top: "cat" concat_param { per_fla_fuse: true } }
 layer { name: "within" type: "LRN" bottom: "e" top: "within" lrn_param { local_size: 3 norm_region: WITHIN_CHANNEL } }

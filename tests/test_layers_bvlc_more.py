@@ -206,8 +206,7 @@ def test_more_bvlc_types_in_a_net_export_run_in_half_and_write_standalone_code(t
     assert all(torch.equal(a, b) for a, b in zip(load_standalone(tmp_path / "folder")(x), net(x)))
 
 
-@pytest.mark.parametrize("kind, why", [("LSTM", "recurrent layers"), ("RNN", "recurrent layers"),
-                                       ("Filter", "a layer whose output size depends on the data")])
+@pytest.mark.parametrize("kind, why", [("Filter", "a layer whose output size depends on the data")])
 def test_the_bvlc_types_left_out_say_why(kind, why):
     with pytest.raises(CaffeError, match=f"layer 'l': {why} .*type '{kind}'; register one with "
                                          f"@caffe2torch.register_converter\\('{kind}'\\)"):

@@ -218,7 +218,7 @@ def unpool_reference(x, mask, method, kernel, stride, out):
 
 
 @pytest.mark.parametrize("method, kernel, stride, size", [
-    ("MAX", 2, 2, None), ("MAX", 3, 2, (6, 5)), ("AVE", 3, 2, None), ("AVE", 2, 2, (5, 7)), ("TILE", 3, 1, (4, 4)),
+    ("MAX", 2, 2, (7, 9)), ("MAX", 3, 2, (6, 5)), ("AVE", 3, 2, (7, 9)), ("AVE", 2, 2, (5, 7)), ("TILE", 3, 1, (4, 4)),
 ])
 def test_unpooling_matches_the_fork_loop(method, kernel, stride, size):
     x = _rng(7).standard_normal((1, 2, 3, 4)).astype(F)

@@ -6,6 +6,7 @@ from caffe2torch.layers.registry import (CONVERTERS, Converted, Shape, convert_l
 # Each family module registers its converters on import.
 from caffe2torch.layers import (  # noqa: F401,E402
     activation,
+    cascade,
     convolution,
     detection,
     elementwise,
@@ -15,9 +16,11 @@ from caffe2torch.layers import (  # noqa: F401,E402
     normalization,
     pooling,
     rcnn,
+    recurrent,
     reduction,
     shape,
     vendor,
+    text,
     yolo,
 )
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from caffe2torch.bvlc import Im2col
 from caffe2torch.errors import CaffeError
 from caffe2torch.layers.registry import (
     Converted,
@@ -21,7 +22,6 @@ from caffe2torch.layers.registry import (
     expect_shape,
     on_meta,
 )
-from caffe2torch.bvlc import Im2col
 from caffe2torch.modules import BatchAxes, InnerProduct, SamePad2d, same_padding
 from caffe2torch.vendor import ConvSum
 from proto import caffe_pb2
@@ -289,8 +289,8 @@ def convert_inner_product(layer, inputs: list[Shape], blobs: list[np.ndarray]) -
 
 @converter("Im2col")
 def convert_im2col(layer, inputs: list[Shape], blobs: list[np.ndarray]) -> Converted:
-    """Each output position's patch as channels (C slowest, then kernel rows and columns): nn.Unfold, unflattened
-    to [N, C * kh * kw, out_h, out_w] (2-D, axis 1)."""
+    """Each output position's patch as channels (C slowest, then kernel rows and columns): F.unfold, shaped
+    [N, C * kh * kw, out_h, out_w] (2-D, axis 1)."""
     expect_bottoms(layer, inputs, 1)
     expect_blobs(layer, blobs, 0)
     param = layer.convolution_param

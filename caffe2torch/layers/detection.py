@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from caffe2torch.detection import LOWEST_FLOAT, DetectionOutput, Normalize, Permute, PriorBox
+from caffe2torch.detection import LOWEST_FLOAT, DetectionOutput, Normalize, Permute, PriorBox, text_values
 from caffe2torch.layers.registry import (Converted, Shape, assign, converter, expect_blobs, expect_bottoms, layer_error,
                                          on_meta)
 from caffe2torch.limits import check_top
@@ -147,9 +147,10 @@ def convert_prior_box(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray
             raise layer_error(layer, f"variance {value:g} must be a positive number")
     if not math.isfinite(param.offset):  # unchecked by the fork: every centre would be NaN or infinite
         raise layer_error(layer, f"offset {param.offset:g} must be a finite number")
-    top = (1, 2, feature[2] * feature[3] * priors * 4)
+    denser = bool(param.denser_prior_boxes)  # TextBoxes++: each prior twice, the copy half a cell lower
+    top = (1, 2, feature[2] * feature[3] * priors * (2 if denser else 1) * 4)
     check_top(layer, top, inputs)  # before the table of that size is built
-    module = PriorBox(given_image, step, param.offset, tuple(sizes), param.clip, tuple(variance))
+    module = PriorBox(given_image, step, param.offset, tuple(sizes), param.clip, tuple(variance), denser)
     return Converted(module, [top])
 
 
@@ -166,9 +167,11 @@ def convert_detection_output(layer, inputs: Sequence[Shape], blobs: Sequence[np.
         raise layer_error(layer, f"bottom 2 must be PriorBox's [1, 2, priors*4] top, has shape {prior}")
     count = prior[2] // 4
     loc_classes = 1 if param.share_location else param.num_classes
-    if math.prod(loc[1:]) != count * loc_classes * 4:
-        raise layer_error(layer, f"bottom 0 (locations) has shape {loc}: expected {count * loc_classes * 4} values per "
-                           f"image for {count} priors")
+    extra = _text_boxes(layer, math.prod(loc[1:]), count * loc_classes)
+    per_prior = 4 + text_values(extra)
+    if math.prod(loc[1:]) != count * loc_classes * per_prior:
+        raise layer_error(layer, f"bottom 0 (locations) has shape {loc}: expected {count * loc_classes * per_prior} "
+                          f"values per image for {count} priors")
     if math.prod(conf[1:]) != count * param.num_classes or conf[0] != loc[0]:
         raise layer_error(layer, f"bottom 1 (confidences) has shape {conf}: expected {loc[0]} x "
                            f"{count * param.num_classes} for {count} priors and {param.num_classes} classes")
@@ -186,5 +189,20 @@ def convert_detection_output(layer, inputs: Sequence[Shape], blobs: Sequence[np.
         nms_threshold=nms.nms_threshold, top_k=nms.top_k if nms.HasField("top_k") else -1, eta=nms.eta,
         keep_top_k=param.keep_top_k, code_type=caffe_pb2.PriorBoxParameter.CodeType.Name(param.code_type),
         variance_encoded_in_target=param.variance_encoded_in_target,
-        confidence_threshold=param.confidence_threshold if param.HasField("confidence_threshold") else LOWEST_FLOAT)
-    return Converted(module, [(1, 1, 1, 7)], warnings)
+        confidence_threshold=param.confidence_threshold if param.HasField("confidence_threshold") else LOWEST_FLOAT,
+        extra=extra)
+    return Converted(module, [(1, 1, 1, 7 + text_values(extra))], warnings)
+
+
+def _text_boxes(layer, values: int, predictions: int) -> str:
+    """TextBoxes++'s extra location values ("polygon": 12 a prediction, "rbox": 9), told from SSD's 4 by the
+    shapes where use_polygon is not given (the fork's default, true, would refuse an SSD net's shapes)."""
+    param = layer.detection_output_param
+    if param.HasField("use_polygon"):
+        extra = "polygon" if param.use_polygon else "rbox"
+    else:
+        extra = {predictions * 12: "polygon", predictions * 9: "rbox"}.get(values, "")
+    if extra and (param.code_type != caffe_pb2.PriorBoxParameter.CENTER_SIZE or param.variance_encoded_in_target):
+        raise layer_error(layer, f"TextBoxes++'s {extra} outputs are decoded for code_type CENTER_SIZE with the "
+                          f"variance in the prior only (the fork leaves them unset otherwise)")
+    return extra

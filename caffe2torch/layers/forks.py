@@ -1,5 +1,6 @@
 """Converters for layer types other forks added: Upsample (SegNet, YOLO ports), ShuffleChannel, Axpy,
-ConvolutionDepthwise / DepthwiseConvolution (MobileNet and ShuffleNet forks), CropCenter and ResizeBilinear."""
+ConvolutionDepthwise / DepthwiseConvolution (MobileNet and ShuffleNet forks), CropCenter, ResizeBilinear,
+Unpooling (HyeonwooNoh/caffe, deep image matting ports) and Flip (happynear/caffe-windows)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Sequence
 import numpy as np
 from torch import nn
 
-from caffe2torch.forks import Axpy, MaxUnpool, ResizeBilinear, ShuffleChannel
+from caffe2torch.forks import Axpy, Flip, MaxUnpool, ResizeBilinear, ShuffleChannel, Unpooling
 from caffe2torch.layers.convolution import convert_convolution
 from caffe2torch.limits import check_top
 from caffe2torch.layers.registry import (Converted, Shape, converter, expect_blobs, expect_bottoms, image_shape,
@@ -161,3 +162,52 @@ def convert_resize_bilinear(layer, inputs: Sequence[Shape], blobs: Sequence[np.n
     check_top(layer, top, inputs)  # before the tables of that size are built
     module = ResizeBilinear(tuple(given_size), tuple(scales), modes[0] if modes else "asymmetric", param.data_format)
     return Converted(module, [top])
+
+
+def _pair(layer, param, name: str, single: str) -> tuple[int, int] | None:
+    """`single` for both axes, or `name`_h and `name`_w (the fork's CHECKs: one form, not both)."""
+    has_pair = param.HasField(f"{name}_h") or param.HasField(f"{name}_w")
+    if has_pair and param.HasField(single):
+        raise layer_error(layer, f"give {single} or {name}_h and {name}_w, not both")
+    if has_pair:
+        if not (param.HasField(f"{name}_h") and param.HasField(f"{name}_w")):
+            raise layer_error(layer, f"give both {name}_h and {name}_w")
+        return int(getattr(param, f"{name}_h")), int(getattr(param, f"{name}_w"))
+    if param.HasField(single):
+        return int(getattr(param, single)), int(getattr(param, single))
+    return None
+
+
+@converter("Unpooling")
+def convert_unpooling(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    """HyeonwooNoh/caffe's unpooling_layer.cpp: MAX (with MAX pooling's mask as bottom 1, or at stride steps), AVE
+    or TILE onto a map of unpool_size (or unpool_h, unpool_w)."""
+    expect_bottoms(layer, inputs, 1, 2)
+    expect_blobs(layer, blobs, 0)
+    shape = image_shape(layer, inputs)
+    param = layer.unpooling_param
+    kernel = _pair(layer, param, "kernel", "kernel_size")
+    if kernel is None or min(kernel) <= 0:
+        raise layer_error(layer, "needs a positive kernel_size (or kernel_h and kernel_w)")
+    stride = _pair(layer, param, "stride", "stride") or (int(param.stride),) * 2
+    pad = _pair(layer, param, "pad", "pad") or (0, 0)
+    if min(stride) <= 0:
+        raise layer_error(layer, f"stride {stride} must be positive")
+    if any(pad):
+        raise layer_error(layer, f"pad {pad}: the fork allows only zero padding")
+    size = _pair(layer, param, "unpool", "unpool_size")
+    if size is None or min(size) <= 0:  # the fork CHECKs for one of the two forms
+        raise layer_error(layer, "needs unpool_size (or unpool_h and unpool_w): the size of its output map")
+    method = caffe_pb2.UnpoolingParameter.UnpoolMethod.Name(param.unpool)
+    if len(inputs) == 2 and tuple(inputs[1]) != shape:
+        raise layer_error(layer, f"the mask (bottom 1) has shape {tuple(inputs[1])}, the data {shape}: they must agree")
+    return Converted(Unpooling(method, kernel, stride, size, layer.name), [shape[:2] + size])
+
+
+@converter("Flip")
+def convert_flip(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    """happynear/caffe-windows' flip_layer.cpp: the image reversed along its width and/or height."""
+    expect_bottoms(layer, inputs, 1)
+    expect_blobs(layer, blobs, 0)
+    shape = image_shape(layer, inputs)
+    return Converted(Flip(layer.flip_param.flip_width, layer.flip_param.flip_height), [shape])

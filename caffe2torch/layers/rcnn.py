@@ -31,13 +31,17 @@ def _rois(layer, inputs: Sequence[Shape]) -> tuple[Shape, int]:
 
 @converter("ROIPooling")
 def convert_roi_pooling(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
-    """MAX over floor/ceil bins of each region, coordinates rounded after scaling (roi_pooling_layer.cpp)."""
+    """MAX over floor/ceil bins of each region, coordinates rounded after scaling (roi_pooling_layer.cpp); mscnn's
+    and cascade-rcnn's pad_ratio grows each region first."""
     expect_blobs(layer, blobs, 0)
     features, count = _rois(layer, inputs)
     param = layer.roi_pooling_param
     if param.pooled_h <= 0 or param.pooled_w <= 0:
         raise layer_error(layer, "pooled_h and pooled_w must be > 0")
-    module = ROIPool((param.pooled_h, param.pooled_w), _spatial_scale(layer, param.spatial_scale), layer.name)
+    if not math.isfinite(param.pad_ratio):
+        raise layer_error(layer, f"pad_ratio {param.pad_ratio:g} must be a finite number")
+    module = ROIPool((param.pooled_h, param.pooled_w), _spatial_scale(layer, param.spatial_scale), layer.name,
+                     param.pad_ratio)
     return Converted(module, [(count, features[1], param.pooled_h, param.pooled_w)])
 
 

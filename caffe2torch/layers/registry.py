@@ -114,8 +114,6 @@ def register_converter(type_name: str, *, replace: bool = False) -> Callable[[Co
 
 # BVLC types with a forward that have no converter, and why (the message for any other type: no converter).
 _NOT_CONVERTED = {
-    "RNN": "recurrent layers (unrolled over time with their `cont` input) are not converted: type",
-    "LSTM": "recurrent layers (unrolled over time with their `cont` input) are not converted: type",
     "Filter": "a layer whose output size depends on the data is not converted: type",
 }
 
