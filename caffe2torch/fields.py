@@ -88,7 +88,7 @@ def check_unknown(unknown: Iterable[UnknownField], kept: set[str], allow: bool, 
     if allow:
         for item in changing:
             flag = term("--allow-unknown-fields", "allow_unknown_fields=True")
-            warn(f"{_changing(item)}; skipped (without {flag}, conversion stops here)")
+            warn(f"{_changing(item)}; skipped (without {flag}, convert stops here)")
         return
     for item in changing[1:]:
         warn(_changing(item))

@@ -93,8 +93,8 @@ def _check(name: str, net) -> None:
 
 
 @pytest.mark.parametrize("unit", UNITS)
-def test_shared_unit_nets_run_in_half_precision(reference_dir, unit, one_thread):
-    _check(unit, convert_reference(reference_dir, unit))
+def test_shared_unit_nets_run_in_half_precision(unit, one_thread):
+    _check(unit, convert_reference(unit))
 
 
 @pytest.mark.parametrize("name", list(PUBLIC))

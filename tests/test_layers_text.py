@@ -175,8 +175,9 @@ def test_ctpn_head_runs_at_other_sizes_standalone_and_exported(tmp_path):
     with torch.no_grad():
         again = load_standalone(tmp_path / "folder")(data, im_info)
     assert all(torch.equal(a, b) for a, b in zip(again, (rois, scores)))
-    for fmt in ("onnx", "pt2"):
-        assert export(net, fmt, tmp_path / f"net.{fmt}").max_rel <= 1e-5, fmt
+    for fmt in ("onnx", "pt2"):  # torch.export cannot prove the proposals' guards for any batch: the example's
+        check = export(net, fmt, tmp_path / f"net.{fmt}")
+        assert check.max_rel <= 1e-5 and check.dynamic == "" and check.sizes == [[(1, 8, 3, 5), (1, 3)]], fmt
 
 
 def test_ctpn_proposal_checks_its_parameters():
@@ -184,7 +185,6 @@ def test_ctpn_proposal_checks_its_parameters():
                             'layer: "ProposalLayer" param_str: "\'feat_stride\': 16.5" }')
     with pytest.raises(CaffeError, match="feat_stride' must be a positive integer"):
         convert_layer(layer, [(1, 20, 2, 2), (1, 20, 2, 2), (1, 3)], [])
-    assert math.isclose(len([11, 16, 23, 33, 48, 68, 97, 139, 198, 283]), 10)
 
 
 def dense_block_reference(x: np.ndarray, blobs: list, count: int, growth: int, bottleneck: bool) -> np.ndarray:

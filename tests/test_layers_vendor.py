@@ -301,7 +301,7 @@ layer { name: "s" type: "Convolution" bottom: "data" bottom: "c" top: "s" convol
   kernel_size: 1 fusion_type: SUM_FUSION } }
 layer { name: "bn" type: "BatchNorm" bottom: "s" top: "bn" batch_norm_param { scale_bias: true } }
 layer { name: "e" type: "ELU" bottom: "bn" top: "e" elu_param { lambda: 2 } }
-layer { name: "u" type: "Unpooling" bottom: "e" top: "u" unpooling_param { unpool: AVE kernel_size: 2 stride: 2 } }
+layer { name: "u" type: "Unpooling" bottom: "e" top: "u" unpooling_param { unpool: AVE kernel_size: 2 stride: 2 unpool_size: 9 } }
 layer { name: "cat" type: "Concat" bottom: "u" bottom: "e" top: "cat" concat_param { per_fla_fuse: true } }
 """
     path = tmp_path / "net.prototxt"

@@ -284,7 +284,7 @@ def test_unknown_fields_count_only_for_layers_the_net_keeps(tmp_path):
     assert str(failure.value).startswith(f"{path}:2: the net: field 'speed_hint' is unknown to our Caffe schema and "
                                          f"may change what the layer computes, so the converted net could differ "
                                          f"from Caffe's (2 more such fields above): convert anyway with "
-                                         f"--allow-unknown-fields")
+                                         f"allow_unknown_fields=True")
     assert [w.split(": ", 2)[1] for w in failure.value.warnings] == ["layer 'pool' (Pooling)", "layer 'relu' (ReLU)"]
     conversion = convert(None, path, allow_unknown_fields=True)
     assert [w.split(": ", 2)[1] for w in conversion.warnings] == ["the net", "layer 'pool' (Pooling)",
