@@ -13,7 +13,7 @@ from caffe2torch import manifest
 from caffe2torch.errors import CaffeError, term
 from caffe2torch.freeze import frozen_note
 from caffe2torch.model import from_net_parameter, unmatched_weights
-from caffe2torch.fields import check_unknown
+from caffe2torch.fields import batch_statistics_layers, check_unknown
 from caffe2torch.graph import kept_layers
 from caffe2torch.protect import ReadFiles
 from caffe2torch.read import (UnknownField, ambiguous_binary_fields, read_prototxt, read_weights,
@@ -156,7 +156,7 @@ def _convert(weights_path: Path | None, prototxt_path: Path | None, input_shape,
             warn(message)
     # A fork's field can change what a layer computes: checked for the layers the net keeps (those left out, data
     # and loss, do not matter), before anything is built, so a failure to build comes with them.
-    check_unknown(unknown, kept_layers(definition), allow_unknown_fields, warn)
+    check_unknown(unknown, kept_layers(definition), allow_unknown_fields, warn, batch_statistics_layers(definition))
     unmatched_weights(definition, trained, str(weights_path), source)
     # A prototxt alone shows the structure: layers get zero-filled blobs of Caffe's shapes.
     net = from_net_parameter(definition, trained, source, input_shape, warn, fill_missing=weights_path is None,

@@ -14,12 +14,13 @@ from typing import Callable, Iterable
 
 from caffe2torch.errors import UnknownFieldError, term
 from caffe2torch.read import UnknownField
+from proto import caffe_pb2
 
 FILLER = "a filler only initialises a blob, which the trained weights replace"
 ENGINE = "it picks an implementation (cuDNN, MKL, MKL-DNN, a convolution algorithm), not what the layer computes"
 PRECISION = ("NVCaffe's storage and math precision (its float16 modes); the converted net computes in float32, as "
              "its FLOAT setting does (net.half() for half precision)")
-TRAINING = ("training only (gradient scaling, statistics over sub-batches, random seeds, memory sharing, multi-node "
+TRAINING = ("training only (gradient scaling, random seeds, memory sharing, multi-node "
             "settings)")
 INTEL_QUANTISATION = ("Intel Caffe's int8 calibration (scales, bit widths), read only by its int8 MKL-DNN path; its "
                       "float forward ignores it")
@@ -33,12 +34,18 @@ _BY_NAME = {
     **dict.fromkeys(("forward_type", "backward_type", "forward_math", "backward_math", "default_forward_type",
                      "default_backward_type", "default_forward_math", "default_backward_math"), PRECISION),
     **dict.fromkeys(("global_grad_scale", "global_grad_scale_adaptive", "reduce_buckets", "eltwise_mem_sharing",
-                     "debug", "bn_stats_batch_size", "stats_batch_size", "random_seed", "multinode",
+                     "debug", "random_seed", "multinode",
                      "mn_activation_param", "mn_grad_compress_param", "compile_net_state"), TRAINING),
     "quantization_param": INTEL_QUANTISATION,
 }
-# By the whole path.
-_BY_PATH = {"pooling_param.torch_pooling": INERT}
+# By the whole path, harmless only at the values given (None: any value). NVCaffe declares torch_pooling and reads it
+# nowhere, but it came from Facebook's Caffe, where true means torch's floor rounding of the pooled size: a prototxt
+# that sets it true may have been written for that.
+_BY_PATH = {"pooling_param.torch_pooling": (INERT, {"false"})}
+# Intel Caffe's BatchNorm statistics over sub-batches of this size (mkldnn_batch_norm_layer.cpp): they change the
+# forward where the layer normalises by its batch (use_global_stats: false), not where it uses the stored ones.
+SUB_BATCHES = ("bn_stats_batch_size", "stats_batch_size")
+STORED_STATISTICS = "Intel Caffe's statistics over sub-batches, unused where BatchNorm uses its stored statistics"
 # synopsys-caffe's quantisation fields: harmless only at the value with which its forward is the float one
 # (conv_layer.cpp and the others scale and shift only when a scale differs from 1 or a zero point from 0).
 _SYNOPSYS_IDENTITY = {
@@ -53,15 +60,20 @@ _SYNOPSYS_IDENTITY = {
 _BINARY_LAYER = {f"#{number}": PRECISION for number in range(145, 151)}
 
 
-def harmless_reason(item: UnknownField) -> str | None:
-    """Why the field cannot change the float forward, or None when it may."""
+def harmless_reason(item: UnknownField, batch_statistics: frozenset[str] = frozenset()) -> str | None:
+    """Why the field cannot change the float forward, or None when it may. `batch_statistics`: the BatchNorm
+    layers that normalise by their batch (use_global_stats: false)."""
     name = item.field.rsplit(".", 1)[-1]
+    if name in SUB_BATCHES:  # on a BatchNorm, or for all of them on the net
+        uses_batch = item.layer in batch_statistics if item.layer is not None else bool(batch_statistics)
+        return None if uses_batch else STORED_STATISTICS
     if name.startswith("#"):
         return _BINARY_LAYER.get(item.field) if item.layer is not None else None
     if name == "filler" or name.endswith("_filler"):
         return FILLER
     if item.field in _BY_PATH:
-        return _BY_PATH[item.field]
+        reason, values = _BY_PATH[item.field]
+        return reason if values is None or item.value in values else None
     if name in _SYNOPSYS_IDENTITY:
         wanted = _SYNOPSYS_IDENTITY[name]
         return SYNOPSYS_IDENTITY if wanted is None or item.value in wanted else None
@@ -72,13 +84,23 @@ def _changing(item: UnknownField) -> str:
     return f"{item.where}: {item.what} is unknown to our Caffe schema and may change what the layer computes"
 
 
-def check_unknown(unknown: Iterable[UnknownField], kept: set[str], allow: bool, warn: Callable[[str], None]) -> None:
+def batch_statistics_layers(net: caffe_pb2.NetParameter) -> frozenset[str]:
+    """The BatchNorm layers that normalise by their batch at test time (use_global_stats: false, which Caffe's
+    default for the TEST phase, true, is not)."""
+    return frozenset(layer.name or "(unnamed)" for layer in net.layer if layer.type == "BatchNorm"
+                     and layer.batch_norm_param.HasField("use_global_stats")
+                     and not layer.batch_norm_param.use_global_stats)
+
+
+def check_unknown(unknown: Iterable[UnknownField], kept: set[str], allow: bool, warn: Callable[[str], None],
+                  batch_statistics: frozenset[str] = frozenset()) -> None:
     """Apply the rule to the fields the readers skipped: harmless ones and (with `allow`) the others are warnings;
-    without `allow`, a field that may change the forward is an error naming it (the others are warned first)."""
+    without `allow`, a field that may change the forward is an error naming it (the others are warned first).
+    `batch_statistics`: batch_statistics_layers of the net."""
     relevant = [item for item in unknown if item.layer is None or item.layer in kept]
     changing = []
     for item in relevant:
-        reason = harmless_reason(item)
+        reason = harmless_reason(item, batch_statistics & kept)
         if reason is None:
             changing.append(item)
         else:

@@ -31,9 +31,10 @@ def caffe_sigmoid(x: torch.Tensor) -> torch.Tensor:
 
 
 def caffe_tanh_by_sigmoid(x: torch.Tensor) -> torch.Tensor:
-    """LSTMUnit's tanh: 2. * sigmoid(2. * x) - 1., the sigmoid rounded to float first (it returns a Dtype); the
-    double product and difference are exact, so one float rounding of 2 s - 1 gives the same value."""
-    return caffe_sigmoid(x * 2.0) * 2.0 - 1.0
+    """LSTMUnit's tanh: 2. * sigmoid(2. * x) - 1. The argument 2. * x is a double, so the template's sigmoid is
+    sigmoid<double>: the whole expression is computed in double and rounded to x's dtype once (near 0 a float
+    sigmoid would lose the value: tanh(1e-9) is 1e-9, not 0)."""
+    return _wide(lambda wide: 2.0 * torch.sigmoid(2.0 * wide) - 1.0, x)
 
 
 def _check_steps(x: torch.Tensor, steps: int, kind: str) -> None:
@@ -256,18 +257,22 @@ class ContinuationIndicator(nn.Module):
     def __init__(self, time_step: int, axis: int = 0, batch: int = 0) -> None:
         super().__init__()
         self.time_step, self.axis, self.batch = int(time_step), int(axis), int(batch)
+        # Without a bottom, the markers take the net's device and dtype from this empty buffer (net.to() moves it).
+        self.register_buffer("like", torch.zeros(0), persistent=False)
 
     def forward(self, *bottoms: torch.Tensor) -> torch.Tensor:
-        return continuation_markers(bottoms[0] if bottoms else None, self.time_step, self.axis, self.batch)
+        return continuation_markers(bottoms[0] if bottoms else self.like, self.time_step, self.axis,
+                                    self.batch if not bottoms else 0)
 
     def extra_repr(self) -> str:
         return _kwargs(time_step=self.time_step, axis=self.axis, batch=self.batch)
 
 
 @torch.fx.wrap
-def continuation_markers(x: torch.Tensor | None, time_step: int, axis: int, batch: int) -> torch.Tensor:
-    if x is None:
-        return torch.cat([torch.zeros(1, batch), torch.ones(time_step - 1, batch)])
+def continuation_markers(x: torch.Tensor, time_step: int, axis: int, batch: int) -> torch.Tensor:
+    """[time_step, N] markers; `batch` > 0: N is `batch` (x only gives the device and dtype)."""
+    if batch > 0:
+        return torch.cat([x.new_zeros(1, batch), x.new_ones(time_step - 1, batch)])
     (size,) = dims(x, axis)
     first = x.new_zeros(1, size)
     return torch.cat([first, torch.ones_like(first).expand(time_step - 1, size)])

@@ -2,7 +2,7 @@
 computes the same (DeconvNet's Unpooling is caffe2torch.forks.Unpooling).
 
 The same contract as caffe2torch.modules (torch only, and caffe2torch.errors, so a standalone `model.py` can embed
-them; `extra_repr` is the constructor's keyword arguments; sizes are read in `torch.fx.wrap` functions). Each
+them; `extra_repr` is the constructor's keyword arguments). Each
 follows its fork's forward.
 """
 

@@ -26,8 +26,9 @@ def sigmoid(x) -> np.float32:
 
 
 def tanh_by_sigmoid(x) -> np.float32:
-    """lstm_unit_layer.cpp's tanh: 2. * sigmoid(2. * x) - 1. with sigmoid returning a float."""
-    return F(2.0 * float(sigmoid(F(2.0 * float(x)))) - 1.0)
+    """lstm_unit_layer.cpp's tanh<float>: 2. * sigmoid(2. * x) - 1., where 2. * x is a double, so sigmoid<double>
+    and the rest run in double; one rounding to float at the return."""
+    return F(2.0 * (1.0 / (1.0 + math.exp(-2.0 * float(x)))) - 1.0)
 
 
 def inner_product(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
@@ -174,6 +175,20 @@ def test_lstm_unit_matches_its_loop():
     assert converted.top_shapes == [(1, 3, 4), (1, 3, 4)]
     np.testing.assert_array_equal(c[0], want_c)
     np.testing.assert_array_equal(h[0], want_h)
+
+
+def test_lstm_units_tanh_is_computed_in_double_and_rounded_once():
+    """tanh<float>(x) = 2. * sigmoid(2. * x) - 1. calls sigmoid<double> (2. * x is a double): values compiled from
+    lstm_unit_layer.cpp's templates with g++; a float sigmoid first would give 0 for 1e-9."""
+    from caffe2torch.recurrent import caffe_tanh_by_sigmoid
+
+    got = caffe_tanh_by_sigmoid(torch.tensor([1e-9, 1e-3, 0.3], dtype=torch.float32)).numpy()
+    np.testing.assert_array_equal(got, np.array([1.00000008e-09, 0.000999999698, 0.291312635], F))
+    gates = np.zeros((1, 1, 4), F)
+    gates[0, 0, 3] = 1e-9  # g of a unit with i = sigmoid(0) = 0.5: c = 0.5 tanh(1e-9)
+    _, (c, _) = run_layer(layer_from_text('name: "u" type: "LSTMUnit" top: "c" top: "h"'),
+                          [(1, 1, 1), gates.shape, (1, 1)], [], np.zeros((1, 1, 1), F), gates, np.ones((1, 1), F))
+    assert c.reshape(-1)[0] == F(F(0.5) * F(1.00000008e-09))
 
 
 def fork_lstm_reference(x: np.ndarray, w_i: np.ndarray, w_h: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -348,3 +363,8 @@ def test_continuation_indicator_marks_each_sequence_start():
                             'time_step: 2 batch_size: 2 }')
     _, out = run_layer(layer, [], [])
     np.testing.assert_array_equal(out, [[0, 0], [1, 1]])
+    # Without a bottom the markers follow the module's device and dtype (net.to moves its empty buffer).
+    from caffe2torch.recurrent import ContinuationIndicator
+
+    module = ContinuationIndicator(2, batch=3).to(torch.float64)
+    assert module().dtype == torch.float64 and module().shape == (2, 3)

@@ -6,8 +6,8 @@ from click.testing import CliRunner
 from caffe2torch.cli import main
 from caffe2torch.conversion import convert
 from caffe2torch.errors import CaffeError, UnknownFieldError
-from caffe2torch.fields import (ENGINE, FILLER, INERT, INTEL_QUANTISATION, PRECISION, SYNOPSYS_IDENTITY, TRAINING,
-                                harmless_reason)
+from caffe2torch.fields import (ENGINE, FILLER, INERT, INTEL_QUANTISATION, PRECISION, STORED_STATISTICS,
+                                SYNOPSYS_IDENTITY, TRAINING, harmless_reason)
 from caffe2torch.read import UnknownField
 
 HEAD = 'name: "n"\ninput: "data" input_shape { dim: 1 dim: 3 dim: 6 dim: 6 }\n'
@@ -83,7 +83,7 @@ def test_an_enum_value_the_schema_lacks_is_an_unknown_field(tmp_path):
     ("conv_algorithm: 'winograd' cudnn_convolution_algo_seeker: GET", "", "", ENGINE),
     ("", "forward_type: FLOAT16 backward_math: FLOAT16", "default_forward_type: FLOAT16\n",
      PRECISION),
-    ("", "", "global_grad_scale: 32 eltwise_mem_sharing: false bn_stats_batch_size: 8\n", TRAINING),
+    ("", "", "global_grad_scale: 32 eltwise_mem_sharing: false random_seed: 8\n", TRAINING),
     ("", "quantization_param { bw_layer_in: 8 scale_in: 12.5 scale_params: [1.0, 2.0] }", "", INTEL_QUANTISATION),
     ("input_scale: 1 output_zero_point: 0 saturate: None quantize_method: ONNX", "", "", SYNOPSYS_IDENTITY),
 ])
@@ -99,10 +99,19 @@ def test_documented_harmless_fields_stay_warnings(tmp_path, extra, layer_extra, 
 
 
 def test_inert_and_data_dependent_classes(tmp_path):
-    # NVCaffe's torch_pooling is declared but read nowhere: harmless.
+    # NVCaffe's torch_pooling is declared but read nowhere: harmless when false. True meant floor rounding in
+    # Facebook's Caffe, where it came from: it stops the conversion.
     pool = ('layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool"\n'
-            '  pooling_param { pool: MAX kernel_size: 2 torch_pooling: true } }\n')
-    assert _warned_reasons(_net(tmp_path, _conv() + pool)) == [INERT]
+            '  pooling_param { pool: MAX kernel_size: 2 torch_pooling: %s } }\n')
+    assert _warned_reasons(_net(tmp_path, _conv() + pool % "false")) == [INERT]
+    with pytest.raises(UnknownFieldError, match="field 'pooling_param.torch_pooling' is unknown"):
+        convert(None, _net(tmp_path, _conv() + pool % "true"))
+    # Intel Caffe's statistics over sub-batches: harmless on stored statistics, not on a BatchNorm of its batch.
+    norm = ('layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "bn"\n'
+            '  batch_norm_param { %s stats_batch_size: 1 } }\n')
+    assert _warned_reasons(_net(tmp_path, _conv() + norm % "")) == [STORED_STATISTICS]
+    with pytest.raises(UnknownFieldError, match="field 'batch_norm_param.stats_batch_size' is unknown"):
+        convert(None, _net(tmp_path, _conv() + norm % "use_global_stats: false"))
     # synopsys-caffe's quantisation away from its identity values changes its forward: not harmless.
     with pytest.raises(UnknownFieldError, match="field 'convolution_param.output_scale' is unknown"):
         convert(None, _net(tmp_path, _conv("input_scale: 1 output_scale: 0.5")))
