@@ -85,6 +85,33 @@ def included(layer: caffe_pb2.LayerParameter, state: caffe_pb2.NetState) -> bool
     return not any(_rule_matches(rule, state) for rule in layer.exclude)
 
 
+def _rule_text(rule: caffe_pb2.NetStateRule) -> str:
+    parts = [f"phase: {caffe_pb2.Phase.Name(rule.phase)}"] if rule.HasField("phase") else []
+    parts += [f"stage: {stage!r}" for stage in rule.stage] + [f"not_stage: {stage!r}" for stage in rule.not_stage]
+    parts += [f"{name}: {getattr(rule, name)}" for name in ("min_level", "max_level") if rule.HasField(name)]
+    return "{ " + " ".join(parts) + " }"
+
+
+def _left_out_producer(net: caffe_pb2.NetParameter, blob: str, state: caffe_pb2.NetState) -> str:
+    """Why a bottom has no producer when a layer the net's state leaves out makes it (Caffe's Net refuses such a
+    net too): that layer and its rules, and how to pick a stage; "" otherwise."""
+    makers = [layer for layer in net.layer if blob in layer.top and not included(layer, state)]
+    # a maker of this phase that a stage would pick first (LRCN's data layers for 'test-on-train' / 'test-on-val')
+    makers.sort(key=lambda layer: not any(rule.stage and (not rule.HasField("phase") or rule.phase == state.phase)
+                                          for rule in layer.include))
+    if not makers:
+        return ""
+    layer = makers[0]
+    rules = " or ".join(f"include {_rule_text(rule)}" for rule in layer.include) or \
+        " or ".join(f"exclude {_rule_text(rule)}" for rule in layer.exclude)
+    stages = sorted({stage for rule in layer.include for stage in rule.stage})
+    hint = (f"; to build the net of a stage, add `state {{ stage: \"{stages[0]}\" }}` to the definition (Caffe's "
+            f"test nets get theirs from the solver)" if stages else
+            "; Caffe refuses this net in the TEST phase too (a TRAIN-only definition?)")
+    return (f" (layer {layer.name!r} ({layer.type}) makes it, but the TEST phase"
+            f"{' with stages ' + repr(list(state.stage)) if state.stage else ''} leaves it out: {rules}){hint}")
+
+
 def kept_layers(net: caffe_pb2.NetParameter, phase: int = caffe_pb2.TEST) -> set[str]:
     """Names of the layers a conversion keeps (build_graph's filter, without shapes): those of the phase that
     are no Input, Silence, data or scoring layer."""
@@ -154,7 +181,8 @@ def build_graph(
             # Silence computes nothing; it only marks its bottoms as used, so it needs no module.
             missing = [bottom for bottom in param.bottom if bottom not in available]
             if missing:
-                raise CaffeError(f"layer {param.name!r} (Silence): bottoms {missing} are not produced by any earlier layer or input")
+                raise CaffeError(f"layer {param.name!r} (Silence): bottoms {missing} are not produced by any earlier layer or "
+                                 f"input{_left_out_producer(net, missing[0], state)}")
             if param.top:
                 raise CaffeError(f"layer {param.name!r} (Silence): takes no tops, got {list(param.top)}")
             graph.silenced.update({bottom: len(graph.layers) for bottom in param.bottom})
@@ -174,7 +202,8 @@ def build_graph(
             continue
         for bottom in param.bottom:
             if bottom not in available:
-                raise CaffeError(f"layer {param.name!r} ({param.type}): bottom {bottom!r} is not produced by any earlier layer or input")
+                raise CaffeError(f"layer {param.name!r} ({param.type}): bottom {bottom!r} is not produced by any earlier "
+                                 f"layer or input{_left_out_producer(net, bottom, state)}")
         for index, top in enumerate(param.top):
             # Caffe's Net::AppendTop: a top may reuse a name only in place (the bottom at the same index).
             in_place = index < len(param.bottom) and param.bottom[index] == top

@@ -87,6 +87,28 @@ def test_in_place_output_and_unknown_bottom():
         build_graph(broken)
 
 
+def test_a_bottom_made_only_by_a_left_out_layer_says_which_and_how_to_pick_a_stage():
+    """LRCN-style nets: data layers only for TEST stages (the solver's test_state picks one), or only for TRAIN."""
+    staged = """
+        layer { name: "train_in" type: "Input" top: "x" input_param { shape { dim: 1 dim: 2 } } include { phase: TRAIN } }
+        layer { name: "val_in" type: "Input" top: "x" input_param { shape { dim: 1 dim: 2 } }
+                include { phase: TEST stage: "test-on-val" } }
+        layer { name: "r" type: "ReLU" bottom: "x" top: "y" }
+    """
+    with pytest.raises(CaffeError) as failure:
+        build_graph(parse_prototxt(staged))
+    assert str(failure.value) == (
+        "layer 'r' (ReLU): bottom 'x' is not produced by any earlier layer or input (layer 'val_in' (Input) makes it, "
+        "but the TEST phase leaves it out: include { phase: TEST stage: 'test-on-val' }); to build the net of a "
+        "stage, add `state { stage: \"test-on-val\" }` to the definition (Caffe's test nets get theirs from the "
+        "solver)")
+    graph = build_graph(parse_prototxt('state { stage: "test-on-val" }' + staged))  # as the message says
+    assert [layer.name for layer in graph.layers] == ["r"] and graph.inputs == {"x": (1, 2)}
+    with pytest.raises(CaffeError, match=r"include \{ phase: TRAIN \}\); Caffe refuses this net in the TEST phase too"):
+        build_graph(parse_prototxt(staged.replace('include { phase: TEST stage: "test-on-val" }',
+                                                  'include { phase: TRAIN }')))
+
+
 def test_legacy_v1_caffemodel_upgrades_to_the_same_blobs_as_its_h5(units_dir):
     net = read_caffemodel(units_dir / "unit_legacy_v1.caffemodel")
     assert [layer.type for layer in net.layer][:3] == ["Convolution", "ReLU", "Pooling"]
