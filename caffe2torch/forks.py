@@ -115,6 +115,28 @@ def caffe_unpool(x: torch.Tensor, method: str, kernel: tuple, stride: tuple, siz
     return out
 
 
+class LabelSpecificAdd(nn.Module):
+    """happynear's LabelSpecificAdd (AM-Softmax, label_specific_add_layer.cpp): in training each sample's score of
+    its ground-truth class (the label truncated to an integer) gains `bias` where it exceeds -bias; at test the scores
+    pass unchanged (the fork's transform_test applies in its TRAIN phase only). Bottoms: scores [N, ...], labels."""
+
+    def __init__(self, bias: float) -> None:
+        super().__init__()
+        self.bias = float(bias)
+
+    def forward(self, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        flat = x.reshape(x.shape[0], -1)
+        index = label.reshape(-1, 1).long()  # static_cast<int>: toward zero
+        score = flat.gather(1, index)
+        bias = torch.full((), self.bias, dtype=x.dtype, device=x.device)  # Dtype bias_: float32 for a float net
+        return flat.scatter(1, index, torch.where(score > -bias, score + bias, score)).reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return _kwargs(bias=self.bias)
+
+
 class Flip(nn.Module):
     """happynear/caffe-windows' Flip: the image reversed along its width (flip_width, default) and/or height."""
 

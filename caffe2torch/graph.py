@@ -220,8 +220,11 @@ def build_graph(
     _apply_overrides(graph, input_shapes, source)
     for name, shape in graph.inputs.items():
         if not shape and name in readers and assumed_size is not None:
-            # Images are colour unless the blob is a label map (one value per pixel).
-            shape = graph.inputs[name] = (1, 1 if "label" in name.lower() else 3) + tuple(assumed_size)
+            # Images are colour unless the blob is a label map (one value per pixel); the batch is that of the
+            # layer's other tops (its labels), else 1.
+            batches = [s[0] for other, s in graph.inputs.items() if s and readers.get(other) == readers[name]]
+            shape = graph.inputs[name] = (batches[0] if batches else 1, 1 if "label" in name.lower() else 3) + \
+                tuple(assumed_size)
             graph.notes.append(f"input {name!r} (from data {readers[name]}) has no size in the net: shown for "
                                f"{'x'.join(map(str, shape))}; give {term('--input-shape', 'input_shape=')} for the size you use")
         if not shape:

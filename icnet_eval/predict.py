@@ -64,8 +64,9 @@ class Mode:
 
 
 def resolve_mode(fast: bool, fast_resize: bool, dtype: str | None, device: torch.device) -> Mode:
-    """--fast / --fast-resize / --fast-dtype as a Mode; half precision by default only on a GPU (CPU
-    float16 convolutions are slower than float32 ones)."""
+    """--fast / --fast-resize / --fast-dtype as a Mode; half precision by default only on a GPU (on a CPU, float16
+    convolutions are 6x slower than float32 ones, and bfloat16, faster where the CPU has AVX-512 BF16, is too
+    imprecise to be a default: BENCHMARKS.md)."""
     if dtype is not None and dtype not in DTYPES:
         raise CaffeError(f"{term('--fast-dtype', 'fast_dtype')} {dtype}: expected one of {', '.join(DTYPES)}")
     if dtype is not None and not fast:

@@ -62,6 +62,17 @@ def test_sizes_only_the_data_knows_still_need_an_input_shape():
             _inputs(f'layer {{ name: "data" {layer} }}\n')
 
 
+def test_an_assumed_size_keeps_the_batch_of_the_layers_labels():
+    """inspect's stand-in size (224x224) for an ImageData layer without one: its batch_size, as its labels have it
+    (a layer reading both, e.g. AM-Softmax's margin, must see as many labels as images)."""
+    text = ('layer { name: "data" type: "ImageData" top: "data" top: "label" image_data_param { source: "l" '
+            'batch_size: 8 } }\n'
+            'layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" inner_product_param { num_output: 2 } }\n'
+            'layer { name: "margin" type: "LabelSpecificAdd" bottom: "fc" bottom: "label" top: "margin" }\n')
+    graph = build_graph(parse_prototxt(text), assumed_size=(224, 224))
+    assert graph.inputs == {"data": (8, 3, 224, 224), "label": (8,)}
+
+
 def test_a_v1_image_data_net_states_its_size_through_the_upgraded_crop(tmp_path):
     # V1 nets kept crop_size in image_data_param; Caffe's upgrade moves it to transform_param.
     text = ('name: "v1"\nlayers { name: "data" type: IMAGE_DATA top: "data" top: "label" image_data_param { '

@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 from torch import nn
 
-from caffe2torch.forks import Axpy, Flip, MaxUnpool, ResizeBilinear, ShuffleChannel, Unpooling
+from caffe2torch.forks import Axpy, Flip, LabelSpecificAdd, MaxUnpool, ResizeBilinear, ShuffleChannel, Unpooling
 from caffe2torch.layers.convolution import convert_convolution
 from caffe2torch.limits import check_top
 from caffe2torch.layers.registry import (Converted, Shape, converter, expect_blobs, expect_bottoms, image_shape,
@@ -211,3 +211,16 @@ def convert_flip(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) ->
     expect_blobs(layer, blobs, 0)
     shape = image_shape(layer, inputs)
     return Converted(Flip(layer.flip_param.flip_width, layer.flip_param.flip_height), [shape])
+
+
+@converter("LabelSpecificAdd")
+def convert_label_specific_add(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    """happynear's label_specific_add_layer.cpp (AM-Softmax's margin): scores and labels in, the scores out, the
+    ground-truth score plus `bias` in training only."""
+    expect_bottoms(layer, inputs, 2)
+    expect_blobs(layer, blobs, 0)
+    scores, labels = tuple(inputs[0]), tuple(inputs[1])
+    if not scores or math.prod(labels) != scores[0]:
+        raise layer_error(layer, f"bottom 1 (labels) has shape {labels}: expected one label for each of the "
+                                 f"{scores[0] if scores else 0} samples of bottom 0 {scores}")
+    return Converted(LabelSpecificAdd(float(np.float32(layer.label_specific_add_param.bias))), [scores])
