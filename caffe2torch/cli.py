@@ -103,6 +103,9 @@ memory_option = click.option("--max-memory", metavar="SIZE", expose_value=False,
                              help="Refuse nets needing more memory than this (e.g. 64G; default: the available memory).")
 force_option = click.option("--force", is_flag=True,
                             help="Replace an earlier caffe2torch output in the output folder (never anything else).")
+stage_option = click.option("--stage", "stages", multiple=True, metavar="NAME",
+                            help="Build the net of this stage (repeatable), as a solver's test_state would: it joins "
+                                 "the definition's state, and layers' include/exclude rules pick by it.")
 unknown_option = click.option("--allow-unknown-fields", is_flag=True,
                               help="Convert even when a field our schema does not know may change a layer's "
                                    "forward (each is a warning; the net is built without it).")
@@ -121,8 +124,9 @@ def _note(message: str) -> None:
 @click.option("--no-verify", is_flag=True, help="Accept a file whose md5 differs from the manifest's for its name.")
 @force_option
 @unknown_option
+@stage_option
 def convert(model: Path, prototxt: Path | None, input_shape: str | None, output: Path | None, no_verify: bool,
-            force: bool, allow_unknown_fields: bool) -> None:
+            force: bool, allow_unknown_fields: bool, stages: tuple[str, ...]) -> None:
     """Convert MODEL (.caffemodel or .caffemodel.h5) into a PyTorch model folder.
 
     The folder holds model.py (standalone PyTorch source), weights.pt (its state_dict),
@@ -138,7 +142,7 @@ def convert(model: Path, prototxt: Path | None, input_shape: str | None, output:
     check_target(folder.absolute(), force, ReadFiles([(model, "the model being converted"),
                                                       (prototxt, "the net definition being used")]))
     conversion = run_convert(model, prototxt, _parse_shape(input_shape), verify_md5=not no_verify, on_warning=_warn,
-                             allow_unknown_fields=allow_unknown_fields)
+                             allow_unknown_fields=allow_unknown_fields, stages=stages)
     for note in conversion.notes:
         _note(note)
     release = f" (known release {conversion.release.name})" if conversion.release is not None else ""
@@ -297,7 +301,9 @@ def _numerics(device):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--graph", type=click.Path(dir_okay=False, path_type=Path),
               help="Also draw the layer graph with blob shapes into this .svg file (or write it as Graphviz .dot).")
-def inspect(file: Path, prototxt: Path | None, input_shape: str | None, as_json: bool, graph: Path | None) -> None:
+@stage_option
+def inspect(file: Path, prototxt: Path | None, input_shape: str | None, as_json: bool, graph: Path | None,
+            stages: tuple[str, ...]) -> None:
     """List the layers of FILE (.caffemodel, .caffemodel.h5, .prototxt or a converted folder) with shapes and
     parameter counts.
 
@@ -312,7 +318,7 @@ def inspect(file: Path, prototxt: Path | None, input_shape: str | None, as_json:
 
         graph_format(graph)
         ReadFiles([(file, "the net being inspected"), (prototxt, "the net definition")]).check_file(graph, "--graph")
-    info = describe(file, prototxt, _parse_shape(input_shape))
+    info = describe(file, prototxt, _parse_shape(input_shape), stages)
     if graph is not None:
         from caffe2torch.graphsvg import render
         from caffe2torch.write import write_atomic

@@ -95,11 +95,21 @@ def check_complete(definition: caffe_pb2.NetParameter, source: Path) -> None:
                                  f"short?); give the deploy definition with {term('--prototxt', 'prototxt=')}")
 
 
+def _with_stages(definition, stages: Sequence[str]):
+    for stage in stages:
+        if not isinstance(stage, str) or not stage:
+            raise CaffeError(f"stage {stage!r}: expected a non-empty name")
+    staged = type(definition)()
+    staged.CopyFrom(definition)
+    staged.state.stage.extend(stage for stage in dict.fromkeys(stages) if stage not in staged.state.stage)
+    return staged
+
+
 def convert(weights: str | os.PathLike | None, prototxt: str | os.PathLike | None = None,
             input_shape: Sequence[int] | dict | None = None, verify_md5: bool = True,
             on_warning: Callable[[str], None] | None = None, find_prototxt: bool = True,
             memory_limit: int | str | None = None, assumed_size: tuple[int, int] | None = None,
-            allow_unknown_fields: bool = False) -> Conversion:
+            allow_unknown_fields: bool = False, stages: Sequence[str] = ()) -> Conversion:
     """Build the PyTorch net for `weights` (.caffemodel or .caffemodel.h5), optionally with a deploy prototxt.
 
     Without `prototxt`, the definition is the manifest's for a known release, else (with
@@ -107,7 +117,9 @@ def convert(weights: str | os.PathLike | None, prototxt: str | os.PathLike | Non
     the caffemodel. With no weights, the prototxt alone gives the structure with zero-filled
     parameter blobs. `memory_limit` (bytes or e.g. '64G'; default: the available memory) refuses
     a net too large to build or run here. `assumed_size` (H, W) stands in, with a note, for the size
-    a data layer does not say (`inspect` describes a train/test net that way).
+    a data layer does not say (`inspect` describes a train/test net that way). `stages` join the definition's
+    NetState stages (as a solver's test_state does), picking the layers whose include/exclude rules name them; the
+    converted definition keeps them.
 
     A field the schema does not know, on a layer the net keeps, stops the conversion unless it is known not to
     change the float forward (`caffe2torch.fields`) or `allow_unknown_fields` is given. A CaffeError raised here
@@ -125,7 +137,7 @@ def convert(weights: str | os.PathLike | None, prototxt: str | os.PathLike | Non
 
     try:
         return _convert(weights_path, prototxt_path, input_shape, verify_md5, find_prototxt, memory_limit,
-                        assumed_size, allow_unknown_fields, warn, notes, collected)
+                        assumed_size, allow_unknown_fields, warn, notes, collected, tuple(stages))
     except CaffeError as error:
         # What was skipped or warned about may explain the failure: it travels with it.
         error.warnings = (*collected, *(w for w in error.warnings if w not in collected))
@@ -134,7 +146,8 @@ def convert(weights: str | os.PathLike | None, prototxt: str | os.PathLike | Non
 
 def _convert(weights_path: Path | None, prototxt_path: Path | None, input_shape, verify_md5: bool,
              find_prototxt: bool, memory_limit, assumed_size, allow_unknown_fields: bool,
-             warn: Callable[[str], None], notes: list[str], collected: list[str]) -> Conversion:
+             warn: Callable[[str], None], notes: list[str], collected: list[str],
+             stages: tuple[str, ...] = ()) -> Conversion:
     md5 = release = None
     trained: dict = {}
     stored = None
@@ -154,6 +167,8 @@ def _convert(weights_path: Path | None, prototxt_path: Path | None, input_shape,
     if definition is stored and stored is not None:
         for message in ambiguous_binary_fields(definition, str(weights_path)):
             warn(message)
+    if stages:  # Solver::InitTestNets merges test_state into the net's state: the stages add to its own
+        definition = _with_stages(definition, stages)
     # A fork's field can change what a layer computes: checked for the layers the net keeps (those left out, data
     # and loss, do not matter), before anything is built, so a failure to build comes with them.
     check_unknown(unknown, kept_layers(definition), allow_unknown_fields, warn, batch_statistics_layers(definition))

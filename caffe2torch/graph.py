@@ -105,8 +105,9 @@ def _left_out_producer(net: caffe_pb2.NetParameter, blob: str, state: caffe_pb2.
     rules = " or ".join(f"include {_rule_text(rule)}" for rule in layer.include) or \
         " or ".join(f"exclude {_rule_text(rule)}" for rule in layer.exclude)
     stages = sorted({stage for rule in layer.include for stage in rule.stage})
-    hint = (f"; to build the net of a stage, add `state {{ stage: \"{stages[0]}\" }}` to the definition (Caffe's "
-            f"test nets get theirs from the solver)" if stages else
+    pick = term(f"--stage {stages[0]}", f"stages=[{stages[0]!r}]") if stages else ""
+    hint = (f"; to build the net of a stage, give {pick} (or add `state {{ stage: \"{stages[0]}\" }}` to the "
+            f"definition; Caffe's test nets get theirs from the solver)" if stages else
             "; Caffe refuses this net in the TEST phase too (a TRAIN-only definition?)")
     return (f" (layer {layer.name!r} ({layer.type}) makes it, but the TEST phase"
             f"{' with stages ' + repr(list(state.stage)) if state.stage else ''} leaves it out: {rules}){hint}")

@@ -16,7 +16,7 @@ from caffe2torch.model import layer_module
 ASSUMED_SIZES = ((224, 224), (360, 480), (500, 500))
 
 
-def describe(file: Path, prototxt: Path | None = None, input_shape=None) -> dict:
+def describe(file: Path, prototxt: Path | None = None, input_shape=None, stages=()) -> dict:
     """Everything `caffe2torch inspect` prints, as plain data (JSON-ready).
 
     Parameter counts are Caffe's blobs (BatchNorm's statistics and scale factor included): the
@@ -24,13 +24,14 @@ def describe(file: Path, prototxt: Path | None = None, input_shape=None) -> dict
     """
     file = Path(file)
     if file.is_dir():
-        return _describe_folder(file, prototxt, input_shape)
+        return _describe_folder(file, prototxt, input_shape, stages)
     if file.suffix in (".prototxt", ".pbtxt") and prototxt is None:
         file_pair = (None, file)
     else:
         file_pair = (file, prototxt)
     try:
-        conversion = convert(*file_pair, input_shape, on_warning=lambda _: None, allow_unknown_fields=True)
+        conversion = convert(*file_pair, input_shape, on_warning=lambda _: None, allow_unknown_fields=True,
+                             stages=stages)
     except ShapelessInput as shapeless:
         # A train/test net's data layer need not say its image size: describe the net at the first usual
         # size it builds at, with a note (a size that breaks a fixed-size layer, e.g. SegNet's pad_out_h, fails).
@@ -38,7 +39,7 @@ def describe(file: Path, prototxt: Path | None = None, input_shape=None) -> dict
         for size in ASSUMED_SIZES:
             try:
                 conversion = convert(*file_pair, input_shape, on_warning=lambda _: None, assumed_size=size,
-                                     allow_unknown_fields=True)
+                                     allow_unknown_fields=True, stages=stages)
                 break
             except CaffeError as error:
                 failures.append((f"at {size[0]}x{size[1]}: {error}", error.warnings))
@@ -57,14 +58,14 @@ def describe(file: Path, prototxt: Path | None = None, input_shape=None) -> dict
     })
 
 
-def _describe_folder(folder: Path, prototxt: Path | None, input_shape) -> dict:
+def _describe_folder(folder: Path, prototxt: Path | None, input_shape, stages=()) -> dict:
     """A converted folder: its net as load() rebuilds it; parameter counts as Caffe would allocate them."""
     from caffe2torch.folder import DEFINITION, load, read_meta
     from caffe2torch.freeze import frozen_note
 
-    if prototxt is not None or input_shape is not None:
-        raise CaffeError(f"{folder}: a converted folder holds its definition and input shapes; leave out "
-                         f"{term('--prototxt and --input-shape', 'prototxt and input_shape')}")
+    if prototxt is not None or input_shape is not None or stages:
+        raise CaffeError(f"{folder}: a converted folder holds its definition (stages included) and input shapes; "
+                         f"leave out {term('--prototxt, --input-shape and --stage', 'prototxt, input_shape and stages')}")
     net = load(folder)
     meta = read_meta(folder)
     note = frozen_note(net, by="in this folder (by its definition or by freeze_batchnorm before it was saved")

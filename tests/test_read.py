@@ -100,13 +100,45 @@ def test_a_bottom_made_only_by_a_left_out_layer_says_which_and_how_to_pick_a_sta
     assert str(failure.value) == (
         "layer 'r' (ReLU): bottom 'x' is not produced by any earlier layer or input (layer 'val_in' (Input) makes it, "
         "but the TEST phase leaves it out: include { phase: TEST stage: 'test-on-val' }); to build the net of a "
-        "stage, add `state { stage: \"test-on-val\" }` to the definition (Caffe's test nets get theirs from the "
-        "solver)")
+        "stage, give stages=['test-on-val'] (or add `state { stage: \"test-on-val\" }` to the definition; Caffe's "
+        "test nets get theirs from the solver)")
     graph = build_graph(parse_prototxt('state { stage: "test-on-val" }' + staged))  # as the message says
     assert [layer.name for layer in graph.layers] == ["r"] and graph.inputs == {"x": (1, 2)}
     with pytest.raises(CaffeError, match=r"include \{ phase: TRAIN \}\); Caffe refuses this net in the TEST phase too"):
         build_graph(parse_prototxt(staged.replace('include { phase: TEST stage: "test-on-val" }',
                                                   'include { phase: TRAIN }')))
+
+
+def test_stage_option_builds_the_staged_net_and_the_folder_keeps_it(tmp_path):
+    """--stage joins the definition's state as a solver's test_state does; the converted folder keeps it."""
+    from click.testing import CliRunner
+
+    import json
+
+    import torch
+
+    from caffe2torch.cli import main
+    from caffe2torch.conversion import convert
+    from caffe2torch.folder import load, save_net
+
+    path = tmp_path / "staged.prototxt"
+    path.write_text("""
+        layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 dim: 2 } } include { stage: "val" } }
+        layer { name: "in2" type: "Input" top: "x" input_param { shape { dim: 1 dim: 3 } } include { stage: "train" } }
+        layer { name: "double" type: "Power" bottom: "x" top: "y" power_param { scale: 2 } }
+        layer { name: "half" type: "Power" bottom: "y" top: "z" power_param { scale: 0.5 } exclude { stage: "val" } }
+    """)
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    assert result.exit_code == 2 and "give --stage val (or add `state { stage: \"val\" }`" in result.output
+    result = CliRunner().invoke(main, ["inspect", str(path), "--stage", "val", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["inputs"] == {"x": [1, 2]}
+    save_net(convert(None, path, stages=["val"]).net, tmp_path / "out")
+    net = load(tmp_path / "out")
+    assert net.meta["caffe"].inputs == {"x": (1, 2)} and list(net.meta["caffe"].definition.state.stage) == ["val"]
+    assert torch.equal(net(torch.tensor([[1.0, -3.0]])), torch.tensor([[2.0, -6.0]]))  # "half" left out at val
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "out"), "--stage", "val"])
+    assert result.exit_code == 2 and "leave out --prototxt, --input-shape and --stage" in result.output
 
 
 def test_legacy_v1_caffemodel_upgrades_to_the_same_blobs_as_its_h5(units_dir):
