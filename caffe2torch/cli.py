@@ -178,8 +178,9 @@ def _shapes(shapes) -> str:
               help="Also draw each top's rel L2 error in Caffe's order (log scale, the tolerance, failures named) "
                    "into this .png, .svg or .pdf file.")
 @unknown_option
+@stage_option
 def verify(model: Path, prototxt: Path | None, reference: Path, isolated: bool, tolerance: float | None, no_verify: bool,
-           fast: bool, device: str, plot: Path | None, allow_unknown_fields: bool) -> None:
+           fast: bool, device: str, plot: Path | None, allow_unknown_fields: bool, stages: tuple[str, ...]) -> None:
     """Run MODEL on the reference input and compare every recorded layer with Caffe's outputs.
 
     MODEL is a .caffemodel / .caffemodel.h5 or a folder written by `caffe2torch convert`.
@@ -205,8 +206,8 @@ def verify(model: Path, prototxt: Path | None, reference: Path, isolated: bool, 
     if model.is_dir():
         from caffe2torch.folder import load
 
-        if prototxt is not None:
-            raise CaffeError("--prototxt does not apply to a converted folder (it holds its definition)")
+        if prototxt is not None or stages:
+            raise CaffeError("--prototxt and --stage do not apply to a converted folder (it holds its definition)")
         net = load(model)
     else:
         if prototxt is None:
@@ -216,7 +217,7 @@ def verify(model: Path, prototxt: Path | None, reference: Path, isolated: bool, 
             if note:
                 _note(f"{note}; give --prototxt to choose the definition")
         shapes = {name: value.shape for name, value in ref.inputs.items()}
-        conversion = _convert_quietly(model, prototxt, shapes, not no_verify, allow_unknown_fields)
+        conversion = _convert_quietly(model, prototxt, shapes, not no_verify, allow_unknown_fields, stages)
         net = conversion.net
     net = net.to(target)
     tolerance = tolerance if tolerance is not None else (ISOLATED_TOLERANCE if isolated else FREE_TOLERANCE)
@@ -250,11 +251,12 @@ def verify(model: Path, prototxt: Path | None, reference: Path, isolated: bool, 
     sys.exit(0 if report.ok else EXIT_MISMATCH)
 
 
-def _convert_quietly(model: Path, prototxt: Path | None, shapes, verify_md5: bool, allow_unknown_fields: bool):
+def _convert_quietly(model: Path, prototxt: Path | None, shapes, verify_md5: bool, allow_unknown_fields: bool,
+                     stages: tuple[str, ...] = ()):
     from caffe2torch.conversion import convert as run_convert
 
     return run_convert(model, prototxt, shapes, verify_md5=verify_md5, on_warning=_warn,
-                       allow_unknown_fields=allow_unknown_fields)
+                       allow_unknown_fields=allow_unknown_fields, stages=stages)
 
 
 def _device(name: str):
@@ -379,8 +381,10 @@ def fold_bn(model: Path, prototxt: Path | None, input_shape: str | None, output:
               "net takes; the batch always is.")
 @click.option("--fast", is_flag=True, help="Export the fast graph (norms folded, torch's Interp and pooling kernels).")
 @unknown_option
+@stage_option
 def export(model: Path, prototxt: Path | None, input_shape: str | None, fmt: str, output: Path, no_verify: bool,
-           tolerance: float, force: bool, dynamic: bool, fast: bool, allow_unknown_fields: bool) -> None:
+           tolerance: float, force: bool, dynamic: bool, fast: bool, allow_unknown_fields: bool,
+           stages: tuple[str, ...]) -> None:
     """Export MODEL (a caffemodel or a converted folder) and check the file against the PyTorch net.
 
     The written file is run (onnxruntime, the loaded program, or the net with the file's
@@ -395,15 +399,16 @@ def export(model: Path, prototxt: Path | None, input_shape: str | None, fmt: str
     if model.is_dir():
         from caffe2torch.folder import load
 
-        if prototxt is not None or input_shape is not None:
-            raise CaffeError("--prototxt and --input-shape do not apply to a converted folder")
+        if prototxt is not None or input_shape is not None or stages:
+            raise CaffeError("--prototxt, --input-shape and --stage do not apply to a converted folder")
         read = ReadFiles([(model, "the converted folder being exported")])
         read.check_file(output, "-o")  # before the work
         net = load(model)
     else:
         read = ReadFiles([(model, "the model being exported"), (prototxt, "the net definition being used")])
         read.check_file(output, "-o")  # before the work
-        conversion = _convert_quietly(model, prototxt, _parse_shape(input_shape), not no_verify, allow_unknown_fields)
+        conversion = _convert_quietly(model, prototxt, _parse_shape(input_shape), not no_verify, allow_unknown_fields,
+                                      stages)
         for note in conversion.notes:
             _note(note)
         net, read = conversion.net, conversion.read_files()
@@ -412,6 +417,8 @@ def export(model: Path, prototxt: Path | None, input_shape: str | None, fmt: str
     except ExportMismatch as error:
         _fail(str(error), EXIT_MISMATCH)
     sizes = " and ".join(", ".join("x".join(map(str, shape)) for shape in inputs) for inputs in check.sizes)
+    if check.note:
+        _note(check.note)
     click.echo(f"wrote {check.path} ({fmt}{', fast graph' if fast else ''}); sizes "
                f"{check.dynamic or 'fixed at the example'}")
     click.echo(f"checked against the PyTorch net at {sizes}: max abs error {check.max_abs:.3g}, relative "

@@ -95,6 +95,11 @@ def check_complete(definition: caffe_pb2.NetParameter, source: Path) -> None:
                                  f"short?); give the deploy definition with {term('--prototxt', 'prototxt=')}")
 
 
+def _stage_names(stages) -> tuple[str, ...]:
+    """One stage name or several (a lone string is one name, not its characters)."""
+    return (stages,) if isinstance(stages, str) else tuple(stages)
+
+
 def _with_stages(definition, stages: Sequence[str]):
     for stage in stages:
         if not isinstance(stage, str) or not stage:
@@ -137,7 +142,7 @@ def convert(weights: str | os.PathLike | None, prototxt: str | os.PathLike | Non
 
     try:
         return _convert(weights_path, prototxt_path, input_shape, verify_md5, find_prototxt, memory_limit,
-                        assumed_size, allow_unknown_fields, warn, notes, collected, tuple(stages))
+                        assumed_size, allow_unknown_fields, warn, notes, collected, _stage_names(stages))
     except CaffeError as error:
         # What was skipped or warned about may explain the failure: it travels with it.
         error.warnings = (*collected, *(w for w in error.warnings if w not in collected))

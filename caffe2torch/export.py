@@ -47,6 +47,7 @@ class ExportCheck:
     outputs: int
     sizes: list = None  # the input shapes checked, the converted ones first
     dynamic: str = ""  # which sizes the file leaves symbolic, in words ("" when none)
+    note: str = ""  # why sizes the net takes were kept fixed after all ("" when none)
 
 
 def _errors(expected: Sequence[torch.Tensor], actual: Sequence) -> tuple[float, float]:
@@ -170,7 +171,8 @@ def export(net: fx.GraphModule, fmt: str, path: str | os.PathLike, tolerance: fl
            read: ReadFiles | None = None, dynamic: bool = False, fast: bool = False) -> ExportCheck:
     """Write `net` as `fmt` to `path` and check it; a mismatch deletes the file and raises ExportMismatch.
 
-    ONNX and pt2 files take any batch size; `dynamic` also any height and width the net takes. `fast`
+    ONNX and pt2 files take any batch size (unless torch.export cannot prove the net's guards for any: then the
+    converted sizes, said in the check's `note`); `dynamic` also any height and width the net takes. `fast`
     writes the fast graph (caffe2torch.fast.optimize, without the CPU-only fused convolutions).
     An existing file is replaced only with `force`, and never a file the run read (`read`, e.g.
     `Conversion.read_files()`: the model, its definition wherever it was found; `protect`: more
@@ -199,6 +201,7 @@ def export(net: fx.GraphModule, fmt: str, path: str | os.PathLike, tolerance: fl
         raise CaffeError(f"{path}: exists; pass {term('--force', 'force=True')} to replace it")
     net = net.eval()
     shapes, example, checks, symbolic = _export_plan(net, fmt, dynamic, seed)
+    note = ""
     module = _fast_graph(net) if fast else net
     parent = path.absolute().parent
     blocking = next((p for p in [parent, *parent.parents] if p.exists() and not p.is_dir()), None)
@@ -223,6 +226,8 @@ def export(net: fx.GraphModule, fmt: str, path: str | os.PathLike, tolerance: fl
                 # (e.g. a proposal layer's min(top_n, ...) of it): the file keeps the converted sizes.
                 example = checks[0]
                 shapes, checks, symbolic = None, checks[:1], ""
+                note = (f"torch.export could not prove the net's guards for any batch ({str(error).splitlines()[0]}): "
+                        f"the file keeps the converted sizes")
                 run = write(fmt, module, example, temporary, info.input_names, list(info.outputs), shapes)
             results = [(inputs, run(inputs)) for inputs in checks]
         except CaffeError:
@@ -249,7 +254,7 @@ def export(net: fx.GraphModule, fmt: str, path: str | os.PathLike, tolerance: fl
     finally:
         temporary.unlink(missing_ok=True)
     return ExportCheck(path, worst_abs, worst_rel, len(info.outputs), [[tuple(x.shape) for x in inputs]
-                                                                       for inputs in checks], symbolic)
+                                                                       for inputs in checks], symbolic, note)
 
 
 def _fast_graph(net: fx.GraphModule) -> fx.GraphModule:

@@ -41,7 +41,7 @@ _BY_NAME = {
 # By the whole path, harmless only at the values given (None: any value). NVCaffe declares torch_pooling and reads it
 # nowhere, but it came from Facebook's Caffe, where true means torch's floor rounding of the pooled size: a prototxt
 # that sets it true may have been written for that.
-_BY_PATH = {"pooling_param.torch_pooling": (INERT, {"false"})}
+_BY_PATH = {"pooling_param.torch_pooling": (INERT, {"false", "False", "f", "0"})}  # the text format's falses
 # Intel Caffe's BatchNorm statistics over sub-batches of this size (mkldnn_batch_norm_layer.cpp): they change the
 # forward where the layer normalises by its batch (use_global_stats: false), not where it uses the stored ones.
 SUB_BATCHES = ("bn_stats_batch_size", "stats_batch_size")

@@ -118,7 +118,8 @@ def caffe_unpool(x: torch.Tensor, method: str, kernel: tuple, stride: tuple, siz
 class LabelSpecificAdd(nn.Module):
     """happynear's LabelSpecificAdd (AM-Softmax, label_specific_add_layer.cpp): in training each sample's score of
     its ground-truth class (the label truncated to an integer) gains `bias` where it exceeds -bias; at test the scores
-    pass unchanged (the fork's transform_test applies in its TRAIN phase only). Bottoms: scores [N, ...], labels."""
+    pass unchanged (the fork's transform_test applies in its TRAIN phase only). Bottoms: scores [N, ...], labels
+    (give them as integers or float32: float16 holds class numbers exactly only up to 2048, bfloat16 up to 256)."""
 
     def __init__(self, bias: float) -> None:
         super().__init__()
@@ -129,6 +130,13 @@ class LabelSpecificAdd(nn.Module):
             return x
         flat = x.reshape(x.shape[0], -1)
         index = label.reshape(-1, 1).long()  # static_cast<int>: toward zero
+        if not _tracing() and x.device.type != "meta":
+            # The fork reads past its label buffer or writes into a neighbour's scores: refused here.
+            if index.shape[0] != flat.shape[0]:
+                raise CaffeError(f"LabelSpecificAdd: {index.shape[0]} labels for {flat.shape[0]} samples")
+            if bool(((index < 0) | (index >= flat.shape[1])).any()):
+                raise CaffeError(f"LabelSpecificAdd: a label outside the {flat.shape[1]} classes (labels "
+                                 f"{int(index.min())} to {int(index.max())})")
         score = flat.gather(1, index)
         bias = torch.full((), self.bias, dtype=x.dtype, device=x.device)  # Dtype bias_: float32 for a float net
         return flat.scatter(1, index, torch.where(score > -bias, score + bias, score)).reshape(x.shape)

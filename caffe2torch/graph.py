@@ -92,24 +92,42 @@ def _rule_text(rule: caffe_pb2.NetStateRule) -> str:
     return "{ " + " ".join(parts) + " }"
 
 
+def _stages_that_include(layer: caffe_pb2.LayerParameter, state: caffe_pb2.NetState) -> list[str] | None:
+    """The stages to add to `state` so that one of the layer's include rules takes it (the fewest), or None when
+    no stage can (a rule of another phase, a level, a not_stage the state has)."""
+    options = []
+    for rule in layer.include:
+        if rule.HasField("phase") and rule.phase != state.phase or rule.HasField("min_level") or \
+                rule.HasField("max_level") or any(stage in state.stage for stage in rule.not_stage):
+            continue
+        missing = [stage for stage in rule.stage if stage not in state.stage]
+        if missing:
+            options.append(missing)
+    return min(options, key=len) if options else None
+
+
 def _left_out_producer(net: caffe_pb2.NetParameter, blob: str, state: caffe_pb2.NetState) -> str:
     """Why a bottom has no producer when a layer the net's state leaves out makes it (Caffe's Net refuses such a
-    net too): that layer and its rules, and how to pick a stage; "" otherwise."""
+    net too): that layer and its rules, and the stages that would take it in; "" otherwise."""
     makers = [layer for layer in net.layer if blob in layer.top and not included(layer, state)]
-    # a maker of this phase that a stage would pick first (LRCN's data layers for 'test-on-train' / 'test-on-val')
-    makers.sort(key=lambda layer: not any(rule.stage and (not rule.HasField("phase") or rule.phase == state.phase)
-                                          for rule in layer.include))
     if not makers:
         return ""
-    layer = makers[0]
+    # a maker that stages can take in comes first (LRCN's data layers for 'test-on-train' / 'test-on-val')
+    layer = next((maker for maker in makers if _stages_that_include(maker, state)), makers[0])
     rules = " or ".join(f"include {_rule_text(rule)}" for rule in layer.include) or \
         " or ".join(f"exclude {_rule_text(rule)}" for rule in layer.exclude)
-    stages = sorted({stage for rule in layer.include for stage in rule.stage})
-    pick = term(f"--stage {stages[0]}", f"stages=[{stages[0]!r}]") if stages else ""
-    hint = (f"; to build the net of a stage, give {pick} (or add `state {{ stage: \"{stages[0]}\" }}` to the "
-            f"definition; Caffe's test nets get theirs from the solver)" if stages else
-            "; Caffe refuses this net in the TEST phase too (a TRAIN-only definition?)")
-    return (f" (layer {layer.name!r} ({layer.type}) makes it, but the TEST phase"
+    stages = _stages_that_include(layer, state)
+    phase = caffe_pb2.Phase.Name(state.phase)
+    if stages:
+        pick = term(" ".join(f"--stage {stage}" for stage in stages), f"stages={stages!r}")
+        lines = " ".join(f'stage: "{stage}"' for stage in stages)
+        hint = (f"; to build the net of that stage, give {pick} (or add `state {{ {lines} }}` to the definition; "
+                f"Caffe's test nets get theirs from the solver)")
+    elif any(rule.HasField("phase") and rule.phase != state.phase for rule in layer.include):
+        hint = f"; Caffe refuses this net in the {phase} phase too (a definition for another phase?)"
+    else:
+        hint = "; Caffe refuses this net with this state too"
+    return (f" (layer {layer.name!r} ({layer.type}) makes it, but the {phase} phase"
             f"{' with stages ' + repr(list(state.stage)) if state.stage else ''} leaves it out: {rules}){hint}")
 
 

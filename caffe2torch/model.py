@@ -191,8 +191,8 @@ def _diagnose(net: "CaffeNet", args, kwargs) -> str | None:
     except TypeError:
         return None
     moved = [name for name, value in zip(info.input_names, inputs) if isinstance(value, torch.Tensor) and
-             tuple(value.shape) != tuple(info.inputs[name])]
-    if not moved:  # at the converted size the failure is not about sizes: the original error stands
+             tuple(value.shape[1:]) != tuple(info.inputs[name][1:])]
+    if not moved:  # at the converted size (any batch) the failure is not about sizes: the original error stands
         return None
 
     class Replay(fx.Interpreter):
@@ -204,13 +204,9 @@ def _diagnose(net: "CaffeNet", args, kwargs) -> str | None:
                 if node.op != "call_module" or not isinstance(call, LayerCall) or _out_of_memory(error):
                     raise
                 values = [self.env[a] for a in node.args if isinstance(a, fx.Node)]
-                sizes = [tuple(value.shape) for value in values if isinstance(value, torch.Tensor)]
-                converted = [tuple(info.blob_shapes.get(blob, ())) for blob in call.bottoms]
-                if [s[1:] for s in sizes] == [s[1:] for s in converted] and \
-                        (sizes == converted or _fails_at(self, node, converted)):
-                    # the sizes it was converted for, or another axis 0 only where the layer fails at the converted
-                    # one too: no size error (e.g. a dtype or device without a kernel)
-                    raise
+                sizes = [tuple(value.shape)[1:] for value in values if isinstance(value, torch.Tensor)]
+                if sizes == [tuple(info.blob_shapes.get(blob, ()))[1:] for blob in call.bottoms]:
+                    raise  # the sizes it was converted for (any batch): no size error, a dtype or device without a kernel
                 got = ", ".join(f"{blob!r} {_shape_text(tuple(value.shape))}" for blob, value in
                                 zip(call.bottoms, values) if isinstance(value, torch.Tensor))
                 wanted = ", ".join(f"{_shape_text(info.blob_shapes[blob])}" for blob in call.bottoms
@@ -226,20 +222,6 @@ def _diagnose(net: "CaffeNet", args, kwargs) -> str | None:
         except Exception:  # noqa: BLE001 - the layer that failed is in `found`; otherwise the original error stands
             pass
     return found[0] if found else None
-
-
-def _fails_at(interpreter: fx.Interpreter, node: fx.Node, shapes: list[tuple]) -> bool:
-    """Whether a layer call also fails on zeros of its converted bottom shapes (axis 0 included): its failure at
-    another axis 0 alone is then not about sizes. Layers whose axis 0 is no batch (a recurrent net's time steps, an
-    explicit Reshape) work there and fail only at the new one."""
-    args, kwargs = interpreter.fetch_args_kwargs_from_env(node)
-    shapes_left = iter(shapes)
-    try:
-        stand_in = [value.new_zeros(next(shapes_left)) if isinstance(value, torch.Tensor) else value for value in args]
-        interpreter.call_module(node.target, tuple(stand_in), kwargs)
-    except Exception:  # noqa: BLE001 - any failure there: the original error stands
-        return True
-    return False
 
 
 def assemble(graph: NetGraph, weights: Mapping[str, Sequence[np.ndarray]],

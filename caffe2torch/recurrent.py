@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from caffe2torch.errors import InputSizeError
 from caffe2torch.modules import _concrete, _kwargs, _wide, dims
 
 
@@ -37,19 +38,20 @@ def caffe_tanh_by_sigmoid(x: torch.Tensor) -> torch.Tensor:
     return _wide(lambda wide: 2.0 * torch.sigmoid(2.0 * wide) - 1.0, x)
 
 
-def _check_steps(x: torch.Tensor, steps: int, kind: str) -> None:
+def _check_steps(x: torch.Tensor, steps: int, kind: str, layer: str = "") -> None:
     (length,) = dims(x, 0)
     if _concrete(length) and length != steps:  # RecurrentLayer::Reshape's CHECK_EQ
-        raise ValueError(f"{kind}: the input has {length} time steps; the net was converted for {steps} (Caffe's "
-                         f"recurrent layers keep the number of time steps of their setup)")
+        where = f"layer {layer!r} ({kind})" if layer else kind
+        raise InputSizeError(f"{where}: the input has {length} time steps; the net was converted for {steps} "
+                             f"(Caffe's recurrent layers keep the number of time steps of their setup)")
 
 
 @torch.fx.wrap
 def caffe_lstm(x: torch.Tensor, cont: torch.Tensor, x_static: torch.Tensor | None, h: torch.Tensor | None,
                c: torch.Tensor | None, weight_xc: torch.Tensor, bias_c: torch.Tensor,
-               weight_xc_static: torch.Tensor | None, weight_hc: torch.Tensor, steps: int):
+               weight_xc_static: torch.Tensor | None, weight_hc: torch.Tensor, steps: int, layer: str = ""):
     """BVLC's unrolled LSTM net (see CaffeLSTM): (h [T, N, H], h_T [1, N, H], c_T [1, N, H])."""
-    _check_steps(x, steps, "LSTM")
+    _check_steps(x, steps, "LSTM", layer)
     (batch,) = dims(x, 1)
     hidden = weight_hc.shape[1]
     gates_x = F.linear(x.flatten(2), weight_xc, bias_c)  # x_transform: W_xc x + b_c, all time steps at once
@@ -81,10 +83,10 @@ class CaffeLSTM(nn.Module):
     """
 
     def __init__(self, input_size: int, hidden: int, steps: int, static_size: int = 0,
-                 expose_hidden: bool = False) -> None:
+                 expose_hidden: bool = False, layer: str = "") -> None:
         super().__init__()
         self.input_size, self.hidden, self.steps = int(input_size), int(hidden), int(steps)
-        self.static_size, self.expose_hidden = int(static_size), bool(expose_hidden)
+        self.static_size, self.expose_hidden, self.layer = int(static_size), bool(expose_hidden), str(layer)
         self.weight_xc = nn.Parameter(torch.empty(4 * self.hidden, self.input_size))
         self.bias_c = nn.Parameter(torch.empty(4 * self.hidden))
         self.weight_xc_static = nn.Parameter(torch.empty(4 * self.hidden, self.static_size)) \
@@ -96,20 +98,20 @@ class CaffeLSTM(nn.Module):
         state = extra[1:] if self.static_size else extra
         h0, c0 = state if self.expose_hidden else (None, None)
         h, h_last, c_last = caffe_lstm(x, cont, x_static, h0, c0, self.weight_xc, self.bias_c,
-                                       self.weight_xc_static, self.weight_hc, self.steps)
+                                       self.weight_xc_static, self.weight_hc, self.steps, self.layer)
         return (h, h_last, c_last) if self.expose_hidden else h
 
     def extra_repr(self) -> str:
         return _kwargs(input_size=self.input_size, hidden=self.hidden, steps=self.steps,
-                       static_size=self.static_size, expose_hidden=self.expose_hidden)
+                       static_size=self.static_size, expose_hidden=self.expose_hidden, layer=self.layer)
 
 
 @torch.fx.wrap
 def caffe_rnn(x: torch.Tensor, cont: torch.Tensor, x_static: torch.Tensor | None, h: torch.Tensor | None,
               weight_xh: torch.Tensor, bias_h: torch.Tensor, weight_xh_static: torch.Tensor | None,
-              weight_hh: torch.Tensor, weight_ho: torch.Tensor, bias_o: torch.Tensor, steps: int):
+              weight_hh: torch.Tensor, weight_ho: torch.Tensor, bias_o: torch.Tensor, steps: int, layer: str = ""):
     """BVLC's unrolled RNN net (see CaffeRNN): (o [T, N, H], h_T [1, N, H])."""
-    _check_steps(x, steps, "RNN")
+    _check_steps(x, steps, "RNN", layer)
     (batch,) = dims(x, 1)
     hidden = weight_hh.shape[1]
     inputs = F.linear(x.flatten(2), weight_xh, bias_h)
@@ -133,10 +135,10 @@ class CaffeRNN(nn.Module):
     """
 
     def __init__(self, input_size: int, hidden: int, steps: int, static_size: int = 0,
-                 expose_hidden: bool = False) -> None:
+                 expose_hidden: bool = False, layer: str = "") -> None:
         super().__init__()
         self.input_size, self.hidden, self.steps = int(input_size), int(hidden), int(steps)
-        self.static_size, self.expose_hidden = int(static_size), bool(expose_hidden)
+        self.static_size, self.expose_hidden, self.layer = int(static_size), bool(expose_hidden), str(layer)
         self.weight_xh = nn.Parameter(torch.empty(self.hidden, self.input_size))
         self.bias_h = nn.Parameter(torch.empty(self.hidden))
         self.weight_xh_static = nn.Parameter(torch.empty(self.hidden, self.static_size)) if self.static_size else None
@@ -149,12 +151,12 @@ class CaffeRNN(nn.Module):
         state = extra[1:] if self.static_size else extra
         h0 = state[0] if self.expose_hidden else None
         o, h_last = caffe_rnn(x, cont, x_static, h0, self.weight_xh, self.bias_h, self.weight_xh_static,
-                              self.weight_hh, self.weight_ho, self.bias_o, self.steps)
+                              self.weight_hh, self.weight_ho, self.bias_o, self.steps, self.layer)
         return (o, h_last) if self.expose_hidden else o
 
     def extra_repr(self) -> str:
         return _kwargs(input_size=self.input_size, hidden=self.hidden, steps=self.steps,
-                       static_size=self.static_size, expose_hidden=self.expose_hidden)
+                       static_size=self.static_size, expose_hidden=self.expose_hidden, layer=self.layer)
 
 
 class LSTMUnit(nn.Module):

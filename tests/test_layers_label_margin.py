@@ -44,6 +44,11 @@ def test_label_specific_add_matches_the_fork_loop_in_training_and_passes_scores_
 def test_label_specific_add_checks_its_labels():
     with pytest.raises(CaffeError, match=r"bottom 1 \(labels\) has shape \(3,\): expected one label for each of the 4"):
         convert_layer(layer_from_text(LAYER), [(4, 3), (3,)], [])
+    module = convert_layer(layer_from_text(LAYER), [(4, 3), (4,)], []).module.train()
+    with pytest.raises(CaffeError, match="LabelSpecificAdd: 4 labels for 8 samples"):
+        module(torch.zeros(8, 3), torch.zeros(4))
+    with pytest.raises(CaffeError, match=r"a label outside the 3 classes \(labels -1 to 1\)"):
+        module(torch.zeros(4, 3), torch.tensor([0.0, 1.0, -1.0, 1.0]))  # an ignore label of -1
 
 
 def test_an_am_softmax_head_trains_with_its_margin_and_runs_standalone(tmp_path):

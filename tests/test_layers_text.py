@@ -178,6 +178,8 @@ def test_ctpn_head_runs_at_other_sizes_standalone_and_exported(tmp_path):
     for fmt in ("onnx", "pt2"):  # torch.export cannot prove the proposals' guards for any batch: the example's
         check = export(net, fmt, tmp_path / f"net.{fmt}")
         assert check.max_rel <= 1e-5 and check.dynamic == "" and check.sizes == [[(1, 8, 3, 5), (1, 3)]], fmt
+        assert check.note.startswith("torch.export could not prove the net's guards for any batch (Constraints "
+                                     "violated"), check.note
 
 
 def test_ctpn_proposal_checks_its_parameters():

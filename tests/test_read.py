@@ -99,14 +99,20 @@ def test_a_bottom_made_only_by_a_left_out_layer_says_which_and_how_to_pick_a_sta
         build_graph(parse_prototxt(staged))
     assert str(failure.value) == (
         "layer 'r' (ReLU): bottom 'x' is not produced by any earlier layer or input (layer 'val_in' (Input) makes it, "
-        "but the TEST phase leaves it out: include { phase: TEST stage: 'test-on-val' }); to build the net of a "
+        "but the TEST phase leaves it out: include { phase: TEST stage: 'test-on-val' }); to build the net of that "
         "stage, give stages=['test-on-val'] (or add `state { stage: \"test-on-val\" }` to the definition; Caffe's "
         "test nets get theirs from the solver)")
     graph = build_graph(parse_prototxt('state { stage: "test-on-val" }' + staged))  # as the message says
     assert [layer.name for layer in graph.layers] == ["r"] and graph.inputs == {"x": (1, 2)}
+    # a rule needing two stages names both; one of another phase names none
+    two = staged.replace('include { phase: TEST stage: "test-on-val" }', 'include { stage: "a" stage: "b" }')
+    with pytest.raises(CaffeError, match=r"give stages=\['b'\] \(or add `state \{ stage: \"b\" \}`"):
+        build_graph(parse_prototxt('state { stage: "a" }' + two))
+    with pytest.raises(CaffeError, match=r"give stages=\['a', 'b'\]"):
+        build_graph(parse_prototxt(two))
     with pytest.raises(CaffeError, match=r"include \{ phase: TRAIN \}\); Caffe refuses this net in the TEST phase too"):
         build_graph(parse_prototxt(staged.replace('include { phase: TEST stage: "test-on-val" }',
-                                                  'include { phase: TRAIN }')))
+                                                  'include { phase: TRAIN stage: "t" }')))
 
 
 def test_stage_option_builds_the_staged_net_and_the_folder_keeps_it(tmp_path):

@@ -71,12 +71,12 @@ def convert_recurrent(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray
     if static:
         static_weight = tensors.pop(2)
     if layer.type == "LSTM":
-        module = on_meta(CaffeLSTM, size, hidden, steps, static, expose)
+        module = on_meta(CaffeLSTM, size, hidden, steps, static, expose, layer.name)
         assign(module, weight_xc=tensors[0], bias_c=tensors[1], weight_hc=tensors[2],
                **({"weight_xc_static": static_weight} if static else {}))
         tops = [(steps, batch, hidden)] + [(1, batch, hidden)] * (2 if expose else 0)
     else:
-        module = on_meta(CaffeRNN, size, hidden, steps, static, expose)
+        module = on_meta(CaffeRNN, size, hidden, steps, static, expose, layer.name)
         assign(module, weight_xh=tensors[0], bias_h=tensors[1], weight_hh=tensors[2], weight_ho=tensors[3],
                bias_o=tensors[4], **({"weight_xh_static": static_weight} if static else {}))
         tops = [(steps, batch, hidden)] + [(1, batch, hidden)] * (1 if expose else 0)
