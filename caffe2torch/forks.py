@@ -351,3 +351,87 @@ def resize_bilinear(x: torch.Tensor, output_size: tuple, scale: tuple, mode: str
     bottom = across(x.index_select(2, y_upper))
     y = top + (bottom - top) * y_lerp
     return y.permute(0, 2, 3, 1).contiguous() if layout == "NHWC" else y
+
+
+class ResizeNearest(nn.Module):
+    """synopsys-caffe's ResizeNearestNeighbor (TensorFlow's resize_nearest_neighbor) on N x C x H x W (or NHWC).
+
+    The output size follows ResizeBilinear's rule; each output row h reads input row in_h, computed in float32 from
+    the scale in / out ((in - 1) / (out - 1) with align_corners): floorf(h * scale) (asymmetric), roundf(h * scale)
+    (align_corners), floorf((h + 0.5f) * scale) (half_pixel_centers) or floorf((h + 0.5f) * scale - 0.5) with the
+    0.5 subtracted in double (half_pixel_onnx), kept inside the input; columns alike."""
+
+    def __init__(self, output_size: tuple = (None, None), scale: tuple = (1.0, 1.0), mode: str = "asymmetric",
+                 layout: str = "NCHW") -> None:
+        super().__init__()
+        if mode not in ("asymmetric", "align_corners", "half_pixel_centers", "half_pixel_onnx"):
+            raise ValueError(f"unknown nearest-neighbour mode {mode!r}")
+        if layout not in ("NCHW", "NHWC"):
+            raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
+        self.output_size = tuple(None if n is None else int(n) for n in output_size)
+        self.scale = tuple(float(f) for f in scale)
+        self.mode, self.layout = mode, layout
+
+    @property
+    def fixed_export_sizes(self) -> str:
+        return "" if None not in self.output_size else "its output size is the input's times a float scale"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return resize_nearest(x, self.output_size, self.scale, self.mode, self.layout)
+
+    def extra_repr(self) -> str:
+        return _kwargs(output_size=self.output_size, scale=self.scale, mode=self.mode, layout=self.layout)
+
+
+def nearest_sources(size: int, out: int, mode: str, device=None) -> torch.Tensor:
+    """The input index each of `out` outputs reads along one axis (resize_nearest_neighbor_layer.cpp)."""
+    f32 = torch.float32
+    if mode == "align_corners" and out > 1:  # CalculateResizeScale, a float quotient
+        scale = torch.tensor(size - 1, dtype=f32, device=device) / torch.tensor(out - 1, dtype=f32, device=device)
+    else:
+        scale = torch.tensor(size, dtype=f32, device=device) / torch.tensor(out, dtype=f32, device=device)
+    steps = torch.arange(out, dtype=f32, device=device)
+    if mode == "half_pixel_onnx":  # the literal 0.5 is a double; floorf takes the difference back as a float
+        source = torch.floor(((steps + 0.5) * scale).double().sub(0.5).float())
+    elif mode == "half_pixel_centers":
+        source = torch.floor((steps + 0.5) * scale)
+    elif mode == "align_corners":  # roundf: halves away from zero (the values are not negative)
+        product = (steps * scale).double()
+        source = torch.floor(product) + (product - torch.floor(product) >= 0.5).double()
+    else:
+        source = torch.floor(steps * scale)
+    return source.long().clamp(0, size - 1)
+
+
+@torch.fx.wrap
+def resize_nearest(x: torch.Tensor, output_size: tuple, scale: tuple, mode: str, layout: str) -> torch.Tensor:
+    if layout == "NHWC":
+        x = x.permute(0, 3, 1, 2)
+    size = dims(x, 2, 3)
+    out = resized_size(size, output_size, scale)
+    if _concrete(*out) and min(out) <= 0:  # the converter's check, for a net run at another size
+        raise ValueError(f"ResizeNearestNeighbor: a {size[0]} x {size[1]} input scaled by {scale} leaves no output")
+    rows, cols = TableCache.get(("resize_nearest", size, out, mode, x.device),
+                                lambda: (nearest_sources(size[0], out[0], mode, x.device),
+                                         nearest_sources(size[1], out[1], mode, x.device)), x, *size, *out)
+    y = x.index_select(2, rows).index_select(3, cols)
+    return y.permute(0, 2, 3, 1).contiguous() if layout == "NHWC" else y
+
+
+class Squeeze(nn.Module):
+    """synopsys-caffe's Squeeze (squeeze_layer.cpp): the blob without its axes of size 1, those of `axes` (each must
+    be 1, as the fork CHECKs) or, with none given, all of them, recomputed for the input it gets."""
+
+    def __init__(self, axes: tuple = ()) -> None:
+        super().__init__()
+        self.axes = tuple(int(axis) for axis in axes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.axes:
+            return x.squeeze()
+        if not _tracing() and any(x.shape[axis] != 1 for axis in self.axes):
+            raise CaffeError(f"Squeeze: axes {self.axes} of a {tuple(x.shape)} blob are not all of size 1")
+        return x.squeeze(self.axes)
+
+    def extra_repr(self) -> str:
+        return _kwargs(axes=self.axes)

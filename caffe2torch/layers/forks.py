@@ -10,7 +10,8 @@ from typing import Sequence
 import numpy as np
 from torch import nn
 
-from caffe2torch.forks import Axpy, Flip, LabelSpecificAdd, MaxUnpool, ResizeBilinear, ShuffleChannel, Unpooling
+from caffe2torch.forks import (Axpy, Flip, LabelSpecificAdd, MaxUnpool, ResizeBilinear, ResizeNearest, ShuffleChannel,
+                               Squeeze, Unpooling)
 from caffe2torch.layers.convolution import convert_convolution
 from caffe2torch.limits import check_top
 from caffe2torch.layers.registry import (Converted, Shape, converter, expect_blobs, expect_bottoms, image_shape,
@@ -131,18 +132,14 @@ def convert_crop_center(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarr
     return Converted(Crop(start, tuple(crop[start:])), [sizes])
 
 
-@converter("ResizeBilinear")
-def convert_resize_bilinear(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
-    """synopsys-caffe's TensorFlow resize: output_height/width, else floor(size * scale) in float32."""
-    expect_bottoms(layer, inputs, 1)
-    expect_blobs(layer, blobs, 0)
-    param = layer.resize_bilinear_param
+def _resize_geometry(layer, param, inputs: Sequence[Shape], modes: Sequence[str]):
+    """synopsys-caffe's resize layers' common Reshape: (top shape, given sizes or None, float32 scales, mode)."""
     if param.data_format not in ("NCHW", "NHWC"):
         raise layer_error(layer, f"data_format {param.data_format!r} is not supported (NCHW and NHWC are)")
     shape = image_shape(layer, inputs)
-    modes = [name for name in ("align_corners", "half_pixel_centers", "pytorch_half_pixel") if getattr(param, name)]
-    if len(modes) > 1:
-        raise layer_error(layer, f"{' and '.join(modes)} exclude each other")
+    chosen = [name for name in modes if getattr(param, name)]
+    if len(chosen) > 1:
+        raise layer_error(layer, f"{' and '.join(chosen)} exclude each other")
     size = shape[2:] if param.data_format == "NCHW" else shape[1:3]
     out, given_size, scales = [], [], []
     for n, given, field, scale in ((size[0], param.output_height, "output_height", param.scale_height),
@@ -160,8 +157,49 @@ def convert_resize_bilinear(layer, inputs: Sequence[Shape], blobs: Sequence[np.n
         raise layer_error(layer, f"output size {tuple(out)} is not positive")
     top = shape[:2] + tuple(out) if param.data_format == "NCHW" else (shape[0], *out, shape[3])
     check_top(layer, top, inputs)  # before the tables of that size are built
-    module = ResizeBilinear(tuple(given_size), tuple(scales), modes[0] if modes else "asymmetric", param.data_format)
-    return Converted(module, [top])
+    return top, tuple(given_size), tuple(scales), chosen[0] if chosen else "asymmetric"
+
+
+@converter("ResizeBilinear")
+def convert_resize_bilinear(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    """synopsys-caffe's TensorFlow resize: output_height/width, else floor(size * scale) in float32."""
+    expect_bottoms(layer, inputs, 1)
+    expect_blobs(layer, blobs, 0)
+    param = layer.resize_bilinear_param
+    top, given, scales, mode = _resize_geometry(layer, param, inputs,
+                                                ("align_corners", "half_pixel_centers", "pytorch_half_pixel"))
+    return Converted(ResizeBilinear(given, scales, mode, param.data_format), [top])
+
+
+@converter("ResizeNearestNeighbor")
+def convert_resize_nearest(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    """synopsys-caffe's resize_nearest_neighbor_layer.cpp: ResizeBilinear's sizes, the nearest input pixel."""
+    expect_bottoms(layer, inputs, 1)
+    expect_blobs(layer, blobs, 0)
+    param = layer.resize_nearest_neighbor_param
+    top, given, scales, mode = _resize_geometry(layer, param, inputs,
+                                                ("align_corners", "half_pixel_centers", "half_pixel_onnx"))
+    return Converted(ResizeNearest(given, scales, mode, param.data_format), [top])
+
+
+@converter("Squeeze")
+def convert_squeeze(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    """synopsys-caffe's squeeze_layer.cpp: the axes of size 1 removed (those given, else all); not in place."""
+    expect_bottoms(layer, inputs, 1)
+    expect_blobs(layer, blobs, 0)
+    shape = tuple(inputs[0])
+    if layer.bottom and layer.top and layer.bottom[0] == layer.top[0]:
+        raise layer_error(layer, "does not work in place (the fork refuses it)")
+    axes = []
+    for axis in layer.squeeze_param.axis:
+        if not -len(shape) <= axis < len(shape):
+            raise layer_error(layer, f"axis {axis} is outside a bottom of {len(shape)} axes {shape}")
+        axis = axis % len(shape)
+        if shape[axis] != 1:
+            raise layer_error(layer, f"axis {axis} has size {shape[axis]}: only axes of size 1 can be removed")
+        axes.append(axis)
+    top = tuple(n for i, n in enumerate(shape) if not (n == 1 and (not axes or i in axes)))
+    return Converted(Squeeze(tuple(sorted(set(axes)))), [top])
 
 
 def _pair(layer, param, name: str, single: str) -> tuple[int, int] | None:
