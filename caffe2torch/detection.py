@@ -67,15 +67,17 @@ class Permute(nn.Module):
 
 
 def prior_box_table(layer_size: tuple, image_size: tuple, step: tuple | None, offset: float, box_sizes: tuple,
-                    clip: bool, variance: tuple, device=None, denser: bool = False) -> torch.Tensor:
+                    clip: bool, variance: tuple, device=None, denser: bool = False,
+                    shifts: tuple = ()) -> torch.Tensor:
     """PriorBoxLayer::Forward_cpu's top, [1, 2, H*W*len(box_sizes)*4], rounded as the fork rounds.
 
     Centres are float32 ((w + offset) * step); each coordinate is (centre -/+ size / 2.) / image
     in double, stored as float32. The step, when the layer gives none, is the float32 quotient
     image / layer of each axis, as the fork's Forward computes it. `box_sizes` are the (width,
     height) float32 values in the fork's order per cell. TextBoxes++'s `denser` follows each box by
-    a copy centred on the cell's lower edge ((h + 1.0) * step, in double, stored as float32). Built a
-    block of rows at a time into the table, so the work space stays small beside a table that may
+    a copy centred on the cell's lower edge ((h + 1.0) * step, in double, stored as float32). `shifts`
+    (dx, dy per prior, FaceBoxes' densified anchors) move each centre in float32 (centre + j * 8) before the
+    double arithmetic. Built a block of rows at a time into the table, so the work space stays small beside a table that may
     be large (the converter checks the table's size first).
     """
     height, width = layer_size
@@ -92,13 +94,15 @@ def prior_box_table(layer_size: tuple, image_size: tuple, step: tuple | None, of
         sizes = sizes.repeat_interleave(2, dim=0)
         offsets_y = torch.stack([offsets_y, torch.ones_like(offsets_y)], dim=1).reshape(-1)
     half_w, half_h = sizes[:, 0] / 2.0, sizes[:, 1] / 2.0
-    center_x = ((torch.arange(width, dtype=torch.float32, device=device) + offset32) * step_w).double()[:, None]
+    moves = torch.tensor(shifts or (0.0, 0.0) * sizes.shape[0], dtype=torch.float32, device=device).reshape(-1, 2)
+    center_x = (((torch.arange(width, dtype=torch.float32, device=device) + offset32) * step_w)[:, None]
+                + moves[:, 0]).double()
     x_min, x_max = (center_x - half_w) / image_size[1], (center_x + half_w) / image_size[1]  # [W, priors]
     per_row = width * sizes.shape[0] * 4
 
     def block(start, stop) -> torch.Tensor:
         rows = torch.arange(start, stop, dtype=torch.float32, device=device)
-        center_y = ((rows[:, None] + offsets_y) * step_h).double()
+        center_y = ((rows[:, None] + offsets_y) * step_h + moves[:, 1]).double()
         y_min, y_max = (center_y - half_h) / image_size[0], (center_y + half_h) / image_size[0]  # [rows, priors]
         corners = torch.broadcast_tensors(x_min[None], y_min[:, None], x_max[None], y_max[:, None])
         return torch.stack(corners, dim=-1).reshape(-1).float()  # rounded to float32 as it is stored
@@ -127,31 +131,35 @@ class PriorBox(nn.Module):
     """
 
     def __init__(self, image_size: tuple | None, step: tuple | None, offset: float, box_sizes: tuple, clip: bool,
-                 variance: tuple, denser: bool = False) -> None:
+                 variance: tuple, denser: bool = False, shifts: tuple = ()) -> None:
         super().__init__()
         self.image_size = None if image_size is None else tuple(map(int, image_size))
         self.step = None if step is None else tuple(map(float, step))
         self.offset, self.box_sizes, self.clip = float(offset), tuple(map(float, box_sizes)), bool(clip)
         self.variance, self.denser = tuple(map(float, variance)), bool(denser)
+        self.shifts = tuple(map(float, shifts))  # FaceBoxes' densified anchors: (dx, dy) per prior
 
     def forward(self, x: torch.Tensor, *image: torch.Tensor) -> torch.Tensor:
         return prior_boxes(x, image[0] if image else None, self.image_size, self.step, self.offset, self.box_sizes,
-                           self.clip, self.variance, self.denser)
+                           self.clip, self.variance, self.denser, self.shifts)
 
     def extra_repr(self) -> str:
         return _kwargs(image_size=self.image_size, step=self.step, offset=self.offset, box_sizes=self.box_sizes,
-                       clip=self.clip, variance=self.variance) + (", denser=True" if self.denser else "")
+                       clip=self.clip, variance=self.variance) + (", denser=True" if self.denser else "") + \
+            (f", shifts={self.shifts!r}" if self.shifts else "")
 
 
 @torch.fx.wrap
 def prior_boxes(x: torch.Tensor, image: torch.Tensor | None, image_size: tuple | None, step: tuple | None,
-                offset: float, box_sizes: tuple, clip: bool, variance: tuple, denser: bool = False) -> torch.Tensor:
+                offset: float, box_sizes: tuple, clip: bool, variance: tuple, denser: bool = False,
+                shifts: tuple = ()) -> torch.Tensor:
     layer_size = dims(x, 2, 3)
     if image_size is None:
         image_size = dims(image, 2, 3)
-    key = ("priorbox", layer_size, image_size, step, offset, box_sizes, clip, variance, denser, x.device)
+    key = ("priorbox", layer_size, image_size, step, offset, box_sizes, clip, variance, denser, shifts, x.device)
     table = TableCache.get(key, lambda: prior_box_table(layer_size, image_size, step, offset, box_sizes, clip,
-                                                        variance, x.device, denser), x, *layer_size, *image_size)
+                                                        variance, x.device, denser, shifts),
+                           x, *layer_size, *image_size)
     return table.to(dtype=x.dtype, copy=True)
 
 

@@ -254,6 +254,7 @@ def build_graph(
             raise CaffeError(f"{source}: input {name!r} has a non-positive dimension in shape {shape}")
     _resolve_auto_crops(graph)
     _resolve_textboxes_priors(graph)
+    _resolve_faceboxes_priors(graph)
     names = [layer.name for layer in graph.layers]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
@@ -316,6 +317,47 @@ def _resolve_textboxes_priors(graph: NetGraph) -> None:
             graph.notes.append(f"layer {layer.name!r} (PriorBox): its map's location convolution predicts twice "
                                f"SSD's {count} priors a cell: TextBoxes' (MhLiao/TextBoxes) denser boxes, which that "
                                f"fork always makes")
+
+
+def _resolve_faceboxes_priors(graph: NetGraph) -> None:
+    """FaceBoxes' fork (sfzhang15/FaceBoxes) hard-codes its PriorBox under SSD's type and params: densified anchors
+    for min_size 32 and 64 and boxes of side min_size - 1. When one PriorBox's map feeds location and confidence
+    convolutions of FaceBoxes' prior count (and not SSD's), every PriorBox of the net is FaceBoxes' (one fork built
+    it): their params get faceboxes_anchors, with a note."""
+    from caffe2torch.layers.detection import prior_sizes
+
+    outputs = [layer for layer in graph.layers if layer.type == "DetectionOutput"]
+    priors = [layer for layer in graph.layers if layer.type == "PriorBox" and layer.bottoms]
+    if not outputs or any(layer.param.prior_box_param.HasField("faceboxes_anchors") for layer in priors):
+        return
+    param = outputs[0].param.detection_output_param
+    loc_classes = 1 if param.share_location else max(int(param.num_classes), 1)
+    classes = int(param.num_classes)
+    convolutions: dict[str, set[int]] = {}
+    for layer in graph.layers:
+        if layer.type == "Convolution" and layer.bottoms:
+            convolutions.setdefault(layer.bottoms[0], set()).add(int(layer.param.convolution_param.num_output))
+
+    def flagged(layer: Layer) -> caffe_pb2.LayerParameter:
+        param_copy = caffe_pb2.LayerParameter()
+        param_copy.CopyFrom(layer.param)
+        param_copy.prior_box_param.faceboxes_anchors = True
+        return param_copy
+
+    for layer in priors:
+        try:
+            ssd, faceboxes = prior_sizes(layer.param)[1], prior_sizes(flagged(layer))[1]
+        except CaffeError:
+            continue  # the converter reports it
+        outputs_here = convolutions.get(layer.bottoms[0], set())
+        if ssd != faceboxes and {4 * faceboxes * loc_classes, faceboxes * classes} <= outputs_here and \
+                not {4 * ssd * loc_classes, ssd * classes} <= outputs_here:
+            for prior in priors:
+                prior.param = flagged(prior)
+            graph.notes.append(f"layer {layer.name!r} (PriorBox): its map's location convolution predicts "
+                               f"{faceboxes} priors a cell where SSD's PriorBox makes {ssd}: FaceBoxes' anchors "
+                               f"(sfzhang15/FaceBoxes' fork), for every PriorBox of the net")
+            return
 
 
 def _drop_unread_inputs(graph: NetGraph, from_data: set[str]) -> None:

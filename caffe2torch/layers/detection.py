@@ -60,8 +60,19 @@ def _float32(value: float) -> float:
 INT_LIMIT = 2 ** 31
 
 
+# FaceBoxes' prior_box_layer.cpp: min_size 32 -> 4 x 4 anchors 8 apart, 64 -> 2 x 2 anchors 16 apart.
+_DENSITY = {32: (4, 8), 64: (2, 16)}
+
+
 def prior_sizes(layer) -> tuple[list[float], int]:
-    """The (width, height) of each prior of one cell, in the fork's order, and how many priors.
+    """The (width, height) of each prior of one cell and how many priors (see prior_layout)."""
+    sizes, _, count = prior_layout(layer)
+    return sizes, count
+
+
+def prior_layout(layer) -> tuple[list[float], list[float], int]:
+    """The (width, height) of each prior of one cell, in the fork's order, their (dx, dy) centre shifts (FaceBoxes'
+    densified anchors; zeros otherwise) and how many priors.
 
     Sizes are truncated to int (`int min_size_ = min_sizes_[s]`); libm's double sqrt; each value
     stored as a float32. LayerSetUp's CHECKs are written so that NaN fails them, as it fails the fork's.
@@ -89,17 +100,28 @@ def prior_sizes(layer) -> tuple[list[float], int]:
         if param.flip:
             ratios.append(_float32(1.0 / ratio))
     sizes: list[float] = []
+    shifts: list[float] = []
     for index, low in enumerate(param.min_size):
         low = int(low)
-        sizes += [float(low), float(low)]
+        if param.faceboxes_anchors:  # (centre + shift -/+ (side - 1) / 2.): boxes of side min_size - 1
+            density, spacing = _DENSITY.get(low, (1, 0))
+            for i in range(-(density // 2), density - density // 2):  # dy outer, dx inner, as the fork's loops
+                for j in range(-(density // 2), density - density // 2):
+                    sizes += [float(low - 1), float(low - 1)]
+                    shifts += [float(j * spacing), float(i * spacing)]
+        else:
+            sizes += [float(low), float(low)]
+            shifts += [0.0, 0.0]
         if param.max_size:
             side = _float32(math.sqrt(low * int(param.max_size[index])))
             sizes += [side, side]
+            shifts += [0.0, 0.0]
         for ratio in ratios:
             if abs(ratio - 1.0) < 1e-6:
                 continue
             sizes += [_float32(low * math.sqrt(ratio)), _float32(low / math.sqrt(ratio))]
-    return sizes, len(sizes) // 2
+            shifts += [0.0, 0.0]
+    return sizes, shifts, len(sizes) // 2
 
 
 def _pair_or_single(layer, prefix: str, single: str) -> tuple | None:
@@ -132,7 +154,12 @@ def convert_prior_box(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray
     feature = tuple(inputs[0])
     if len(feature) != 4:
         raise layer_error(layer, f"needs a 4-axis bottom 0, has shape {feature}")
-    sizes, priors = prior_sizes(layer)
+    sizes, shifts, priors = prior_layout(layer)
+    if param.faceboxes_anchors and param.denser_prior_boxes:
+        raise layer_error(layer, "faceboxes_anchors and denser_prior_boxes come from two forks: give one")
+    if param.faceboxes_anchors and len(param.min_size) == 3 and priors != 21:  # LayerSetUp's num_priors_ = 21
+        raise layer_error(layer, f"FaceBoxes' fork allocates 21 priors a cell for 3 min_size values and would "
+                                 f"write {priors}: its buffer overflows (only 32, 64 and one more size fit)")
     image = given_image = _pair_or_single(layer, "img", "img_size")
     if image is None:
         if len(inputs) != 2 or len(inputs[1]) != 4:
@@ -150,7 +177,8 @@ def convert_prior_box(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray
     denser = bool(param.denser_prior_boxes)  # TextBoxes++: each prior twice, the copy half a cell lower
     top = (1, 2, feature[2] * feature[3] * priors * (2 if denser else 1) * 4)
     check_top(layer, top, inputs)  # before the table of that size is built
-    module = PriorBox(given_image, step, param.offset, tuple(sizes), param.clip, tuple(variance), denser)
+    module = PriorBox(given_image, step, param.offset, tuple(sizes), param.clip, tuple(variance), denser,
+                      tuple(shifts) if param.faceboxes_anchors else ())
     return Converted(module, [top])
 
 
