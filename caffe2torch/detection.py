@@ -76,9 +76,9 @@ def prior_box_table(layer_size: tuple, image_size: tuple, step: tuple | None, of
     image / layer of each axis, as the fork's Forward computes it. `box_sizes` are the (width,
     height) float32 values in the fork's order per cell. TextBoxes++'s `denser` follows each box by
     a copy centred on the cell's lower edge ((h + 1.0) * step, in double, stored as float32). `shifts`
-    (dx, dy per prior, FaceBoxes' densified anchors) move each centre in float32 (centre + j * 8) before the
-    double arithmetic. Built a block of rows at a time into the table, so the work space stays small beside a table that may
-    be large (the converter checks the table's size first).
+    (dx, dy per prior, FaceBoxes' densified anchors) move each centre in float32 (centre + j * 8) before
+    the double arithmetic. Built a block of rows at a time into the table, so the work space stays
+    small beside a table that may be large (the converter checks the table's size first).
     """
     height, width = layer_size
     if step is None:
