@@ -52,6 +52,27 @@ class Normalize(nn.Module):
                        channel_shared=self.channel_shared, eps=self.eps)
 
 
+class ChannelNormalize(nn.Module):
+    """happynear/caffe-windows' Normalize: x / sqrt(sum over channels of x^2 + 1e-6) ("L2") or x / (sum |x| + 1e-6)
+    ("L1") at each position, summed in float32 (1e-6 added as the fork's double, rounded once)."""
+
+    def __init__(self, kind: str = "L2") -> None:
+        super().__init__()
+        if kind not in ("L2", "L1"):
+            raise ValueError(f"normalize kind must be 'L2' or 'L1', got {kind!r}")
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        work = _float32_if_half(x)
+        total = (work.square() if self.kind == "L2" else work.abs()).sum(1, keepdim=True)
+        total = (total.double() + 1e-6).to(work.dtype)  # norm_data += 1e-6: a double sum stored as a float
+        norm = torch.sqrt(total) if self.kind == "L2" else total
+        return (work / norm).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return _kwargs(kind=self.kind)
+
+
 class Permute(nn.Module):
     """SSD's Permute: the axes in `order` (Caffe's order with the unlisted axes appended)."""
 

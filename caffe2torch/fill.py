@@ -93,6 +93,8 @@ def _specs(layer, shapes: Sequence[Shape]) -> list[tuple[Shape, float]]:
     if kind == "PReLU":
         channels = 1 if layer.prelu_param.channel_shared else _channels(layer, shapes)
         return [((channels,), 0.25)]
+    if kind == "Normalize" and layer.HasField("normalize_param"):  # happynear's: no blobs
+        return []
     if kind == "Normalize":
         param = layer.norm_param
         filler = param.scale_filler

@@ -8,7 +8,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from caffe2torch.detection import LOWEST_FLOAT, DetectionOutput, Normalize, Permute, PriorBox, text_values
+from caffe2torch.detection import (LOWEST_FLOAT, ChannelNormalize, DetectionOutput, Normalize, Permute, PriorBox,
+                                   text_values)
 from caffe2torch.layers.registry import (Converted, Shape, assign, converter, expect_blobs, expect_bottoms, layer_error,
                                          on_meta)
 from caffe2torch.limits import check_top
@@ -19,6 +20,8 @@ from proto import caffe_pb2
 def convert_normalize(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
     """L2 norm over channels (or the whole item), eps inside the square root, then a scale blob."""
     expect_bottoms(layer, inputs, 1)
+    if layer.HasField("normalize_param"):
+        return _convert_happynear_normalize(layer, inputs, blobs)
     expect_blobs(layer, blobs, 1)
     shape = tuple(inputs[0])
     if not 2 <= len(shape) <= 4:  # the fork reads num/channels/height/width
@@ -32,6 +35,21 @@ def convert_normalize(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray
     module = on_meta(Normalize, shape[1], across_spatial=param.across_spatial, channel_shared=param.channel_shared,
                      eps=param.eps)
     return Converted(assign(module, weight=torch.from_numpy(scale.copy())), [shape])
+
+
+def _convert_happynear_normalize(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarray]) -> Converted:
+    """happynear/caffe-windows' normalize_layer.cpp (NormFace): each pixel's channel vector over its L2 norm
+    sqrt(sum x^2 + 1e-6) or its L1 norm sum |x| + 1e-6; no scale blob."""
+    expect_blobs(layer, blobs, 0)
+    shape = tuple(inputs[0])
+    if not 2 <= len(shape) <= 4:
+        raise layer_error(layer, f"needs a bottom of 2 to 4 axes, has shape {shape}")
+    kind = layer.normalize_param.normalize_type
+    if kind not in ("L2", "L1"):
+        raise layer_error(layer, f"normalize_type {kind!r}: the fork implements L2 and L1")
+    if len(layer.top) > 1:
+        raise layer_error(layer, "its second top (the norms) is not converted; give the layer one top")
+    return Converted(ChannelNormalize(kind), [shape])
 
 
 @converter("Permute")

@@ -1,11 +1,11 @@
-"""happynear's LabelSpecificAdd (AM-Softmax's margin) against a loop of label_specific_add_layer.cpp's Forward_cpu."""
+"""happynear's layers (AM-Softmax's LabelSpecificAdd, NormFace's Normalize) against loops of their Forward_cpu."""
 import numpy as np
 import pytest
 import torch
 
 from caffe2torch.errors import CaffeError
 from caffe2torch.layers import convert_layer
-from tests.conftest import layer_from_text, load_standalone, random_net
+from tests.conftest import layer_from_text, load_standalone, random_net, run_layer
 
 F = np.float32
 
@@ -71,3 +71,35 @@ layer { name: "margin" type: "LabelSpecificAdd" bottom: "fc" bottom: "label" top
     save_net(net, tmp_path / "folder")
     with torch.no_grad():
         assert torch.equal(load_standalone(tmp_path / "folder")(x, label), net(x, label))
+
+
+def happynear_normalize_reference(x: np.ndarray, kind: str) -> np.ndarray:
+    """normalize_layer.cpp's Forward_cpu: per (n, s), a float sum over channels in order, += 1e-6 (a double sum
+    stored as float), sqrt for L2; then each value over it."""
+    n, c = x.shape[:2]
+    flat = x.reshape(n, c, -1)
+    top = np.empty_like(flat)
+    for i in range(n):
+        for s in range(flat.shape[2]):
+            total = F(0)
+            for j in range(c):
+                total = F(total + (F(flat[i, j, s] * flat[i, j, s]) if kind == "L2" else abs(flat[i, j, s])))
+            total = F(float(total) + 1e-6)
+            norm = F(np.sqrt(total)) if kind == "L2" else total
+            top[i, :, s] = flat[i, :, s] / norm
+    return top.reshape(x.shape)
+
+
+@pytest.mark.parametrize("kind", ["L2", "L1"])
+def test_happynears_normalize_matches_the_fork_loop(kind):
+    """NormFace's Normalize (normalize_param, no scale blob), told from SSD's (norm_param) by its param."""
+    x = np.random.default_rng(7).normal(0, 1, (2, 5, 3, 2)).astype(F)
+    x[1, :, 0, 0] = 0  # an all-zero pixel: 0 / sqrt(1e-6)
+    layer = layer_from_text(f'name: "n" type: "Normalize" normalize_param {{ normalize_type: "{kind}" }}')
+    converted, got = run_layer(layer, [x.shape], [], x)
+    assert converted.top_shapes == [x.shape]
+    np.testing.assert_allclose(got, happynear_normalize_reference(x, kind), rtol=3e-7, atol=0)
+    assert np.all(got[1, :, 0, 0] == 0)
+    with pytest.raises(CaffeError, match="normalize_type 'L3': the fork implements L2 and L1"):
+        convert_layer(layer_from_text('name: "n" type: "Normalize" normalize_param { normalize_type: "L3" }'),
+                      [x.shape], [])
