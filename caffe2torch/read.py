@@ -569,6 +569,10 @@ def ambiguous_binary_fields(net: caffe_pb2.NetParameter, source: str) -> list[st
             found.append(f"{source}: layer {layer.name!r}: Convolution field 19 is read as synopsys-caffe's pad_type "
                          f"({layer.convolution_param.pad_type}); DeepLab v1 stores hole_w there: give the deploy "
                          f"prototxt if the model comes from DeepLab v1")
+        if layer.type == "InnerProduct" and layer.inner_product_param.HasField("relu"):
+            found.append(f"{source}: layer {layer.name!r}: InnerProduct field 8 is read as Intel Caffe's relu "
+                         f"({str(layer.inner_product_param.relu).lower()}); happynear's forks (NormFace, AM-Softmax) "
+                         f"store normalize there: give the deploy prototxt if the model comes from one")
     return found
 
 

@@ -393,3 +393,10 @@ def test_pooling_field_13_in_a_binary_is_flagged_as_ambiguous():
     assert ambiguous_binary_fields(net, "m.caffemodel") == [
         "m.caffemodel: layer 'conv1': Convolution field 19 is read as synopsys-caffe's pad_type (1); DeepLab v1 "
         "stores hole_w there: give the deploy prototxt if the model comes from DeepLab v1"]
+    # InnerProduct field 8: Intel Caffe's fused relu here, happynear's normalize there.
+    product = caffe_pb2.LayerParameter(name="fc5", type="InnerProduct")
+    product.inner_product_param.relu = True
+    net = parse_caffemodel(caffe_pb2.NetParameter(layer=[product]).SerializeToString(), "m.caffemodel")
+    assert ambiguous_binary_fields(net, "m.caffemodel") == [
+        "m.caffemodel: layer 'fc5': InnerProduct field 8 is read as Intel Caffe's relu (true); happynear's forks "
+        "(NormFace, AM-Softmax) store normalize there: give the deploy prototxt if the model comes from one"]
