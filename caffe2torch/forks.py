@@ -289,21 +289,18 @@ def resized_size(size: tuple, output_size: tuple, scale: tuple) -> tuple:
                  for n, given, f in zip(size, output_size, scale))
 
 
-class ResizeBilinear(nn.Module):
-    """synopsys-caffe's ResizeBilinear (TensorFlow's resize_bilinear) on N x C x H x W, at any input size.
+class _TensorFlowResize(nn.Module):
+    """What synopsys-caffe's two resize layers share: the output size `output_size` where given (None: floor(size *
+    scale) in float32, of the input it gets), a coordinate `mode` of the layer's MODES, and `layout` "NHWC" to read
+    and write N x H x W x C blobs (the fork's default data_format)."""
 
-    The output is `output_size` where given (None: floor(size * scale) in float32, of the input it gets). Each
-    output is top + (bottom - top) * y_lerp, where top and bottom are left + (right - left) * x_lerp of the rows
-    at the lower and upper source index: the fork's compute_lerp, op for op in float32. `mode`: "asymmetric"
-    (TensorFlow's default), "align_corners", "half_pixel_centers" or "pytorch_half_pixel". `layout` "NHWC" reads
-    and writes N x H x W x C blobs (the fork's default data_format).
-    """
+    MODES: tuple = ()
 
     def __init__(self, output_size: tuple = (None, None), scale: tuple = (1.0, 1.0), mode: str = "asymmetric",
                  layout: str = "NCHW") -> None:
         super().__init__()
-        if mode not in ("asymmetric", "align_corners", "half_pixel_centers", "pytorch_half_pixel"):
-            raise ValueError(f"unknown resize mode {mode!r}")
+        if mode not in self.MODES:
+            raise ValueError(f"unknown {type(self).__name__} mode {mode!r}: expected one of {self.MODES}")
         if layout not in ("NCHW", "NHWC"):
             raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
         self.output_size = tuple(None if n is None else int(n) for n in output_size)
@@ -316,11 +313,22 @@ class ResizeBilinear(nn.Module):
         float32 product rounded down, which an export cannot keep symbolic."""
         return "" if None not in self.output_size else "its output size is the input's times a float scale"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return resize_bilinear(x, self.output_size, self.scale, self.mode, self.layout)
-
     def extra_repr(self) -> str:
         return _kwargs(output_size=self.output_size, scale=self.scale, mode=self.mode, layout=self.layout)
+
+
+class ResizeBilinear(_TensorFlowResize):
+    """synopsys-caffe's ResizeBilinear (TensorFlow's resize_bilinear) on N x C x H x W, at any input size.
+
+    Each output is top + (bottom - top) * y_lerp, where top and bottom are left + (right - left) * x_lerp of the
+    rows at the lower and upper source index: the fork's compute_lerp, op for op in float32. `mode`: "asymmetric"
+    (TensorFlow's default), "align_corners", "half_pixel_centers" or "pytorch_half_pixel".
+    """
+
+    MODES = ("asymmetric", "align_corners", "half_pixel_centers", "pytorch_half_pixel")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return resize_bilinear(x, self.output_size, self.scale, self.mode, self.layout)
 
 
 def _resize_tables(size: tuple, out: tuple, mode: str, device, dtype) -> dict:
@@ -353,7 +361,7 @@ def resize_bilinear(x: torch.Tensor, output_size: tuple, scale: tuple, mode: str
     return y.permute(0, 2, 3, 1).contiguous() if layout == "NHWC" else y
 
 
-class ResizeNearest(nn.Module):
+class ResizeNearest(_TensorFlowResize):
     """synopsys-caffe's ResizeNearestNeighbor (TensorFlow's resize_nearest_neighbor) on N x C x H x W (or NHWC).
 
     The output size follows ResizeBilinear's rule; each output row h reads input row in_h, computed in float32 from
@@ -361,26 +369,10 @@ class ResizeNearest(nn.Module):
     (align_corners), floorf((h + 0.5f) * scale) (half_pixel_centers) or floorf((h + 0.5f) * scale - 0.5) with the
     0.5 subtracted in double (half_pixel_onnx), kept inside the input; columns alike."""
 
-    def __init__(self, output_size: tuple = (None, None), scale: tuple = (1.0, 1.0), mode: str = "asymmetric",
-                 layout: str = "NCHW") -> None:
-        super().__init__()
-        if mode not in ("asymmetric", "align_corners", "half_pixel_centers", "half_pixel_onnx"):
-            raise ValueError(f"unknown nearest-neighbour mode {mode!r}")
-        if layout not in ("NCHW", "NHWC"):
-            raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
-        self.output_size = tuple(None if n is None else int(n) for n in output_size)
-        self.scale = tuple(float(f) for f in scale)
-        self.mode, self.layout = mode, layout
-
-    @property
-    def fixed_export_sizes(self) -> str:
-        return "" if None not in self.output_size else "its output size is the input's times a float scale"
+    MODES = ("asymmetric", "align_corners", "half_pixel_centers", "half_pixel_onnx")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return resize_nearest(x, self.output_size, self.scale, self.mode, self.layout)
-
-    def extra_repr(self) -> str:
-        return _kwargs(output_size=self.output_size, scale=self.scale, mode=self.mode, layout=self.layout)
 
 
 def nearest_sources(size: int, out: int, mode: str, device=None) -> torch.Tensor:
