@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from caffe2torch.errors import CaffeError, ShapelessInput, term
 from caffe2torch.data_shapes import data_layer_shapes
@@ -282,6 +282,35 @@ def _resolve_auto_crops(graph: NetGraph) -> None:
         layer.param = param
 
 
+def _prediction_heads(graph: NetGraph) -> Callable[[Layer, int], bool] | None:
+    """For an SSD-style net (one with DetectionOutput): whether a PriorBox's feature map feeds the location and
+    confidence convolutions of `count` priors a cell; None for other nets. The forks that change PriorBox under
+    its own type and params (TextBoxes, FaceBoxes) are told apart by these."""
+    outputs = [layer for layer in graph.layers if layer.type == "DetectionOutput"]
+    if not outputs:
+        return None
+    param = outputs[0].param.detection_output_param
+    loc_classes = 1 if param.share_location else max(int(param.num_classes), 1)
+    classes = int(param.num_classes)
+    convolutions: dict[str, set[int]] = {}
+    for layer in graph.layers:
+        if layer.type == "Convolution" and layer.bottoms:
+            convolutions.setdefault(layer.bottoms[0], set()).add(int(layer.param.convolution_param.num_output))
+
+    def predicts(prior: Layer, count: int) -> bool:
+        return {4 * count * loc_classes, count * classes} <= convolutions.get(prior.bottoms[0], set())
+
+    return predicts
+
+
+def _with_prior_flag(layer: Layer, flag: str) -> caffe_pb2.LayerParameter:
+    """A copy of a PriorBox layer's param with prior_box_param.`flag` set (the graph's own; the net stays as read)."""
+    param = caffe_pb2.LayerParameter()
+    param.CopyFrom(layer.param)
+    setattr(param.prior_box_param, flag, True)
+    return param
+
+
 def _resolve_textboxes_priors(graph: NetGraph) -> None:
     """TextBoxes (MhLiao/TextBoxes) always follows each prior box by a copy half a cell lower, where SSD's
     PriorBox (same type, same params) does not; TextBoxes++ made it the option denser_prior_boxes. A PriorBox
@@ -289,15 +318,9 @@ def _resolve_textboxes_priors(graph: NetGraph) -> None:
     its param gets denser_prior_boxes, with a note."""
     from caffe2torch.layers.detection import prior_sizes
 
-    outputs = [layer for layer in graph.layers if layer.type == "DetectionOutput"]
-    if not outputs:
+    predicts = _prediction_heads(graph)
+    if predicts is None:
         return
-    param = outputs[0].param.detection_output_param
-    loc_classes = 1 if param.share_location else max(int(param.num_classes), 1)
-    convolutions: dict[str, set[int]] = {}
-    for layer in graph.layers:
-        if layer.type == "Convolution" and layer.bottoms:
-            convolutions.setdefault(layer.bottoms[0], set()).add(int(layer.param.convolution_param.num_output))
     for layer in graph.layers:
         if layer.type != "PriorBox" or not layer.bottoms or layer.param.prior_box_param.HasField("denser_prior_boxes"):
             continue
@@ -305,15 +328,8 @@ def _resolve_textboxes_priors(graph: NetGraph) -> None:
             count = prior_sizes(layer.param)[1]
         except CaffeError:
             continue  # the converter reports it
-        outputs_here = convolutions.get(layer.bottoms[0], set())
-        classes = int(param.num_classes)
-        textboxes = {8 * count * loc_classes, 2 * count * classes} <= outputs_here  # locations and confidences
-        ssd = {4 * count * loc_classes, count * classes} <= outputs_here
-        if textboxes and not ssd:
-            param_copy = caffe_pb2.LayerParameter()
-            param_copy.CopyFrom(layer.param)
-            param_copy.prior_box_param.denser_prior_boxes = True
-            layer.param = param_copy
+        if predicts(layer, 2 * count) and not predicts(layer, count):
+            layer.param = _with_prior_flag(layer, "denser_prior_boxes")
             graph.notes.append(f"layer {layer.name!r} (PriorBox): its map's location convolution predicts twice "
                                f"SSD's {count} priors a cell: TextBoxes' (MhLiao/TextBoxes) denser boxes, which that "
                                f"fork always makes")
@@ -326,34 +342,19 @@ def _resolve_faceboxes_priors(graph: NetGraph) -> None:
     it): their params get faceboxes_anchors, with a note."""
     from caffe2torch.layers.detection import prior_sizes
 
-    outputs = [layer for layer in graph.layers if layer.type == "DetectionOutput"]
+    predicts = _prediction_heads(graph)
     priors = [layer for layer in graph.layers if layer.type == "PriorBox" and layer.bottoms]
-    if not outputs or any(layer.param.prior_box_param.HasField("faceboxes_anchors") for layer in priors):
+    if predicts is None or any(layer.param.prior_box_param.HasField("faceboxes_anchors") for layer in priors):
         return
-    param = outputs[0].param.detection_output_param
-    loc_classes = 1 if param.share_location else max(int(param.num_classes), 1)
-    classes = int(param.num_classes)
-    convolutions: dict[str, set[int]] = {}
-    for layer in graph.layers:
-        if layer.type == "Convolution" and layer.bottoms:
-            convolutions.setdefault(layer.bottoms[0], set()).add(int(layer.param.convolution_param.num_output))
-
-    def flagged(layer: Layer) -> caffe_pb2.LayerParameter:
-        param_copy = caffe_pb2.LayerParameter()
-        param_copy.CopyFrom(layer.param)
-        param_copy.prior_box_param.faceboxes_anchors = True
-        return param_copy
-
     for layer in priors:
         try:
-            ssd, faceboxes = prior_sizes(layer.param)[1], prior_sizes(flagged(layer))[1]
+            ssd = prior_sizes(layer.param)[1]
+            faceboxes = prior_sizes(_with_prior_flag(layer, "faceboxes_anchors"))[1]
         except CaffeError:
             continue  # the converter reports it
-        outputs_here = convolutions.get(layer.bottoms[0], set())
-        if ssd != faceboxes and {4 * faceboxes * loc_classes, faceboxes * classes} <= outputs_here and \
-                not {4 * ssd * loc_classes, ssd * classes} <= outputs_here:
+        if ssd != faceboxes and predicts(layer, faceboxes) and not predicts(layer, ssd):
             for prior in priors:
-                prior.param = flagged(prior)
+                prior.param = _with_prior_flag(prior, "faceboxes_anchors")
             graph.notes.append(f"layer {layer.name!r} (PriorBox): its map's location convolution predicts "
                                f"{faceboxes} priors a cell where SSD's PriorBox makes {ssd}: FaceBoxes' anchors "
                                f"(sfzhang15/FaceBoxes' fork), for every PriorBox of the net")
