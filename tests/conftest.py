@@ -119,3 +119,19 @@ def run_layer(layer, shapes, blobs, *inputs):
     with torch.no_grad():
         out = converted.module(*[torch.from_numpy(np.ascontiguousarray(x)) for x in inputs])
     return converted, (tuple(o.numpy() for o in out) if isinstance(out, tuple) else out.numpy())
+
+
+def wire_field(number: int, payload: bytes | int) -> bytes:
+    """One protobuf field on the wire: a varint for an int, length-delimited bytes otherwise (for writing the
+    fields a schema lacks, or a fork numbers differently, into a binary)."""
+    def varint(value: int) -> bytes:
+        out = bytearray()
+        while True:
+            out.append(value & 0x7F | (0x80 if value > 0x7F else 0))
+            value >>= 7
+            if not value:
+                return bytes(out)
+
+    if isinstance(payload, int):
+        return varint(number << 3) + varint(payload)
+    return varint(number << 3 | 2) + varint(len(payload)) + payload

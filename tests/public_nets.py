@@ -12,6 +12,7 @@ from google.protobuf import text_format
 
 from caffe2torch.inspect import describe
 from proto import caffe_pb2
+from tests.conftest import wire_field
 
 # ---------------------------------------------------------------- prototxt generators
 
@@ -258,17 +259,6 @@ def random_blobs(prototxt_path, seed=0) -> dict[str, list[np.ndarray]]:
     return weights
 
 
-def _varint(n):
-    out = b""
-    while n >= 0x80:
-        out, n = out + bytes([n & 0x7F | 0x80]), n >> 7
-    return out + bytes([n])
-
-
-def _field(number, payload):  # one length-delimited protobuf field
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
 def upstream_bytes(net):
     """Serialize as upstream BVLC Caffe numbers its fields: input_param 143, crop_param 144 (ours: 10143, 10144)."""
     layers = list(net.layer)
@@ -280,9 +270,9 @@ def upstream_bytes(net):
         extra = b""
         for field, number in (("input_param", 143), ("crop_param", 144)):
             if layer.HasField(field):
-                extra += _field(number, getattr(layer, field).SerializeToString())
+                extra += wire_field(number, getattr(layer, field).SerializeToString())
                 layer.ClearField(field)
-        data += _field(100, layer.SerializeToString() + extra)
+        data += wire_field(100, layer.SerializeToString() + extra)
     return data
 
 

@@ -16,7 +16,7 @@ import torch
 from caffe2torch.errors import CaffeError
 from caffe2torch.read import parse_caffemodel, parse_prototxt
 from proto import caffe_pb2
-from tests.conftest import layer_from_text, load_standalone, run_layer
+from tests.conftest import layer_from_text, load_standalone, run_layer, wire_field
 
 F = np.float32
 
@@ -269,22 +269,13 @@ layers { bottom: "unpool" top: "bn" name: "bn" type: BN
 
 def test_deconvnet_v1_types_in_a_binary():
     # Its numbers: BN 43 (bn_param at V1 field 45, DeepLab v1's padding_param here), UNPOOLING 42, CROP 40.
-    def field(number: int, payload: bytes) -> bytes:
-        def varint(value: int) -> bytes:
-            out = bytearray()
-            while True:
-                out.append(value & 0x7F | (0x80 if value > 0x7F else 0))
-                value >>= 7
-                if not value:
-                    return bytes(out)
-        return varint(number << 3 | 2) + varint(len(payload)) + payload
-
     bn = caffe_pb2.V1LayerParameter(name="bn", type=43, bottom=["x"], top=["x"]).SerializeToString()
-    bn += field(45, caffe_pb2.SegNetBNParameter(bn_mode=caffe_pb2.SegNetBNParameter.INFERENCE).SerializeToString())
+    bn += wire_field(45, caffe_pb2.SegNetBNParameter(bn_mode=caffe_pb2.SegNetBNParameter.INFERENCE).SerializeToString())
     unpool = caffe_pb2.V1LayerParameter(name="u", type=42, bottom=["x", "m"], top=["y"])
     unpool.unpooling_param.kernel_size = 2
     crop = caffe_pb2.V1LayerParameter(name="c", type=40, bottom=["y", "x"], top=["z"])
-    net = parse_caffemodel(field(2, bn) + field(2, unpool.SerializeToString()) + field(2, crop.SerializeToString()),
+    layers = [bn, unpool.SerializeToString(), crop.SerializeToString()]
+    net = parse_caffemodel(b"".join(wire_field(2, layer) for layer in layers),
                            "deconvnet.caffemodel")
     assert [(layer.type, layer.HasField("segnet_bn_param")) for layer in net.layer] == [
         ("BN", True), ("Unpooling", False), ("AutoCrop", False)]

@@ -13,6 +13,7 @@ from caffe2torch.graph import build_graph, output_blobs
 from caffe2torch.read import (blob_to_array, parse_caffemodel, parse_prototxt, read_caffemodel,
                               read_caffemodel_h5, read_prototxt, trained_blobs)
 from proto import caffe_pb2
+from tests.conftest import wire_field
 
 
 def test_prototxt_syntax_error_names_file_line_and_column(tmp_path):
@@ -352,27 +353,13 @@ def test_unknown_fields_count_only_for_layers_the_net_keeps(tmp_path):
     assert all("may change what the layer computes; skipped" in w for w in conversion.warnings)
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append(value & 0x7F | (0x80 if value > 0x7F else 0))
-        value >>= 7
-        if not value:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes | int) -> bytes:
-    if isinstance(payload, int):
-        return _varint(number << 3) + _varint(payload)
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
 def test_unknown_binary_fields_are_listed_by_number():
     from caffe2torch.read import unknown_binary_fields
 
-    pooling = caffe_pb2.PoolingParameter(kernel_size=2).SerializeToString() + _field(40, 1)
-    layer = caffe_pb2.LayerParameter(name="p", type="Pooling").SerializeToString() + _field(300, 5) + _field(121, pooling)
-    net = parse_caffemodel(_field(100, layer) + _field(77, 1), "x.caffemodel")
+    pooling = caffe_pb2.PoolingParameter(kernel_size=2).SerializeToString() + wire_field(40, 1)
+    layer = caffe_pb2.LayerParameter(name="p", type="Pooling").SerializeToString() + wire_field(300, 5) + \
+        wire_field(121, pooling)
+    net = parse_caffemodel(wire_field(100, layer) + wire_field(77, 1), "x.caffemodel")
     assert net.layer[0].pooling_param.kernel_size == 2
     assert [(u.layer, u.field) for u in unknown_binary_fields(net, "x.caffemodel")] == [
         (None, "#77"), ("p", "#300"), ("p", "pooling_param.#40")]
