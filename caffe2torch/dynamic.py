@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import fx
@@ -102,35 +102,33 @@ def _range(prober: _Prober, names: Sequence[str], axis: int) -> tuple[int, int |
     """(min, max) of the sizes axis `axis` of the inputs `names` take together (max None: unbounded), or None if
     only their converted size. Sizes in between two taken ones are taken (Caffe's rules are monotonic in
     practice); the ends are found by doubling and bisection."""
+    def takes(size: int) -> bool:
+        return prober.takes(prober.with_size(names, axis, size))
+
     base = prober.base[names[0]][axis]
-    if not (prober.takes(prober.with_size(names, axis, base + 1)) or
-            base > _SMALLEST_INNER and prober.takes(prober.with_size(names, axis, base - 1))):
+    if not (takes(base + 1) or base > _SMALLEST_INNER and takes(base - 1)):
         return None
-    low, high = _SMALLEST_INNER, base  # the smallest taken size lies in (low - 1, high]
-    if prober.takes(prober.with_size(names, axis, low)):
-        high = low
-    while high - low > 1:
-        middle = (low + high) // 2
-        if prober.takes(prober.with_size(names, axis, middle)):
-            high = middle
-        else:
-            low = middle
-    smallest = high
+    smallest = _SMALLEST_INNER if takes(_SMALLEST_INNER) else _edge(takes, base, _SMALLEST_INNER)
     step = max(base, 1)
     upper = base
-    while upper < _LARGEST and prober.takes(prober.with_size(names, axis, min(upper + step, _LARGEST))):
+    while upper < _LARGEST and takes(min(upper + step, _LARGEST)):
         upper = min(upper + step, _LARGEST)
         step *= 2
     if upper >= _LARGEST:
         return smallest, None
-    low, high = upper, min(upper + step, _LARGEST)  # the largest taken size lies in [low, high)
-    while high - low > 1:
-        middle = (low + high) // 2
-        if prober.takes(prober.with_size(names, axis, middle)):
-            low = middle
+    return smallest, _edge(takes, upper, min(upper + step, _LARGEST))
+
+
+def _edge(takes: Callable[[int], bool], good: int, bad: int) -> int:
+    """The taken size next to the untaken ones, by bisection between a taken size `good` and an untaken `bad`
+    (either side of it)."""
+    while abs(good - bad) > 1:
+        middle = (good + bad) // 2
+        if takes(middle):
+            good = middle
         else:
-            high = middle
-    return smallest, low
+            bad = middle
+    return good
 
 
 def size_ranges(net: fx.GraphModule, batch: bool = True, spatial: bool = True) -> dict[str, dict[int, tuple]]:
