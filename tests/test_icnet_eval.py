@@ -52,10 +52,9 @@ def weights(tmp_path_factory) -> Path:
     return write_untrained_caffemodel(tmp_path_factory.mktemp("model") / "icnet_untrained.caffemodel", seed=1)
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    """Three small street scenes in Cityscapes layout; the list is root/val.txt."""
-    root = tmp_path_factory.mktemp("cityscapes")
+def write_scenes(root: Path, instances: bool = False) -> list[str]:
+    """Three small street scenes in Cityscapes layout under `root`, listed in root/val.txt (its lines returned);
+    with `instances`, *_gtFine_instanceIds.png beside the labels (a car and a person)."""
     lines = []
     for seed, stem in enumerate(STEMS):
         image, label = street_scene(seed + 10, IMAGE_SIZE)
@@ -63,8 +62,21 @@ def dataset(tmp_path_factory) -> Path:
         label_rel = f"gtFine/val/city/{stem}_gtFine_labelTrainIds.png"
         write_png(root / image_rel, image[..., ::-1])
         write_png(root / label_rel, label)
+        if instances:
+            ids = np.array(list(TRAIN_ID_TO_LABEL_ID) + [0] * 237, dtype=np.uint16)[label]
+            ids[10:30, 20:50] = 26 * 1000 + 1
+            ids[35:60, 70:90] = 24 * 1000 + 2
+            write_png(root / label_rel.replace("labelTrainIds", "instanceIds"), ids)
         lines.append(f"{image_rel} {label_rel}")
     (root / "val.txt").write_text("\n".join(lines) + "\n")
+    return lines
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """Three small street scenes in Cityscapes layout; the list is root/val.txt."""
+    root = tmp_path_factory.mktemp("cityscapes")
+    write_scenes(root)
     return root
 
 

@@ -15,58 +15,23 @@ import pytest
 from click.testing import CliRunner
 
 from caffe2torch.progress import INTERVAL_ENV
-from icnet_eval.cityscapes import TRAIN_ID_TO_LABEL_ID
 from icnet_eval.cli import main
-from icnet_eval.demo import street_scene
-from icnet_eval.model import write_untrained_caffemodel
+from tests.test_icnet_eval import (IMAGE_SIZE, STEMS, eval_args, read_gray, weights,  # noqa: F401 - weights: a fixture
+                                   write_png, write_scenes)
 
-SMALL_INPUT = ("193", "385")
-IMAGE_SIZE = (64, 128)
-STEMS = [f"city_{i:06d}_000019" for i in range(3)]
 # The page's pictures for 3 images: two charts, then image, ground truth, prediction and error map of each.
 PAGE_IMAGES = 2 + 4 * len(STEMS)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _png(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    assert cv2.imwrite(str(path), array)
-
-
-def _gray(path: Path) -> np.ndarray:
-    return cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    return write_untrained_caffemodel(tmp_path_factory.mktemp("model") / "icnet_untrained.caffemodel", seed=1)
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     """Three street scenes in Cityscapes layout with instanceIds (a car, a person) beside the labels."""
     root = tmp_path_factory.mktemp("cityscapes")
-    lines = []
-    for seed, stem in enumerate(STEMS):
-        image, label = street_scene(seed + 10, IMAGE_SIZE)
-        image_rel = f"leftImg8bit/val/city/{stem}_leftImg8bit.png"
-        label_rel = f"gtFine/val/city/{stem}_gtFine_labelTrainIds.png"
-        _png(root / image_rel, image[..., ::-1])
-        _png(root / label_rel, label)
-        instances = np.array(list(TRAIN_ID_TO_LABEL_ID) + [0] * 237, dtype=np.uint16)[label]
-        instances[10:30, 20:50] = 26 * 1000 + 1
-        instances[35:60, 70:90] = 24 * 1000 + 2
-        _png(root / label_rel.replace("labelTrainIds", "instanceIds"), instances)
-        lines.append(f"{image_rel} {label_rel}")
-    (root / "val.txt").write_text("\n".join(lines) + "\n")
+    lines = write_scenes(root, instances=True)
     (root / "images.txt").write_text("\n".join(line.split()[0] for line in lines) + "\n")
     return root
-
-
-def _eval_args(root: Path, weights: Path, out: Path, *extra: str, list_name: str = "val.txt") -> list[str]:
-    return ["--list", str(root / list_name), "--data-root", str(root), "--weights", str(weights), "--out", str(out),
-            "--input-size", *SMALL_INPUT, "--device", "cpu", "--workers", "0", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +40,7 @@ def evaluated(tmp_path_factory, dataset, weights):
     out = tmp_path_factory.mktemp("evaluated") / "out"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(INTERVAL_ENV, "0")
-        result = CliRunner().invoke(main, _eval_args(dataset, weights, out, "--error-maps", "--per-image"))
+        result = CliRunner().invoke(main, eval_args(dataset, weights, out, "--error-maps", "--per-image"))
     assert result.exit_code == 0, result.output
     return out, result
 
@@ -150,8 +115,8 @@ def test_error_maps_mark_eval_acc_errors_and_resume(evaluated, dataset, weights,
     out, _ = evaluated
     for stem in STEMS:
         errors = cv2.imread(str(out / "errors" / f"{stem}_leftImg8bit.png"))
-        prediction = _gray(out / "gray" / f"{stem}_leftImg8bit.png")
-        label = _gray(dataset / f"gtFine/val/city/{stem}_gtFine_labelTrainIds.png")
+        prediction = read_gray(out / "gray" / f"{stem}_leftImg8bit.png")
+        label = read_gray(dataset / f"gtFine/val/city/{stem}_gtFine_labelTrainIds.png")
         ignored = label >= 254  # eval_acc.m's uint8 + 1 saturates both
         wrong = (prediction != label) & ~ignored
         assert wrong.any() and ignored.any() and (~wrong & ~ignored).any()
@@ -166,12 +131,12 @@ def test_error_maps_mark_eval_acc_errors_and_resume(evaluated, dataset, weights,
     kept, gone = copy / "errors" / f"{STEMS[0]}_leftImg8bit.png", copy / "errors" / f"{STEMS[1]}_leftImg8bit.png"
     before = kept.stat().st_mtime_ns
     gone.unlink()
-    result = CliRunner().invoke(main, _eval_args(dataset, weights, copy, "--error-maps"))
+    result = CliRunner().invoke(main, eval_args(dataset, weights, copy, "--error-maps"))
     assert result.exit_code == 0, result.output
     assert _report(copy)["timing"]["images_resumed"] == 3
     assert kept.stat().st_mtime_ns == before
     assert gone.read_bytes() == (out / "errors" / gone.name).read_bytes()
-    refused = CliRunner().invoke(main, _eval_args(dataset, weights, tmp_path / "x", "--error-maps",
+    refused = CliRunner().invoke(main, eval_args(dataset, weights, tmp_path / "x", "--error-maps",
                                                   list_name="images.txt"))
     assert refused.exit_code == 2 and "--error-maps" in refused.stderr and refused.stderr.count("\n") == 1
 
@@ -207,7 +172,7 @@ def test_score_writes_the_same_report_page_and_error_maps(evaluated, dataset, tm
 def test_an_unlabelled_list_gets_a_page_without_scores(evaluated, dataset, weights, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(evaluated[0], out)
-    result = CliRunner().invoke(main, _eval_args(dataset, weights, out, list_name="images.txt"))
+    result = CliRunner().invoke(main, eval_args(dataset, weights, out, list_name="images.txt"))
     assert result.exit_code == 0, result.output
     page = (out / "report.html").read_text(encoding="utf-8")
     assert "the list has no labels, so nothing was scored" in page
@@ -226,9 +191,9 @@ def test_the_page_escapes_user_text_and_survives_a_vanished_file(tmp_path):
     counts.add(label, label)
     report = dict(counts.summary(), options={"list": "<b>list</b>", "data_root": str(tmp_path)})
     evil = tmp_path / '<img src=x onerror="alert(1)">.png'
-    _png(evil, np.zeros((*IMAGE_SIZE, 3), np.uint8))
-    _png(tmp_path / "label.png", label)
-    _png(tmp_path / "pred.png", label)
+    write_png(evil, np.zeros((*IMAGE_SIZE, 3), np.uint8))
+    write_png(tmp_path / "label.png", label)
+    write_png(tmp_path / "pred.png", label)
     entry = ListEntry(tmp_path / "l.txt", 1, evil, tmp_path / "label.png")
     vanished = ListEntry(tmp_path / "l.txt", 2, tmp_path / "b.png", tmp_path / "label.png")
     page = render_page(report, [PageImage(entry, tmp_path / "pred.png", miou=50.0, pixel_accuracy=90.0),
