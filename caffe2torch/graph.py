@@ -113,10 +113,10 @@ def _left_out_producer(net: caffe_pb2.NetParameter, blob: str, state: caffe_pb2.
     if not makers:
         return ""
     # a maker that stages can take in comes first (LRCN's data layers for 'test-on-train' / 'test-on-val')
-    layer = next((maker for maker in makers if _stages_that_include(maker, state)), makers[0])
+    options = [(maker, _stages_that_include(maker, state)) for maker in makers]
+    layer, stages = next((option for option in options if option[1]), options[0])
     rules = " or ".join(f"include {_rule_text(rule)}" for rule in layer.include) or \
         " or ".join(f"exclude {_rule_text(rule)}" for rule in layer.exclude)
-    stages = _stages_that_include(layer, state)
     phase = caffe_pb2.Phase.Name(state.phase)
     if stages:
         pick = term(" ".join(f"--stage {stage}" for stage in stages), f"stages={stages!r}")
