@@ -18,10 +18,9 @@ import torch
 from torch import nn
 
 from caffe2torch.errors import CaffeError
-from caffe2torch.modules import _kwargs, _tracing, greedy_nms
+from caffe2torch.modules import FLT_MAX, _kwargs, _tracing, greedy_nms
 
-# Caffe's FLT_MAX and the placeholder region the proposal layers output when they keep no box.
-FLT_MAX = 3.4028234663852886e38
+# The placeholder region the proposal layers output when they keep no box.
 EMPTY_PROPOSAL = (0.0, 1.0, 1.0, 10.0, 10.0)
 
 
@@ -33,11 +32,6 @@ def _std_max(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _std_min(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """std::min(a, b) = b < a ? b : a."""
     return torch.where(b < a, b, a)
-
-
-def _libm(function, x: torch.Tensor) -> torch.Tensor:
-    """libm's double function of a float, as the forks call it; the caller rounds."""
-    return function(x.double())
 
 
 class DecodeBBox(nn.Module):
@@ -59,8 +53,8 @@ class DecodeBBox(nn.Module):
         # Python floats of float32 values: torch multiplies a float32 tensor by them in float32, as the fork.
         d = [deltas[:, k] * self.std[k] + self.mean[k] for k in range(4)]
         tx, ty = d[0] * pw + cx, d[1] * ph + cy
-        tw = (pw.double() * _libm(torch.exp, d[2])).float()
-        th = (ph.double() * _libm(torch.exp, d[3])).float()
+        tw = (pw.double() * torch.exp(d[2].double())).float()
+        th = (ph.double() * torch.exp(d[3].double())).float()
         tx, ty = tx - (tw - 1) / 2, ty - (th - 1) / 2
         out = torch.stack([boxes[:, 0], tx, ty, tx + tw - 1, ty + th - 1], dim=1)
         return out.reshape(rois.shape).to(rois.dtype)
@@ -157,8 +151,8 @@ class BoxGroupOutput(nn.Module):
             fw = torch.tensor([w for w, _ in fields], dtype=f32, device=device).repeat(num)[:, None, None]
             fh = torch.tensor([h for _, h in fields], dtype=f32, device=device).repeat(num)[:, None, None]
             bx, by = bx * fw + grid_x, by * fh + grid_y
-            bw = (fw.double() * _libm(torch.exp, bw)).float()
-            bh = (fh.double() * _libm(torch.exp, bh)).float()
+            bw = (fw.double() * torch.exp(bw.double())).float()
+            bh = (fh.double() * torch.exp(bh.double())).float()
             bx, by = bx - bw / 2, by - bh / 2
             x1, y1, x2, y2 = bx, by, bx + bw - 1, by + bh - 1
             zero = torch.zeros_like(x1)
@@ -269,8 +263,8 @@ class BoxOutput(nn.Module):
             by = by * fh32 + ((torch.arange(height, dtype=f32, device=device) + 0.5) * rate)[:, None]
             bw = _std_min(torch.full_like(bw, max_whr), _std_max(torch.full_like(bw, min_whr), bw))
             bh = _std_min(torch.full_like(bh, max_whr), _std_max(torch.full_like(bh, min_whr), bh))
-            bw = (_libm(torch.exp, bw) * fw).float()
-            bh = (_libm(torch.exp, bh) * fh).float()
+            bw = (torch.exp(bw.double()) * fw).float()
+            bh = (torch.exp(bh.double()) * fh).float()
             bx, by = bx - bw / 2, by - bh / 2
             zero = torch.zeros_like(bx)
             bx, by = torch.where(bx < zero, zero, bx), torch.where(by < zero, zero, by)
@@ -395,10 +389,10 @@ class ScaleRoute(nn.Module):
         x1, y1, x2, y2 = rois[:, 1], rois[:, 2], rois[:, 3], rois[:, 4]
         reversed_ = (x2 < x1) | (y2 < y1)
         size = torch.where(reversed_, torch.zeros_like(x1), (x2 - x1 + 1) * (y2 - y1 + 1))
-        scale = _libm(torch.sqrt, size).float()
+        scale = torch.sqrt(size.double()).float()
         chosen = torch.nonzero((scale >= low) & (scale < high)).flatten()
         if chosen.numel() == 0 and rois.shape[0]:
-            distance = _libm(torch.log2, scale / middle).abs().float()
+            distance = torch.log2((scale / middle).double()).abs().float()
             best, index = torch.tensor(FLT_MAX, dtype=f32), 0
             for i, value in enumerate(distance.tolist()):  # the first strictly smaller, from FLT_MAX
                 if value < best:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from caffe2torch.modules import TableCache, _concrete, _float32_if_half, _kwargs, add_epsilon, dims
+from caffe2torch.modules import FLT_MAX, TableCache, _concrete, _float32_if_half, _kwargs, add_epsilon, dims
 
 # Caffe's -FLT_MAX: DetectionOutput's confidence threshold when none is given.
-LOWEST_FLOAT = -3.4028234663852886e38
+LOWEST_FLOAT = -FLT_MAX
 CODE_TYPES = ("CORNER", "CENTER_SIZE", "CORNER_SIZE")
 
 

@@ -308,6 +308,8 @@ def _float32_if_half(x: torch.Tensor) -> torch.Tensor:
 
 # torch.export's solver cannot prove the shape equalities that SAME's remainders give (it would fix the parity)
 SAME_FIXED = "TensorFlow's SAME padding depends on the size's remainder"
+# C's FLT_MAX, the largest float32: the forks' "no limit" and "lowest score" values.
+FLT_MAX = 3.4028234663852886e38
 
 
 class Pool2d(nn.Module):

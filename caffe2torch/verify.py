@@ -12,12 +12,12 @@ from torch import fx
 
 from caffe2torch.errors import CaffeError, term
 from caffe2torch.model import LayerCall, layer_calls, net_info, run_layers
+from caffe2torch.modules import FLT_MAX
 from caffe2torch.reference import LayerRecord, Reference, TopRecord, read_reference
 
 __all__ = ["Reference", "read_reference", "verify_free_running", "verify_isolated", "verify_steps", "format_report",
            "compare"]
 
-FLT_MAX = float(np.finfo(np.float32).max)
 FREE_TOLERANCE = 5e-4
 ISOLATED_TOLERANCE = 1e-5
 ARGMAX_AGREEMENT = 0.9995

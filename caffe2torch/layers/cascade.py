@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from caffe2torch.cascade import BoxGroupOutput, BoxOutput, DecodeBBox, ROIAlign, ScaleRoute
+from caffe2torch.modules import FLT_MAX
 from caffe2torch.layers.registry import (Converted, Shape, converter, expect_blobs, expect_bottoms, image_shape,
                                          layer_error)
 
@@ -148,7 +149,7 @@ def convert_scale_route(layer, inputs: Sequence[Shape], blobs: Sequence[np.ndarr
     param = layer.scale_route_param
     low = param.low_scale if param.HasField("low_scale") else None
     high = param.high_scale if param.HasField("high_scale") else None
-    if low is not None and not low > 0 or high is not None and not high < 3.4028234663852886e38 or \
+    if low is not None and not low > 0 or high is not None and not high < FLT_MAX or \
             low is not None and high is not None and not high >= low:
         raise layer_error(layer, f"low_scale {low} and high_scale {high} must satisfy 0 < low <= high")
     # The number of rows depends on the data: Caffe's setup shape has one.
